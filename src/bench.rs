@@ -1,0 +1,139 @@
+//! `greencode bench generate`: time to first token and decode speed at
+//! batch 1, over several passes, on any model. The prompt is greencode's
+//! own source text tokenized by the model, so it is realistic code and the
+//! same on every machine.
+
+use serde::Serialize;
+
+use crate::generate::{generate, Flow, GenerationRequest};
+use crate::model::error::{ModelError, Result};
+use crate::model::Qwen2;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::CodeTokenizer;
+
+/// Text the benchmark prompt is cut from.
+const PROMPT_SOURCE: &str = include_str!("model/qwen2.rs");
+
+/// Settings of one benchmark run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated per pass (EOS ignored).
+    pub new_tokens: usize,
+    /// Measured passes (one unmeasured warm-up pass runs first).
+    pub passes: usize,
+}
+
+/// One measured pass.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchPass {
+    /// Time to first token, ms.
+    pub ttft_ms: f64,
+    /// Prompt tokens per second (prompt length / time to first token).
+    pub prompt_tokens_per_second: f64,
+    /// Decode tokens per second after the first token.
+    pub decode_tokens_per_second: f64,
+}
+
+/// Minimum, median and maximum of a quantity over passes.
+#[derive(Debug, Clone, Serialize)]
+pub struct Spread {
+    /// Smallest value.
+    pub min: f64,
+    /// Median value.
+    pub median: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        Self {
+            min: v[0],
+            median,
+            max: v[n - 1],
+        }
+    }
+}
+
+/// The benchmark's result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Prompt length used.
+    pub prompt_tokens: usize,
+    /// Tokens generated per pass.
+    pub new_tokens: usize,
+    /// Compute threads.
+    pub threads: usize,
+    /// Every pass.
+    pub passes: Vec<BenchPass>,
+    /// Time to first token over passes, ms.
+    pub ttft_ms: Spread,
+    /// Prompt speed over passes.
+    pub prompt_tokens_per_second: Spread,
+    /// Decode speed over passes.
+    pub decode_tokens_per_second: Spread,
+}
+
+/// The first `n` tokens of the benchmark text (repeated if it is shorter).
+pub fn bench_prompt(tok: &CodeTokenizer, n: usize) -> Result<Vec<u32>> {
+    let base = tok.encode(PROMPT_SOURCE).map_err(|e| ModelError::Input(e.to_string()))?;
+    if base.is_empty() {
+        return Err(ModelError::Input("the benchmark text tokenizes to nothing".into()));
+    }
+    Ok(base.iter().copied().cycle().take(n).collect())
+}
+
+/// Runs the benchmark, calling `progress` after each pass.
+pub fn bench_generate(
+    model: &Qwen2,
+    tok: &CodeTokenizer,
+    cfg: &BenchConfig,
+    threads: usize,
+    mut progress: impl FnMut(usize, &BenchPass),
+) -> Result<BenchReport> {
+    if cfg.prompt_tokens == 0 || cfg.new_tokens == 0 || cfg.passes == 0 {
+        return Err(ModelError::Input("--prompt-tokens, --new-tokens and --passes must be at least 1".into()));
+    }
+    if cfg.prompt_tokens + cfg.new_tokens > model.context_len() {
+        return Err(ModelError::Input(format!(
+            "prompt {} + new tokens {} exceed the context length {}",
+            cfg.prompt_tokens,
+            cfg.new_tokens,
+            model.context_len()
+        )));
+    }
+    let req = GenerationRequest {
+        prompt_ids: bench_prompt(tok, cfg.prompt_tokens)?,
+        max_tokens: cfg.new_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_ids: Vec::new(),
+        ignore_stop_ids: true,
+    };
+    generate(model, &req, |_| Flow::Continue)?; // warm-up
+    let mut passes = Vec::with_capacity(cfg.passes);
+    for i in 0..cfg.passes {
+        let out = generate(model, &req, |_| Flow::Continue)?;
+        let ttft = out.time_to_first_token.as_secs_f64();
+        let pass = BenchPass {
+            ttft_ms: ttft * 1e3,
+            prompt_tokens_per_second: cfg.prompt_tokens as f64 / ttft,
+            decode_tokens_per_second: out.decode_tokens_per_second(),
+        };
+        progress(i, &pass);
+        passes.push(pass);
+    }
+    Ok(BenchReport {
+        prompt_tokens: cfg.prompt_tokens,
+        new_tokens: cfg.new_tokens,
+        threads,
+        ttft_ms: Spread::of(passes.iter().map(|p| p.ttft_ms).collect()),
+        prompt_tokens_per_second: Spread::of(passes.iter().map(|p| p.prompt_tokens_per_second).collect()),
+        decode_tokens_per_second: Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect()),
+        passes,
+    })
+}

@@ -1,0 +1,5 @@
+//! Evaluation on held-out code: the corpus rules shared with pruning, and
+//! perplexity / bits per byte.
+
+pub mod corpus;
+pub mod perplexity;

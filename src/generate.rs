@@ -1,0 +1,132 @@
+//! Single-sequence generation: prefill the prompt into a KV cache, then pick
+//! and feed one token at a time until EOS, a stop token, `max_tokens`, the
+//! context end, or the caller asks to stop. Timing is measured here so
+//! `generate` and `bench generate` report the same quantities.
+
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+
+use crate::model::error::{ModelError, Result};
+use crate::model::qwen2::LogitsFor;
+use crate::model::Qwen2;
+use crate::sampling::{Sampler, SamplingParams};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// Prompt token ids (at least one).
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick tokens.
+    pub sampling: SamplingParams,
+    /// Ids that end generation (EOS and, for infilling, FIM end markers).
+    pub stop_ids: Vec<u32>,
+    /// Keep going past stop ids (benchmarks).
+    pub ignore_stop_ids: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id was generated, or the caller stopped it.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// What generation produced and how long it took.
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    /// Generated ids, including the stop id that ended generation, if one did.
+    pub token_ids: Vec<u32>,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// From the start to the first generated token (prefill plus one pick).
+    pub time_to_first_token: Duration,
+    /// From the first generated token to the last.
+    pub decode_time: Duration,
+}
+
+impl GenerationOutput {
+    /// Decode rate: tokens after the first per second of decode time.
+    pub fn decode_tokens_per_second(&self) -> f64 {
+        let n = self.token_ids.len().saturating_sub(1);
+        if n == 0 || self.decode_time.is_zero() {
+            return 0.0;
+        }
+        n as f64 / self.decode_time.as_secs_f64()
+    }
+}
+
+/// What a token callback tells the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep generating.
+    Continue,
+    /// Stop now (the caller found a stop sequence or went away).
+    Stop,
+}
+
+/// Generates from `req`, calling `on_token` with each new id as it is chosen.
+pub fn generate(model: &Qwen2, req: &GenerationRequest, mut on_token: impl FnMut(u32) -> Flow) -> Result<GenerationOutput> {
+    let n_prompt = req.prompt_ids.len();
+    let ctx = model.context_len();
+    if n_prompt == 0 {
+        return Err(ModelError::Input("the prompt is empty".into()));
+    }
+    if n_prompt >= ctx {
+        return Err(ModelError::Input(format!(
+            "the prompt has {n_prompt} tokens but the context length is {ctx} (at least one position must remain for generation)"
+        )));
+    }
+    let budget = req.max_tokens.min(ctx - n_prompt);
+    let start = Instant::now();
+    let mut cache = model.new_cache(n_prompt + budget)?;
+    let mut sampler = Sampler::new(req.sampling.clone());
+    let mut out = Vec::with_capacity(budget);
+    let mut first_token_at = None;
+    let mut finish = FinishReason::Length;
+    let mut logits = model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::Last)?;
+    while out.len() < budget {
+        let mut row: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        sampler.adjust(&mut row, &req.prompt_ids, &out);
+        let id = sampler.pick(&row);
+        out.push(id);
+        first_token_at.get_or_insert_with(Instant::now);
+        if !req.ignore_stop_ids && req.stop_ids.contains(&id) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if on_token(id) == Flow::Stop {
+            finish = FinishReason::Stop;
+            break;
+        }
+        if out.len() == budget {
+            break;
+        }
+        logits = model.forward_cached(&[id], &mut cache, LogitsFor::Last)?;
+    }
+    let end = Instant::now();
+    let first = first_token_at.unwrap_or(end);
+    Ok(GenerationOutput {
+        token_ids: out,
+        finish_reason: finish,
+        prompt_tokens: n_prompt,
+        time_to_first_token: first - start,
+        decode_time: end - first,
+    })
+}

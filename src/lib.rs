@@ -1,0 +1,17 @@
+//! greencode: prune code LLMs by the Flab-Pruner method and serve them with
+//! per-request energy, FLOPs and CO2 accounting.
+//!
+//! Dependencies point one way: the CLI (`main.rs`) calls the stages
+//! (`generate`, `eval`, `bench`), which use the runtime (`model`, `tokenizer`,
+//! `sampling`), which uses candle.
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod eval;
+pub mod generate;
+pub mod locate;
+pub mod model;
+pub mod pipeline;
+pub mod sampling;
+pub mod threads;
+pub mod tokenizer;

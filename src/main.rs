@@ -1,0 +1,309 @@
+//! The `greencode` command line: parse arguments, call the library, print.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use greencode::bench::{bench_generate, BenchConfig};
+use greencode::eval::{corpus, perplexity::perplexity};
+use greencode::generate::{generate, Flow, GenerationRequest};
+use greencode::locate;
+use greencode::pipeline::Pipeline;
+use greencode::sampling::SamplingParams;
+use greencode::threads;
+use greencode::tokenizer::TextStream;
+
+/// greencode: prune code LLMs and serve them, showing what every answer cost.
+#[derive(Parser)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// Compute threads (default: the number of cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate a completion (or an infill with --suffix) and stream it to stdout.
+    Generate(GenerateArgs),
+    /// Evaluate a model on held-out code.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Measure speed.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Perplexity and bits per byte over the first files of a corpus.
+    Ppl(PplArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Time to first token and decode tokens/s at batch 1.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Args)]
+struct ModelArg {
+    /// Model folder (default: $GREENCODE_MODEL, else the embedded models/tiny-coder).
+    #[arg(long)]
+    model: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt text.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from a file.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Text after the cursor: generate the middle (fill-in-the-middle).
+    #[arg(long)]
+    suffix: Option<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Sample among the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed (same seed, same output).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Output: streamed text, or one JSON object at the end.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Args)]
+struct PplArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Folder of *.py files, or `stdlib` for python3's standard library.
+    #[arg(long, default_value = "stdlib")]
+    corpus: String,
+    /// Number of files (the first in byte order of their names).
+    #[arg(long, default_value_t = corpus::EVAL_FILES)]
+    files: usize,
+    /// Tokens scored per file (its first ones).
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens generated per pass.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Measured passes.
+    #[arg(long, default_value_t = 5)]
+    passes: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let threads = cli.threads.unwrap_or_else(threads::default_threads);
+    threads::init(threads);
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Eval(EvalCommand::Ppl(a)) => run_ppl(a),
+        Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn open_model(arg: &ModelArg) -> Result<Pipeline> {
+    let Some(dir) = locate::model_dir(arg.model.as_deref()) else {
+        bail!(
+            "no model given and the embedded model was not found (looked in {}); pass --model DIR or set {}",
+            locate::default_candidates()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            locate::MODEL_ENV
+        );
+    };
+    Ok(Pipeline::load_cpu(&dir)?)
+}
+
+fn read_prompt(a: &GenerateArgs) -> Result<String> {
+    match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}", f.display())),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let prompt = read_prompt(&a)?;
+    if prompt.is_empty() && a.suffix.is_none() {
+        bail!("the prompt is empty: give --prompt, --prompt-file, or --suffix for an infill");
+    }
+    if !(a.temperature >= 0.0 && a.temperature.is_finite()) {
+        bail!("--temperature must be a number ≥ 0, got {}", a.temperature);
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", a.top_p);
+    }
+    let p = open_model(&a.model)?;
+    let tok = &p.tokenizer;
+    let mut stop_ids = tok.eos_ids().to_vec();
+    let prompt_ids = match &a.suffix {
+        Some(suffix) => {
+            let ids = tok.fim_prompt(&prompt, suffix)?;
+            stop_ids.extend(tok.fim().map(|f| f.stop.clone()).unwrap_or_default());
+            ids
+        }
+        None => tok.encode(&prompt)?,
+    };
+    let req = GenerationRequest {
+        prompt_ids,
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+            ..SamplingParams::default()
+        },
+        stop_ids,
+        ignore_stop_ids: false,
+    };
+    let mut stream = TextStream::new();
+    let mut stdout = std::io::stdout().lock();
+    let mut write_err = None;
+    let out = generate(&p.model, &req, |id| {
+        if a.format == Format::Text {
+            if let Ok(Some(piece)) = stream.push(tok, id) {
+                if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {
+                    write_err = Some(e);
+                    return Flow::Stop;
+                }
+            }
+        }
+        Flow::Continue
+    })?;
+    if let Some(e) = write_err {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return Err(e.into());
+        }
+        return Ok(());
+    }
+    match a.format {
+        Format::Text => writeln!(stdout)?,
+        Format::Json => {
+            let text = tok.decode(&out.token_ids, true)?;
+            let obj = serde_json::json!({
+                "token_ids": out.token_ids,
+                "text": text,
+                "finish_reason": out.finish_reason.as_str(),
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.token_ids.len(),
+                "tokens_per_second": out.decode_tokens_per_second(),
+                "time_to_first_token_ms": out.time_to_first_token.as_secs_f64() * 1e3,
+            });
+            writeln!(stdout, "{obj}")?;
+        }
+    }
+    Ok(())
+}
+
+fn run_ppl(a: PplArgs) -> Result<()> {
+    let dir = corpus::resolve(&a.corpus)?;
+    let files = corpus::eval_files(&dir, a.files)?;
+    let p = open_model(&a.model)?;
+    let show = a.format == Format::Text;
+    let report = perplexity(&p.model, &p.tokenizer, &files, a.window, |i, n| {
+        if show {
+            eprint!("\rscoring file {i}/{n}");
+            if i == n {
+                eprintln!();
+            }
+        }
+    })?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Text => {
+            println!("corpus:        {} ({} files, window {})", dir.display(), report.files.len(), a.window);
+            println!("tokens:        {}", report.tokens);
+            println!("mean NLL:      {:.6}", report.mean_nll);
+            println!("perplexity:    {:.4}", report.ppl);
+            println!("bits per byte: {:.6}", report.bits_per_byte);
+        }
+    }
+    Ok(())
+}
+
+fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
+    let p = open_model(&a.model)?;
+    let cfg = BenchConfig {
+        prompt_tokens: a.prompt_tokens,
+        new_tokens: a.new_tokens,
+        passes: a.passes,
+    };
+    let show = a.format == Format::Text;
+    let report = bench_generate(&p.model, &p.tokenizer, &cfg, threads, |i, pass| {
+        if show {
+            println!(
+                "pass {}: ttft {:.1} ms ({:.0} prompt tok/s), decode {:.1} tok/s",
+                i + 1,
+                pass.ttft_ms,
+                pass.prompt_tokens_per_second,
+                pass.decode_tokens_per_second
+            );
+        }
+    })?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Text => {
+            let model = p.name();
+            let s = |x: &greencode::bench::Spread| format!("{:.1} / {:.1} / {:.1}", x.min, x.median, x.max);
+            println!("model {model}, prompt {} + {} new tokens, {} threads (min / median / max)", a.prompt_tokens, a.new_tokens, threads);
+            println!("time to first token (ms): {}", s(&report.ttft_ms));
+            println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
+            println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
+        }
+    }
+    Ok(())
+}
+

@@ -1,0 +1,15 @@
+//! The model runtime every other part uses: configuration, loading, the
+//! Qwen2 forward passes and the KV cache.
+
+pub mod config;
+pub mod error;
+pub mod kv_cache;
+pub mod linear;
+pub mod load;
+pub mod qwen2;
+
+pub use config::Qwen2Config;
+pub use error::ModelError;
+pub use kv_cache::KvCache;
+pub use load::{load_model, WeightStore};
+pub use qwen2::{LayerMask, Qwen2};

@@ -1,0 +1,470 @@
+//! Our own Qwen2 decoder on candle: q/k/v bias, grouped-query attention
+//! without copying keys per query head, RoPE, RMSNorm, SiLU MLP with
+//! per-layer widths read from the weights, tied or untied `lm_head`, a layer
+//! mask that skips layers without copying weights, full-sequence logits and
+//! KV-cached incremental decoding.
+//!
+//! Struct and field names follow the checkpoint's tensor names
+//! (`model.layers.N.self_attn.q_proj`), so pruning maps tensors to fields
+//! mechanically.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use super::config::Qwen2Config;
+use super::error::{ModelError, Result};
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use super::load::WeightStore;
+
+/// Which layers a forward pass runs; a skipped layer leaves the residual
+/// stream unchanged, exactly as if it had been removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerMask(Vec<bool>);
+
+impl LayerMask {
+    /// Every one of `n` layers active.
+    pub fn all(n: usize) -> Self {
+        Self(vec![true; n])
+    }
+
+    /// All of `n` layers except those listed.
+    pub fn without(n: usize, removed: &[usize]) -> Self {
+        let mut m = Self::all(n);
+        for &i in removed {
+            if i < n {
+                m.0[i] = false;
+            }
+        }
+        m
+    }
+
+    /// Whether layer `i` runs.
+    pub fn is_active(&self, i: usize) -> bool {
+        self.0.get(i).copied().unwrap_or(false)
+    }
+
+    /// Indices of the active layers, in order.
+    pub fn active(&self) -> Vec<usize> {
+        (0..self.0.len()).filter(|&i| self.0[i]).collect()
+    }
+
+    /// Number of layers the mask covers.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the mask covers no layer.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// RMSNorm with a learned scale.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+
+    /// The scale vector.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// Precomputed RoPE cosine and sine tables, `[max_positions, head_dim / 2]`.
+#[derive(Debug, Clone)]
+struct RotaryEmbedding {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RotaryEmbedding {
+    fn new(cfg: &Qwen2Config, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let n = cfg.max_position_embeddings;
+        // As transformers: inv_freq in f32 from an f64 power, angles pos * inv_freq in f32.
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / cfg.rope_theta.powf((2 * i) as f64 / cfg.head_dim as f64)) as f32)
+            .collect();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for pos in 0..n {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (n, half), device)?.to_dtype(dtype)?,
+            sin: Tensor::from_vec(sin, (n, half), device)?.to_dtype(dtype)?,
+        })
+    }
+
+    /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `offset..offset + t`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let t = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+    }
+}
+
+/// Multi-head self-attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection (with bias).
+    pub q_proj: Linear,
+    /// Key projection (with bias).
+    pub k_proj: Linear,
+    /// Value projection (with bias).
+    pub v_proj: Linear,
+    /// Output projection (no bias).
+    pub o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = rope.apply(&q, offset)?;
+        let k = rope.apply(&k, offset)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            None => (k, v),
+        };
+        let y = attend(&q, &k, &v, offset, nkv)?; // [b, nh, t, hd]
+        let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+/// Causal attention of queries at positions `offset..offset + t` over keys at
+/// `0..offset + t`. Query heads are grouped onto their key/value head by a
+/// reshape (`[b, kv, group·t, d]`), never by repeating keys.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let l = k.dim(2)?;
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let q = (q.reshape((b, nkv, group * t, hd))? * scale)?;
+    let scores = q.matmul(&k.t()?)?; // [b, nkv, group·t, l]
+    let scores = if t > 1 {
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(scores.dtype())?;
+        scores.reshape((b, nkv, group, t, l))?.broadcast_add(&mask)?.reshape((b, nkv, group * t, l))?
+    } else {
+        scores
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let y = probs.matmul(&v.contiguous()?)?; // [b, nkv, group·t, hd]
+    Ok(y.reshape((b, nh, t, hd))?)
+}
+
+/// The SiLU-gated feed-forward block.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection `[width, hidden]`.
+    pub gate_proj: Linear,
+    /// Up projection `[width, hidden]`.
+    pub up_proj: Linear,
+    /// Down projection `[hidden, width]`.
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        let up = self.up_proj.forward(x)?;
+        Ok(self.down_proj.forward(&(gate * up)?)?)
+    }
+
+    /// Intermediate width of this layer.
+    pub fn width(&self) -> usize {
+        self.gate_proj.out_features()
+    }
+}
+
+/// One pre-norm decoder layer.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Attention block.
+    pub self_attn: Attention,
+    /// Feed-forward block.
+    pub mlp: Mlp,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Which positions of a cached forward get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only the last new position (generation).
+    Last,
+    /// Every new position (scoring).
+    All,
+}
+
+/// A Qwen2 causal language model.
+#[derive(Debug, Clone)]
+pub struct Qwen2 {
+    embed_tokens: Tensor,
+    /// Decoder layers, in order.
+    pub layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: RotaryEmbedding,
+    config: Qwen2Config,
+    dtype: DType,
+}
+
+impl Qwen2 {
+    /// Builds the model from `store`, checking every tensor's shape against `config`.
+    pub fn from_store(config: Qwen2Config, store: &mut WeightStore) -> Result<Self> {
+        let h = config.hidden_size;
+        let (nh, nkv, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
+        let v = config.vocab_size;
+        let embed_tokens = store.take("model.embed_tokens.weight", &[Some(v), Some(h)])?;
+        let device = embed_tokens.device().clone();
+        let dtype = embed_tokens.dtype();
+        let eps = config.rms_norm_eps as f32;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut linear = |name: &str, out: usize, inp: Option<usize>, bias: bool| -> Result<Linear> {
+                let w = store.take(&format!("{p}.{name}.weight"), &[Some(out), inp])?;
+                let b = if bias { Some(store.take(&format!("{p}.{name}.bias"), &[Some(out)])?) } else { None };
+                Ok(Linear::new(w, b))
+            };
+            let self_attn = Attention {
+                q_proj: linear("self_attn.q_proj", nh * hd, Some(h), true)?,
+                k_proj: linear("self_attn.k_proj", nkv * hd, Some(h), true)?,
+                v_proj: linear("self_attn.v_proj", nkv * hd, Some(h), true)?,
+                o_proj: Linear::new(store.take(&format!("{p}.self_attn.o_proj.weight"), &[Some(h), Some(nh * hd)])?, None),
+                num_heads: nh,
+                num_kv_heads: nkv,
+                head_dim: hd,
+            };
+            // The FFN width is whatever gate_proj holds: pruned layers may differ.
+            let gate = store.take(&format!("{p}.mlp.gate_proj.weight"), &[None, Some(h)])?;
+            let width = gate.dim(0)?;
+            let mlp = Mlp {
+                gate_proj: Linear::new(gate, None),
+                up_proj: Linear::new(store.take(&format!("{p}.mlp.up_proj.weight"), &[Some(width), Some(h)])?, None),
+                down_proj: Linear::new(store.take(&format!("{p}.mlp.down_proj.weight"), &[Some(h), Some(width)])?, None),
+            };
+            let norm = |store: &mut WeightStore, name: &str| -> Result<RmsNorm> {
+                Ok(RmsNorm {
+                    weight: store.take(&format!("{p}.{name}.weight"), &[Some(h)])?,
+                    eps,
+                })
+            };
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp,
+                input_layernorm: norm(store, "input_layernorm")?,
+                post_attention_layernorm: norm(store, "post_attention_layernorm")?,
+            });
+        }
+        let norm = RmsNorm {
+            weight: store.take("model.norm.weight", &[Some(h)])?,
+            eps,
+        };
+        let lm_head = if config.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            store.take("lm_head.weight", &[Some(v), Some(h)])?
+        };
+        let rope = RotaryEmbedding::new(&config, dtype, &device)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            config,
+            dtype,
+        })
+    }
+
+    /// The configuration the model was built from.
+    pub fn config(&self) -> &Qwen2Config {
+        &self.config
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Context length in tokens.
+    pub fn context_len(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+
+    /// Rows of the embedding and `lm_head` matrices.
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    /// FFN width of each layer.
+    pub fn ffn_widths(&self) -> Vec<usize> {
+        self.layers.iter().map(|l| l.mlp.width()).collect()
+    }
+
+    /// The `[vocab, hidden]` embedding matrix.
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// The `[vocab, hidden]` output matrix (the embedding itself when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// The final norm.
+    pub fn final_norm(&self) -> &RmsNorm {
+        &self.norm
+    }
+
+    /// A fresh KV cache for one sequence of up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let c = &self.config;
+        Ok(KvCache::new(
+            self.layers.len(),
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity.min(self.context_len()),
+            self.dtype,
+            self.device(),
+        )?)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Embeds `[b, t]` token ids into `[b, t, hidden]`.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        self.check_ids(&ids.to_vec1::<u32>()?)?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.
+    pub fn layer_forward(&self, i: usize, hidden: &Tensor) -> Result<Tensor> {
+        self.layers[i].forward(hidden, &self.rope, 0, None)
+    }
+
+    /// Final norm and `lm_head`: `[b, t, hidden]` → `[b, t, vocab]`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let h = self.norm.forward(hidden)?;
+        let (b, t, hs) = h.dims3()?;
+        let logits = h.reshape((b * t, hs))?.matmul(&self.lm_head.t()?)?;
+        Ok(logits.reshape((b, t, self.config.vocab_size))?)
+    }
+
+    /// Logits at every position of `tokens` (`[b, t]` u32) → `[b, t, vocab]`,
+    /// running only the layers `mask` enables (all when `None`).
+    pub fn logits(&self, tokens: &Tensor, mask: Option<&LayerMask>) -> Result<Tensor> {
+        let t = tokens.dim(1)?;
+        if t > self.context_len() {
+            return Err(ModelError::Input(format!(
+                "sequence of {t} tokens exceeds the context length {}",
+                self.context_len()
+            )));
+        }
+        let mut h = self.embed(tokens)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            if mask.is_none_or(|m| m.is_active(i)) {
+                h = layer.forward(&h, &self.rope, 0, None)?;
+            }
+        }
+        self.head(&h)
+    }
+
+    /// Appends `tokens` to the sequence in `cache` and returns logits for the
+    /// new positions (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]).
+    pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::Input("no tokens to run".into()));
+        }
+        let offset = cache.len();
+        if offset + t > cache.capacity() {
+            return Err(ModelError::Input(format!(
+                "sequence of {} tokens exceeds the context length {}",
+                offset + t,
+                cache.capacity()
+            )));
+        }
+        self.check_ids(tokens)?;
+        let ids = Tensor::new(tokens, self.device())?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((1, t, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, &self.rope, offset, Some((cache, i)))?;
+        }
+        cache.advance(t);
+        let h = match which {
+            LogitsFor::Last => h.narrow(1, t - 1, 1)?,
+            LogitsFor::All => h,
+        };
+        let logits = self.head(&h)?;
+        Ok(logits.squeeze(0)?)
+    }
+}
+
+/// Summed negative log-likelihood (nats) of the next tokens under `logits`
+/// (`[t, vocab]`, position i predicting `targets[i]`).
+pub fn sum_nll(logits: &Tensor, targets: &[u32]) -> Result<f64> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let v: Vec<f32> = picked.to_vec1()?;
+    Ok(-v.iter().map(|&x| x as f64).sum::<f64>())
+}

@@ -1,0 +1,76 @@
+//! A loaded model with its tokenizer: what every subcommand starts from.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use crate::model::{load_model, ModelError, Qwen2};
+use crate::tokenizer::{CodeTokenizer, TokenizerError};
+
+/// Why a model folder could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The weights or config failed to load.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The tokenizer failed to load.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// Tokenizer and model disagree on the vocabulary.
+    #[error("{path}: the tokenizer has {tokenizer} tokens but the model's embedding has only {model} rows")]
+    VocabMismatch {
+        /// tokenizer.json.
+        path: PathBuf,
+        /// Tokens in the tokenizer.
+        tokenizer: usize,
+        /// Rows of the embedding.
+        model: usize,
+    },
+}
+
+/// A model, its tokenizer and where they came from.
+#[derive(Debug)]
+pub struct Pipeline {
+    /// The network.
+    pub model: Qwen2,
+    /// Its tokenizer.
+    pub tokenizer: CodeTokenizer,
+    /// The folder it was loaded from.
+    pub folder: PathBuf,
+}
+
+impl Pipeline {
+    /// Loads the folder on the CPU in f32 (candle converts bf16 at every CPU
+    /// matmul otherwise, which is slower).
+    pub fn load_cpu(folder: &Path) -> Result<Self, PipelineError> {
+        Self::load(folder, &Device::Cpu, DType::F32)
+    }
+
+    /// Loads the folder on `device`, computing in `dtype`.
+    pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, PipelineError> {
+        let model = load_model(folder, device, dtype)?;
+        let tokenizer = CodeTokenizer::from_folder(folder, &model.config().eos_token_ids)?;
+        if tokenizer.vocab_size() > model.vocab_size() {
+            return Err(PipelineError::VocabMismatch {
+                path: tokenizer.path().to_path_buf(),
+                tokenizer: tokenizer.vocab_size(),
+                model: model.vocab_size(),
+            });
+        }
+        Ok(Self {
+            model,
+            tokenizer,
+            folder: folder.to_path_buf(),
+        })
+    }
+
+    /// A short name for the model: its folder's name.
+    pub fn name(&self) -> String {
+        self.folder
+            .canonicalize()
+            .unwrap_or_else(|_| self.folder.clone())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "model".into())
+    }
+}

@@ -1,0 +1,21 @@
+//! One thread count for all CPU compute, set once at start-up.
+//!
+//! candle asks for its thread count on every matmul and, when unset, parses
+//! /proc/cpuinfo each time (REFERENCE.md: about 30% of decode). Setting
+//! `RAYON_NUM_THREADS` before any pool exists fixes both candle's count and
+//! the size of rayon's global pool.
+
+/// The number of threads to use when none is given: the cores this process may run on.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// Fixes the compute thread count for the rest of the process. Call it
+/// before any model work and before other threads start.
+pub fn init(threads: usize) {
+    let n = threads.max(1);
+    // Safe in edition 2021; called from main before other threads exist.
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    // An already-built pool (a second call) is not an error worth reporting.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+}

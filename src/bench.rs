@@ -51,7 +51,11 @@ impl Spread {
     fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let n = v.len();
-        let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
         Self {
             min: v[0],
             median,
@@ -81,7 +85,9 @@ pub struct BenchReport {
 
 /// The first `n` tokens of the benchmark text (repeated if it is shorter).
 pub fn bench_prompt(tok: &CodeTokenizer, n: usize) -> Result<Vec<u32>> {
-    let base = tok.encode(PROMPT_SOURCE).map_err(|e| ModelError::Input(e.to_string()))?;
+    let base = tok
+        .encode(PROMPT_SOURCE)
+        .map_err(|e| ModelError::Input(e.to_string()))?;
     if base.is_empty() {
         return Err(ModelError::Input("the benchmark text tokenizes to nothing".into()));
     }
@@ -97,7 +103,9 @@ pub fn bench_generate(
     mut progress: impl FnMut(usize, &BenchPass),
 ) -> Result<BenchReport> {
     if cfg.prompt_tokens == 0 || cfg.new_tokens == 0 || cfg.passes == 0 {
-        return Err(ModelError::Input("--prompt-tokens, --new-tokens and --passes must be at least 1".into()));
+        return Err(ModelError::Input(
+            "--prompt-tokens, --new-tokens and --passes must be at least 1".into(),
+        ));
     }
     if cfg.prompt_tokens + cfg.new_tokens > model.context_len() {
         return Err(ModelError::Input(format!(

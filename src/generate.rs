@@ -82,7 +82,11 @@ pub enum Flow {
 }
 
 /// Generates from `req`, calling `on_token` with each new id as it is chosen.
-pub fn generate(model: &Qwen2, req: &GenerationRequest, mut on_token: impl FnMut(u32) -> Flow) -> Result<GenerationOutput> {
+pub fn generate(
+    model: &Qwen2,
+    req: &GenerationRequest,
+    mut on_token: impl FnMut(u32) -> Flow,
+) -> Result<GenerationOutput> {
     let n_prompt = req.prompt_ids.len();
     let ctx = model.context_len();
     if n_prompt == 0 {

@@ -20,7 +20,9 @@ pub fn model_dir(explicit: Option<&Path>) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os(MODEL_ENV).filter(|v| !v.is_empty()) {
         return Some(PathBuf::from(p));
     }
-    default_candidates().into_iter().find(|p| p.join("config.json").is_file())
+    default_candidates()
+        .into_iter()
+        .find(|p| p.join("config.json").is_file())
 }
 
 /// Where the embedded model is looked for, in order.

@@ -264,7 +264,12 @@ fn run_ppl(a: PplArgs) -> Result<()> {
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&report)?),
         Format::Text => {
-            println!("corpus:        {} ({} files, window {})", dir.display(), report.files.len(), a.window);
+            println!(
+                "corpus:        {} ({} files, window {})",
+                dir.display(),
+                report.files.len(),
+                a.window
+            );
             println!("tokens:        {}", report.tokens);
             println!("mean NLL:      {:.6}", report.mean_nll);
             println!("perplexity:    {:.4}", report.ppl);
@@ -298,7 +303,10 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
         Format::Text => {
             let model = p.name();
             let s = |x: &greencode::bench::Spread| format!("{:.1} / {:.1} / {:.1}", x.min, x.median, x.max);
-            println!("model {model}, prompt {} + {} new tokens, {} threads (min / median / max)", a.prompt_tokens, a.new_tokens, threads);
+            println!(
+                "model {model}, prompt {} + {} new tokens, {} threads (min / median / max)",
+                a.prompt_tokens, a.new_tokens, threads
+            );
             println!("time to first token (ms): {}", s(&report.ttft_ms));
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
             println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
@@ -306,4 +314,3 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
     }
     Ok(())
 }
-

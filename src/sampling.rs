@@ -86,7 +86,11 @@ impl Sampler {
             for &id in prompt.iter().chain(generated) {
                 if seen.insert(id) {
                     if let Some(l) = logits.get_mut(id as usize) {
-                        *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
                     }
                 }
             }

@@ -91,7 +91,13 @@ impl CodeTokenizer {
     /// Wraps an already parsed tokenizer.
     pub fn new(inner: tokenizers::Tokenizer, path: PathBuf, config_eos: &[u32]) -> Self {
         let mut eos: Vec<u32> = config_eos.to_vec();
-        for name in ["<|endoftext|>", "<|im_end|>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"] {
+        for name in [
+            "<|endoftext|>",
+            "<|im_end|>",
+            "</s>",
+            "<|end_of_text|>",
+            "<｜end▁of▁sentence｜>",
+        ] {
             if let Some(id) = inner.token_to_id(name) {
                 if !eos.contains(&id) {
                     eos.push(id);
@@ -206,7 +212,10 @@ mod tests {
     #[test]
     fn encodes_like_the_reference() {
         let t = tiny();
-        assert_eq!(t.encode("def fibonacci(n):\n").unwrap(), vec![326, 293, 474, 268, 3684, 78, 13, 83, 339, 204]);
+        assert_eq!(
+            t.encode("def fibonacci(n):\n").unwrap(),
+            vec![326, 293, 474, 268, 3684, 78, 13, 83, 339, 204]
+        );
         assert_eq!(t.decode(&[326, 293, 474], true).unwrap(), "def fib");
     }
 
@@ -217,7 +226,9 @@ mod tests {
         assert_eq!(fim.style, FimStyle::QwenCoder);
         assert_eq!((fim.prefix, fim.suffix, fim.middle), (1, 3, 2));
         assert!(fim.stop.contains(&4) && fim.stop.contains(&5));
-        let built = t.fim_prompt("def area(w, h):\n    return ", "\n\n\nprint(area(2, 3))\n").unwrap();
+        let built = t
+            .fim_prompt("def area(w, h):\n    return ", "\n\n\nprint(area(2, 3))\n")
+            .unwrap();
         let templ = t
             .encode("<|fim_prefix|>def area(w, h):\n    return <|fim_suffix|>\n\n\nprint(area(2, 3))\n<|fim_middle|>")
             .unwrap();
@@ -227,7 +238,10 @@ mod tests {
     #[test]
     fn missing_tokenizer_names_the_file() {
         let e = CodeTokenizer::from_folder(Path::new("/nonexistent"), &[]).unwrap_err();
-        assert_eq!(e.to_string(), "/nonexistent/tokenizer.json: file not found (the tokenizer)");
+        assert_eq!(
+            e.to_string(),
+            "/nonexistent/tokenizer.json: file not found (the tokenizer)"
+        );
     }
 }
 

@@ -20,7 +20,10 @@ fn every_golden_case_matches_pytorch() {
         let ids = p.tokenizer.encode(prompt).unwrap();
         assert_eq!(ids, want_ids, "tokenization of {prompt:?}");
 
-        let input = Tensor::new(ids.as_slice(), p.model.device()).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), p.model.device())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = p.model.logits(&input, None).unwrap().squeeze(0).unwrap();
         let last: Vec<f32> = logits.get(ids.len() - 1).unwrap().to_vec1().unwrap();
         let mut order: Vec<usize> = (0..last.len()).collect();
@@ -31,13 +34,20 @@ fn every_golden_case_matches_pytorch() {
         let want_logits: Vec<f32> = serde_json::from_value(case["last_top10_logits"].clone()).unwrap();
         for (k, (&i, &w)) in order[..10].iter().zip(&want_logits).enumerate() {
             // golden.json rounds logits to 4 decimals: allow that on top of 1e-3.
-            assert!((last[i] - w).abs() <= 1e-3 + 5e-5, "logit {k} of {prompt:?}: {} vs {w}", last[i]);
+            assert!(
+                (last[i] - w).abs() <= 1e-3 + 5e-5,
+                "logit {k} of {prompt:?}: {} vs {w}",
+                last[i]
+            );
         }
 
         let n = ids.len() - 1;
         let nll = sum_nll(&logits.narrow(0, 0, n).unwrap(), &ids[1..]).unwrap() / n as f64;
         let want_nll = case["prompt_mean_nll"].as_f64().unwrap();
-        assert!((nll - want_nll).abs() <= 1e-4, "mean NLL of {prompt:?}: {nll} vs {want_nll}");
+        assert!(
+            (nll - want_nll).abs() <= 1e-4,
+            "mean NLL of {prompt:?}: {nll} vs {want_nll}"
+        );
 
         let req = GenerationRequest {
             prompt_ids: ids,
@@ -61,8 +71,18 @@ fn generate_cli_json_matches_golden_fim_case() {
     let golden = common::golden();
     let case = &golden["cases"][3];
     let prompt = case["prompt"].as_str().unwrap();
-    let prefix = prompt.strip_prefix("<|fim_prefix|>").unwrap().split("<|fim_suffix|>").next().unwrap();
-    let suffix = prompt.split("<|fim_suffix|>").nth(1).unwrap().strip_suffix("<|fim_middle|>").unwrap();
+    let prefix = prompt
+        .strip_prefix("<|fim_prefix|>")
+        .unwrap()
+        .split("<|fim_suffix|>")
+        .next()
+        .unwrap();
+    let suffix = prompt
+        .split("<|fim_suffix|>")
+        .nth(1)
+        .unwrap()
+        .strip_suffix("<|fim_middle|>")
+        .unwrap();
     let model = common::tiny_coder();
     let out = common::greencode(&[
         "generate",
@@ -106,8 +126,19 @@ fn generate_cli_streams_text_and_stops_at_eos() {
     assert_eq!(v["text"], "");
     assert_eq!(v["finish_reason"], "stop");
 
-    let out = common::greencode(&["generate", "--model", model.to_str().unwrap(), "--prompt", "def fibonacci(n):\n", "--max-tokens", "32"]);
+    let out = common::greencode(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "def fibonacci(n):\n",
+        "--max-tokens",
+        "32",
+    ]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text, format!("{}\n", common::golden()["cases"][0]["greedy32_text"].as_str().unwrap()));
+    assert_eq!(
+        text,
+        format!("{}\n", common::golden()["cases"][0]["greedy32_text"].as_str().unwrap())
+    );
 }

@@ -18,7 +18,10 @@ fn stdlib_perplexity_matches_golden() {
         }
     };
     let files = corpus::eval_files(&dir, corpus::EVAL_FILES).unwrap();
-    let names: Vec<String> = files.iter().map(|f| f.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
     if names != want_files {
         eprintln!(
             "SKIPPED stdlib_perplexity_matches_golden: this python3's stdlib ({}) has a different first-40 file list than golden.json's (other Python version)",
@@ -34,7 +37,11 @@ fn stdlib_perplexity_matches_golden() {
     let want_ppl = eval["ppl"].as_f64().unwrap();
     assert!((report.ppl - want_ppl).abs() < 0.01, "ppl {} vs {want_ppl}", report.ppl);
     let want_bpb = eval["bits_per_byte"].as_f64().unwrap();
-    assert!((report.bits_per_byte - want_bpb).abs() < 1e-3, "bpb {} vs {want_bpb}", report.bits_per_byte);
+    assert!(
+        (report.bits_per_byte - want_bpb).abs() < 1e-3,
+        "bpb {} vs {want_bpb}",
+        report.bits_per_byte
+    );
 }
 
 #[test]

@@ -8,7 +8,16 @@ use greencode::model::LayerMask;
 use greencode::pipeline::Pipeline;
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(D::Minus1)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn prompt_ids(p: &Pipeline) -> Vec<u32> {
@@ -21,24 +30,42 @@ fn prompt_ids(p: &Pipeline) -> Vec<u32> {
 fn full_layer_mask_equals_plain_forward_and_masking_changes_output() {
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
-    let input = Tensor::new(ids.as_slice(), p.model.device()).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), p.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let plain = p.model.logits(&input, None).unwrap();
-    let masked = p.model.logits(&input, Some(&LayerMask::all(p.model.num_layers()))).unwrap();
+    let masked = p
+        .model
+        .logits(&input, Some(&LayerMask::all(p.model.num_layers())))
+        .unwrap();
     assert_eq!(max_abs_diff(&plain, &masked), 0.0);
-    let skip = p.model.logits(&input, Some(&LayerMask::without(p.model.num_layers(), &[5]))).unwrap();
-    assert!(max_abs_diff(&plain, &skip) > 1e-2, "skipping a layer must change the logits");
+    let skip = p
+        .model
+        .logits(&input, Some(&LayerMask::without(p.model.num_layers(), &[5])))
+        .unwrap();
+    assert!(
+        max_abs_diff(&plain, &skip) > 1e-2,
+        "skipping a layer must change the logits"
+    );
 }
 
 #[test]
 fn kv_cached_decoding_equals_full_forward() {
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
-    let input = Tensor::new(ids.as_slice(), p.model.device()).unwrap().unsqueeze(0).unwrap();
+    let input = Tensor::new(ids.as_slice(), p.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
     let full = p.model.logits(&input, None).unwrap().squeeze(0).unwrap();
 
     let mut cache = p.model.new_cache(64).unwrap();
     let split = ids.len() / 2;
-    let first = p.model.forward_cached(&ids[..split], &mut cache, LogitsFor::All).unwrap();
+    let first = p
+        .model
+        .forward_cached(&ids[..split], &mut cache, LogitsFor::All)
+        .unwrap();
     assert!(max_abs_diff(&first, &full.narrow(0, 0, split).unwrap()) < 1e-4);
     for (i, &id) in ids.iter().enumerate().skip(split) {
         let step = p.model.forward_cached(&[id], &mut cache, LogitsFor::Last).unwrap();
@@ -55,10 +82,16 @@ fn batched_rows_equal_single_rows() {
     let ids = prompt_ids(&p);
     let a = &ids[..16];
     let b = &ids[4..20];
-    let batch = Tensor::new([a, b].concat().as_slice(), p.model.device()).unwrap().reshape((2, 16)).unwrap();
+    let batch = Tensor::new([a, b].concat().as_slice(), p.model.device())
+        .unwrap()
+        .reshape((2, 16))
+        .unwrap();
     let both = p.model.logits(&batch, None).unwrap();
     for (row, seq) in [a, b].into_iter().enumerate() {
-        let single = p.model.logits(&Tensor::new(seq, p.model.device()).unwrap().unsqueeze(0).unwrap(), None).unwrap();
+        let single = p
+            .model
+            .logits(&Tensor::new(seq, p.model.device()).unwrap().unsqueeze(0).unwrap(), None)
+            .unwrap();
         assert!(max_abs_diff(&both.get(row).unwrap(), &single.squeeze(0).unwrap()) < 1e-4);
     }
 }
@@ -68,8 +101,14 @@ fn out_of_vocabulary_and_over_context_inputs_are_errors() {
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let bad = Tensor::new(&[[1u32, 99_999]], p.model.device()).unwrap();
     let e = p.model.logits(&bad, None).unwrap_err();
-    assert!(e.to_string().contains("token id 99999 is outside the vocabulary"), "{e}");
+    assert!(
+        e.to_string().contains("token id 99999 is outside the vocabulary"),
+        "{e}"
+    );
     let mut cache = p.model.new_cache(8).unwrap();
-    let e = p.model.forward_cached(&[5; 9], &mut cache, LogitsFor::Last).unwrap_err();
+    let e = p
+        .model
+        .forward_cached(&[5; 9], &mut cache, LogitsFor::Last)
+        .unwrap_err();
     assert!(e.to_string().contains("exceeds the context length 8"), "{e}");
 }

@@ -37,7 +37,9 @@ pub fn stdlib_dir() -> Result<PathBuf, CorpusError> {
         .output()
         .map_err(|e| CorpusError::NoPython(e.to_string()))?;
     if !out.status.success() {
-        return Err(CorpusError::NoPython(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        return Err(CorpusError::NoPython(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
     }
     Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }

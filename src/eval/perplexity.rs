@@ -74,7 +74,11 @@ pub fn perplexity(
     let mut names = Vec::with_capacity(files.len());
     for (i, path) in files.iter().enumerate() {
         progress(i, files.len());
-        names.push(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        names.push(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         let mut ids = tok.encode(&corpus::read_text(path)?)?;
         ids.truncate(window);
         if ids.len() < 2 {

@@ -132,7 +132,9 @@ impl Qwen2Config {
                 .iter()
                 .map(|v| as_u32(v).ok_or_else(|| f.err("eos_token_id", "expected token ids".into())))
                 .collect::<Result<_>>()?,
-            Some(v) => vec![as_u32(v).ok_or_else(|| f.err("eos_token_id", "expected a token id or a list of them".into()))?],
+            Some(v) => {
+                vec![as_u32(v).ok_or_else(|| f.err("eos_token_id", "expected a token id or a list of them".into()))?]
+            }
         };
         let bos_token_id = match raw.get("bos_token_id") {
             None | Some(Value::Null) => None,
@@ -265,7 +267,10 @@ mod tests {
         assert!(e.to_string().contains("`hidden_size`: missing"), "{e}");
         let e = parse(r#"{"vocab_size": "big", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}"#)
             .unwrap_err();
-        assert!(e.to_string().contains("`vocab_size`: expected a positive integer"), "{e}");
+        assert!(
+            e.to_string().contains("`vocab_size`: expected a positive integer"),
+            "{e}"
+        );
         let e = parse(r#"{"model_type": "llama", "vocab_size": 1, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}"#)
             .unwrap_err();
         assert!(e.to_string().contains("unsupported architecture `llama`"), "{e}");

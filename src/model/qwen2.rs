@@ -133,12 +133,23 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        offset: usize,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?
+            .contiguous()?;
         let q = rope.apply(&q, offset)?;
         let k = rope.apply(&k, offset)?;
         let (k, v) = match cache {
@@ -166,7 +177,10 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Resu
             .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(scores.dtype())?;
-        scores.reshape((b, nkv, group, t, l))?.broadcast_add(&mask)?.reshape((b, nkv, group * t, l))?
+        scores
+            .reshape((b, nkv, group, t, l))?
+            .broadcast_add(&mask)?
+            .reshape((b, nkv, group * t, l))?
     } else {
         scores
     };
@@ -213,8 +227,16 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, offset: usize, cache: Option<(&mut KvCache, usize)>) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        offset: usize,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
@@ -258,14 +280,21 @@ impl Qwen2 {
             let p = format!("model.layers.{i}");
             let mut linear = |name: &str, out: usize, inp: Option<usize>, bias: bool| -> Result<Linear> {
                 let w = store.take(&format!("{p}.{name}.weight"), &[Some(out), inp])?;
-                let b = if bias { Some(store.take(&format!("{p}.{name}.bias"), &[Some(out)])?) } else { None };
+                let b = if bias {
+                    Some(store.take(&format!("{p}.{name}.bias"), &[Some(out)])?)
+                } else {
+                    None
+                };
                 Ok(Linear::new(w, b))
             };
             let self_attn = Attention {
                 q_proj: linear("self_attn.q_proj", nh * hd, Some(h), true)?,
                 k_proj: linear("self_attn.k_proj", nkv * hd, Some(h), true)?,
                 v_proj: linear("self_attn.v_proj", nkv * hd, Some(h), true)?,
-                o_proj: Linear::new(store.take(&format!("{p}.self_attn.o_proj.weight"), &[Some(h), Some(nh * hd)])?, None),
+                o_proj: Linear::new(
+                    store.take(&format!("{p}.self_attn.o_proj.weight"), &[Some(h), Some(nh * hd)])?,
+                    None,
+                ),
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
@@ -275,8 +304,14 @@ impl Qwen2 {
             let width = gate.dim(0)?;
             let mlp = Mlp {
                 gate_proj: Linear::new(gate, None),
-                up_proj: Linear::new(store.take(&format!("{p}.mlp.up_proj.weight"), &[Some(width), Some(h)])?, None),
-                down_proj: Linear::new(store.take(&format!("{p}.mlp.down_proj.weight"), &[Some(h), Some(width)])?, None),
+                up_proj: Linear::new(
+                    store.take(&format!("{p}.mlp.up_proj.weight"), &[Some(width), Some(h)])?,
+                    None,
+                ),
+                down_proj: Linear::new(
+                    store.take(&format!("{p}.mlp.down_proj.weight"), &[Some(h), Some(width)])?,
+                    None,
+                ),
             };
             let norm = |store: &mut WeightStore, name: &str| -> Result<RmsNorm> {
                 Ok(RmsNorm {
@@ -390,7 +425,10 @@ impl Qwen2 {
         let (b, t) = tokens.dims2()?;
         let ids = tokens.flatten_all()?;
         self.check_ids(&ids.to_vec1::<u32>()?)?;
-        Ok(self.embed_tokens.index_select(&ids, 0)?.reshape((b, t, self.config.hidden_size))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.

@@ -115,17 +115,12 @@ pub fn bench_generate(
             model.context_len()
         )));
     }
-    let req = GenerationRequest {
-        prompt_ids: bench_prompt(tok, cfg.prompt_tokens)?,
-        max_tokens: cfg.new_tokens,
-        sampling: SamplingParams::greedy(),
-        stop_ids: Vec::new(),
-        ignore_stop_ids: true,
-    };
-    generate(model, &req, |_| Flow::Continue)?; // warm-up
+    let mut req = GenerationRequest::new(bench_prompt(tok, cfg.prompt_tokens)?, cfg.new_tokens, SamplingParams::greedy());
+    req.ignore_stop_ids = true;
+    generate(model, &req, |_, _| Flow::Continue)?; // warm-up
     let mut passes = Vec::with_capacity(cfg.passes);
     for i in 0..cfg.passes {
-        let out = generate(model, &req, |_| Flow::Continue)?;
+        let out = generate(model, &req, |_, _| Flow::Continue)?;
         let ttft = out.time_to_first_token.as_secs_f64();
         let pass = BenchPass {
             ttft_ms: ttft * 1e3,

@@ -25,6 +25,56 @@ pub struct GenerationRequest {
     pub stop_ids: Vec<u32>,
     /// Keep going past stop ids (benchmarks).
     pub ignore_stop_ids: bool,
+    /// When set, the first generated token must be one of these (token healing).
+    pub first_token_allowed: Option<Vec<u32>>,
+    /// Also return the log-probability of every prompt token (with this many alternatives).
+    pub prompt_logprobs: Option<usize>,
+}
+
+impl GenerationRequest {
+    /// A request with the given prompt and budget and every option off.
+    pub fn new(prompt_ids: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            prompt_ids,
+            max_tokens,
+            sampling,
+            stop_ids: Vec::new(),
+            ignore_stop_ids: false,
+            first_token_allowed: None,
+            prompt_logprobs: None,
+        }
+    }
+}
+
+/// The log-probability of a chosen token and of the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub id: u32,
+    /// Its log-probability under the model (before penalties and sampling filters).
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-softmax of `logits`, then the entry for `id` and the `k` best.
+pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let mut top = Vec::new();
+    if k > 0 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(order.len());
+        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        order.truncate(k);
+        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        top = order.into_iter().map(|i| (i, logits[i as usize] - log_sum)).collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| l - log_sum),
+        top,
+    }
 }
 
 /// Why generation ended.
@@ -59,6 +109,8 @@ pub struct GenerationOutput {
     pub time_to_first_token: Duration,
     /// From the first generated token to the last.
     pub decode_time: Duration,
+    /// Log-probabilities of prompt tokens 1.. (when asked for).
+    pub prompt_logprobs: Vec<TokenLogprob>,
 }
 
 impl GenerationOutput {
@@ -81,11 +133,12 @@ pub enum Flow {
     Stop,
 }
 
-/// Generates from `req`, calling `on_token` with each new id as it is chosen.
+/// Generates from `req`, calling `on_token` with each new id as it is chosen
+/// and the raw model logits it was chosen from.
 pub fn generate(
     model: &Qwen2,
     req: &GenerationRequest,
-    mut on_token: impl FnMut(u32) -> Flow,
+    mut on_token: impl FnMut(u32, &[f32]) -> Flow,
 ) -> Result<GenerationOutput> {
     let n_prompt = req.prompt_ids.len();
     let ctx = model.context_len();
@@ -104,10 +157,31 @@ pub fn generate(
     let mut out = Vec::with_capacity(budget);
     let mut first_token_at = None;
     let mut finish = FinishReason::Length;
-    let mut logits = model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::Last)?;
+    let mut prompt_logprobs = Vec::new();
+    let mut logits = match req.prompt_logprobs {
+        None => model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::Last)?,
+        Some(k) => {
+            let all = model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::All)?;
+            let rows: Vec<Vec<f32>> = all.to_dtype(DType::F32)?.to_vec2()?;
+            for (i, row) in rows.iter().enumerate().take(n_prompt - 1) {
+                prompt_logprobs.push(token_logprob(row, req.prompt_ids[i + 1], k));
+            }
+            all.narrow(0, n_prompt - 1, 1)?
+        }
+    };
     while out.len() < budget {
-        let mut row: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        let raw: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
+        let mut row = raw.clone();
         sampler.adjust(&mut row, &req.prompt_ids, &out);
+        if let (true, Some(allowed)) = (out.is_empty(), &req.first_token_allowed) {
+            let mut only = vec![f32::NEG_INFINITY; row.len()];
+            for &id in allowed {
+                if let Some(l) = row.get(id as usize) {
+                    only[id as usize] = *l;
+                }
+            }
+            row = only;
+        }
         let id = sampler.pick(&row);
         out.push(id);
         first_token_at.get_or_insert_with(Instant::now);
@@ -115,7 +189,7 @@ pub fn generate(
             finish = FinishReason::Stop;
             break;
         }
-        if on_token(id) == Flow::Stop {
+        if on_token(id, &raw) == Flow::Stop {
             finish = FinishReason::Stop;
             break;
         }
@@ -132,5 +206,6 @@ pub fn generate(
         prompt_tokens: n_prompt,
         time_to_first_token: first - start,
         decode_time: end - first,
+        prompt_logprobs,
     })
 }

@@ -33,9 +33,35 @@ enum Command {
     /// Evaluate a model on held-out code.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Serve an OpenAI-compatible completion API (with fill-in-the-middle for IDEs).
+    Serve(ServeArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Most requests queued or running; more are refused with 429.
+    #[arg(long, default_value_t = 128)]
+    max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on API routes.
+    #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model name clients send (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
 }
 
 #[derive(Subcommand)]
@@ -139,6 +165,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Eval(EvalCommand::Ppl(a)) => run_ppl(a),
+        Command::Serve(a) => run_serve(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
     };
     match result {
@@ -150,7 +177,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn open_model(arg: &ModelArg) -> Result<Pipeline> {
+fn model_dir(arg: &ModelArg) -> Result<PathBuf> {
     let Some(dir) = locate::model_dir(arg.model.as_deref()) else {
         bail!(
             "no model given and the embedded model was not found (looked in {}); pass --model DIR or set {}",
@@ -162,7 +189,23 @@ fn open_model(arg: &ModelArg) -> Result<Pipeline> {
             locate::MODEL_ENV
         );
     };
-    Ok(Pipeline::load_cpu(&dir)?)
+    Ok(dir)
+}
+
+fn open_model(arg: &ModelArg) -> Result<Pipeline> {
+    Ok(Pipeline::load_cpu(&model_dir(arg)?)?)
+}
+
+fn run_serve(a: ServeArgs) -> Result<()> {
+    greencode::serve::run(greencode::serve::ServeConfig {
+        model_dir: model_dir(&a.model)?,
+        host: a.host,
+        port: a.port,
+        max_queue: a.max_queue,
+        api_key: a.api_key,
+        served_model_name: a.served_model_name,
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+    })
 }
 
 fn read_prompt(a: &GenerateArgs) -> Result<String> {
@@ -195,23 +238,22 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         None => tok.encode(&prompt)?,
     };
-    let req = GenerationRequest {
+    let mut req = GenerationRequest::new(
         prompt_ids,
-        max_tokens: a.max_tokens,
-        sampling: SamplingParams {
+        a.max_tokens,
+        SamplingParams {
             temperature: a.temperature,
             top_p: a.top_p,
             top_k: a.top_k,
             seed: a.seed,
             ..SamplingParams::default()
         },
-        stop_ids,
-        ignore_stop_ids: false,
-    };
+    );
+    req.stop_ids = stop_ids;
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
-    let out = generate(&p.model, &req, |id| {
+    let out = generate(&p.model, &req, |id, _| {
         if a.format == Format::Text {
             if let Ok(Some(piece)) = stream.push(tok, id) {
                 if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {

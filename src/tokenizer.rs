@@ -155,6 +155,49 @@ impl CodeTokenizer {
             .map_err(|e| TokenizerError::Codec(e.to_string()))
     }
 
+    /// Ids of special (added, `special: true`) tokens, such as EOS and FIM markers.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The exact bytes each token id stands for in decoded text (special
+    /// tokens: their content). Byte-level BPE tokens map back through the
+    /// GPT-2 byte alphabet; other tokenizers fall back to decoding one token.
+    pub fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_level = matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::decoders::DecoderWrapper::ByteLevel(_))
+        );
+        let table = unicode_to_byte();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                let Some(token) = self.inner.id_to_token(id) else {
+                    return Vec::new();
+                };
+                if added.contains_key(&id) || !byte_level {
+                    if byte_level {
+                        return token.into_bytes();
+                    }
+                    return self.decode(&[id], false).map(String::into_bytes).unwrap_or_default();
+                }
+                token
+                    .chars()
+                    .map(|c| table.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| token.into_bytes())
+            })
+            .collect()
+    }
+
     /// The prompt ids for infilling between `prefix` and `suffix` in the
     /// model's format (prefix–suffix–middle order).
     pub fn fim_prompt(&self, prefix: &str, suffix: &str) -> Result<Vec<u32>, TokenizerError> {
@@ -166,6 +209,26 @@ impl CodeTokenizer {
         ids.push(fim.middle);
         Ok(ids)
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: the printable character standing
+/// for each byte, mapped back to the byte.
+fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32).collect();
+    printable.extend(0xA1..=0xAC);
+    printable.extend(0xAE..=0xFF);
+    let mut map = std::collections::HashMap::with_capacity(256);
+    let mut extra = 0;
+    for b in 0u32..256 {
+        let c = if printable.contains(&b) {
+            b
+        } else {
+            extra += 1;
+            255 + extra
+        };
+        map.insert(char::from_u32(c).expect("valid code point"), b as u8);
+    }
+    map
 }
 
 /// Finds the fill-in-the-middle tokens of a vocabulary.
@@ -233,6 +296,18 @@ mod tests {
             .encode("<|fim_prefix|>def area(w, h):\n    return <|fim_suffix|>\n\n\nprint(area(2, 3))\n<|fim_middle|>")
             .unwrap();
         assert_eq!(built, templ);
+    }
+
+    #[test]
+    fn token_bytes_concatenate_to_the_text() {
+        let t = tiny();
+        let text = "caf\u{e9} = '\u{2192}'\n    return x  # \u{1F600}\n";
+        let ids = t.encode(text).unwrap();
+        let table = t.token_bytes();
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| table[id as usize].clone()).collect();
+        assert_eq!(String::from_utf8(bytes).unwrap(), text);
+        assert_eq!(table[0], b"<|endoftext|>");
+        assert_eq!(t.special_ids(), vec![0, 1, 2, 3, 4, 5]);
     }
 
     #[test]

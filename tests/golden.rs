@@ -49,14 +49,9 @@ fn every_golden_case_matches_pytorch() {
             "mean NLL of {prompt:?}: {nll} vs {want_nll}"
         );
 
-        let req = GenerationRequest {
-            prompt_ids: ids,
-            max_tokens: 32,
-            sampling: SamplingParams::greedy(),
-            stop_ids: p.tokenizer.eos_ids().to_vec(),
-            ignore_stop_ids: false,
-        };
-        let out = generate(&p.model, &req, |_| Flow::Continue).unwrap();
+        let mut req = GenerationRequest::new(ids, 32, SamplingParams::greedy());
+        req.stop_ids = p.tokenizer.eos_ids().to_vec();
+        let out = generate(&p.model, &req, |_, _| Flow::Continue).unwrap();
         let want_greedy: Vec<u32> = serde_json::from_value(case["greedy32_ids"].clone()).unwrap();
         assert_eq!(out.token_ids, want_greedy, "greedy continuation of {prompt:?}");
         assert_eq!(

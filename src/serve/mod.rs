@@ -1,0 +1,140 @@
+//! `greencode serve`: an OpenAI-compatible completion server with
+//! fill-in-the-middle for IDEs. Handlers validate and tokenize; one engine
+//! thread owns the model.
+
+pub mod chat;
+pub mod detok;
+pub mod engine;
+pub mod error;
+pub mod openai;
+pub mod routes;
+pub mod stop;
+pub mod validate;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+
+use crate::metrics::Metrics;
+use crate::model::{load_model, Qwen2Config};
+use crate::tokenizer::CodeTokenizer;
+
+/// Everything `serve` needs, resolved from the command line.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Model folder.
+    pub model_dir: PathBuf,
+    /// Address to bind.
+    pub host: String,
+    /// Port to bind (0: any free port, printed at start).
+    pub port: u16,
+    /// Most requests queued or running at once; more get 429.
+    pub max_queue: usize,
+    /// Required bearer token.
+    pub api_key: Option<String>,
+    /// Name clients use; default the folder's name.
+    pub served_model_name: Option<String>,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+fn folder_name(dir: &std::path::Path) -> String {
+    dir.canonicalize()
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Runs the server until SIGTERM or Ctrl-C.
+pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    if !cfg.model_dir.is_dir() {
+        anyhow::bail!("model folder {} does not exist", cfg.model_dir.display());
+    }
+    let config = Qwen2Config::from_file(&cfg.model_dir.join("config.json"))?;
+    let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
+    let name = cfg
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| folder_name(&cfg.model_dir));
+    let info = Arc::new(validate::ModelInfo::new(
+        name.clone(),
+        Arc::new(tokenizer),
+        config.max_position_embeddings,
+        config.vocab_size,
+    ));
+    let metrics = Metrics::new(&name);
+    let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
+    let dir = cfg.model_dir.clone();
+    let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
+    let (engine, _thread) = engine::spawn(
+        move || {
+            load_model(&dir, &Device::Cpu, DType::F32).map_err(|e| {
+                let _ = load_tx.send(e.to_string());
+                anyhow::anyhow!("{e}")
+            })
+        },
+        Arc::clone(&info),
+        metrics.clone(),
+        cfg.max_queue.max(1),
+    );
+    let state = routes::AppState {
+        info,
+        engine,
+        metrics,
+        api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
+        chat,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    };
+    // One I/O thread: the cores belong to the model's compute.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
+        let addr = listener.local_addr()?;
+        eprintln!("greencode: serving `{name}` on http://{addr} (OpenAI API under /v1)");
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let notify = Arc::clone(&stopping);
+        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!("greencode: shutting down, finishing in-flight requests");
+            notify.notify_one();
+        });
+        let grace = cfg.shutdown_grace;
+        tokio::select! {
+            r = server => r.context("server failed")?,
+            _ = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+                eprintln!("greencode: in-flight requests did not finish within {grace:?}; exiting");
+            }
+            Ok(e) = load_rx => anyhow::bail!("{e}"),
+        }
+        eprintln!("greencode: stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

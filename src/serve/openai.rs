@@ -1,0 +1,303 @@
+//! OpenAI wire types: the JSON the server reads and writes, and nothing else.
+//! Request fields whose type must be checked by hand (unions such as
+//! `prompt` and `stop`) arrive as raw JSON values; `validate` turns them
+//! into typed settings.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Parameters shared by `/v1/completions` and `/v1/chat/completions`.
+/// Unknown fields are refused, as OpenAI does.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommonParams {
+    /// Served model name.
+    pub model: Option<String>,
+    /// Most tokens to generate (OpenAI default 16 for completions).
+    pub max_tokens: Option<i64>,
+    /// Newer name of `max_tokens`.
+    pub max_completion_tokens: Option<i64>,
+    /// 0–2; 0 is greedy.
+    pub temperature: Option<f64>,
+    /// (0, 1].
+    pub top_p: Option<f64>,
+    /// 0 or -1 disables.
+    pub top_k: Option<i64>,
+    /// [0, 1].
+    pub min_p: Option<f64>,
+    /// Choices per prompt.
+    pub n: Option<i64>,
+    /// Server-sent events.
+    pub stream: Option<bool>,
+    /// `include_usage`.
+    pub stream_options: Option<StreamOptions>,
+    /// A string or up to 4 strings.
+    pub stop: Option<Value>,
+    /// [-2, 2].
+    pub presence_penalty: Option<f64>,
+    /// [-2, 2].
+    pub frequency_penalty: Option<f64>,
+    /// (0, 2].
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) → bias in [-100, 100].
+    pub logit_bias: Option<HashMap<String, f64>>,
+    /// Same seed, same output.
+    pub seed: Option<i64>,
+    /// End-user id (logged, not used).
+    pub user: Option<String>,
+    /// Token healing of a prompt that ends mid-token (default on).
+    pub token_healing: Option<bool>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// Send a final chunk with `usage`.
+    pub include_usage: Option<bool>,
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Usage {
+    /// Tokens of the prompt(s) as run.
+    pub prompt_tokens: usize,
+    /// Tokens generated over all choices.
+    pub completion_tokens: usize,
+    /// Their sum.
+    pub total_tokens: usize,
+}
+
+/// Legacy completions `logprobs` object.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionLogprobs {
+    /// Token texts.
+    pub tokens: Vec<String>,
+    /// Log-probability of each token (`null` for the first echoed prompt token).
+    pub token_logprobs: Vec<Option<f32>>,
+    /// The most likely alternatives at each position.
+    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
+    /// Character offset of each token in the returned text.
+    pub text_offset: Vec<usize>,
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionChoice {
+    /// Generated text.
+    pub text: String,
+    /// Position among the choices.
+    pub index: usize,
+    /// Token log-probabilities, when asked for.
+    pub logprobs: Option<CompletionLogprobs>,
+    /// `stop` or `length` (`null` in non-final stream chunks).
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `/v1/completions` response, and each of its stream chunks.
+#[derive(Debug, Clone, Serialize)]
+pub struct CompletionResponse {
+    /// `cmpl-…`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<CompletionChoice>,
+    /// Token counts (`null` in stream chunks other than the usage chunk).
+    pub usage: Option<Usage>,
+}
+
+/// A chat message as returned.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    /// `assistant`.
+    pub role: &'static str,
+    /// The text.
+    pub content: String,
+}
+
+/// One choice of a chat completion.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChoice {
+    /// Position among the choices.
+    pub index: usize,
+    /// The reply.
+    pub message: ChatMessage,
+    /// Always `null` (chat logprobs are not offered).
+    pub logprobs: Option<Value>,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+}
+
+/// `/v1/chat/completions` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatResponse {
+    /// `chatcmpl-…`.
+    pub id: String,
+    /// `chat.completion`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<ChatChoice>,
+    /// Token counts.
+    pub usage: Usage,
+}
+
+/// The `delta` of a chat stream chunk.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ChatDelta {
+    /// `assistant` in the first chunk of a choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<&'static str>,
+    /// New text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+/// One choice of a chat stream chunk.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunkChoice {
+    /// Position among the choices.
+    pub index: usize,
+    /// What is new.
+    pub delta: ChatDelta,
+    /// Always `null`.
+    pub logprobs: Option<Value>,
+    /// Set in the last chunk of a choice.
+    pub finish_reason: Option<&'static str>,
+}
+
+/// `chat.completion.chunk`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatChunk {
+    /// Same for every chunk of a response.
+    pub id: String,
+    /// `chat.completion.chunk`.
+    pub object: &'static str,
+    /// Unix seconds.
+    pub created: u64,
+    /// Served model name.
+    pub model: String,
+    /// The choices.
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only in the usage chunk.
+    pub usage: Option<Usage>,
+}
+
+/// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).
+#[derive(Debug, Default, Deserialize)]
+pub struct InfillRequest {
+    /// Text before the cursor.
+    #[serde(default)]
+    pub input_prefix: String,
+    /// Text after the cursor.
+    #[serde(default)]
+    pub input_suffix: String,
+    /// Other files for context.
+    #[serde(default)]
+    pub input_extra: Vec<InfillExtra>,
+    /// Text appended to the prefix (llama.cpp: the current line up to the cursor).
+    #[serde(default)]
+    pub prompt: String,
+    /// Most tokens to generate (-1: up to the context).
+    pub n_predict: Option<i64>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// Top-k.
+    pub top_k: Option<i64>,
+    /// Top-p.
+    pub top_p: Option<f64>,
+    /// Min-p.
+    pub min_p: Option<f64>,
+    /// Stream as server-sent events.
+    pub stream: Option<bool>,
+    /// Stop strings.
+    pub stop: Option<Value>,
+    /// Seed.
+    pub seed: Option<i64>,
+    /// Repetition penalty.
+    pub repeat_penalty: Option<f64>,
+}
+
+/// One extra file of an `/infill` request.
+#[derive(Debug, Default, Deserialize)]
+pub struct InfillExtra {
+    /// Its name.
+    #[serde(default)]
+    pub filename: String,
+    /// Its text.
+    #[serde(default)]
+    pub text: String,
+}
+
+/// llama.cpp's `/infill` response (and stream event).
+#[derive(Debug, Clone, Serialize)]
+pub struct InfillResponse {
+    /// Generated text (a piece of it when streaming).
+    pub content: String,
+    /// Whether this is the last event.
+    pub stop: bool,
+    /// Served model name.
+    pub model: String,
+    /// Tokens generated.
+    pub tokens_predicted: usize,
+    /// Prompt tokens.
+    pub tokens_evaluated: usize,
+    /// `eos`, `limit` or `word` when stopped, else absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_type: Option<&'static str>,
+}
+
+/// `/v1/models` entry.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelCard {
+    /// Served model name.
+    pub id: String,
+    /// `model`.
+    pub object: &'static str,
+    /// Unix seconds of loading.
+    pub created: u64,
+    /// `greencode`.
+    pub owned_by: &'static str,
+    /// Context length.
+    pub max_model_len: usize,
+}
+
+/// `/v1/models` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelList {
+    /// `list`.
+    pub object: &'static str,
+    /// The served model.
+    pub data: Vec<ModelCard>,
+}
+
+/// OpenAI's error body.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The `error` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorDetail {
+    /// Human-readable message.
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, …
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The request field at fault, if any.
+    pub param: Option<String>,
+    /// A machine-readable code, if any.
+    pub code: Option<&'static str>,
+}

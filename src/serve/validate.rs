@@ -1,0 +1,559 @@
+//! From a request body to validated generation jobs: JSON parsing with
+//! errors that name the field, range checks, tokenization, fill-in-the-middle
+//! assembly with context-aware truncation, and token healing. Nothing after
+//! this module re-checks input.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use super::openai::CommonParams;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::CodeTokenizer;
+
+/// What the handlers know about the served model.
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// Name clients use in `model`.
+    pub name: String,
+    /// The tokenizer (shared with the engine).
+    pub tokenizer: Arc<CodeTokenizer>,
+    /// Bytes of each token id.
+    pub token_bytes: Arc<Vec<Vec<u8>>>,
+    /// Whether each id is a special token.
+    pub special: Arc<Vec<bool>>,
+    /// Context length in tokens.
+    pub context_len: usize,
+    /// Rows of the model's vocabulary.
+    pub vocab_size: usize,
+}
+
+impl ModelInfo {
+    /// Precomputes token tables for `tokenizer`.
+    pub fn new(name: String, tokenizer: Arc<CodeTokenizer>, context_len: usize, vocab_size: usize) -> Self {
+        let token_bytes = tokenizer.token_bytes();
+        let mut special = vec![false; token_bytes.len().max(vocab_size)];
+        for id in tokenizer.special_ids() {
+            if let Some(s) = special.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        Self {
+            name,
+            tokenizer,
+            token_bytes: Arc::new(token_bytes),
+            special: Arc::new(special),
+            context_len,
+            vocab_size,
+        }
+    }
+}
+
+/// Token healing of one prompt: the last prompt token was removed and the
+/// first generated token must start with its bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Healing {
+    /// Bytes of the removed token (already part of the client's text).
+    pub prefix_len: usize,
+    /// Ids the first token may take.
+    pub allowed: Vec<u32>,
+}
+
+/// One generation the engine runs.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    /// Prompt ids as run (after truncation and healing).
+    pub prompt_ids: Vec<u32>,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Sampling settings (the seed already offset per choice).
+    pub sampling: SamplingParams,
+    /// Stop strings, cut from the text.
+    pub stop_strings: Vec<String>,
+    /// Stop token ids (EOS, FIM end markers), never shown.
+    pub stop_ids: Vec<u32>,
+    /// Token healing, if applied.
+    pub healing: Option<Healing>,
+    /// Log-probabilities with this many alternatives, if asked for.
+    pub logprobs: Option<usize>,
+    /// Score the prompt too (echo with logprobs).
+    pub prompt_logprobs: bool,
+}
+
+/// Settings common to every choice of a request.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Most tokens per choice.
+    pub max_tokens: usize,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Choices per prompt.
+    pub n: usize,
+    /// Stream the answer.
+    pub stream: bool,
+    /// Send a usage chunk at the end of a stream.
+    pub include_usage: bool,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Token healing on.
+    pub token_healing: bool,
+}
+
+/// Most choices per request.
+pub const MAX_N: usize = 16;
+/// Most stop strings.
+pub const MAX_STOP: usize = 4;
+
+/// Parses a body as a JSON object.
+pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(ApiError::InvalidJson(format!(
+            "expected a JSON object, got {}",
+            json_kind(&other)
+        ))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Removes `key` from `map`; `null` counts as absent.
+pub fn take(map: &mut Map<String, Value>, key: &str) -> Option<Value> {
+    map.remove(key).filter(|v| !v.is_null())
+}
+
+/// Removes an optional boolean.
+pub fn take_bool(map: &mut Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match take(map, key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(b)),
+        Some(v) => Err(ApiError::param(key, format!("`{key}` must be a boolean, got {}", json_kind(&v)))),
+    }
+}
+
+/// Removes an optional string.
+pub fn take_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match take(map, key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(ApiError::param(key, format!("`{key}` must be a string, got {}", json_kind(&v)))),
+    }
+}
+
+/// Removes an optional integer.
+pub fn take_int(map: &mut Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
+    match take(map, key) {
+        None => Ok(None),
+        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
+        Some(v) => Err(ApiError::param(key, format!("`{key}` must be an integer, got {v}"))),
+    }
+}
+
+/// Deserializes the remaining fields as [`CommonParams`], naming the field at fault.
+pub fn common_params(map: Map<String, Value>) -> Result<CommonParams, ApiError> {
+    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let inner = inner.split(" at line ").next().unwrap_or(&inner).to_owned();
+        if let Some(field) = inner
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+        {
+            let field = field.to_owned();
+            return ApiError::param(field.clone(), format!("unknown field `{field}`"));
+        }
+        let param = if path == "." { String::new() } else { path };
+        ApiError::param(param.clone(), format!("`{param}`: {inner}"))
+    })
+}
+
+fn range(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f64, ApiError> {
+    let ok = v.is_finite() && (if lo_open { v > lo } else { v >= lo }) && v <= hi;
+    if ok {
+        Ok(v)
+    } else {
+        let open = if lo_open { "(" } else { "[" };
+        Err(ApiError::param(param, format!("`{param}` must be in {open}{lo}, {hi}], got {v}")))
+    }
+}
+
+/// Resolves defaults and checks ranges.
+pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -> Result<Settings, ApiError> {
+    if let Some(model) = &p.model {
+        if !model.is_empty() && model != &info.name {
+            return Err(ApiError::ModelNotFound(model.clone(), info.name.clone()));
+        }
+    }
+    let max_tokens = match (p.max_completion_tokens, p.max_tokens) {
+        (Some(v), _) => ("max_completion_tokens", v),
+        (None, Some(v)) => ("max_tokens", v),
+        (None, None) => ("max_tokens", default_max_tokens as i64),
+    };
+    if max_tokens.1 < 1 || max_tokens.1 as usize > info.context_len {
+        return Err(ApiError::param(
+            max_tokens.0,
+            format!(
+                "`{}` must be between 1 and the context length {}, got {}",
+                max_tokens.0, info.context_len, max_tokens.1
+            ),
+        ));
+    }
+    let n = p.n.unwrap_or(1);
+    if !(1..=MAX_N as i64).contains(&n) {
+        return Err(ApiError::param("n", format!("`n` must be between 1 and {MAX_N}, got {n}")));
+    }
+    let top_k = p.top_k.unwrap_or(0);
+    if top_k < -1 {
+        return Err(ApiError::param("top_k", format!("`top_k` must be -1, 0 or positive, got {top_k}")));
+    }
+    let mut logit_bias = HashMap::new();
+    for (k, &v) in p.logit_bias.iter().flatten() {
+        let id: u32 = k
+            .parse()
+            .ok()
+            .filter(|&id: &u32| (id as usize) < info.vocab_size)
+            .ok_or_else(|| ApiError::param("logit_bias", format!("`logit_bias` key {k:?} is not a token id of this model")))?;
+        logit_bias.insert(id, range("logit_bias", v, -100.0, 100.0, false)? as f32);
+    }
+    let sampling = SamplingParams {
+        temperature: range("temperature", p.temperature.unwrap_or(1.0), 0.0, 2.0, false)? as f32,
+        top_p: range("top_p", p.top_p.unwrap_or(1.0), 0.0, 1.0, true)? as f32,
+        top_k: top_k.max(0) as usize,
+        min_p: range("min_p", p.min_p.unwrap_or(0.0), 0.0, 1.0, false)? as f32,
+        repetition_penalty: range("repetition_penalty", p.repetition_penalty.unwrap_or(1.0), 0.0, 2.0, true)? as f32,
+        presence_penalty: range("presence_penalty", p.presence_penalty.unwrap_or(0.0), -2.0, 2.0, false)? as f32,
+        frequency_penalty: range("frequency_penalty", p.frequency_penalty.unwrap_or(0.0), -2.0, 2.0, false)? as f32,
+        logit_bias,
+        seed: p.seed.map(|s| s as u64),
+    };
+    let stream = p.stream.unwrap_or(false);
+    let include_usage = p.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
+    if p.stream_options.is_some() && !stream {
+        return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
+    }
+    Ok(Settings {
+        max_tokens: max_tokens.1 as usize,
+        sampling,
+        n: n as usize,
+        stream,
+        include_usage,
+        stop: stop_strings(p.stop.as_ref())?,
+        token_healing: p.token_healing.unwrap_or(true),
+    })
+}
+
+/// `stop`: a string or a list of up to [`MAX_STOP`] non-empty strings.
+pub fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+    let list = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| i.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ApiError::param("stop", "`stop` must be a string or a list of strings"))?,
+        Some(_) => return Err(ApiError::param("stop", "`stop` must be a string or a list of strings")),
+    };
+    if list.len() > MAX_STOP {
+        return Err(ApiError::param("stop", format!("`stop` takes at most {MAX_STOP} strings, got {}", list.len())));
+    }
+    if list.iter().any(String::is_empty) {
+        return Err(ApiError::param("stop", "`stop` strings must not be empty"));
+    }
+    Ok(list)
+}
+
+/// One prompt as the client gave it.
+#[derive(Debug, Clone)]
+pub enum PromptInput {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+}
+
+/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
+pub fn prompts(v: Option<Value>, info: &ModelInfo, has_suffix: bool) -> Result<Vec<PromptInput>, ApiError> {
+    let bad = || {
+        ApiError::param(
+            "prompt",
+            "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
+        )
+    };
+    let ids_of = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
+        items
+            .iter()
+            .map(|i| {
+                let id = i.as_u64().ok_or_else(bad)?;
+                if id as usize >= info.vocab_size {
+                    return Err(ApiError::param(
+                        "prompt",
+                        format!("token id {id} is outside the vocabulary (size {})", info.vocab_size),
+                    ));
+                }
+                Ok(id as u32)
+            })
+            .collect()
+    };
+    let list = match v {
+        None if has_suffix => vec![PromptInput::Text(String::new())],
+        None => return Err(ApiError::param("prompt", "`prompt` is required")),
+        Some(Value::String(s)) => vec![PromptInput::Text(s)],
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(ApiError::param("prompt", "`prompt` must not be an empty list"))
+        }
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(PromptInput::Text(s)),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<_, _>>()?,
+            Value::Number(_) => vec![PromptInput::Ids(ids_of(&items)?)],
+            Value::Array(_) => items
+                .iter()
+                .map(|i| match i {
+                    Value::Array(inner) if !inner.is_empty() => Ok(PromptInput::Ids(ids_of(inner)?)),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<_, _>>()?,
+            _ => return Err(bad()),
+        },
+        Some(_) => return Err(bad()),
+    };
+    if list.len() > MAX_N {
+        return Err(ApiError::param("prompt", format!("at most {MAX_N} prompts per request, got {}", list.len())));
+    }
+    Ok(list)
+}
+
+fn encode(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
+    info.tokenizer.encode(text).map_err(|e| ApiError::param("prompt", e.to_string()))
+}
+
+/// Most prompt tokens token healing backs off.
+pub const MAX_HEAL_TOKENS: usize = 4;
+
+/// Token healing: backs off the longest run of trailing prompt tokens (at
+/// most [`MAX_HEAL_TOKENS`], never special ones, never the whole prompt)
+/// whose bytes are still a prefix of some vocabulary token, and lists the
+/// tokens the first generated token may then be. A prompt ending in
+/// `"    retu"` (`"   "`, `" ret"`, `"u"`) backs off `" ret"` and `"u"`, so
+/// the model continues with `" return"` and the client sees `"rn"`.
+pub fn heal(ids: &mut Vec<u32>, info: &ModelInfo) -> Option<Healing> {
+    let candidates = |prefix: &[u8]| -> Vec<u32> {
+        info.token_bytes
+            .iter()
+            .enumerate()
+            .filter(|(id, b)| !info.special[*id] && b.starts_with(prefix))
+            .map(|(id, _)| id as u32)
+            .collect()
+    };
+    let mut best: Option<(usize, Vec<u8>, Vec<u32>)> = None;
+    let mut removed: Vec<u8> = Vec::new();
+    for back in 1..=MAX_HEAL_TOKENS.min(ids.len().saturating_sub(1)) {
+        let id = ids[ids.len() - back];
+        if info.special.get(id as usize).copied().unwrap_or(true) {
+            break;
+        }
+        let mut bytes = info.token_bytes.get(id as usize)?.clone();
+        bytes.extend_from_slice(&removed);
+        removed = bytes;
+        let allowed = candidates(&removed);
+        if allowed.is_empty() {
+            break;
+        }
+        best = Some((back, removed.clone(), allowed));
+    }
+    let (back, prefix, allowed) = best?;
+    ids.truncate(ids.len() - back);
+    Some(Healing {
+        prefix_len: prefix.len(),
+        allowed,
+    })
+}
+
+/// A prompt ready to run, with what the response needs to know about it.
+#[derive(Debug, Clone)]
+pub struct BuiltPrompt {
+    /// Ids to run.
+    pub ids: Vec<u32>,
+    /// Healing applied.
+    pub healing: Option<Healing>,
+    /// Tokens dropped to fit the context (FIM truncation).
+    pub truncated: usize,
+    /// The client's prompt text (for `echo`).
+    pub text: String,
+    /// Stop ids for this prompt.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Builds a plain (non-FIM) prompt, refusing one that does not fit.
+pub fn plain_prompt(
+    input: &PromptInput,
+    info: &ModelInfo,
+    max_tokens: usize,
+    healing: bool,
+) -> Result<BuiltPrompt, ApiError> {
+    let (mut ids, text, textual) = match input {
+        PromptInput::Text(t) => (encode(info, t)?, t.clone(), true),
+        PromptInput::Ids(ids) => (
+            ids.clone(),
+            info.tokenizer.decode(ids, false).unwrap_or_default(),
+            false,
+        ),
+    };
+    if ids.is_empty() {
+        return Err(ApiError::param("prompt", "`prompt` is empty (an empty prompt needs a `suffix`)"));
+    }
+    if ids.len() + max_tokens > info.context_len {
+        return Err(ApiError::ContextLength {
+            prompt: ids.len(),
+            max_tokens,
+            context: info.context_len,
+            param: "prompt",
+        });
+    }
+    let healing = if healing && textual { heal(&mut ids, info) } else { None };
+    Ok(BuiltPrompt {
+        ids,
+        healing,
+        truncated: 0,
+        text,
+        stop_ids: info.tokenizer.eos_ids().to_vec(),
+    })
+}
+
+/// Builds a fill-in-the-middle prompt. When prefix, suffix and `extra`
+/// context exceed the room left by `max_tokens`, drops the extra context
+/// first, then keeps the end of the prefix and the start of the suffix.
+pub fn fim_prompt(
+    prefix: &PromptInput,
+    suffix: &str,
+    extra: &[(String, String)],
+    info: &ModelInfo,
+    max_tokens: usize,
+    healing: bool,
+) -> Result<BuiltPrompt, ApiError> {
+    let fim = info.tokenizer.fim().ok_or(ApiError::NoFim)?.clone();
+    let (mut p, text, textual) = match prefix {
+        PromptInput::Text(t) => (encode(info, t)?, t.clone(), true),
+        PromptInput::Ids(ids) => (ids.clone(), info.tokenizer.decode(ids, false).unwrap_or_default(), false),
+    };
+    let mut s = encode(info, suffix)?;
+    let file_sep = info.tokenizer.token_id("<|file_sep|>");
+    let mut extra_ids = Vec::new();
+    if let Some(sep) = file_sep {
+        for (name, body) in extra {
+            extra_ids.push(sep);
+            extra_ids.extend(encode(info, &format!("{name}\n{body}"))?);
+        }
+    }
+    let fixed = 3; // prefix, suffix and middle markers
+    let room = info.context_len.saturating_sub(max_tokens + fixed);
+    if room == 0 {
+        return Err(ApiError::ContextLength {
+            prompt: p.len() + s.len() + fixed,
+            max_tokens,
+            context: info.context_len,
+            param: "prompt",
+        });
+    }
+    let mut truncated = 0;
+    if extra_ids.len() + p.len() + s.len() > room {
+        let keep_extra = room.saturating_sub(p.len() + s.len()).min(extra_ids.len());
+        truncated += extra_ids.len() - keep_extra;
+        extra_ids.drain(..extra_ids.len() - keep_extra);
+    }
+    if p.len() + s.len() > room {
+        // The suffix keeps at least a quarter of the room (or all it needs).
+        let keep_s = s.len().min((room / 4).max(room.saturating_sub(p.len())));
+        let keep_p = p.len().min(room - keep_s);
+        truncated += (p.len() - keep_p) + (s.len() - keep_s);
+        p.drain(..p.len() - keep_p);
+        s.truncate(keep_s);
+    }
+    let healing = if healing && textual { heal(&mut p, info) } else { None };
+    let mut ids = extra_ids;
+    ids.push(fim.prefix);
+    ids.extend(p);
+    ids.push(fim.suffix);
+    ids.extend(s);
+    ids.push(fim.middle);
+    let mut stop_ids = info.tokenizer.eos_ids().to_vec();
+    stop_ids.extend(fim.stop.iter().copied());
+    Ok(BuiltPrompt {
+        ids,
+        healing,
+        truncated,
+        text,
+        stop_ids,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> ModelInfo {
+        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder");
+        let tok = CodeTokenizer::from_folder(&folder, &[0]).unwrap();
+        ModelInfo::new("tiny-coder".into(), Arc::new(tok), 64, 16384)
+    }
+
+    #[test]
+    fn healing_allows_tokens_extending_the_removed_one() {
+        let info = info();
+        let mut ids = info.tokenizer.encode("    retu").unwrap();
+        let before = ids.clone();
+        let h = heal(&mut ids, &info).unwrap();
+                // "   ", " ret", "u": the last two are backed off.
+        assert_eq!(before.len(), 3);
+        assert_eq!(ids, before[..1]);
+        assert_eq!(h.prefix_len, " retu".len());
+        let full = info.tokenizer.encode(" return").unwrap();
+        assert_eq!(full.len(), 1);
+        assert!(h.allowed.contains(&full[0]));
+        for id in &h.allowed {
+            assert!(info.token_bytes[*id as usize].starts_with(b" retu"));
+        }
+    }
+
+    #[test]
+    fn fim_truncation_keeps_prefix_end_and_suffix_start() {
+        let info = info();
+        let prefix = PromptInput::Text("a = 1\n".repeat(40));
+        let suffix = "b = 2\n".repeat(40);
+        let built = fim_prompt(&prefix, &suffix, &[], &info, 16, false).unwrap();
+        assert_eq!(built.ids.len(), 64 - 16);
+        assert!(built.truncated > 0);
+        let fim = info.tokenizer.fim().unwrap();
+        assert_eq!(built.ids[0], fim.prefix);
+        assert_eq!(*built.ids.last().unwrap(), fim.middle);
+        let p_end = built.ids.iter().position(|&i| i == fim.suffix).unwrap();
+        let kept_prefix = info.tokenizer.decode(&built.ids[1..p_end], false).unwrap();
+        assert!(("a = 1\n".repeat(40)).ends_with(&kept_prefix));
+        let kept_suffix = info.tokenizer.decode(&built.ids[p_end + 1..built.ids.len() - 1], false).unwrap();
+        assert!(("b = 2\n".repeat(40)).starts_with(&kept_suffix));
+    }
+
+    #[test]
+    fn plain_prompt_over_context_is_refused_with_numbers() {
+        let info = info();
+        let e = plain_prompt(&PromptInput::Text("x = 1\n".repeat(30)), &info, 16, false).unwrap_err();
+        assert!(matches!(e, ApiError::ContextLength { context: 64, max_tokens: 16, .. }), "{e}");
+    }
+}

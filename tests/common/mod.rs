@@ -53,3 +53,144 @@ pub fn assert_clean_error(out: &Output, needles: &[&str]) {
         assert!(lines[0].contains(n), "error line lacks {n:?}: {stderr}");
     }
 }
+
+/// A `greencode serve` process on a free loopback port, killed on drop.
+pub struct Server {
+    child: std::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the server with extra arguments and waits until `/health` is 200.
+    pub fn start(extra: &[&str]) -> Self {
+        Self::start_env(extra, &[])
+    }
+
+    /// As [`Server::start`], with environment variables set.
+    pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let model = tiny_coder();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_greencode"));
+        cmd.args(["--threads", "1", "serve", "--model", model.to_str().unwrap(), "--port", "0"])
+            .args(extra)
+            .env_remove("GREENCODE_MODEL")
+            .env_remove("GREENCODE_API_KEY")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("greencode serve starts");
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = std::sync::Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("on http://").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("server did not start: {:?}", lines.lock().unwrap()));
+        let server = Self {
+            child,
+            base: format!("http://{addr}"),
+            stderr_lines: lines,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while server.get("/health").0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "server never became healthy");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        server
+    }
+
+    /// Lines the server wrote to stderr so far.
+    pub fn log(&self) -> Vec<String> {
+        self.stderr_lines.lock().unwrap().clone()
+    }
+
+    /// The child process.
+    pub fn child(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+
+    /// GET → (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        let resp = agent().get(format!("{}{path}", self.base)).call();
+        match resp {
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, r.into_body().read_to_string().unwrap_or_default())
+            }
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// POST raw bytes → (status, headers, body).
+    pub fn post_raw(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, ureq::http::HeaderMap, String) {
+        let mut req = agent().post(format!("{}{path}", self.base)).header("content-type", "application/json");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send(body).expect("request completes");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.into_body().with_config().limit(100 << 20).read_to_string().unwrap_or_default();
+        (status, headers, body)
+    }
+
+    /// POST JSON → (status, parsed body).
+    pub fn post(&self, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+        let (status, _, text) = self.post_raw(path, body.to_string().as_bytes(), &[]);
+        let v = serde_json::from_str(&text).unwrap_or_else(|_| panic!("non-JSON answer ({status}): {text}"));
+        (status, v)
+    }
+
+    /// POST JSON with `stream: true` → the `data:` payloads in order (and `event:` names).
+    pub fn stream(&self, path: &str, body: &serde_json::Value) -> Vec<(Option<String>, String)> {
+        use std::io::BufRead;
+        let r = agent()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .send(body.to_string().as_bytes())
+            .expect("request completes");
+        assert_eq!(r.status().as_u16(), 200);
+        let ct = r.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        let reader = std::io::BufReader::new(r.into_body().into_reader());
+        let mut out = Vec::new();
+        let mut event = None;
+        for line in reader.lines() {
+            let line = line.unwrap();
+            if let Some(e) = line.strip_prefix("event: ") {
+                event = Some(e.to_owned());
+            } else if let Some(d) = line.strip_prefix("data: ") {
+                out.push((event.take(), d.to_owned()));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP agent that returns 4xx/5xx as responses, not errors.
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(120)))
+        .build()
+        .into()
+}

@@ -115,7 +115,11 @@ pub fn bench_generate(
             model.context_len()
         )));
     }
-    let mut req = GenerationRequest::new(bench_prompt(tok, cfg.prompt_tokens)?, cfg.new_tokens, SamplingParams::greedy());
+    let mut req = GenerationRequest::new(
+        bench_prompt(tok, cfg.prompt_tokens)?,
+        cfg.new_tokens,
+        SamplingParams::greedy(),
+    );
     req.ignore_stop_ids = true;
     generate(model, &req, |_, _| Flow::Continue)?; // warm-up
     let mut passes = Vec::with_capacity(cfg.passes);

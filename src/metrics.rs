@@ -51,8 +51,11 @@ impl Metrics {
             g
         };
         let histogram = |name: &str, help: &str| {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()), &["model"])
-                .expect("valid metric");
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+                &["model"],
+            )
+            .expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
@@ -67,7 +70,10 @@ impl Metrics {
             running: gauge("greencode_num_requests_running", "Requests being generated."),
             waiting: gauge("greencode_num_requests_waiting", "Requests waiting for the engine."),
             ttft: histogram("greencode_time_to_first_token_seconds", "Time to first token."),
-            itl: histogram("greencode_inter_token_latency_seconds", "Time between consecutive tokens."),
+            itl: histogram(
+                "greencode_inter_token_latency_seconds",
+                "Time between consecutive tokens.",
+            ),
             e2e: histogram("greencode_e2e_request_latency_seconds", "Whole-request latency."),
             rejected: counter(
                 "greencode_requests_rejected_total",

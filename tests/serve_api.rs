@@ -31,7 +31,10 @@ fn greedy_completion_matches_golden_and_reports_usage() {
     assert_eq!(v["usage"]["total_tokens"], 42);
 
     // Default max_tokens is 16; EOS ends with finish_reason "stop" and no text.
-    let (_, v) = s.post("/v1/completions", &json!({"prompt": "def f(x):\n    return x\n\n\n", "temperature": 0}));
+    let (_, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "def f(x):\n    return x\n\n\n", "temperature": 0}),
+    );
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 16);
     let (_, v) = s.post(
         "/v1/completions",
@@ -46,9 +49,23 @@ fn fim_case() -> (String, String, String) {
     let g = golden();
     let case = &g["cases"][3];
     let prompt = case["prompt"].as_str().unwrap();
-    let prefix = prompt.strip_prefix("<|fim_prefix|>").unwrap().split("<|fim_suffix|>").next().unwrap();
-    let suffix = prompt.split("<|fim_suffix|>").nth(1).unwrap().strip_suffix("<|fim_middle|>").unwrap();
-    (prefix.into(), suffix.into(), case["greedy32_text"].as_str().unwrap().into())
+    let prefix = prompt
+        .strip_prefix("<|fim_prefix|>")
+        .unwrap()
+        .split("<|fim_suffix|>")
+        .next()
+        .unwrap();
+    let suffix = prompt
+        .split("<|fim_suffix|>")
+        .nth(1)
+        .unwrap()
+        .strip_suffix("<|fim_middle|>")
+        .unwrap();
+    (
+        prefix.into(),
+        suffix.into(),
+        case["greedy32_text"].as_str().unwrap().into(),
+    )
 }
 
 #[test]
@@ -72,7 +89,10 @@ fn fim_on_every_route_returns_the_golden_infill() {
     assert_eq!(v["stop"], true);
 
     // Empty prompt with a suffix is valid.
-    let (status, v) = s.post("/v1/completions", &json!({"prompt": "", "suffix": "\n    return x\n", "max_tokens": 4}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "", "suffix": "\n    return x\n", "max_tokens": 4}),
+    );
     assert_eq!(status, 200, "{v}");
 }
 
@@ -97,7 +117,9 @@ fn long_fim_files_are_truncated_not_refused() {
     let suffix = "y = compute_other(gamma)\n".repeat(200);
     let (status, headers, body) = s.post_raw(
         "/v1/completions",
-        json!({"prompt": prefix, "suffix": suffix, "max_tokens": 8, "temperature": 0, "token_healing": false}).to_string().as_bytes(),
+        json!({"prompt": prefix, "suffix": suffix, "max_tokens": 8, "temperature": 0, "token_healing": false})
+            .to_string()
+            .as_bytes(),
         &[],
     );
     assert_eq!(status, 200, "{body}");
@@ -116,9 +138,15 @@ fn long_fim_files_are_truncated_not_refused() {
 #[test]
 fn token_healing_completes_a_partial_identifier() {
     let s = Server::start(&[]);
-    let (_, v) = s.post("/v1/completions", &json!({"prompt": "def f(x):\n    retu", "max_tokens": 4, "temperature": 0}));
+    let (_, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "def f(x):\n    retu", "max_tokens": 4, "temperature": 0}),
+    );
     assert!(text_of(&v).starts_with("rn"), "{v}");
-    let (_, v) = s.post("/v1/completions", &json!({"prompt": "    retu", "max_tokens": 4, "temperature": 0}));
+    let (_, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "    retu", "max_tokens": 4, "temperature": 0}),
+    );
     assert!(text_of(&v).starts_with("rn"), "{v}");
     // Off: the model continues after "retu" as tokenized.
     let (_, v) = s.post(
@@ -153,7 +181,12 @@ fn stop_sequences_cut_across_token_boundaries() {
     let text: String = events
         .iter()
         .filter(|(_, d)| d != "[DONE]")
-        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"].as_str().unwrap_or("").to_owned())
+        .map(|(_, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
         .collect();
     assert_eq!(text, "#     return n[0]\n#     return ");
 }
@@ -167,13 +200,22 @@ fn seeds_reproduce_and_n_gives_distinct_choices() {
     assert_eq!(text_of(&a), text_of(&b));
     let texts: Vec<String> = (0..4)
         .map(|seed| {
-            let (_, v) = s.post("/v1/completions", &json!({"prompt": "import ", "max_tokens": 12, "temperature": 1.0, "seed": seed}));
+            let (_, v) = s.post(
+                "/v1/completions",
+                &json!({"prompt": "import ", "max_tokens": 12, "temperature": 1.0, "seed": seed}),
+            );
             text_of(&v).to_owned()
         })
         .collect();
-    assert!(texts.iter().any(|t| t != &texts[0]), "different seeds should differ: {texts:?}");
+    assert!(
+        texts.iter().any(|t| t != &texts[0]),
+        "different seeds should differ: {texts:?}"
+    );
 
-    let (_, v) = s.post("/v1/completions", &json!({"prompt": "import ", "max_tokens": 8, "n": 3, "seed": 5}));
+    let (_, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "import ", "max_tokens": 8, "n": 3, "seed": 5}),
+    );
     let choices = v["choices"].as_array().unwrap();
     assert_eq!(choices.len(), 3);
     for (i, c) in choices.iter().enumerate() {
@@ -181,10 +223,17 @@ fn seeds_reproduce_and_n_gives_distinct_choices() {
     }
     assert_eq!(v["usage"]["prompt_tokens"], 1, "the prompt counts once");
     // top_k 1 and min_p/top_p extremes are greedy.
-    let greedy = s.post("/v1/completions", &json!({"prompt": "import ", "max_tokens": 8, "temperature": 0})).1;
+    let greedy = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "import ", "max_tokens": 8, "temperature": 0}),
+        )
+        .1;
     for params in [json!({"top_k": 1}), json!({"top_p": 0.000001}), json!({"min_p": 1.0})] {
         let mut body = json!({"prompt": "import ", "max_tokens": 8, "temperature": 1.0, "seed": 9});
-        body.as_object_mut().unwrap().extend(params.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(params.as_object().unwrap().clone());
         let (_, v) = s.post("/v1/completions", &body);
         assert_eq!(text_of(&v), text_of(&greedy), "{params}");
     }
@@ -250,8 +299,16 @@ fn logprobs_and_echo_have_openai_shapes() {
     assert!(lp["token_logprobs"][1].as_f64().unwrap() < 0.0);
     // Prompt mean NLL from echo logprobs equals golden.json's.
     let nll: f64 = (1..10).map(|i| -lp["token_logprobs"][i].as_f64().unwrap()).sum::<f64>() / 9.0;
-    assert!((nll - golden()["cases"][0]["prompt_mean_nll"].as_f64().unwrap()).abs() < 1e-4, "{nll}");
-    let offsets: Vec<u64> = lp["text_offset"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+    assert!(
+        (nll - golden()["cases"][0]["prompt_mean_nll"].as_f64().unwrap()).abs() < 1e-4,
+        "{nll}"
+    );
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
     assert!(offsets.windows(2).all(|w| w[0] <= w[1]));
 }
 
@@ -287,7 +344,10 @@ fn streaming_chunks_reassemble_the_completion() {
     sbody["stream_options"] = json!({"include_usage": true});
     let events = s.stream("/v1/completions", &sbody);
     assert_eq!(events.last().unwrap().1, "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
     let id = chunks[0]["id"].as_str().unwrap();
     let mut text = String::new();
     for c in &chunks {
@@ -323,7 +383,10 @@ fn chat_completions_plain_and_streamed() {
     sbody["stream"] = json!(true);
     let events = s.stream("/v1/chat/completions", &sbody);
     assert_eq!(events.last().unwrap().1, "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let streamed: String = chunks
         .iter()
@@ -342,15 +405,33 @@ fn models_health_and_metrics() {
     assert_eq!(v["data"][0]["id"], "coder-small");
     assert_eq!(v["data"][0]["max_model_len"], 1024);
     assert_eq!(s.get("/health").0, 200);
-    let (status, v) = s.post("/v1/completions", &json!({"model": "coder-small", "prompt": "x = ", "max_tokens": 2}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": "coder-small", "prompt": "x = ", "max_tokens": 2}),
+    );
     assert_eq!(status, 200, "{v}");
-    let (status, v) = s.post("/v1/completions", &json!({"model": "tiny-coder", "prompt": "x", "max_tokens": 2}));
+    let (status, v) = s.post(
+        "/v1/completions",
+        &json!({"model": "tiny-coder", "prompt": "x", "max_tokens": 2}),
+    );
     assert_eq!(status, 404);
     assert_eq!(v["error"]["code"], "model_not_found");
     let (status, metrics) = s.get("/metrics");
     assert_eq!(status, 200);
-    assert!(metrics.contains("greencode_request_success_total{finished_reason=\"length\",model=\"coder-small\"} 1"), "{metrics}");
-    assert!(metrics.contains("greencode_generation_tokens_total{model=\"coder-small\"} 2"), "{metrics}");
-    assert!(metrics.contains("greencode_time_to_first_token_seconds_count{model=\"coder-small\"} 1"), "{metrics}");
-    assert!(metrics.contains("greencode_num_requests_running{model=\"coder-small\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("greencode_request_success_total{finished_reason=\"length\",model=\"coder-small\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("greencode_generation_tokens_total{model=\"coder-small\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("greencode_time_to_first_token_seconds_count{model=\"coder-small\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("greencode_num_requests_running{model=\"coder-small\"} 0"),
+        "{metrics}"
+    );
 }

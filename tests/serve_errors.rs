@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 fn assert_error(status: u16, body: &str, want_status: u16, needle: &str) -> Value {
     assert_eq!(status, want_status, "{body}");
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("not JSON: {body}"));
-    let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("no error.message: {body}"));
+    let msg = v["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error.message: {body}"));
     assert!(v["error"]["type"].is_string(), "{body}");
     assert!(v["error"].as_object().unwrap().contains_key("param"), "{body}");
     assert!(v["error"].as_object().unwrap().contains_key("code"), "{body}");
@@ -26,7 +28,11 @@ fn each_error_class_maps_to_its_status() {
     let v = assert_error(st, &b, 400, "max_tokens");
     assert_eq!(v["error"]["param"], "max_tokens");
     let long = "value = compute(alpha, beta)\n".repeat(400);
-    let (st, _, b) = s.post_raw("/v1/completions", json!({"prompt": long, "max_tokens": 16}).to_string().as_bytes(), &[]);
+    let (st, _, b) = s.post_raw(
+        "/v1/completions",
+        json!({"prompt": long, "max_tokens": 16}).to_string().as_bytes(),
+        &[],
+    );
     let v = assert_error(st, &b, 400, "maximum context length is 1024 tokens");
     assert_eq!(v["error"]["code"], "context_length_exceeded");
     assert!(v["error"]["message"].as_str().unwrap().contains("max_tokens is 16"));
@@ -87,8 +93,14 @@ fn a_full_queue_answers_429_with_retry_after() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let (_, metrics) = s.get("/metrics");
-    assert!(metrics.contains("greencode_request_success_total{finished_reason=\"cancelled\",model=\"tiny-coder\"} 1"), "{metrics}");
-    assert!(metrics.contains("greencode_requests_rejected_total{model=\"tiny-coder\",status=\"429\"}"), "{metrics}");
+    assert!(
+        metrics.contains("greencode_request_success_total{finished_reason=\"cancelled\",model=\"tiny-coder\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("greencode_requests_rejected_total{model=\"tiny-coder\",status=\"429\"}"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -114,13 +126,25 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
         ("prompt mixed list", br#"{"prompt": ["a", 1]}"#.to_vec()),
         ("prompt bad id", br#"{"prompt": [1, 99999999]}"#.to_vec()),
         ("prompt negative id", br#"{"prompt": [1, -5]}"#.to_vec()),
-        ("too many prompts", json!({"prompt": huge_prompt_list}).to_string().into_bytes()),
+        (
+            "too many prompts",
+            json!({"prompt": huge_prompt_list}).to_string().into_bytes(),
+        ),
         ("negative max_tokens", br#"{"prompt": "x", "max_tokens": -1}"#.to_vec()),
         ("zero max_tokens", br#"{"prompt": "x", "max_tokens": 0}"#.to_vec()),
         ("huge max_tokens", br#"{"prompt": "x", "max_tokens": 1e300}"#.to_vec()),
-        ("max_tokens overflow", br#"{"prompt": "x", "max_tokens": 99999999999999999999999}"#.to_vec()),
-        ("temperature string", br#"{"prompt": "x", "temperature": "hot"}"#.to_vec()),
-        ("temperature negative", br#"{"prompt": "x", "temperature": -1}"#.to_vec()),
+        (
+            "max_tokens overflow",
+            br#"{"prompt": "x", "max_tokens": 99999999999999999999999}"#.to_vec(),
+        ),
+        (
+            "temperature string",
+            br#"{"prompt": "x", "temperature": "hot"}"#.to_vec(),
+        ),
+        (
+            "temperature negative",
+            br#"{"prompt": "x", "temperature": -1}"#.to_vec(),
+        ),
         ("temperature huge", br#"{"prompt": "x", "temperature": 1e9}"#.to_vec()),
         ("top_p zero", br#"{"prompt": "x", "top_p": 0}"#.to_vec()),
         ("top_p over", br#"{"prompt": "x", "top_p": 1.5}"#.to_vec()),
@@ -132,20 +156,44 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
         ("logprobs bool", br#"{"prompt": "x", "logprobs": true}"#.to_vec()),
         ("echo string", br#"{"prompt": "x", "echo": "yes"}"#.to_vec()),
         ("stream number", br#"{"prompt": "x", "stream": 1}"#.to_vec()),
-        ("stop five", br#"{"prompt": "x", "stop": ["a","b","c","d","e"]}"#.to_vec()),
+        (
+            "stop five",
+            br#"{"prompt": "x", "stop": ["a","b","c","d","e"]}"#.to_vec(),
+        ),
         ("stop empty", br#"{"prompt": "x", "stop": [""]}"#.to_vec()),
         ("stop number", br#"{"prompt": "x", "stop": 3}"#.to_vec()),
         ("presence over", br#"{"prompt": "x", "presence_penalty": 3}"#.to_vec()),
-        ("frequency nan-ish", br#"{"prompt": "x", "frequency_penalty": -2.5}"#.to_vec()),
-        ("repetition zero", br#"{"prompt": "x", "repetition_penalty": 0}"#.to_vec()),
-        ("logit_bias key", br#"{"prompt": "x", "logit_bias": {"abc": 1}}"#.to_vec()),
-        ("logit_bias value", br#"{"prompt": "x", "logit_bias": {"5": 1000}}"#.to_vec()),
+        (
+            "frequency nan-ish",
+            br#"{"prompt": "x", "frequency_penalty": -2.5}"#.to_vec(),
+        ),
+        (
+            "repetition zero",
+            br#"{"prompt": "x", "repetition_penalty": 0}"#.to_vec(),
+        ),
+        (
+            "logit_bias key",
+            br#"{"prompt": "x", "logit_bias": {"abc": 1}}"#.to_vec(),
+        ),
+        (
+            "logit_bias value",
+            br#"{"prompt": "x", "logit_bias": {"5": 1000}}"#.to_vec(),
+        ),
         ("seed string", br#"{"prompt": "x", "seed": "s"}"#.to_vec()),
         ("suffix number", br#"{"prompt": "x", "suffix": 5}"#.to_vec()),
-        ("echo with suffix", br#"{"prompt": "x", "suffix": "y", "echo": true}"#.to_vec()),
+        (
+            "echo with suffix",
+            br#"{"prompt": "x", "suffix": "y", "echo": true}"#.to_vec(),
+        ),
         ("best_of 3", br#"{"prompt": "x", "best_of": 3}"#.to_vec()),
-        ("stream_options without stream", br#"{"prompt": "x", "stream_options": {"include_usage": true}}"#.to_vec()),
-        ("stream_options unknown", br#"{"prompt": "x", "stream": true, "stream_options": {"x": 1}}"#.to_vec()),
+        (
+            "stream_options without stream",
+            br#"{"prompt": "x", "stream_options": {"include_usage": true}}"#.to_vec(),
+        ),
+        (
+            "stream_options unknown",
+            br#"{"prompt": "x", "stream": true, "stream_options": {"x": 1}}"#.to_vec(),
+        ),
         ("model wrong", br#"{"prompt": "x", "model": "other"}"#.to_vec()),
         ("user number", br#"{"prompt": "x", "user": 5}"#.to_vec()),
     ];
@@ -169,13 +217,23 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
     // Chat and infill get the same treatment.
     for (path, body) in [
         ("/v1/chat/completions", &br#"{"messages": "hi"}"#[..]),
-        ("/v1/chat/completions", br#"{"messages": [{"role": "user"}], "frobnicate": 1}"#),
-        ("/v1/chat/completions", br#"{"messages": [{"role": 5, "content": "x"}]}"#),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": "user"}], "frobnicate": 1}"#,
+        ),
+        (
+            "/v1/chat/completions",
+            br#"{"messages": [{"role": 5, "content": "x"}]}"#,
+        ),
         ("/infill", br#"{"input_prefix": 5}"#),
         ("/infill", br#"{"input_prefix": "x", "n_predict": -5}"#),
     ] {
         let (st, _, b) = s.post_raw(path, body, &[]);
-        assert!((400..500).contains(&st), "{path} {}: {st} {b}", String::from_utf8_lossy(body));
+        assert!(
+            (400..500).contains(&st),
+            "{path} {}: {st} {b}",
+            String::from_utf8_lossy(body)
+        );
     }
     // Still alive and still right.
     let g = common::golden();
@@ -200,7 +258,11 @@ fn sigterm_finishes_in_flight_requests_and_exits_zero() {
     });
     std::thread::sleep(std::time::Duration::from_millis(300));
     let pid = s.child().id();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
     let (status, body) = inflight.join().unwrap();
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();

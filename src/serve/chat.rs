@@ -145,9 +145,14 @@ pub fn parse_messages(v: Option<Value>) -> Result<Vec<Message>, ApiError> {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(parts)) => parts
                     .iter()
-                    .map(|p| match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
-                        (Some("text"), Some(t)) => Ok(t.to_owned()),
-                        _ => Err(bad(i, "only text content parts are supported")),
+                    .map(|p| {
+                        match (
+                            p.get("type").and_then(Value::as_str),
+                            p.get("text").and_then(Value::as_str),
+                        ) {
+                            (Some("text"), Some(t)) => Ok(t.to_owned()),
+                            _ => Err(bad(i, "only text content parts are supported")),
+                        }
                     })
                     .collect::<Result<Vec<_>, _>>()?
                     .join(""),
@@ -155,7 +160,11 @@ pub fn parse_messages(v: Option<Value>) -> Result<Vec<Message>, ApiError> {
                 Some(_) => return Err(bad(i, "`content` must be a string or a list of text parts")),
             };
             Ok(Message {
-                role: if role == "developer" { "system".into() } else { role.to_owned() },
+                role: if role == "developer" {
+                    "system".into()
+                } else {
+                    role.to_owned()
+                },
                 content,
             })
         })

@@ -144,7 +144,10 @@ pub fn spawn(
 fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
     let label = [metrics.model()];
     if job.events.is_closed() {
-        metrics.requests.with_label_values(&[metrics.model(), "cancelled"]).inc();
+        metrics
+            .requests
+            .with_label_values(&[metrics.model(), "cancelled"])
+            .inc();
         return;
     }
     let req = &job.req;
@@ -166,7 +169,10 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
     let result = generate(model, &gen, |id, raw| {
         let now = Instant::now();
         match last_token_at {
-            None => metrics.ttft.with_label_values(&label).observe((now - start).as_secs_f64()),
+            None => metrics
+                .ttft
+                .with_label_values(&label)
+                .observe((now - start).as_secs_f64()),
             Some(t) => metrics.itl.with_label_values(&label).observe((now - t).as_secs_f64()),
         }
         last_token_at = Some(now);
@@ -198,7 +204,10 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
         Flow::Continue
     });
     metrics.running.with_label_values(&label).dec();
-    metrics.e2e.with_label_values(&label).observe(start.elapsed().as_secs_f64());
+    metrics
+        .e2e
+        .with_label_values(&label)
+        .observe(start.elapsed().as_secs_f64());
     let out = match result {
         Ok(out) => out,
         Err(e) => {
@@ -208,10 +217,19 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
             return;
         }
     };
-    metrics.prompt_tokens.with_label_values(&label).inc_by(out.prompt_tokens as u64);
-    metrics.generation_tokens.with_label_values(&label).inc_by(out.token_ids.len() as u64);
+    metrics
+        .prompt_tokens
+        .with_label_values(&label)
+        .inc_by(out.prompt_tokens as u64);
+    metrics
+        .generation_tokens
+        .with_label_values(&label)
+        .inc_by(out.token_ids.len() as u64);
     if cancelled {
-        metrics.requests.with_label_values(&[metrics.model(), "cancelled"]).inc();
+        metrics
+            .requests
+            .with_label_values(&[metrics.model(), "cancelled"])
+            .inc();
         return;
     }
     if !stopped_by_string {

@@ -104,7 +104,11 @@ impl ApiError {
                 Some((*param).to_owned()),
                 Some("context_length_exceeded"),
             ),
-            Self::NoFim => ("invalid_request_error", Some("suffix".into()), Some("fim_not_supported")),
+            Self::NoFim => (
+                "invalid_request_error",
+                Some("suffix".into()),
+                Some("fim_not_supported"),
+            ),
             Self::PayloadTooLarge { .. } => ("invalid_request_error", None, Some("payload_too_large")),
             Self::QueueFull { .. } => ("server_overloaded", None, Some("queue_full")),
             Self::Unauthorized => ("authentication_error", None, Some("invalid_api_key")),

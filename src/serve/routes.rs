@@ -159,11 +159,21 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
     let logprobs = match validate::take_int(&mut map, "logprobs")? {
         None => None,
         Some(k @ 0..=5) => Some(k as usize),
-        Some(k) => return Err(ApiError::param("logprobs", format!("`logprobs` must be between 0 and 5, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::param(
+                "logprobs",
+                format!("`logprobs` must be between 0 and 5, got {k}"),
+            ))
+        }
     };
     match validate::take_int(&mut map, "best_of")? {
         None | Some(1) => {}
-        Some(b) => return Err(ApiError::param("best_of", format!("`best_of` > 1 is not supported, got {b}"))),
+        Some(b) => {
+            return Err(ApiError::param(
+                "best_of",
+                format!("`best_of` > 1 is not supported, got {b}"),
+            ))
+        }
     }
     let common = validate::common_params(map)?;
     let settings = validate::settings(&common, &state.info, 16)?;
@@ -181,7 +191,11 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
     if prompts.len() * settings.n > validate::MAX_N {
         return Err(ApiError::param(
             "n",
-            format!("prompts × n must be at most {}, got {}", validate::MAX_N, prompts.len() * settings.n),
+            format!(
+                "prompts × n must be at most {}, got {}",
+                validate::MAX_N,
+                prompts.len() * settings.n
+            ),
         ));
     }
     Ok(CompletionPlan {
@@ -235,9 +249,8 @@ fn logprobs_object(
     generated: &[TokenLogprob],
     start_offset: usize,
 ) -> CompletionLogprobs {
-    let text_of = |id: u32| {
-        String::from_utf8_lossy(state.info.token_bytes.get(id as usize).map_or(&[][..], |b| b)).into_owned()
-    };
+    let text_of =
+        |id: u32| String::from_utf8_lossy(state.info.token_bytes.get(id as usize).map_or(&[][..], |b| b)).into_owned();
     let top = |lp: &TokenLogprob| -> HashMap<String, f32> { lp.top.iter().map(|&(id, l)| (text_of(id), l)).collect() };
     let mut out = CompletionLogprobs::default();
     let mut offset = start_offset;
@@ -290,7 +303,9 @@ async fn collect_completion(
         }
         usage.completion_tokens += done.completion_tokens;
         let logprobs = plan.logprobs.map(|_| {
-            let echo = plan.echo.then_some((prompt.ids.as_slice(), done.prompt_logprobs.as_slice()));
+            let echo = plan
+                .echo
+                .then_some((prompt.ids.as_slice(), done.prompt_logprobs.as_slice()));
             logprobs_object(state, echo, &lps, 0)
         });
         choices.push(CompletionChoice {
@@ -335,33 +350,42 @@ where
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
-fn stream_completion(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
+fn stream_completion(
+    state: AppState,
+    plan: CompletionPlan,
+    receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+) -> SseStream {
     let id = new_id("cmpl");
     let created = now_secs();
     sse_task(move |tx| {
         Box::pin(async move {
-            let chunk = |index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>| {
-                CompletionResponse {
-                    id: id.clone(),
-                    object: "text_completion",
-                    created,
-                    model: state.info.name.clone(),
-                    choices: vec![CompletionChoice {
-                        text,
-                        index,
-                        logprobs,
-                        finish_reason: finish,
-                    }],
-                    usage: None,
-                }
-            };
+            let chunk =
+                |index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>| {
+                    CompletionResponse {
+                        id: id.clone(),
+                        object: "text_completion",
+                        created,
+                        model: state.info.name.clone(),
+                        choices: vec![CompletionChoice {
+                            text,
+                            index,
+                            logprobs,
+                            finish_reason: finish,
+                        }],
+                        usage: None,
+                    }
+                };
             let mut usage = Usage::default();
             for (index, mut rx) in receivers.into_iter().enumerate() {
                 let prompt = plan.prompt_of(index);
                 let mut offset = 0;
                 if plan.echo {
                     offset = prompt.text.chars().count();
-                    if tx.send(Ok(sse_json(&chunk(index, prompt.text.clone(), None, None)))).await.is_err() {
+                    if tx
+                        .send(Ok(sse_json(&chunk(index, prompt.text.clone(), None, None))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -413,7 +437,10 @@ async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<By
         let mut map = validate::parse_object(&body)?;
         let messages = parse_messages(validate::take(&mut map, "messages"))?;
         if validate::take_bool(&mut map, "logprobs")?.unwrap_or(false) {
-            return Err(ApiError::param("logprobs", "chat `logprobs` are not supported; use /v1/completions"));
+            return Err(ApiError::param(
+                "logprobs",
+                "chat `logprobs` are not supported; use /v1/completions",
+            ));
         }
         validate::take_int(&mut map, "top_logprobs")?;
         let common = validate::common_params(map)?;
@@ -424,19 +451,19 @@ async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<By
         settings.stop.extend(state.chat.stop_strings());
         let prompt = validate::plain_prompt(&PromptInput::Text(prompt_text), &state.info, settings.max_tokens, false)
             .map_err(|e| match e {
-                ApiError::ContextLength {
-                    prompt,
-                    max_tokens,
-                    context,
-                    ..
-                } => ApiError::ContextLength {
-                    prompt,
-                    max_tokens,
-                    context,
-                    param: "messages",
-                },
-                other => other,
-            })?;
+            ApiError::ContextLength {
+                prompt,
+                max_tokens,
+                context,
+                ..
+            } => ApiError::ContextLength {
+                prompt,
+                max_tokens,
+                context,
+                param: "messages",
+            },
+            other => other,
+        })?;
         let plan = CompletionPlan {
             prompts: vec![prompt],
             settings,
@@ -562,7 +589,12 @@ async fn infill(State(state): State<AppState>, headers: HeaderMap, body: Result<
         let n_predict = match req.n_predict {
             None | Some(-1) => 256.min(state.info.context_len as i64 / 2),
             Some(n) if n >= 1 => n,
-            Some(n) => return Err(ApiError::param("n_predict", format!("`n_predict` must be -1 or ≥ 1, got {n}"))),
+            Some(n) => {
+                return Err(ApiError::param(
+                    "n_predict",
+                    format!("`n_predict` must be -1 or ≥ 1, got {n}"),
+                ))
+            }
         };
         let common = CommonParams {
             max_tokens: Some(n_predict),
@@ -577,7 +609,11 @@ async fn infill(State(state): State<AppState>, headers: HeaderMap, body: Result<
             ..CommonParams::default()
         };
         let settings = validate::settings(&common, &state.info, 256)?;
-        let extra: Vec<(String, String)> = req.input_extra.iter().map(|e| (e.filename.clone(), e.text.clone())).collect();
+        let extra: Vec<(String, String)> = req
+            .input_extra
+            .iter()
+            .map(|e| (e.filename.clone(), e.text.clone()))
+            .collect();
         let prefix = PromptInput::Text(format!("{}{}", req.input_prefix, req.prompt));
         let prompt = validate::fim_prompt(
             &prefix,
@@ -614,7 +650,11 @@ async fn infill(State(state): State<AppState>, headers: HeaderMap, body: Result<
                     model: r.model,
                     tokens_predicted: usage.completion_tokens,
                     tokens_evaluated: usage.prompt_tokens,
-                    stop_type: Some(if choice.finish_reason == Some("length") { "limit" } else { "eos" }),
+                    stop_type: Some(if choice.finish_reason == Some("length") {
+                        "limit"
+                    } else {
+                        "eos"
+                    }),
                 })
                 .into_response()
             }
@@ -627,7 +667,9 @@ async fn infill(State(state): State<AppState>, headers: HeaderMap, body: Result<
 fn stream_infill(state: AppState, _plan: CompletionPlan, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
     sse_task(move |tx| {
         Box::pin(async move {
-            let Some(mut rx) = receivers.into_iter().next() else { return };
+            let Some(mut rx) = receivers.into_iter().next() else {
+                return;
+            };
             let mut predicted = 0;
             while let Some(ev) = rx.recv().await {
                 let event = match ev {
@@ -648,7 +690,11 @@ fn stream_infill(state: AppState, _plan: CompletionPlan, receivers: Vec<mpsc::Un
                         model: state.info.name.clone(),
                         tokens_predicted: d.completion_tokens,
                         tokens_evaluated: d.prompt_tokens,
-                        stop_type: Some(if d.finish_reason.as_str() == "length" { "limit" } else { "eos" }),
+                        stop_type: Some(if d.finish_reason.as_str() == "length" {
+                            "limit"
+                        } else {
+                            "eos"
+                        }),
                     },
                     Event::Error(e) => {
                         let _ = tx.send(Ok(sse_error(&e))).await;

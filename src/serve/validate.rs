@@ -139,7 +139,10 @@ pub fn take_bool(map: &mut Map<String, Value>, key: &str) -> Result<Option<bool>
     match take(map, key) {
         None => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(v) => Err(ApiError::param(key, format!("`{key}` must be a boolean, got {}", json_kind(&v)))),
+        Some(v) => Err(ApiError::param(
+            key,
+            format!("`{key}` must be a boolean, got {}", json_kind(&v)),
+        )),
     }
 }
 
@@ -148,7 +151,10 @@ pub fn take_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<Str
     match take(map, key) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(ApiError::param(key, format!("`{key}` must be a string, got {}", json_kind(&v)))),
+        Some(v) => Err(ApiError::param(
+            key,
+            format!("`{key}` must be a string, got {}", json_kind(&v)),
+        )),
     }
 }
 
@@ -185,7 +191,10 @@ fn range(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f64, Ap
         Ok(v)
     } else {
         let open = if lo_open { "(" } else { "[" };
-        Err(ApiError::param(param, format!("`{param}` must be in {open}{lo}, {hi}], got {v}")))
+        Err(ApiError::param(
+            param,
+            format!("`{param}` must be in {open}{lo}, {hi}], got {v}"),
+        ))
     }
 }
 
@@ -212,11 +221,17 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
     }
     let n = p.n.unwrap_or(1);
     if !(1..=MAX_N as i64).contains(&n) {
-        return Err(ApiError::param("n", format!("`n` must be between 1 and {MAX_N}, got {n}")));
+        return Err(ApiError::param(
+            "n",
+            format!("`n` must be between 1 and {MAX_N}, got {n}"),
+        ));
     }
     let top_k = p.top_k.unwrap_or(0);
     if top_k < -1 {
-        return Err(ApiError::param("top_k", format!("`top_k` must be -1, 0 or positive, got {top_k}")));
+        return Err(ApiError::param(
+            "top_k",
+            format!("`top_k` must be -1, 0 or positive, got {top_k}"),
+        ));
     }
     let mut logit_bias = HashMap::new();
     for (k, &v) in p.logit_bias.iter().flatten() {
@@ -224,7 +239,12 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
             .parse()
             .ok()
             .filter(|&id: &u32| (id as usize) < info.vocab_size)
-            .ok_or_else(|| ApiError::param("logit_bias", format!("`logit_bias` key {k:?} is not a token id of this model")))?;
+            .ok_or_else(|| {
+                ApiError::param(
+                    "logit_bias",
+                    format!("`logit_bias` key {k:?} is not a token id of this model"),
+                )
+            })?;
         logit_bias.insert(id, range("logit_bias", v, -100.0, 100.0, false)? as f32);
     }
     let sampling = SamplingParams {
@@ -232,16 +252,31 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
         top_p: range("top_p", p.top_p.unwrap_or(1.0), 0.0, 1.0, true)? as f32,
         top_k: top_k.max(0) as usize,
         min_p: range("min_p", p.min_p.unwrap_or(0.0), 0.0, 1.0, false)? as f32,
-        repetition_penalty: range("repetition_penalty", p.repetition_penalty.unwrap_or(1.0), 0.0, 2.0, true)? as f32,
+        repetition_penalty: range(
+            "repetition_penalty",
+            p.repetition_penalty.unwrap_or(1.0),
+            0.0,
+            2.0,
+            true,
+        )? as f32,
         presence_penalty: range("presence_penalty", p.presence_penalty.unwrap_or(0.0), -2.0, 2.0, false)? as f32,
-        frequency_penalty: range("frequency_penalty", p.frequency_penalty.unwrap_or(0.0), -2.0, 2.0, false)? as f32,
+        frequency_penalty: range(
+            "frequency_penalty",
+            p.frequency_penalty.unwrap_or(0.0),
+            -2.0,
+            2.0,
+            false,
+        )? as f32,
         logit_bias,
         seed: p.seed.map(|s| s as u64),
     };
     let stream = p.stream.unwrap_or(false);
     let include_usage = p.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);
     if p.stream_options.is_some() && !stream {
-        return Err(ApiError::param("stream_options", "`stream_options` is only allowed with `stream: true`"));
+        return Err(ApiError::param(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
     }
     Ok(Settings {
         max_tokens: max_tokens.1 as usize,
@@ -267,7 +302,10 @@ pub fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
         Some(_) => return Err(ApiError::param("stop", "`stop` must be a string or a list of strings")),
     };
     if list.len() > MAX_STOP {
-        return Err(ApiError::param("stop", format!("`stop` takes at most {MAX_STOP} strings, got {}", list.len())));
+        return Err(ApiError::param(
+            "stop",
+            format!("`stop` takes at most {MAX_STOP} strings, got {}", list.len()),
+        ));
     }
     if list.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "`stop` strings must not be empty"));
@@ -335,13 +373,18 @@ pub fn prompts(v: Option<Value>, info: &ModelInfo, has_suffix: bool) -> Result<V
         Some(_) => return Err(bad()),
     };
     if list.len() > MAX_N {
-        return Err(ApiError::param("prompt", format!("at most {MAX_N} prompts per request, got {}", list.len())));
+        return Err(ApiError::param(
+            "prompt",
+            format!("at most {MAX_N} prompts per request, got {}", list.len()),
+        ));
     }
     Ok(list)
 }
 
 fn encode(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
-    info.tokenizer.encode(text).map_err(|e| ApiError::param("prompt", e.to_string()))
+    info.tokenizer
+        .encode(text)
+        .map_err(|e| ApiError::param("prompt", e.to_string()))
 }
 
 /// Most prompt tokens token healing backs off.
@@ -417,7 +460,10 @@ pub fn plain_prompt(
         ),
     };
     if ids.is_empty() {
-        return Err(ApiError::param("prompt", "`prompt` is empty (an empty prompt needs a `suffix`)"));
+        return Err(ApiError::param(
+            "prompt",
+            "`prompt` is empty (an empty prompt needs a `suffix`)",
+        ));
     }
     if ids.len() + max_tokens > info.context_len {
         return Err(ApiError::ContextLength {
@@ -451,7 +497,11 @@ pub fn fim_prompt(
     let fim = info.tokenizer.fim().ok_or(ApiError::NoFim)?.clone();
     let (mut p, text, textual) = match prefix {
         PromptInput::Text(t) => (encode(info, t)?, t.clone(), true),
-        PromptInput::Ids(ids) => (ids.clone(), info.tokenizer.decode(ids, false).unwrap_or_default(), false),
+        PromptInput::Ids(ids) => (
+            ids.clone(),
+            info.tokenizer.decode(ids, false).unwrap_or_default(),
+            false,
+        ),
     };
     let mut s = encode(info, suffix)?;
     let file_sep = info.tokenizer.token_id("<|file_sep|>");
@@ -520,7 +570,7 @@ mod tests {
         let mut ids = info.tokenizer.encode("    retu").unwrap();
         let before = ids.clone();
         let h = heal(&mut ids, &info).unwrap();
-                // "   ", " ret", "u": the last two are backed off.
+        // "   ", " ret", "u": the last two are backed off.
         assert_eq!(before.len(), 3);
         assert_eq!(ids, before[..1]);
         assert_eq!(h.prefix_len, " retu".len());
@@ -546,7 +596,10 @@ mod tests {
         let p_end = built.ids.iter().position(|&i| i == fim.suffix).unwrap();
         let kept_prefix = info.tokenizer.decode(&built.ids[1..p_end], false).unwrap();
         assert!(("a = 1\n".repeat(40)).ends_with(&kept_prefix));
-        let kept_suffix = info.tokenizer.decode(&built.ids[p_end + 1..built.ids.len() - 1], false).unwrap();
+        let kept_suffix = info
+            .tokenizer
+            .decode(&built.ids[p_end + 1..built.ids.len() - 1], false)
+            .unwrap();
         assert!(("b = 2\n".repeat(40)).starts_with(&kept_suffix));
     }
 
@@ -554,6 +607,16 @@ mod tests {
     fn plain_prompt_over_context_is_refused_with_numbers() {
         let info = info();
         let e = plain_prompt(&PromptInput::Text("x = 1\n".repeat(30)), &info, 16, false).unwrap_err();
-        assert!(matches!(e, ApiError::ContextLength { context: 64, max_tokens: 16, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ApiError::ContextLength {
+                    context: 64,
+                    max_tokens: 16,
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

@@ -73,12 +73,20 @@ impl Server {
         use std::io::BufRead;
         let model = tiny_coder();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_greencode"));
-        cmd.args(["--threads", "1", "serve", "--model", model.to_str().unwrap(), "--port", "0"])
-            .args(extra)
-            .env_remove("GREENCODE_MODEL")
-            .env_remove("GREENCODE_API_KEY")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        cmd.args([
+            "--threads",
+            "1",
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--port",
+            "0",
+        ])
+        .args(extra)
+        .env_remove("GREENCODE_MODEL")
+        .env_remove("GREENCODE_API_KEY")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -135,14 +143,21 @@ impl Server {
 
     /// POST raw bytes → (status, headers, body).
     pub fn post_raw(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, ureq::http::HeaderMap, String) {
-        let mut req = agent().post(format!("{}{path}", self.base)).header("content-type", "application/json");
+        let mut req = agent()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json");
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
         let r = req.send(body).expect("request completes");
         let status = r.status().as_u16();
         let headers = r.headers().clone();
-        let body = r.into_body().with_config().limit(100 << 20).read_to_string().unwrap_or_default();
+        let body = r
+            .into_body()
+            .with_config()
+            .limit(100 << 20)
+            .read_to_string()
+            .unwrap_or_default();
         (status, headers, body)
     }
 

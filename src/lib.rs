@@ -13,6 +13,8 @@ pub mod locate;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod progress;
+pub mod prune;
 pub mod sampling;
 pub mod serve;
 pub mod threads;

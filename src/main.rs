@@ -33,11 +33,77 @@ enum Command {
     /// Evaluate a model on held-out code.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Prune a model (vocabulary, layers, FFN neurons) into a new Hugging Face folder.
+    Prune(PruneArgs),
     /// Serve an OpenAI-compatible completion API (with fill-in-the-middle for IDEs).
     Serve(ServeArgs),
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayerMetricArg {
+    Kl,
+    Bi,
+    Angular,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FfnScoreArg {
+    Top,
+    Bottom,
+    Middle,
+    Random,
+    Act,
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Output folder (written under a temporary name, renamed when complete).
+    #[arg(long)]
+    out: PathBuf,
+    /// Calibration data: a folder of source files, a glob, a JSONL file (`text`, or
+    /// `prompt` + `completion`), or `stdlib` (default: python3's standard library
+    /// files after the 40 held-out evaluation files).
+    #[arg(long)]
+    calib: Option<String>,
+    /// Remove at least this fraction of parameters, choosing layers and FFN width by
+    /// KL on a validation slice of the calibration data.
+    #[arg(long, conflicts_with_all = ["drop_layers", "ffn_keep"])]
+    target: Option<f64>,
+    /// Layers to remove.
+    #[arg(long, default_value_t = 0)]
+    drop_layers: usize,
+    /// FFN neurons to keep per layer (default: all).
+    #[arg(long)]
+    ffn_keep: Option<usize>,
+    /// Keep tokens used at least this often in the calibration corpus (0: keep the whole vocabulary).
+    #[arg(long, default_value_t = 1)]
+    vocab_min_count: usize,
+    /// How layers are chosen.
+    #[arg(long, value_enum, default_value_t = LayerMetricArg::Kl)]
+    layer_metric: LayerMetricArg,
+    /// How FFN neurons are chosen.
+    #[arg(long, value_enum, default_value_t = FfnScoreArg::Act)]
+    ffn_score: FfnScoreArg,
+    /// Calibration windows.
+    #[arg(long, default_value_t = 32)]
+    calib_samples: usize,
+    /// Tokens per calibration window.
+    #[arg(long, default_value_t = 512)]
+    calib_len: usize,
+    /// Seed for `--ffn-score random`.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Replace the output folder if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Held-out stdlib files evaluated before and after (0: skip).
+    #[arg(long, default_value_t = corpus::EVAL_FILES)]
+    eval_files: usize,
 }
 
 #[derive(Args)]
@@ -165,6 +231,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Eval(EvalCommand::Ppl(a)) => run_ppl(a),
+        Command::Prune(a) => run_prune(a),
         Command::Serve(a) => run_serve(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
     };
@@ -194,6 +261,49 @@ fn model_dir(arg: &ModelArg) -> Result<PathBuf> {
 
 fn open_model(arg: &ModelArg) -> Result<Pipeline> {
     Ok(Pipeline::load_cpu(&model_dir(arg)?)?)
+}
+
+fn run_prune(a: PruneArgs) -> Result<()> {
+    use greencode::prune::{ffn::FfnScore, layers::LayerMetric, run, PruneConfig};
+    if a.calib_samples == 0 || a.calib_len < 2 {
+        bail!("--calib-samples must be ≥ 1 and --calib-len ≥ 2");
+    }
+    let cfg = PruneConfig {
+        model_dir: model_dir(&a.model)?,
+        out_dir: a.out,
+        calib: a.calib,
+        target: a.target,
+        drop_layers: a.drop_layers,
+        ffn_keep: a.ffn_keep,
+        vocab_min_count: a.vocab_min_count,
+        layer_metric: match a.layer_metric {
+            LayerMetricArg::Kl => LayerMetric::Kl,
+            LayerMetricArg::Bi => LayerMetric::Bi,
+            LayerMetricArg::Angular => LayerMetric::Angular,
+        },
+        ffn_score: match a.ffn_score {
+            FfnScoreArg::Top => FfnScore::Top,
+            FfnScoreArg::Bottom => FfnScore::Bottom,
+            FfnScoreArg::Middle => FfnScore::Middle,
+            FfnScoreArg::Random => FfnScore::Random,
+            FfnScoreArg::Act => FfnScore::Act,
+        },
+        calib_samples: a.calib_samples,
+        calib_len: a.calib_len,
+        seed: a.seed,
+        force: a.force,
+        eval_files: a.eval_files,
+        width_multiple: 256,
+    };
+    let report = run(&cfg)?;
+    println!(
+        "wrote {}: {} → {} parameters ({:.1}% removed)",
+        cfg.out_dir.display(),
+        report.params_before.total,
+        report.params_after.total,
+        report.removed_fraction * 100.0
+    );
+    Ok(())
 }
 
 fn run_serve(a: ServeArgs) -> Result<()> {

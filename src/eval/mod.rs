@@ -2,4 +2,5 @@
 //! perplexity / bits per byte.
 
 pub mod corpus;
+pub mod kl;
 pub mod perplexity;

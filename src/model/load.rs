@@ -49,6 +49,16 @@ impl WeightStore {
         })
     }
 
+    /// A store over tensors already in memory (a model built by pruning).
+    pub fn from_tensors(folder: &Path, dtype: DType, tensors: HashMap<String, Tensor>) -> Self {
+        let path = folder.join("<memory>");
+        Self {
+            folder: folder.to_path_buf(),
+            dtype,
+            tensors: tensors.into_iter().map(|(k, t)| (k, (t, path.clone()))).collect(),
+        }
+    }
+
     /// Whether a tensor of that name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)

@@ -162,15 +162,39 @@ impl Attention {
     }
 }
 
+/// Query rows per block of blocked causal attention.
+const QUERY_BLOCK: usize = 128;
+
 /// Causal attention of queries at positions `offset..offset + t` over keys at
 /// `0..offset + t`. Query heads are grouped onto their key/value head by a
-/// reshape (`[b, kv, group·t, d]`), never by repeating keys.
+/// reshape (`[b, kv, group·t, d]`), never by repeating keys. Long prompts run
+/// in blocks of [`QUERY_BLOCK`] query rows, each against only the keys it may
+/// see, so the masked upper triangle is never computed.
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    if t <= QUERY_BLOCK {
+        return attend_block(q, k, v, offset, nkv);
+    }
+    let v = v.contiguous()?;
+    let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
+    let mut i0 = 0;
+    while i0 < t {
+        let bs = QUERY_BLOCK.min(t - i0);
+        let visible = offset + i0 + bs;
+        let qb = q.narrow(2, i0, bs)?;
+        outs.push(attend_block(&qb, &k.narrow(2, 0, visible)?, &v.narrow(2, 0, visible)?, offset + i0, nkv)?);
+        i0 += bs;
+    }
+    Ok(Tensor::cat(&outs, 2)?)
+}
+
+/// [`attend`] for one block of queries (all keys given are visible up to the causal limit).
+fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let l = k.dim(2)?;
     let group = nh / nkv;
     let scale = 1.0 / (hd as f64).sqrt();
-    let q = (q.reshape((b, nkv, group * t, hd))? * scale)?;
+    let q = (q.contiguous()?.reshape((b, nkv, group * t, hd))? * scale)?;
     let scores = q.matmul(&k.t()?)?; // [b, nkv, group·t, l]
     let scores = if t > 1 {
         let mask: Vec<f32> = (0..t)
@@ -202,9 +226,14 @@ pub struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down_proj.forward(&self.activations(x)?).map_err(Into::into)
+    }
+
+    /// The intermediate activations `silu(gate(x)) · up(x)`, `[.., width]`.
+    pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?.silu()?;
         let up = self.up_proj.forward(x)?;
-        Ok(self.down_proj.forward(&(gate * up)?)?)
+        Ok((gate * up)?)
     }
 
     /// Intermediate width of this layer.
@@ -434,6 +463,41 @@ impl Qwen2 {
     /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.
     pub fn layer_forward(&self, i: usize, hidden: &Tensor) -> Result<Tensor> {
         self.layers[i].forward(hidden, &self.rope, 0, None)
+    }
+
+    /// The attention half of layer `i` on `[b, t, hidden]` (positions from 0):
+    /// the residual stream after attention, and the normed MLP input.
+    pub fn layer_attention(&self, i: usize, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
+        let l = &self.layers[i];
+        let h = l.self_attn.forward(&l.input_layernorm.forward(hidden)?, &self.rope, 0, None)?;
+        let mid = (hidden + h)?;
+        let x = l.post_attention_layernorm.forward(&mid)?;
+        Ok((mid, x))
+    }
+
+    /// Every weight under its checkpoint name (`lm_head.weight` only when untied).
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), self.embed_tokens.clone())];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+                out.push((format!("{p}.self_attn.{name}.weight"), lin.weight().clone()));
+                if let Some(b) = lin.bias() {
+                    out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
+                }
+            }
+            for (name, lin) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
+                out.push((format!("{p}.mlp.{name}.weight"), lin.weight().clone()));
+            }
+            out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.weight().clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight().clone()));
+        }
+        out.push(("model.norm.weight".to_owned(), self.norm.weight().clone()));
+        if !self.config.tie_word_embeddings {
+            out.push(("lm_head.weight".to_owned(), self.lm_head.clone()));
+        }
+        out
     }
 
     /// Final norm and `lm_head`: `[b, t, hidden]` → `[b, t, vocab]`.

@@ -1,0 +1,74 @@
+//! KL(reference ‖ model) on held-out files, for two models whose
+//! vocabularies may differ: the text is tokenized by the model's tokenizer,
+//! its ids are mapped to the reference's ids (a vocabulary-pruned model's
+//! kept ids), and the reference's distribution is renormalised over the ids
+//! the model has.
+
+use std::path::PathBuf;
+
+use candle_core::{Tensor, D};
+use serde::Serialize;
+
+use super::corpus;
+use super::perplexity::EvalError;
+use crate::model::Qwen2;
+use crate::tokenizer::CodeTokenizer;
+
+/// The result of a KL run.
+#[derive(Debug, Clone, Serialize)]
+pub struct KlReport {
+    /// Mean KL per position (nats).
+    pub kl: f64,
+    /// Fraction of positions where both models' most likely token agree.
+    pub top1_agreement: f64,
+    /// Positions compared.
+    pub tokens: usize,
+}
+
+/// Compares `model` (with `tok`) against `reference` on the first `window`
+/// tokens of each file. `to_reference[i]` is the reference id of model id `i`
+/// (`None`: identical vocabularies).
+pub fn kl_on_files(
+    reference: &Qwen2,
+    model: &Qwen2,
+    tok: &CodeTokenizer,
+    to_reference: Option<&[u32]>,
+    files: &[PathBuf],
+    window: usize,
+) -> Result<KlReport, EvalError> {
+    let index = to_reference
+        .map(|ids| Tensor::new(ids, reference.device()))
+        .transpose()?;
+    let (mut kl, mut agree, mut n) = (0.0f64, 0usize, 0usize);
+    for path in files {
+        let mut ids = tok.encode(&corpus::read_text(path)?)?;
+        ids.truncate(window.min(model.context_len()));
+        if ids.is_empty() {
+            continue;
+        }
+        let ref_ids: Vec<u32> = match to_reference {
+            Some(map) => ids.iter().map(|&i| map[i as usize]).collect(),
+            None => ids.clone(),
+        };
+        let q = model.logits(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?, None)?.squeeze(0)?;
+        let p = reference
+            .logits(&Tensor::new(ref_ids.as_slice(), reference.device())?.unsqueeze(0)?, None)?
+            .squeeze(0)?;
+        let p = match &index {
+            Some(ix) => p.index_select(ix, 1)?,
+            None => p,
+        };
+        let logp = candle_nn::ops::log_softmax(&p, D::Minus1)?;
+        let logq = candle_nn::ops::log_softmax(&q, D::Minus1)?;
+        kl += (logp.exp()? * (&logp - &logq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let ap: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
+        let aq: Vec<u32> = logq.argmax(D::Minus1)?.to_vec1()?;
+        agree += ap.iter().zip(&aq).filter(|(a, b)| a == b).count();
+        n += ids.len();
+    }
+    Ok(KlReport {
+        kl: kl / n.max(1) as f64,
+        top1_agreement: agree as f64 / n.max(1) as f64,
+        tokens: n,
+    })
+}

@@ -11,12 +11,16 @@ fn main() {
         let _ = m.logits(&x, None).unwrap();
         let s = Instant::now();
         let n = 3;
-        for _ in 0..n { let _ = m.logits(&x, None).unwrap(); }
+        for _ in 0..n {
+            let _ = m.logits(&x, None).unwrap();
+        }
         let el = s.elapsed().as_secs_f64() / n as f64;
         let h = m.embed(&x).unwrap();
         let s2 = Instant::now();
         let mut hh = h.clone();
-        for i in 0..m.num_layers() { hh = m.layer_forward(i, &hh).unwrap(); }
+        for i in 0..m.num_layers() {
+            hh = m.layer_forward(i, &hh).unwrap();
+        }
         let body = s2.elapsed().as_secs_f64();
         let s3 = Instant::now();
         let lg = m.head(&hh).unwrap();
@@ -24,6 +28,13 @@ fn main() {
         let s4 = Instant::now();
         let _ = candle_nn::ops::log_softmax(&lg, D::Minus1).unwrap();
         let ls = s4.elapsed().as_secs_f64();
-        println!("b={b} t={t}: logits {:.3}s ({:.0} tok/s) body {:.3} head {:.3} log_softmax {:.3}", el, (b*t) as f64/el, body, head, ls);
+        println!(
+            "b={b} t={t}: logits {:.3}s ({:.0} tok/s) body {:.3} head {:.3} log_softmax {:.3}",
+            el,
+            (b * t) as f64 / el,
+            body,
+            head,
+            ls
+        );
     }
 }

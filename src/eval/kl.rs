@@ -50,9 +50,14 @@ pub fn kl_on_files(
             Some(map) => ids.iter().map(|&i| map[i as usize]).collect(),
             None => ids.clone(),
         };
-        let q = model.logits(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?, None)?.squeeze(0)?;
+        let q = model
+            .logits(&Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?, None)?
+            .squeeze(0)?;
         let p = reference
-            .logits(&Tensor::new(ref_ids.as_slice(), reference.device())?.unsqueeze(0)?, None)?
+            .logits(
+                &Tensor::new(ref_ids.as_slice(), reference.device())?.unsqueeze(0)?,
+                None,
+            )?
             .squeeze(0)?;
         let p = match &index {
             Some(ix) => p.index_select(ix, 1)?,

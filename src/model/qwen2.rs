@@ -182,7 +182,13 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Resu
         let bs = QUERY_BLOCK.min(t - i0);
         let visible = offset + i0 + bs;
         let qb = q.narrow(2, i0, bs)?;
-        outs.push(attend_block(&qb, &k.narrow(2, 0, visible)?, &v.narrow(2, 0, visible)?, offset + i0, nkv)?);
+        outs.push(attend_block(
+            &qb,
+            &k.narrow(2, 0, visible)?,
+            &v.narrow(2, 0, visible)?,
+            offset + i0,
+            nkv,
+        )?);
         i0 += bs;
     }
     Ok(Tensor::cat(&outs, 2)?)
@@ -469,7 +475,9 @@ impl Qwen2 {
     /// the residual stream after attention, and the normed MLP input.
     pub fn layer_attention(&self, i: usize, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
         let l = &self.layers[i];
-        let h = l.self_attn.forward(&l.input_layernorm.forward(hidden)?, &self.rope, 0, None)?;
+        let h = l
+            .self_attn
+            .forward(&l.input_layernorm.forward(hidden)?, &self.rope, 0, None)?;
         let mid = (hidden + h)?;
         let x = l.post_attention_layernorm.forward(&mid)?;
         Ok((mid, x))
@@ -481,17 +489,32 @@ impl Qwen2 {
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;
-            for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            for (name, lin) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
                 out.push((format!("{p}.self_attn.{name}.weight"), lin.weight().clone()));
                 if let Some(b) = lin.bias() {
                     out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
                 }
             }
-            for (name, lin) in [("gate_proj", &l.mlp.gate_proj), ("up_proj", &l.mlp.up_proj), ("down_proj", &l.mlp.down_proj)] {
+            for (name, lin) in [
+                ("gate_proj", &l.mlp.gate_proj),
+                ("up_proj", &l.mlp.up_proj),
+                ("down_proj", &l.mlp.down_proj),
+            ] {
                 out.push((format!("{p}.mlp.{name}.weight"), lin.weight().clone()));
             }
-            out.push((format!("{p}.input_layernorm.weight"), l.input_layernorm.weight().clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), l.post_attention_layernorm.weight().clone()));
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_layernorm.weight().clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight().clone(),
+            ));
         }
         out.push(("model.norm.weight".to_owned(), self.norm.weight().clone()));
         if !self.config.tie_word_embeddings {

@@ -69,7 +69,12 @@ fn index(ids: &[u32], model: &Qwen2) -> candle_core::Result<Tensor> {
 
 /// The pruned model's tensors under their new names, and its config.
 pub fn pruned_tensors(model: &Qwen2, plan: &PrunePlan) -> Result<(Value, HashMap<String, Tensor>), PruneError> {
-    let layer_pos: HashMap<usize, usize> = plan.kept_layers.iter().enumerate().map(|(new, &old)| (old, new)).collect();
+    let layer_pos: HashMap<usize, usize> = plan
+        .kept_layers
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new))
+        .collect();
     let vocab = plan.vocab.as_ref().map(|k| index(k, model)).transpose()?;
     let mut out = HashMap::new();
     for (name, t) in model.named_tensors() {
@@ -89,7 +94,9 @@ pub fn pruned_tensors(model: &Qwen2, plan: &PrunePlan) -> Result<(Value, HashMap
         let old: usize = idx.parse().expect("numeric layer index");
         let Some(&new) = layer_pos.get(&old) else { continue };
         let t = match (&plan.ffn, field) {
-            (Some(ffn), "mlp.gate_proj.weight" | "mlp.up_proj.weight") => t.index_select(&index(&ffn[new], model)?, 0)?,
+            (Some(ffn), "mlp.gate_proj.weight" | "mlp.up_proj.weight") => {
+                t.index_select(&index(&ffn[new], model)?, 0)?
+            }
             (Some(ffn), "mlp.down_proj.weight") => t.index_select(&index(&ffn[new], model)?, 1)?,
             _ => t,
         };

@@ -102,8 +102,8 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<CalibText>, PruneError> {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<CalibText>, PruneError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| PruneError::Calib(format!("--calib {}: {e}", path.display())))?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| PruneError::Calib(format!("--calib {}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -169,7 +169,7 @@ pub fn windows(
         .collect();
     // Every k-th window goes to validation, spread over the corpus.
     let n_val = validation.min(n - 1);
-    let step = if n_val > 0 { n / n_val } else { usize::MAX };
+    let step = n.checked_div(n_val).unwrap_or(usize::MAX);
     let mut calib = Vec::new();
     let mut val = Vec::new();
     for (i, w) in all.into_iter().enumerate() {

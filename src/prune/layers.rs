@@ -8,6 +8,7 @@
 //! whose input and output are closest).
 
 use candle_core::{Tensor, D};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::PruneError;
@@ -37,12 +38,68 @@ pub struct LayerStep {
     pub candidates: Vec<(usize, f64)>,
 }
 
-/// Calibration inputs in mini-batches, with the reference log-probabilities.
+/// The reference distribution at every position of one batch, kept as
+/// plain rows so KL against a candidate is one fused pass.
+pub struct RefRows {
+    /// Probabilities, `rows × vocab`.
+    p: Vec<f32>,
+    /// Σ p·log p per row.
+    neg_entropy: Vec<f32>,
+    vocab: usize,
+}
+
+impl RefRows {
+    fn new(logits: &Tensor) -> Result<Self, PruneError> {
+        let vocab = logits.dim(D::Minus1)?;
+        let mut p: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let neg_entropy = p
+            .par_chunks_mut(vocab)
+            .map(|row| {
+                let lse = log_sum_exp(row);
+                let mut ne = 0.0f64;
+                for x in row.iter_mut() {
+                    let lp = *x - lse;
+                    *x = lp.exp();
+                    ne += (*x * lp) as f64;
+                }
+                ne as f32
+            })
+            .collect();
+        Ok(Self { p, neg_entropy, vocab })
+    }
+
+    /// Σ over rows of KL(reference ‖ softmax(logits)).
+    fn kl_sum(&self, logits: &Tensor) -> Result<f64, PruneError> {
+        let q: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        if q.len() != self.p.len() {
+            return Err(PruneError::Target(
+                "candidate logits do not match the reference shape".into(),
+            ));
+        }
+        Ok(q.par_chunks(self.vocab)
+            .zip(self.p.par_chunks(self.vocab))
+            .zip(self.neg_entropy.par_iter())
+            .map(|((q, p), &ne)| {
+                let dot: f64 = q.iter().zip(p).map(|(&a, &b)| (a * b) as f64).sum();
+                ne as f64 - dot + log_sum_exp(q) as f64
+            })
+            .sum())
+    }
+}
+
+/// log Σ exp(x), stable.
+fn log_sum_exp(x: &[f32]) -> f32 {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f32 = x.iter().map(|&v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+/// Calibration inputs in mini-batches, with the reference distributions.
 pub struct CalibSet {
     /// Token batches `[b, len]`.
     pub batches: Vec<Tensor>,
-    /// Log-softmax of the reference model at every position, `[b, len, vocab]`.
-    pub ref_logp: Vec<Tensor>,
+    /// The reference model's distribution at every position of each batch.
+    pub reference: Vec<RefRows>,
 }
 
 impl CalibSet {
@@ -50,13 +107,13 @@ impl CalibSet {
     pub fn new(model: &Qwen2, windows: &[Vec<u32>], batch: usize) -> Result<Self, PruneError> {
         let batches = to_batches(model, windows, batch)?;
         let progress = Progress::new("reference log-probs", batches.len());
-        let mut ref_logp = Vec::with_capacity(batches.len());
+        let mut reference = Vec::with_capacity(batches.len());
         for (i, b) in batches.iter().enumerate() {
-            ref_logp.push(candle_nn::ops::log_softmax(&model.logits(b, None)?, D::Minus1)?);
+            reference.push(RefRows::new(&model.logits(b, None)?)?);
             progress.set(i + 1, "");
         }
         progress.finish(&format!("{} windows", windows.len()));
-        Ok(Self { batches, ref_logp })
+        Ok(Self { batches, reference })
     }
 
     /// Tokens per batch position count (all positions of all windows).
@@ -77,18 +134,11 @@ pub fn to_batches(model: &Qwen2, windows: &[Vec<u32>], batch: usize) -> Result<V
         .collect()
 }
 
-/// Summed KL(reference ‖ model) over all positions of one batch.
-pub fn kl_sum(ref_logp: &Tensor, logits: &Tensor) -> Result<f64, PruneError> {
-    let logq = candle_nn::ops::log_softmax(logits, D::Minus1)?;
-    let kl = (ref_logp.exp()? * (ref_logp - logq)?)?.sum_all()?;
-    Ok(kl.to_scalar::<f32>()? as f64)
-}
-
 /// Mean KL per position of `model` under `mask` against the reference.
 pub fn mean_kl(model: &Qwen2, set: &CalibSet, mask: Option<&LayerMask>) -> Result<f64, PruneError> {
     let mut total = 0.0;
-    for (b, r) in set.batches.iter().zip(&set.ref_logp) {
-        total += kl_sum(r, &model.logits(b, mask)?)?;
+    for (b, r) in set.batches.iter().zip(&set.reference) {
+        total += r.kl_sum(&model.logits(b, mask)?)?;
     }
     Ok(total / set.positions() as f64)
 }
@@ -113,7 +163,12 @@ fn layer_inputs(model: &Qwen2, set: &CalibSet, mask: &LayerMask) -> Result<Vec<V
 }
 
 /// Removes `n` layers by `metric`; returns the steps in removal order.
-pub fn choose_layers(model: &Qwen2, set: &CalibSet, n: usize, metric: LayerMetric) -> Result<Vec<LayerStep>, PruneError> {
+pub fn choose_layers(
+    model: &Qwen2,
+    set: &CalibSet,
+    n: usize,
+    metric: LayerMetric,
+) -> Result<Vec<LayerStep>, PruneError> {
     let total = model.num_layers();
     if n >= total {
         return Err(PruneError::Target(format!(
@@ -148,7 +203,7 @@ fn greedy_kl(model: &Qwen2, set: &CalibSet, n: usize) -> Result<Vec<LayerStep>, 
                 for j in (c + 1..total).filter(|&j| mask.is_active(j)) {
                     h = model.layer_forward(j, &h)?;
                 }
-                kl += kl_sum(&set.ref_logp[bi], &model.head(&h)?)?;
+                kl += set.reference[bi].kl_sum(&model.head(&h)?)?;
             }
             candidates.push((c, kl / positions));
             done += 1;
@@ -162,8 +217,8 @@ fn greedy_kl(model: &Qwen2, set: &CalibSet, n: usize) -> Result<Vec<LayerStep>, 
         // Inputs of the layers after the removed one change; recompute them once.
         for ins in inputs.iter_mut() {
             let mut h = ins[best].clone();
-            for j in best + 1..=total {
-                ins[j] = h.clone();
+            for (j, slot) in ins.iter_mut().enumerate().skip(best + 1) {
+                *slot = h.clone();
                 if j < total && mask.is_active(j) {
                     h = model.layer_forward(j, &h)?;
                 }

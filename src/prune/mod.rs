@@ -203,7 +203,8 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
     let source = Pipeline::load_cpu(&cfg.model_dir)?;
     let tok_path = cfg.model_dir.join("tokenizer.json");
     let tok_json: Value = serde_json::from_str(
-        &std::fs::read_to_string(&tok_path).map_err(|e| PruneError::Tokenizer(format!("{}: {e}", tok_path.display())))?,
+        &std::fs::read_to_string(&tok_path)
+            .map_err(|e| PruneError::Tokenizer(format!("{}: {e}", tok_path.display())))?,
     )
     .map_err(|e| PruneError::Tokenizer(format!("{}: {e}", tok_path.display())))?;
     let texts = calib::load(cfg.calib.as_deref())?;
@@ -238,12 +239,20 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
             let tok = tokenizer_from_json(&json, &cfg.model_dir, &model)?;
             (model, tok, Some(json))
         }
-        None => (source.model.clone(), tokenizer_from_json(&tok_json, &cfg.model_dir, &source.model)?, None),
+        None => (
+            source.model.clone(),
+            tokenizer_from_json(&tok_json, &cfg.model_dir, &source.model)?,
+            None,
+        ),
     };
     lap("vocabulary", &mut seconds);
 
     // Calibration windows, tokenized by the (pruned) tokenizer.
-    let n_val = if cfg.target.is_some() { (cfg.calib_samples / 8).max(2) } else { 0 };
+    let n_val = if cfg.target.is_some() {
+        (cfg.calib_samples / 8).max(2)
+    } else {
+        0
+    };
     let windows = calib::windows(&work_tok, &texts, cfg.calib_samples, n_val, cfg.calib_len)?;
     eprintln!(
         "calibration: {} windows of {} tokens (+{} validation)",
@@ -266,7 +275,16 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
             (steps, cfg.ffn_keep.unwrap_or(width), Vec::new())
         }
         Some(target) => {
-            let (steps, w, cands) = search_target(cfg, target, &source.model, &work_model, &set, &windows.validation, &vocab_plan, before)?;
+            let (steps, w, cands) = search_target(
+                cfg,
+                target,
+                &source.model,
+                &work_model,
+                &set,
+                &windows.validation,
+                &vocab_plan,
+                before,
+            )?;
             lap("target search", &mut seconds);
             (steps, w, cands)
         }
@@ -288,11 +306,22 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
         };
         let per_layer = kept_layers
             .iter()
-            .map(|&l| ffn::choose(cfg.ffn_score, work_model.layers[l].mlp.width(), ffn_width, l, cfg.seed, act.as_ref()))
+            .map(|&l| {
+                ffn::choose(
+                    cfg.ffn_score,
+                    work_model.layers[l].mlp.width(),
+                    ffn_width,
+                    l,
+                    cfg.seed,
+                    act.as_ref(),
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
         Some(per_layer)
     } else if ffn_width > width {
-        return Err(PruneError::Target(format!("--ffn-keep {ffn_width} exceeds the FFN width {width}")));
+        return Err(PruneError::Target(format!(
+            "--ffn-keep {ffn_width} exceeds the FFN width {width}"
+        )));
     } else {
         None
     };
@@ -390,7 +419,10 @@ fn search_target(
         Ok(1.0 - count_params(&build(source, &plan)?).total as f64 / before.total as f64)
     };
     // Layer order for the deepest cut any width needs.
-    let mut widths: Vec<usize> = (1..=width / cfg.width_multiple).rev().map(|k| k * cfg.width_multiple).collect();
+    let mut widths: Vec<usize> = (1..=width / cfg.width_multiple)
+        .rev()
+        .map(|k| k * cfg.width_multiple)
+        .collect();
     if widths.first() != Some(&width) {
         widths.insert(0, width);
     }
@@ -472,7 +504,11 @@ fn search_target(
 fn tokenizer_from_json(json: &Value, folder: &Path, model: &Qwen2) -> Result<CodeTokenizer, PruneError> {
     let inner: tokenizers::Tokenizer = serde_json::from_value(json.clone())
         .map_err(|e| PruneError::Tokenizer(format!("rewritten tokenizer.json does not load: {e}")))?;
-    Ok(CodeTokenizer::new(inner, folder.join("tokenizer.json"), &model.config().eos_token_ids))
+    Ok(CodeTokenizer::new(
+        inner,
+        folder.join("tokenizer.json"),
+        &model.config().eos_token_ids,
+    ))
 }
 
 fn source_name(dir: &Path) -> String {
@@ -495,9 +531,14 @@ fn write_folder(
     report: &PruneReport,
 ) -> Result<(), PruneError> {
     let out = &cfg.out_dir;
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
-    let name = out.file_name().map_or_else(|| "pruned".into(), |n| n.to_string_lossy().into_owned());
+    let name = out
+        .file_name()
+        .map_or_else(|| "pruned".into(), |n| n.to_string_lossy().into_owned());
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
@@ -521,17 +562,27 @@ fn write_folder(
             .collect::<Result<_, candle_core::Error>>()?;
         let write_json = |file: &str, v: &Value| -> Result<(), PruneError> {
             let p = tmp.join(file);
-            std::fs::write(&p, serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n").map_err(|e| io_err(&p, e))
+            std::fs::write(
+                &p,
+                serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n",
+            )
+            .map_err(|e| io_err(&p, e))
         };
         write_json("config.json", &config)?;
         let st = tmp.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &st).map_err(|e| io_err(&st, e))?;
+        // The writer creates the file private; a model folder is shared data.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(&st, e))?;
+        }
         match tok_json {
             Some(j) => write_json("tokenizer.json", j)?,
             None => copy(&cfg.model_dir, &tmp, "tokenizer.json")?,
         }
-        for extra in ["tokenizer_config.json", "special_tokens_map.json", "MODEL_CARD.md"] {
-            if cfg.model_dir.join(extra).is_file() && extra != "MODEL_CARD.md" {
+        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+            if cfg.model_dir.join(extra).is_file() {
                 copy(&cfg.model_dir, &tmp, extra)?;
             }
         }
@@ -548,7 +599,10 @@ fn write_folder(
                 write_json("generation_config.json", &g)?;
             }
         }
-        write_json("prune_report.json", &serde_json::to_value(report).expect("report serializes"))?;
+        write_json(
+            "prune_report.json",
+            &serde_json::to_value(report).expect("report serializes"),
+        )?;
         if out.exists() {
             std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
         }

@@ -37,7 +37,9 @@ fn vocab_by_id(json: &Value) -> Result<HashMap<u32, String>, PruneError> {
         .and_then(Value::as_object)
         .ok_or_else(|| tokenizer_err("tokenizer.json: `model.vocab` missing (only BPE tokenizers can be pruned)"))?;
     if json.pointer("/model/type").and_then(Value::as_str) != Some("BPE") {
-        return Err(tokenizer_err("tokenizer.json: only BPE tokenizers can be vocabulary-pruned"));
+        return Err(tokenizer_err(
+            "tokenizer.json: only BPE tokenizers can be vocabulary-pruned",
+        ));
     }
     vocab
         .iter()
@@ -91,7 +93,11 @@ pub fn plan(json: &Value, tok: &CodeTokenizer, texts: &[&str], min_count: usize)
         keep.extend(added.iter().filter_map(|a| a.get("id")?.as_u64()).map(|id| id as u32));
     }
     // The merge that makes each token.
-    let merges = json.pointer("/model/merges").and_then(Value::as_array).cloned().unwrap_or_default();
+    let merges = json
+        .pointer("/model/merges")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
     let mut made_by: HashMap<String, (String, String)> = HashMap::new();
     for m in &merges {
         if let Some((a, b)) = merge_parts(m) {

@@ -54,6 +54,20 @@ pub fn assert_clean_error(out: &Output, needles: &[&str]) {
     }
 }
 
+/// Asserts a long-running command failed cleanly: non-zero exit, no panic,
+/// and its last stderr line an `error:` containing every `needle` (progress
+/// lines may come before it).
+pub fn assert_fails_with(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(last.starts_with("error: "), "{stderr}");
+    for n in needles {
+        assert!(last.contains(n), "error line lacks {n:?}: {stderr}");
+    }
+}
+
 /// A `greencode serve` process on a free loopback port, killed on drop.
 pub struct Server {
     child: std::process::Child,

@@ -1,5 +1,5 @@
-//! A one-line progress indicator on stderr for long stages (silent when
-//! stderr is not a terminal, so logs and tests stay clean).
+//! A one-line progress indicator on stderr for long stages; when stderr is
+//! not a terminal, a plain line every few seconds instead of a redrawn bar.
 
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -10,7 +10,11 @@ pub struct Progress {
     total: usize,
     start: Instant,
     live: bool,
+    last_line: std::cell::Cell<Instant>,
 }
+
+/// Seconds between plain progress lines when stderr is not a terminal.
+const LOG_EVERY_S: f64 = 15.0;
 
 impl Progress {
     /// Starts a stage of `total` steps.
@@ -20,6 +24,7 @@ impl Progress {
             total,
             start: Instant::now(),
             live: std::io::stderr().is_terminal(),
+            last_line: std::cell::Cell::new(Instant::now()),
         };
         p.draw(0, "");
         p
@@ -27,6 +32,16 @@ impl Progress {
 
     fn draw(&self, done: usize, note: &str) {
         if !self.live {
+            // Logs get a plain line now and then, not a redrawn bar.
+            if self.last_line.get().elapsed().as_secs_f64() >= LOG_EVERY_S {
+                self.last_line.set(Instant::now());
+                eprintln!(
+                    "{}: {done}/{} after {:.0} s {note}",
+                    self.label,
+                    self.total,
+                    self.start.elapsed().as_secs_f64()
+                );
+            }
             return;
         }
         let width = 24;

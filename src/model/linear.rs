@@ -37,6 +37,7 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_features))?;
+        super::flop_probe::add(2 * (rows * in_features * self.weight.dim(0)?) as u64);
         let mut y = x2.matmul(&self.weight.t()?)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

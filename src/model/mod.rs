@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod error;
+pub mod flop_probe;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

@@ -163,7 +163,7 @@ impl Attention {
 }
 
 /// Query rows per block of blocked causal attention.
-const QUERY_BLOCK: usize = 128;
+pub const QUERY_BLOCK: usize = 128;
 
 /// Causal attention of queries at positions `offset..offset + t` over keys at
 /// `0..offset + t`. Query heads are grouped onto their key/value head by a
@@ -202,6 +202,8 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -
     let scale = 1.0 / (hd as f64).sqrt();
     let q = (q.contiguous()?.reshape((b, nkv, group * t, hd))? * scale)?;
     let scores = q.matmul(&k.t()?)?; // [b, nkv, group·t, l]
+    // QKᵀ and PV: 2 FLOPs per multiply-add each.
+    super::flop_probe::add(4 * (b * nkv * group * t * l * hd) as u64);
     let scores = if t > 1 {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
@@ -528,6 +530,7 @@ impl Qwen2 {
         let h = self.norm.forward(hidden)?;
         let (b, t, hs) = h.dims3()?;
         let logits = h.reshape((b * t, hs))?.matmul(&self.lm_head.t()?)?;
+        super::flop_probe::add(2 * (b * t * hs * self.config.vocab_size) as u64);
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 

@@ -268,14 +268,14 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
     let before = count_params(&source.model);
 
     // 2 + 3. Layers and FFN: explicit, or chosen for a target.
-    let (steps, ffn_width, candidates) = match cfg.target {
+    let (steps, ffn_width, candidates, chosen_ffn) = match cfg.target {
         None => {
             let steps = layers::choose_layers(&work_model, &set, cfg.drop_layers, cfg.layer_metric)?;
             lap("layers", &mut seconds);
-            (steps, cfg.ffn_keep.unwrap_or(width), Vec::new())
+            (steps, cfg.ffn_keep.unwrap_or(width), Vec::new(), None)
         }
         Some(target) => {
-            let (steps, w, cands) = search_target(
+            let found = search_target(
                 cfg,
                 target,
                 &source.model,
@@ -286,7 +286,7 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
                 before,
             )?;
             lap("target search", &mut seconds);
-            (steps, w, cands)
+            (found.steps, found.width, found.candidates, Some(found.ffn))
         }
     };
     if ffn_width % cfg.width_multiple != 0 {
@@ -298,7 +298,10 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
     let removed: Vec<usize> = steps.iter().map(|s| s.removed).collect();
     let mask = LayerMask::without(total_layers, &removed);
     let kept_layers = mask.active();
-    let ffn = if ffn_width < width {
+    let ffn = if let Some(chosen) = chosen_ffn {
+        // The target search already chose (and evaluated) these neurons.
+        chosen
+    } else if ffn_width < width {
         let act = if cfg.ffn_score == FfnScore::Act {
             Some(ffn::activation_scores(&work_model, &set.batches, &mask)?)
         } else {
@@ -394,9 +397,19 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
     Ok(report)
 }
 
+/// What the target search chose.
+struct TargetChoice {
+    steps: Vec<LayerStep>,
+    width: usize,
+    ffn: Option<Vec<Vec<u32>>>,
+    candidates: Vec<TargetCandidate>,
+}
+
 /// Picks layers and FFN width reaching `target`: for each FFN width (a
 /// multiple of `width_multiple`), the fewest greedy layer removals that
 /// reach the target; the candidate with the smallest validation KL wins.
+/// Neurons are scored once on the full-depth model and the winner keeps
+/// exactly the neurons it was evaluated with.
 #[allow(clippy::too_many_arguments)]
 fn search_target(
     cfg: &PruneConfig,
@@ -407,7 +420,7 @@ fn search_target(
     validation: &[Vec<u32>],
     vocab_plan: &Option<vocab::VocabPlan>,
     before: ParamCount,
-) -> Result<(Vec<LayerStep>, usize, Vec<TargetCandidate>), PruneError> {
+) -> Result<TargetChoice, PruneError> {
     let total = work.num_layers();
     let width = work.ffn_widths().into_iter().max().unwrap_or(0);
     let removed_fraction = |drop: &[usize], w: usize| -> Result<f64, PruneError> {
@@ -452,6 +465,7 @@ fn search_target(
     };
     let val_set = CalibSet::new(work, validation, BATCH)?;
     let mut candidates = Vec::new();
+    let mut ffn_choices = Vec::new();
     for &(w, d) in &need {
         let drop = &order[..d];
         let mask = LayerMask::without(total, drop);
@@ -465,14 +479,13 @@ fn search_target(
         } else {
             None
         };
-        let candidate = build(
-            work,
-            &PrunePlan {
-                vocab: None,
-                kept_layers: kept,
-                ffn,
-            },
-        )?;
+        let plan = PrunePlan {
+            vocab: None,
+            kept_layers: kept,
+            ffn,
+        };
+        let candidate = build(work, &plan)?;
+        ffn_choices.push(plan.ffn);
         let kl = layers::mean_kl(&candidate, &val_set, None)?;
         let frac = removed_fraction(drop, w)?;
         eprintln!(
@@ -486,11 +499,10 @@ fn search_target(
             validation_kl: kl,
         });
     }
-    let best = candidates
-        .iter()
-        .min_by(|a, b| a.validation_kl.total_cmp(&b.validation_kl))
-        .expect("at least one candidate")
-        .clone();
+    let best_index = (0..candidates.len())
+        .min_by(|&a, &b| candidates[a].validation_kl.total_cmp(&candidates[b].validation_kl))
+        .expect("at least one candidate");
+    let best = candidates[best_index].clone();
     eprintln!(
         "plan: drop {} layers, FFN width {} ({:.1}% removed, validation KL {:.4})",
         best.drop_layers,
@@ -498,7 +510,12 @@ fn search_target(
         best.removed_fraction * 100.0,
         best.validation_kl
     );
-    Ok((steps[..best.drop_layers].to_vec(), best.ffn_width, candidates))
+    Ok(TargetChoice {
+        steps: steps[..best.drop_layers].to_vec(),
+        width: best.ffn_width,
+        ffn: ffn_choices.swap_remove(best_index),
+        candidates,
+    })
 }
 
 fn tokenizer_from_json(json: &Value, folder: &Path, model: &Qwen2) -> Result<CodeTokenizer, PruneError> {

@@ -1,0 +1,81 @@
+//! Analytic FLOPs of a forward pass from the model's real (pruned) shapes:
+//! 2 × rows × in × out for every projection, `lm_head` only for the
+//! positions that get logits, and attention as greencode's kernel executes
+//! it: queries run in blocks of [`QUERY_BLOCK`] rows, each block against
+//! every key up to its last row, so the count is the full masked square of
+//! each diagonal block plus the causal rectangle before it (not the exact
+//! causal half). QKᵀ and PV each cost 2 × heads × head_dim per score.
+
+use crate::model::qwen2::QUERY_BLOCK;
+use crate::model::Qwen2;
+
+/// FLOPs per forward for one model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlopCounter {
+    /// Σ over layers of Σ in × out of the projections (per token).
+    layer_macs: u64,
+    /// Number of layers (attention cost per layer).
+    layers: u64,
+    /// Query heads × head width.
+    attn_width: u64,
+    /// hidden × vocab (`lm_head`, per logits row).
+    head_macs: u64,
+}
+
+impl FlopCounter {
+    /// Reads the shapes of `model`.
+    pub fn new(model: &Qwen2) -> Self {
+        let cfg = model.config();
+        let mut layer_macs = 0u64;
+        for l in &model.layers {
+            for w in [
+                l.self_attn.q_proj.weight(),
+                l.self_attn.k_proj.weight(),
+                l.self_attn.v_proj.weight(),
+                l.self_attn.o_proj.weight(),
+                l.mlp.gate_proj.weight(),
+                l.mlp.up_proj.weight(),
+                l.mlp.down_proj.weight(),
+            ] {
+                layer_macs += w.elem_count() as u64;
+            }
+        }
+        Self {
+            layer_macs,
+            layers: model.layers.len() as u64,
+            attn_width: (cfg.num_attention_heads * cfg.head_dim) as u64,
+            head_macs: (cfg.hidden_size * cfg.vocab_size) as u64,
+        }
+    }
+
+    /// Scores computed when `t` new tokens attend at cache offset `offset`.
+    pub fn attention_scores(t: usize, offset: usize) -> u64 {
+        if t <= QUERY_BLOCK {
+            return (t * (offset + t)) as u64;
+        }
+        let mut scores = 0u64;
+        let mut i0 = 0;
+        while i0 < t {
+            let bs = QUERY_BLOCK.min(t - i0);
+            scores += (bs * (offset + i0 + bs)) as u64;
+            i0 += bs;
+        }
+        scores
+    }
+
+    /// FLOPs of appending `t` tokens at `offset` with logits for `logits_rows` positions.
+    pub fn forward(&self, t: usize, offset: usize, logits_rows: usize) -> u64 {
+        let projections = 2 * self.layer_macs * t as u64;
+        let attention = self.layers * 4 * self.attn_width * Self::attention_scores(t, offset);
+        let head = 2 * self.head_macs * logits_rows as u64;
+        projections + attention + head
+    }
+
+    /// FLOPs of a whole generation: a prefill of `prompt` tokens (logits on
+    /// `prefill_logits` rows) and `generated − 1` single-token decode steps.
+    pub fn generation(&self, prompt: usize, prefill_logits: usize, generated: usize) -> (u64, u64) {
+        let prefill = self.forward(prompt, 0, prefill_logits);
+        let decode = (1..generated).map(|k| self.forward(1, prompt + k - 1, 1)).sum();
+        (prefill, decode)
+    }
+}

@@ -128,6 +128,29 @@ struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Energy meter: the first that works (NVML, RAPL, estimate), or one in particular.
+    #[arg(long, value_enum, default_value_t = EnergyArg::Auto)]
+    energy: EnergyArg,
+    /// Estimated meter: watts per fully busy core (default: 85 W TDP over the cores).
+    #[arg(long)]
+    cpu_watts: Option<f64>,
+    /// Estimated meter: watts drawn regardless of load.
+    #[arg(long)]
+    idle_watts: Option<f64>,
+    /// Grid carbon intensity, gCO2e per kWh (CodeCarbon's world average).
+    #[arg(long, default_value_t = 475.0, allow_negative_numbers = true)]
+    grid_intensity: f64,
+    /// Data-centre power usage effectiveness (≥ 1).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pue: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EnergyArg {
+    Auto,
+    Nvml,
+    Rapl,
+    Estimated,
 }
 
 #[derive(Subcommand)]
@@ -307,6 +330,21 @@ fn run_prune(a: PruneArgs) -> Result<()> {
 }
 
 fn run_serve(a: ServeArgs) -> Result<()> {
+    use greencode::energy::{meter::PowerModel, Carbon, MeterChoice};
+    let carbon = Carbon::new(a.grid_intensity, a.pue).map_err(anyhow::Error::msg)?;
+    let mut power_model = PowerModel::default_for(threads::default_threads());
+    if let Some(w) = a.cpu_watts {
+        if !(w.is_finite() && w > 0.0) {
+            bail!("--cpu-watts must be a number > 0, got {w}");
+        }
+        power_model.busy_watts_per_core = w;
+    }
+    if let Some(w) = a.idle_watts {
+        if !(w.is_finite() && w >= 0.0) {
+            bail!("--idle-watts must be a number ≥ 0, got {w}");
+        }
+        power_model.idle_watts = w;
+    }
     greencode::serve::run(greencode::serve::ServeConfig {
         model_dir: model_dir(&a.model)?,
         host: a.host,
@@ -315,6 +353,14 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        energy: match a.energy {
+            EnergyArg::Auto => MeterChoice::Auto,
+            EnergyArg::Nvml => MeterChoice::Nvml,
+            EnergyArg::Rapl => MeterChoice::Rapl,
+            EnergyArg::Estimated => MeterChoice::Estimated,
+        },
+        power_model,
+        carbon,
     })
 }
 

@@ -2,13 +2,24 @@
 //! help texts and buckets live here and nowhere else. All series carry a
 //! `model` label.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::model::Qwen2;
 
 /// Latency buckets (seconds): vLLM's time-to-first-token buckets with finer
 /// steps below 5 ms, where CPU decode steps fall.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.002, 0.003, 0.004, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+
+/// Energy-per-token buckets (joules): 0.1 mJ to 100 J, CPU tiny models to
+/// 7B models at batch 1 on a GPU.
+pub const ENERGY_PER_TOKEN_BUCKETS: &[f64] = &[
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
+    100.0,
 ];
 
 /// The server's metrics and the registry that renders them.
@@ -34,6 +45,24 @@ pub struct Metrics {
     pub e2e: HistogramVec,
     /// Requests refused before reaching the engine, by HTTP status.
     pub rejected: IntCounterVec,
+    /// All measured energy (requests and idle), by meter source.
+    pub energy: CounterVec,
+    /// The idle part of `energy`.
+    pub idle_energy: CounterVec,
+    /// FLOPs executed for requests.
+    pub flops: CounterVec,
+    /// Estimated emissions of all measured energy.
+    pub co2: CounterVec,
+    /// Joules per generated token, per request.
+    pub energy_per_token: HistogramVec,
+    /// Mean power over the last interval.
+    pub power_watts: GaugeVec,
+    /// GPU memory of this process.
+    pub gpu_memory: GaugeVec,
+    /// Parameters of the served model by component.
+    pub model_parameters: GaugeVec,
+    /// 1, labelled with the model, what it was pruned from, and its quantization.
+    pub model_info: GaugeVec,
 }
 
 impl Metrics {
@@ -50,14 +79,22 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("unique metric");
             g
         };
-        let histogram = |name: &str, help: &str| {
-            let h = HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
-                &["model"],
-            )
-            .expect("valid metric");
+        let histogram_with = |name: &str, help: &str, buckets: &[f64]| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["model"])
+                .expect("valid metric");
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
+        };
+        let histogram = |name: &str, help: &str| histogram_with(name, help, LATENCY_BUCKETS);
+        let fcounter = |name: &str, help: &str, labels: &[&str]| {
+            let c = CounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let fgauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = GaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
         };
         let m = Self {
             requests: counter(
@@ -80,12 +117,89 @@ impl Metrics {
                 "Requests refused before generation, by HTTP status.",
                 &["model", "status"],
             ),
+            energy: fcounter(
+                "greencode_energy_joules_total",
+                "All measured energy (requests and idle), joules.",
+                &["model", "source"],
+            ),
+            idle_energy: fcounter(
+                "greencode_idle_energy_joules_total",
+                "Energy measured between steps, joules.",
+                &["model", "source"],
+            ),
+            flops: fcounter(
+                "greencode_flops_total",
+                "Floating-point operations executed for requests.",
+                &["model"],
+            ),
+            co2: fcounter(
+                "greencode_co2_grams_total",
+                "Estimated emissions of all measured energy, grams CO2e.",
+                &["model"],
+            ),
+            energy_per_token: histogram_with(
+                "greencode_energy_per_token_joules",
+                "Joules per generated token, per request.",
+                ENERGY_PER_TOKEN_BUCKETS,
+            ),
+            power_watts: fgauge(
+                "greencode_power_watts",
+                "Mean power over the last interval, watts.",
+                &["model"],
+            ),
+            gpu_memory: fgauge(
+                "greencode_gpu_memory_used_bytes",
+                "GPU memory used by this process.",
+                &["model"],
+            ),
+            model_parameters: fgauge(
+                "greencode_model_parameters",
+                "Parameters of the served model by component (unique tensors).",
+                &["model", "component"],
+            ),
+            model_info: fgauge(
+                "greencode_model_info",
+                "Constant 1, labelled with what the served model is.",
+                &["model", "pruned_from", "quantization"],
+            ),
             registry,
             model: model.to_owned(),
         };
         m.running.with_label_values(&[&m.model]).set(0);
         m.waiting.with_label_values(&[&m.model]).set(0);
         m
+    }
+
+    /// Adds measured energy (and its CO2); `idle` also books it as idle.
+    pub fn add_energy(&self, source: &str, joules: f64, idle: bool, co2_grams: f64) {
+        self.energy.with_label_values(&[&self.model, source]).inc_by(joules);
+        if idle {
+            self.idle_energy
+                .with_label_values(&[&self.model, source])
+                .inc_by(joules);
+        }
+        self.co2.with_label_values(&[&self.model]).inc_by(co2_grams);
+    }
+
+    /// Publishes the served model's parameter counts and identity.
+    pub fn set_model_parameters(&self, model: &Qwen2) {
+        let c = crate::model::params::count_params(model);
+        for (component, n) in [
+            ("embeddings", c.embeddings),
+            ("attention", c.attention),
+            ("mlp", c.mlp),
+            ("norms", c.norms),
+            ("lm_head", c.lm_head),
+            ("total", c.total),
+        ] {
+            self.model_parameters
+                .with_label_values(&[&self.model, component])
+                .set(n as f64);
+        }
+        let pruned_from = model.config().pruned_from.clone().unwrap_or_default();
+        self.model_info
+            .with_label_values(&[&self.model, &pruned_from, "none"])
+            .set(1.0);
     }
 
     /// The `model` label value.

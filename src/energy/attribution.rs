@@ -105,7 +105,10 @@ mod tests {
         *fake.joules.lock().unwrap() = 119.0; // one sequence alone
         assert_eq!(a.step(&[StepShare { flops: 7 }]), vec![6.0]);
         *fake.joules.lock().unwrap() = 121.0;
-        assert_eq!(a.step(&[StepShare { flops: 0 }, StepShare { flops: 0 }]), vec![1.0, 1.0]);
+        assert_eq!(
+            a.step(&[StepShare { flops: 0 }, StepShare { flops: 0 }]),
+            vec![1.0, 1.0]
+        );
         assert_eq!(a.idle_total() + a.assigned_total(), 21.0);
     }
 }

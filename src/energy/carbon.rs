@@ -22,7 +22,9 @@ impl Carbon {
     /// Checks the values a user gave.
     pub fn new(grid_intensity: f64, pue: f64) -> Result<Self, String> {
         if !(grid_intensity.is_finite() && grid_intensity >= 0.0) {
-            return Err(format!("--grid-intensity must be a number ≥ 0 (gCO2e/kWh), got {grid_intensity}"));
+            return Err(format!(
+                "--grid-intensity must be a number ≥ 0 (gCO2e/kWh), got {grid_intensity}"
+            ));
         }
         if !(pue.is_finite() && pue >= 1.0) {
             return Err(format!("--pue must be a number ≥ 1.0, got {pue}"));

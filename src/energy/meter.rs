@@ -102,7 +102,10 @@ pub fn open_meter(choice: MeterChoice, model: PowerModel) -> Result<Box<dyn Mete
                 Err(e) => why.push(format!("rapl: {e}")),
             }
             let m = EstimatedMeter::new(model)?;
-            eprintln!("greencode: energy meter: no hardware counter ({}); using the estimate", why.join("; "));
+            eprintln!(
+                "greencode: energy meter: no hardware counter ({}); using the estimate",
+                why.join("; ")
+            );
             Ok(Box::new(m))
         }
     }

@@ -7,6 +7,7 @@ pub mod flop_probe;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;
+pub mod params;
 pub mod qwen2;
 
 pub use config::Qwen2Config;

@@ -202,7 +202,7 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -
     let scale = 1.0 / (hd as f64).sqrt();
     let q = (q.contiguous()?.reshape((b, nkv, group * t, hd))? * scale)?;
     let scores = q.matmul(&k.t()?)?; // [b, nkv, group·t, l]
-    // QKᵀ and PV: 2 FLOPs per multiply-add each.
+                                     // QKᵀ and PV: 2 FLOPs per multiply-add each.
     super::flop_probe::add(4 * (b * nkv * group * t * l * hd) as u64);
     let scores = if t > 1 {
         let mask: Vec<f32> = (0..t)

@@ -16,6 +16,7 @@ use super::detok::Detokenizer;
 use super::error::ApiError;
 use super::stop::{StopMatcher, StopOutcome};
 use super::validate::{ModelInfo, ValidRequest};
+use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
 use crate::generate::{generate, token_logprob, FinishReason, Flow, GenerationRequest, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::model::Qwen2;
@@ -36,6 +37,21 @@ pub enum Event {
     Error(ApiError),
 }
 
+/// What one job cost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Cost {
+    /// Joules attributed to the job.
+    pub energy_joules: f64,
+    /// FLOPs executed for it.
+    pub flops: u64,
+    /// Grams CO2e.
+    pub co2_grams: f64,
+    /// GPU memory of the process at the end (None on CPU).
+    pub gpu_memory_bytes: Option<u64>,
+    /// Meter label.
+    pub energy_source: &'static str,
+}
+
 /// How a job ended.
 #[derive(Debug, Clone)]
 pub struct Done {
@@ -47,6 +63,17 @@ pub struct Done {
     pub completion_tokens: usize,
     /// Prompt log-probabilities (echo with logprobs).
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// Energy, FLOPs, CO2 and memory.
+    pub cost: Cost,
+}
+
+/// The engine's energy accounting: the meter's attributor, the FLOP model
+/// and the carbon conversion.
+pub struct Accounting {
+    /// Splits meter readings between requests and idle time.
+    pub attributor: Attributor,
+    /// CO2 per joule.
+    pub carbon: Carbon,
 }
 
 /// A job on its way to the engine.
@@ -115,6 +142,7 @@ pub fn spawn(
     info: Arc<ModelInfo>,
     metrics: Metrics,
     max_queue: usize,
+    mut accounting: Accounting,
 ) -> (EngineHandle, std::thread::JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = std_mpsc::channel::<Job>();
     let ready = Arc::new(AtomicBool::new(false));
@@ -129,11 +157,22 @@ pub fn spawn(
         .name("greencode-engine".into())
         .spawn(move || {
             let model = load()?;
+            metrics.set_model_parameters(&model);
+            let flops = FlopCounter::new(&model);
             ready.store(true, Ordering::Release);
             eprintln!("greencode: model loaded, ready");
-            while let Ok(job) = rx.recv() {
-                metrics.waiting.with_label_values(&[metrics.model()]).dec();
-                run_job(&model, &info, &metrics, job);
+            let mut last_tick = Instant::now();
+            loop {
+                match rx.recv_timeout(IDLE_TICK) {
+                    Ok(job) => {
+                        metrics.waiting.with_label_values(&[metrics.model()]).dec();
+                        record_idle(&mut accounting, &metrics, &mut last_tick);
+                        run_job(&model, &info, &metrics, &flops, &mut accounting, job);
+                        last_tick = Instant::now();
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => record_idle(&mut accounting, &metrics, &mut last_tick),
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                }
             }
             Ok(())
         })
@@ -141,7 +180,28 @@ pub fn spawn(
     (handle, thread)
 }
 
-fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
+/// How often an idle engine reads the meter (idle energy, power gauge).
+const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Books the energy since the last reading as idle and updates the power gauge.
+fn record_idle(acc: &mut Accounting, metrics: &Metrics, last_tick: &mut Instant) {
+    let joules = acc.attributor.idle();
+    let secs = last_tick.elapsed().as_secs_f64();
+    *last_tick = Instant::now();
+    let source = acc.attributor.meter().source().as_str();
+    metrics.add_energy(source, joules, true, acc.carbon.grams(joules));
+    if secs > 0.0 {
+        metrics
+            .power_watts
+            .with_label_values(&[metrics.model()])
+            .set(joules / secs);
+    }
+    if let Some(mem) = acc.attributor.meter().gpu_memory_bytes() {
+        metrics.gpu_memory.with_label_values(&[metrics.model()]).set(mem as f64);
+    }
+}
+
+fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, flops: &FlopCounter, acc: &mut Accounting, job: Job) {
     let label = [metrics.model()];
     if job.events.is_closed() {
         metrics
@@ -165,8 +225,21 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
     gen.first_token_allowed = req.healing.as_ref().map(|h| h.allowed.clone());
     gen.prompt_logprobs = req.prompt_logprobs.then_some(req.logprobs.unwrap_or(0));
     let send = |ev: Event| job.events.send(ev).is_ok();
+    let prompt_len = req.prompt_ids.len();
+    let prefill_rows = if req.prompt_logprobs { prompt_len } else { 1 };
+    let source = acc.attributor.meter().source().as_str();
+    let mut joules = 0.0;
+    let mut steps = 0usize;
 
     let result = generate(model, &gen, |id, raw| {
+        // The forward that produced this token just ended: book its energy.
+        let step_flops = if steps == 0 {
+            flops.forward(prompt_len, 0, prefill_rows)
+        } else {
+            flops.forward(1, prompt_len + steps - 1, 1)
+        };
+        steps += 1;
+        joules += acc.attributor.step(&[StepShare { flops: step_flops }])[0];
         let now = Instant::now();
         match last_token_at {
             None => metrics
@@ -203,11 +276,11 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
         }
         Flow::Continue
     });
+    // The rest (the final forward, when a stop id ended generation) is this job's too.
+    joules += acc.attributor.step(&[StepShare { flops: 1 }])[0];
     metrics.running.with_label_values(&label).dec();
-    metrics
-        .e2e
-        .with_label_values(&label)
-        .observe(start.elapsed().as_secs_f64());
+    let seconds = start.elapsed().as_secs_f64();
+    metrics.e2e.with_label_values(&label).observe(seconds);
     let out = match result {
         Ok(out) => out,
         Err(e) => {
@@ -217,6 +290,7 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
             return;
         }
     };
+    let generated = out.token_ids.len();
     metrics
         .prompt_tokens
         .with_label_values(&label)
@@ -224,19 +298,64 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
     metrics
         .generation_tokens
         .with_label_values(&label)
-        .inc_by(out.token_ids.len() as u64);
+        .inc_by(generated as u64);
+    let (prefill_flops, decode_flops) = flops.generation(prompt_len, prefill_rows, generated);
+    let cost = Cost {
+        energy_joules: joules,
+        flops: prefill_flops + decode_flops,
+        co2_grams: acc.carbon.grams(joules),
+        gpu_memory_bytes: acc.attributor.meter().gpu_memory_bytes(),
+        energy_source: source,
+    };
+    metrics.add_energy(source, joules, false, cost.co2_grams);
+    metrics.flops.with_label_values(&label).inc_by(cost.flops as f64);
+    if generated > 0 {
+        metrics
+            .energy_per_token
+            .with_label_values(&label)
+            .observe(joules / generated as f64);
+    }
+    if let Some(mem) = cost.gpu_memory_bytes {
+        metrics.gpu_memory.with_label_values(&label).set(mem as f64);
+    }
+    if seconds > 0.0 {
+        metrics.power_watts.with_label_values(&label).set(joules / seconds);
+    }
+    let log = |finish: &str| {
+        eprintln!(
+            "{}",
+            serde_json::json!({
+                "event": "request",
+                "model": metrics.model(),
+                "finish_reason": finish,
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": generated,
+                "seconds": seconds,
+                "energy_joules": cost.energy_joules,
+                "prefill_flops": prefill_flops,
+                "decode_flops": decode_flops,
+                "co2_grams": cost.co2_grams,
+                "gpu_memory_bytes": cost.gpu_memory_bytes,
+                "energy_source": cost.energy_source,
+            })
+        );
+    };
     if cancelled {
         metrics
             .requests
             .with_label_values(&[metrics.model(), "cancelled"])
             .inc();
+        log("cancelled");
         return;
     }
     if !stopped_by_string {
         let tail = detok.flush();
         let text = match stops.push(&tail) {
             StopOutcome::Emit(t) => t + &stops.flush(),
-            StopOutcome::Stopped(t) => t,
+            StopOutcome::Stopped(t) => {
+                stopped_by_string = true;
+                t
+            }
         };
         if !text.is_empty() || !pending_logprobs.is_empty() {
             send(Event::Text {
@@ -254,10 +373,12 @@ fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, job: Job) {
         .requests
         .with_label_values(&[metrics.model(), finish_reason.as_str()])
         .inc();
+    log(finish_reason.as_str());
     send(Event::Done(Done {
         finish_reason,
         prompt_tokens: out.prompt_tokens,
-        completion_tokens: out.token_ids.len(),
+        completion_tokens: generated,
         prompt_logprobs: out.prompt_logprobs,
+        cost,
     }));
 }

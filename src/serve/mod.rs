@@ -18,6 +18,8 @@ use std::time::Duration;
 use anyhow::Context;
 use candle_core::{DType, Device};
 
+use crate::energy::meter::PowerModel;
+use crate::energy::{open_meter, Attributor, Carbon, MeterChoice};
 use crate::metrics::Metrics;
 use crate::model::{load_model, Qwen2Config};
 use crate::tokenizer::CodeTokenizer;
@@ -39,6 +41,12 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Which energy meter (`--energy`).
+    pub energy: MeterChoice,
+    /// Power model of the estimated meter.
+    pub power_model: PowerModel,
+    /// Grid intensity and PUE.
+    pub carbon: Carbon,
 }
 
 fn folder_name(dir: &std::path::Path) -> String {
@@ -66,6 +74,18 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         config.vocab_size,
     ));
     let metrics = Metrics::new(&name);
+    let meter = open_meter(cfg.energy, cfg.power_model)?;
+    eprintln!(
+        "greencode: energy source `{}`: {}; CO2 at {} g/kWh × PUE {}",
+        meter.source().as_str(),
+        meter.describe(),
+        cfg.carbon.grid_intensity,
+        cfg.carbon.pue
+    );
+    let accounting = engine::Accounting {
+        attributor: Attributor::new(meter)?,
+        carbon: cfg.carbon,
+    };
     let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
     let dir = cfg.model_dir.clone();
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
@@ -79,6 +99,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         Arc::clone(&info),
         metrics.clone(),
         cfg.max_queue.max(1),
+        accounting,
     );
     let state = routes::AppState {
         info,

@@ -59,7 +59,7 @@ pub struct StreamOptions {
     pub include_usage: Option<bool>,
 }
 
-/// Token counts of a response.
+/// Token counts of a response, and what it cost.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Usage {
     /// Tokens of the prompt(s) as run.
@@ -68,6 +68,36 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// Energy attributed to this request (J).
+    pub energy_joules: f64,
+    /// Floating-point operations executed for it (analytic, from the real shapes).
+    pub flops: u64,
+    /// Estimated emissions (g CO2e): energy × grid intensity × PUE.
+    pub co2_grams: f64,
+    /// This process's GPU memory at the end of the request (null on CPU).
+    pub gpu_memory_bytes: Option<u64>,
+    /// `nvml`, `rapl` or `estimated`.
+    pub energy_source: &'static str,
+}
+
+impl Usage {
+    /// Adds one finished job's counts and costs (`count_prompt`: whether its
+    /// prompt is new to this response, not another choice of the same prompt).
+    pub fn add(&mut self, done: &super::engine::Done, count_prompt: bool) {
+        if count_prompt {
+            self.prompt_tokens += done.prompt_tokens;
+        }
+        self.completion_tokens += done.completion_tokens;
+        self.total_tokens = self.prompt_tokens + self.completion_tokens;
+        self.energy_joules += done.cost.energy_joules;
+        self.flops += done.cost.flops;
+        self.co2_grams += done.cost.co2_grams;
+        self.gpu_memory_bytes = match (self.gpu_memory_bytes, done.cost.gpu_memory_bytes) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.energy_source = done.cost.energy_source;
+    }
 }
 
 /// Legacy completions `logprobs` object.

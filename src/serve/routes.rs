@@ -298,10 +298,7 @@ async fn collect_completion(
             }
         }
         let done = done.ok_or(ApiError::Internal)?;
-        if index % plan.settings.n == 0 {
-            usage.prompt_tokens += done.prompt_tokens;
-        }
-        usage.completion_tokens += done.completion_tokens;
+        usage.add(&done, index % plan.settings.n == 0);
         let logprobs = plan.logprobs.map(|_| {
             let echo = plan
                 .echo
@@ -315,7 +312,6 @@ async fn collect_completion(
             finish_reason: Some(done.finish_reason.as_str()),
         });
     }
-    usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
     Ok(CompletionResponse {
         id: new_id("cmpl"),
         object: "text_completion",
@@ -397,10 +393,7 @@ fn stream_completion(
                             sse_json(&chunk(index, text, lp, None))
                         }
                         Event::Done(d) => {
-                            if index % plan.settings.n == 0 {
-                                usage.prompt_tokens += d.prompt_tokens;
-                            }
-                            usage.completion_tokens += d.completion_tokens;
+                            usage.add(&d, index % plan.settings.n == 0);
                             sse_json(&chunk(index, String::new(), None, Some(d.finish_reason.as_str())))
                         }
                         Event::Error(e) => {
@@ -414,7 +407,6 @@ fn stream_completion(
                 }
             }
             if plan.settings.include_usage {
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
                 let last = CompletionResponse {
                     id: id.clone(),
                     object: "text_completion",
@@ -544,10 +536,7 @@ fn stream_chat(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::Unbou
                             None,
                         )),
                         Event::Done(d) => {
-                            if index % plan.settings.n == 0 {
-                                usage.prompt_tokens += d.prompt_tokens;
-                            }
-                            usage.completion_tokens += d.completion_tokens;
+                            usage.add(&d, index % plan.settings.n == 0);
                             sse_json(&chunk(index, ChatDelta::default(), Some(d.finish_reason.as_str())))
                         }
                         Event::Error(e) => {
@@ -561,7 +550,6 @@ fn stream_chat(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::Unbou
                 }
             }
             if plan.settings.include_usage {
-                usage.total_tokens = usage.prompt_tokens + usage.completion_tokens;
                 let last = ChatChunk {
                     id: id.clone(),
                     object: "chat.completion.chunk",

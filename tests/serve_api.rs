@@ -363,7 +363,13 @@ fn streaming_chunks_reassemble_the_completion() {
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
-    for key in ["prompt_tokens", "completion_tokens", "total_tokens", "flops", "energy_source"] {
+    for key in [
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "flops",
+        "energy_source",
+    ] {
         assert_eq!(usage["usage"][key], whole["usage"][key], "{key}");
     }
     for c in &chunks[..chunks.len() - 1] {

@@ -63,6 +63,8 @@ pub struct Metrics {
     pub model_parameters: GaugeVec,
     /// 1, labelled with the model, what it was pruned from, and its quantization.
     pub model_info: GaugeVec,
+    /// Parameters of the model a pruned model was made from (absent if not pruned).
+    pub pruned_from_parameters: GaugeVec,
 }
 
 impl Metrics {
@@ -162,6 +164,11 @@ impl Metrics {
                 "Constant 1, labelled with what the served model is.",
                 &["model", "pruned_from", "quantization"],
             ),
+            pruned_from_parameters: fgauge(
+                "greencode_pruned_from_parameters",
+                "Parameters of the model the served model was pruned from.",
+                &["model", "pruned_from"],
+            ),
             registry,
             model: model.to_owned(),
         };
@@ -200,6 +207,11 @@ impl Metrics {
         self.model_info
             .with_label_values(&[&self.model, &pruned_from, "none"])
             .set(1.0);
+        if let Some(before) = model.config().params_before_pruning {
+            self.pruned_from_parameters
+                .with_label_values(&[&self.model, &pruned_from])
+                .set(before as f64);
+        }
     }
 
     /// The `model` label value.

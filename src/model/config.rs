@@ -40,6 +40,8 @@ pub struct Qwen2Config {
     pub bos_token_id: Option<u32>,
     /// The model a pruned model was made from (greencode's own field).
     pub pruned_from: Option<String>,
+    /// Parameters of that model before pruning (greencode's own field).
+    pub params_before_pruning: Option<u64>,
     /// The file as read, for writing back with edits.
     pub raw: Map<String, Value>,
 }
@@ -156,6 +158,10 @@ impl Qwen2Config {
             eos_token_ids,
             bos_token_id,
             pruned_from: f.opt_str("pruned_from")?.map(str::to_owned),
+            params_before_pruning: raw
+                .get("greencode_prune")
+                .and_then(|p| p.get("params_before"))
+                .and_then(Value::as_u64),
             raw: raw.clone(),
         })
     }

@@ -571,6 +571,8 @@ fn write_folder(
             "layer_metric": report.layer_metric,
             "ffn_score": report.ffn_score,
             "removed_fraction": report.removed_fraction,
+            "params_before": report.params_before.total,
+            "params_after": report.params_after.total,
         });
         let dtype = storage_dtype(source.model.config());
         let tensors: HashMap<String, Tensor> = tensors

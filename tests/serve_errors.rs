@@ -280,5 +280,5 @@ fn serve_refuses_a_missing_model_and_a_busy_port() {
     let s = Server::start(&[]);
     let port = s.base.rsplit(':').next().unwrap().to_owned();
     let out = common::greencode(&["serve", "--port", &port]);
-    common::assert_clean_error(&out, &["cannot listen on 127.0.0.1:"]);
+    common::assert_fails_with(&out, &["cannot listen on 127.0.0.1:"]);
 }

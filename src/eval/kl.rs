@@ -23,6 +23,10 @@ pub struct KlReport {
     pub top1_agreement: f64,
     /// Positions compared.
     pub tokens: usize,
+    /// The model's own mean NLL of the next token on the same text (nats).
+    pub model_mean_nll: f64,
+    /// The model's bits per UTF-8 byte of the predicted text.
+    pub model_bits_per_byte: f64,
 }
 
 /// Compares `model` (with `tok`) against `reference` on the first `window`
@@ -40,6 +44,7 @@ pub fn kl_on_files(
         .map(|ids| Tensor::new(ids, reference.device()))
         .transpose()?;
     let (mut kl, mut agree, mut n) = (0.0f64, 0usize, 0usize);
+    let (mut nll, mut predicted, mut bytes) = (0.0f64, 0usize, 0usize);
     for path in files {
         let mut ids = tok.encode(&corpus::read_text(path)?)?;
         ids.truncate(window.min(model.context_len()));
@@ -70,10 +75,17 @@ pub fn kl_on_files(
         let aq: Vec<u32> = logq.argmax(D::Minus1)?.to_vec1()?;
         agree += ap.iter().zip(&aq).filter(|(a, b)| a == b).count();
         n += ids.len();
+        if ids.len() > 1 {
+            nll += crate::model::qwen2::sum_nll(&q.narrow(0, 0, ids.len() - 1)?, &ids[1..])?;
+            predicted += ids.len() - 1;
+            bytes += tok.decode(&ids[1..], false)?.len();
+        }
     }
     Ok(KlReport {
         kl: kl / n.max(1) as f64,
         top1_agreement: agree as f64 / n.max(1) as f64,
         tokens: n,
+        model_mean_nll: nll / predicted.max(1) as f64,
+        model_bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
     })
 }

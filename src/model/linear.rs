@@ -38,7 +38,19 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_features))?;
         super::flop_probe::add(2 * (rows * in_features * self.weight.dim(0)?) as u64);
-        let mut y = x2.matmul(&self.weight.t()?)?;
+        // Decoding shapes (a few rows) stream the weights with our threaded
+        // matrix-vector kernel; everything else is a GEMM.
+        let decode_shape = rows <= super::matvec::MAX_ROWS
+            && x2.device().is_cpu()
+            && x2.dtype() == candle_core::DType::F32
+            && self.weight.dtype() == candle_core::DType::F32
+            && self.weight.is_contiguous();
+        let mut y = if decode_shape {
+            x2.contiguous()?
+                .apply_op2_no_bwd(&self.weight, &super::matvec::MatVecOp)?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }

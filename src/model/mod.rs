@@ -7,6 +7,7 @@ pub mod flop_probe;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;
+pub mod matvec;
 pub mod params;
 pub mod qwen2;
 

@@ -112,3 +112,45 @@ fn out_of_vocabulary_and_over_context_inputs_are_errors() {
         .unwrap_err();
     assert!(e.to_string().contains("exceeds the context length 8"), "{e}");
 }
+
+#[test]
+fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
+    use greencode::prune::apply::{pruned_tensors, PrunePlan};
+    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    // Different FFN widths per layer, written as a single model.safetensors, untied.
+    let widths: Vec<usize> = (0..12).map(|i| 1024 - 64 * (i % 4)).collect();
+    let plan = PrunePlan {
+        vocab: None,
+        kept_layers: (0..12).collect(),
+        ffn: Some(widths.iter().map(|&w| (0..w as u32).collect()).collect()),
+    };
+    let (mut config, mut tensors) = pruned_tensors(&p.model, &plan).unwrap();
+    config["tie_word_embeddings"] = false.into();
+    let head = (tensors["model.embed_tokens.weight"].clone() * 0.5).unwrap();
+    tensors.insert("lm_head.weight".into(), head);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    std::fs::copy(
+        common::tiny_coder().join("tokenizer.json"),
+        dir.path().join("tokenizer.json"),
+    )
+    .unwrap();
+    let q = Pipeline::load_cpu(dir.path()).unwrap();
+    assert_eq!(q.model.ffn_widths(), widths);
+    assert!(!q.model.config().tie_word_embeddings);
+    // Halving lm_head halves the logits.
+    let ids = prompt_ids(&p);
+    let x = Tensor::new(ids.as_slice(), p.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let same_ffn = greencode::prune::apply::build(&p.model, &plan).unwrap();
+    let want = (same_ffn.logits(&x, None).unwrap() * 0.5).unwrap();
+    assert!(max_abs_diff(&q.model.logits(&x, None).unwrap(), &want) < 1e-4);
+    // An untied config without lm_head.weight names the tensor.
+    tensors.remove("lm_head.weight");
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let e = Pipeline::load_cpu(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("tensor `lm_head.weight` not found"), "{e}");
+}

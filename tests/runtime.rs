@@ -154,3 +154,81 @@ fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
     let e = Pipeline::load_cpu(dir.path()).unwrap_err();
     assert!(e.to_string().contains("tensor `lm_head.weight` not found"), "{e}");
 }
+
+#[test]
+fn ragged_batch_steps_equal_sequences_run_alone() {
+    use greencode::generate::{generate, Flow, GenerationRequest};
+    use greencode::model::qwen2::SeqStep;
+    use greencode::sampling::{argmax, SamplingParams};
+    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let snippets = [
+        "def fibonacci(n):\n",
+        "import os\nimport sys\n",
+        "class Stack:\n    def __init__(self):\n",
+        "for i in range(10):\n    print(",
+        "#include <stdio.h>\nint main(void) {\n",
+        "def add(a, b):\n    return",
+        "x = [1, 2, 3]\ny = ",
+        "with open(path) as f:\n    data = ",
+    ];
+    let prompts: Vec<Vec<u32>> = (0..16)
+        .map(|i| {
+            p.tokenizer
+                .encode(&format!("{}{}", "# file\n".repeat(i % 3), snippets[i % 8]))
+                .unwrap()
+        })
+        .collect();
+    let steps = 10;
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|ids| {
+            let mut req = GenerationRequest::new(ids.clone(), steps, SamplingParams::greedy());
+            req.ignore_stop_ids = true;
+            generate(&p.model, &req, |_, _| Flow::Continue).unwrap().token_ids
+        })
+        .collect();
+    // Batched: the first 8 start at step 0, the other 8 join at step 3 (their
+    // prompt chunks run in the same steps as the others' decode tokens).
+    let mut caches: Vec<_> = (0..16).map(|_| p.model.new_cache(256).unwrap()).collect();
+    let mut out: Vec<Vec<u32>> = vec![Vec::new(); 16];
+    for step in 0..steps + 3 {
+        let active: Vec<usize> = (0..16)
+            .filter(|&i| {
+                let start = if i < 8 { 0 } else { 3 };
+                step >= start && out[i].len() < steps
+            })
+            .collect();
+        let inputs: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&i| {
+                if out[i].is_empty() {
+                    prompts[i].clone()
+                } else {
+                    vec![*out[i].last().unwrap()]
+                }
+            })
+            .collect();
+        let mut batch: Vec<SeqStep> = Vec::new();
+        for ((i, cache), tokens) in caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| active.contains(i))
+            .zip(&inputs)
+        {
+            let _ = i;
+            batch.push(SeqStep {
+                cache,
+                tokens,
+                logits: greencode::model::qwen2::LogitsFor::Last,
+            });
+        }
+        let logits = p.model.step(&mut batch).unwrap();
+        for (&i, l) in active.iter().zip(&logits) {
+            let row: Vec<f32> = l.squeeze(0).unwrap().to_vec1().unwrap();
+            out[i].push(argmax(&row));
+        }
+    }
+    for i in 0..16 {
+        assert_eq!(out[i], alone[i], "sequence {i} differs in a batch");
+    }
+}

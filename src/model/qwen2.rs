@@ -162,6 +162,52 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Attention for a ragged batch: `x` is `[1, Σt, hidden]`, the new tokens of
+    /// every sequence in order; projections run once over all rows, RoPE,
+    /// cache appends and attention run per sequence against its own cache.
+    fn forward_ragged(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        seqs: &mut [SeqStep<'_>],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q_all = self.q_proj.forward(x)?;
+        let k_all = self.k_proj.forward(x)?;
+        let v_all = self.v_proj.forward(x)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut row = 0;
+        for seq in seqs.iter_mut() {
+            let t = seq.tokens.len();
+            let offset = seq.cache.len();
+            let split = |a: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
+                a.narrow(1, row, t)?.reshape((1, t, heads, hd))?.transpose(1, 2)
+            };
+            let q = rope.apply(&split(&q_all, nh)?, offset)?;
+            let k = rope.apply(&split(&k_all, nkv)?, offset)?;
+            let v = split(&v_all, nkv)?.contiguous()?;
+            let (k, v) = seq.cache.append(layer, &k, &v)?;
+            let y = attend(&q, &k, &v, offset, nkv)?;
+            outs.push(y.transpose(1, 2)?.reshape((1, t, nh * hd))?);
+            row += t;
+        }
+        let y = Tensor::cat(&outs, 1)?;
+        Ok(self.o_proj.forward(&y)?)
+    }
+}
+
+/// One sequence's part of a ragged batch step.
+pub struct SeqStep<'a> {
+    /// The sequence's KV cache (its length is the start position).
+    pub cache: &'a mut KvCache,
+    /// New tokens to append.
+    pub tokens: &'a [u32],
+    /// Which of the new positions get logits.
+    pub logits: LogitsFor,
+}
+
 /// Query rows per block of blocked causal attention.
 pub const QUERY_BLOCK: usize = 128;
 
@@ -274,6 +320,23 @@ impl DecoderLayer {
         let h = self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + h)?)
+    }
+}
+
+impl DecoderLayer {
+    fn forward_ragged(
+        &self,
+        x: &Tensor,
+        rope: &RotaryEmbedding,
+        seqs: &mut [SeqStep<'_>],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward_ragged(&self.input_layernorm.forward(x)?, rope, seqs, layer)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
@@ -551,6 +614,66 @@ impl Qwen2 {
             }
         }
         self.head(&h)
+    }
+
+    /// One serving step over a ragged batch: appends each sequence's new
+    /// tokens to its cache, running the projections and MLP once over all
+    /// rows and attention per sequence. Returns each sequence's logits
+    /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]).
+    pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        let mut ids = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Input("no tokens to run".into()));
+            }
+            if s.cache.len() + s.tokens.len() > s.cache.capacity() {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    s.cache.len() + s.tokens.len(),
+                    s.cache.capacity()
+                )));
+            }
+            ids.extend_from_slice(s.tokens);
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_ids(&ids)?;
+        let total = ids.len();
+        let ids = Tensor::new(ids.as_slice(), self.device())?;
+        let mut h = self
+            .embed_tokens
+            .index_select(&ids, 0)?
+            .reshape((1, total, self.config.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward_ragged(&h, &self.rope, seqs, i)?;
+        }
+        // Rows that get logits: gathered so the head runs once.
+        let mut rows = Vec::new();
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut start = 0u32;
+        for s in seqs.iter_mut() {
+            let t = s.tokens.len() as u32;
+            let picked: Vec<u32> = match s.logits {
+                LogitsFor::Last => vec![start + t - 1],
+                LogitsFor::All => (start..start + t).collect(),
+            };
+            counts.push(picked.len());
+            rows.extend(picked);
+            s.cache.advance(t as usize);
+            start += t;
+        }
+        let rows = Tensor::new(rows.as_slice(), self.device())?;
+        let logits = self
+            .head(&h.squeeze(0)?.index_select(&rows, 0)?.unsqueeze(0)?)?
+            .squeeze(0)?;
+        let mut out = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(logits.narrow(0, at, n)?);
+            at += n;
+        }
+        Ok(out)
     }
 
     /// Appends `tokens` to the sequence in `cache` and returns logits for the

@@ -171,18 +171,8 @@ pub fn generate(
     };
     while out.len() < budget {
         let raw: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        let mut row = raw.clone();
-        sampler.adjust(&mut row, &req.prompt_ids, &out);
-        if let (true, Some(allowed)) = (out.is_empty(), &req.first_token_allowed) {
-            let mut only = vec![f32::NEG_INFINITY; row.len()];
-            for &id in allowed {
-                if let Some(l) = row.get(id as usize) {
-                    only[id as usize] = *l;
-                }
-            }
-            row = only;
-        }
-        let id = sampler.pick(&row);
+        let allowed = req.first_token_allowed.as_deref().filter(|_| out.is_empty());
+        let id = sampler.next(&raw, &req.prompt_ids, &out, allowed);
         out.push(id);
         first_token_at.get_or_insert_with(Instant::now);
         if !req.ignore_stop_ids && req.stop_ids.contains(&id) {

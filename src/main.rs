@@ -119,6 +119,13 @@ struct ServeArgs {
     /// Most requests queued or running; more are refused with 429.
     #[arg(long, default_value_t = 128)]
     max_queue: usize,
+    /// Most sequences decoded together in one engine step.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Most prompt tokens processed per engine step (long prompts are chunked
+    /// so running requests keep decoding).
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
     /// Require `Authorization: Bearer KEY` on API routes.
     #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -350,6 +357,8 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         max_queue: a.max_queue,
+        max_batch: a.max_batch,
+        prefill_chunk: a.prefill_chunk,
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),

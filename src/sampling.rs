@@ -113,6 +113,23 @@ impl Sampler {
         }
     }
 
+    /// The next token from the model's raw logits: penalties and biases,
+    /// then (for a healed prompt's first token) only the `allowed` ids, then a pick.
+    pub fn next(&mut self, raw: &[f32], prompt: &[u32], generated: &[u32], allowed: Option<&[u32]>) -> u32 {
+        let mut row = raw.to_vec();
+        self.adjust(&mut row, prompt, generated);
+        if let Some(allowed) = allowed {
+            let mut only = vec![f32::NEG_INFINITY; row.len()];
+            for &id in allowed {
+                if let Some(l) = row.get(id as usize) {
+                    only[id as usize] = *l;
+                }
+            }
+            row = only;
+        }
+        self.pick(&row)
+    }
+
     /// Picks the next token from already adjusted logits.
     pub fn pick(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;

@@ -1,10 +1,10 @@
-//! The engine: one thread that owns the model and runs generation jobs in
-//! arrival order, talking to handlers only through channels. A job whose
-//! client went away (its event receiver is dropped) stops at the next token;
-//! sends are best-effort and a failed send ends that job only.
-//!
-//! This engine runs one sequence at a time; continuous batching replaces the
-//! loop body behind the same [`EngineHandle`].
+//! The engine: one thread that owns the model and runs continuous batching,
+//! talking to handlers only through channels. Each loop turn admits waiting
+//! jobs into free slots (up to `max_batch`), runs one ragged step over every
+//! active slot (decode tokens and bounded prompt chunks together), and sends
+//! each slot's new text. A job whose client went away (its event receiver is
+//! dropped) leaves at the next step; sends are best-effort and a failed send
+//! ends that job only.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -17,9 +17,12 @@ use super::error::ApiError;
 use super::stop::{StopMatcher, StopOutcome};
 use super::validate::{ModelInfo, ValidRequest};
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
-use crate::generate::{generate, token_logprob, FinishReason, Flow, GenerationRequest, TokenLogprob};
+use crate::generate::{token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
+use crate::model::qwen2::{LogitsFor, SeqStep};
+use crate::model::KvCache;
 use crate::model::Qwen2;
+use crate::sampling::Sampler;
 
 /// What the engine tells a handler about one job.
 #[derive(Debug)]
@@ -135,21 +138,43 @@ impl EngineHandle {
     }
 }
 
+/// Batching limits.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Most requests queued or running; more get 429.
+    pub max_queue: usize,
+    /// Most sequences in one step.
+    pub max_batch: usize,
+    /// Most prompt tokens processed in one step (over all prefilling slots),
+    /// so long prompts do not stall the others' decoding.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_queue: 128,
+            max_batch: 16,
+            prefill_chunk: 512,
+        }
+    }
+}
+
 /// Starts the engine thread; `load` builds the model on that thread (so the
 /// server can answer `/health` with 503 meanwhile).
 pub fn spawn(
     load: impl FnOnce() -> anyhow::Result<Qwen2> + Send + 'static,
     info: Arc<ModelInfo>,
     metrics: Metrics,
-    max_queue: usize,
+    config: EngineConfig,
     mut accounting: Accounting,
 ) -> (EngineHandle, std::thread::JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = std_mpsc::channel::<Job>();
     let ready = Arc::new(AtomicBool::new(false));
     let handle = EngineHandle {
         tx,
-        permits: Arc::new(Semaphore::new(max_queue)),
-        max_queue,
+        permits: Arc::new(Semaphore::new(config.max_queue)),
+        max_queue: config.max_queue,
         ready: Arc::clone(&ready),
         metrics: metrics.clone(),
     };
@@ -161,19 +186,18 @@ pub fn spawn(
             let flops = FlopCounter::new(&model);
             ready.store(true, Ordering::Release);
             eprintln!("greencode: model loaded, ready");
-            let mut last_tick = Instant::now();
-            loop {
-                match rx.recv_timeout(IDLE_TICK) {
-                    Ok(job) => {
-                        metrics.waiting.with_label_values(&[metrics.model()]).dec();
-                        record_idle(&mut accounting, &metrics, &mut last_tick);
-                        run_job(&model, &info, &metrics, &flops, &mut accounting, job);
-                        last_tick = Instant::now();
-                    }
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => record_idle(&mut accounting, &metrics, &mut last_tick),
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
+            let mut engine = Engine {
+                model: &model,
+                info: &info,
+                metrics: &metrics,
+                flops: &flops,
+                acc: &mut accounting,
+                config,
+                waiting: std::collections::VecDeque::new(),
+                slots: Vec::new(),
+                last_tick: Instant::now(),
+            };
+            engine.run(&rx);
             Ok(())
         })
         .expect("spawning a thread");
@@ -183,202 +207,419 @@ pub fn spawn(
 /// How often an idle engine reads the meter (idle energy, power gauge).
 const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Books the energy since the last reading as idle and updates the power gauge.
-fn record_idle(acc: &mut Accounting, metrics: &Metrics, last_tick: &mut Instant) {
-    let joules = acc.attributor.idle();
-    let secs = last_tick.elapsed().as_secs_f64();
-    *last_tick = Instant::now();
-    let source = acc.attributor.meter().source().as_str();
-    metrics.add_energy(source, joules, true, acc.carbon.grams(joules));
-    if secs > 0.0 {
-        metrics
-            .power_watts
-            .with_label_values(&[metrics.model()])
-            .set(joules / secs);
-    }
-    if let Some(mem) = acc.attributor.meter().gpu_memory_bytes() {
-        metrics.gpu_memory.with_label_values(&[metrics.model()]).set(mem as f64);
-    }
+/// Where a slot is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Prompt tokens remain to be run.
+    Prefill,
+    /// Generating one token per step.
+    Decode,
 }
 
-fn run_job(model: &Qwen2, info: &ModelInfo, metrics: &Metrics, flops: &FlopCounter, acc: &mut Accounting, job: Job) {
-    let label = [metrics.model()];
-    if job.events.is_closed() {
-        metrics
-            .requests
-            .with_label_values(&[metrics.model(), "cancelled"])
-            .inc();
-        return;
-    }
-    let req = &job.req;
-    let start = Instant::now();
-    metrics.running.with_label_values(&label).inc();
-    let skip = req.healing.as_ref().map_or(0, |h| h.prefix_len);
-    let mut detok = Detokenizer::new(Arc::clone(&info.token_bytes), Arc::clone(&info.special), skip);
-    let mut stops = StopMatcher::new(req.stop_strings.clone());
-    let mut pending_logprobs = Vec::new();
-    let mut stopped_by_string = false;
-    let mut cancelled = false;
-    let mut last_token_at: Option<Instant> = None;
-    let mut gen = GenerationRequest::new(req.prompt_ids.clone(), req.max_tokens, req.sampling.clone());
-    gen.stop_ids = req.stop_ids.clone();
-    gen.first_token_allowed = req.healing.as_ref().map(|h| h.allowed.clone());
-    gen.prompt_logprobs = req.prompt_logprobs.then_some(req.logprobs.unwrap_or(0));
-    let send = |ev: Event| job.events.send(ev).is_ok();
-    let prompt_len = req.prompt_ids.len();
-    let prefill_rows = if req.prompt_logprobs { prompt_len } else { 1 };
-    let source = acc.attributor.meter().source().as_str();
-    let mut joules = 0.0;
-    let mut steps = 0usize;
+/// One running sequence.
+struct Slot {
+    job: Job,
+    state: SlotState,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt tokens already in the cache.
+    prompt_done: usize,
+    generated: Vec<u32>,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    pending_logprobs: Vec<TokenLogprob>,
+    prompt_logprobs: Vec<TokenLogprob>,
+    joules: f64,
+    flops: u64,
+    start: Instant,
+    last_token_at: Option<Instant>,
+    finish: Option<FinishReason>,
+    cancelled: bool,
+}
 
-    let result = generate(model, &gen, |id, raw| {
-        // The forward that produced this token just ended: book its energy.
-        let step_flops = if steps == 0 {
-            flops.forward(prompt_len, 0, prefill_rows)
-        } else {
-            flops.forward(1, prompt_len + steps - 1, 1)
+struct Engine<'a> {
+    model: &'a Qwen2,
+    info: &'a ModelInfo,
+    metrics: &'a Metrics,
+    flops: &'a FlopCounter,
+    acc: &'a mut Accounting,
+    config: EngineConfig,
+    waiting: std::collections::VecDeque<Job>,
+    slots: Vec<Slot>,
+    last_tick: Instant,
+}
+
+impl Engine<'_> {
+    fn run(&mut self, rx: &std_mpsc::Receiver<Job>) {
+        loop {
+            if self.slots.is_empty() && self.waiting.is_empty() {
+                match rx.recv_timeout(IDLE_TICK) {
+                    Ok(job) => self.enqueue(job),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                        self.record_idle();
+                        continue;
+                    }
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+                // Energy up to now was idle; from here it belongs to steps.
+                self.record_idle();
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.enqueue(job);
+            }
+            self.admit();
+            if !self.slots.is_empty() {
+                self.step();
+            }
+        }
+    }
+
+    fn enqueue(&mut self, job: Job) {
+        self.waiting.push_back(job);
+    }
+
+    /// Moves waiting jobs into free slots; drops jobs whose client left.
+    fn admit(&mut self) {
+        let label = [self.metrics.model()];
+        while self.slots.len() < self.config.max_batch {
+            let Some(job) = self.waiting.pop_front() else { break };
+            self.metrics.waiting.with_label_values(&label).dec();
+            if job.events.is_closed() {
+                self.metrics
+                    .requests
+                    .with_label_values(&[self.metrics.model(), "cancelled"])
+                    .inc();
+                continue;
+            }
+            let req = &job.req;
+            let cache = match self.model.new_cache(req.prompt_ids.len() + req.max_tokens) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("greencode: cannot allocate a KV cache: {e}");
+                    let _ = job.events.send(Event::Error(ApiError::Internal));
+                    continue;
+                }
+            };
+            let skip = req.healing.as_ref().map_or(0, |h| h.prefix_len);
+            self.metrics.running.with_label_values(&label).inc();
+            self.slots.push(Slot {
+                state: SlotState::Prefill,
+                cache,
+                sampler: Sampler::new(req.sampling.clone()),
+                prompt_done: 0,
+                generated: Vec::new(),
+                detok: Detokenizer::new(Arc::clone(&self.info.token_bytes), Arc::clone(&self.info.special), skip),
+                stops: StopMatcher::new(req.stop_strings.clone()),
+                pending_logprobs: Vec::new(),
+                prompt_logprobs: Vec::new(),
+                joules: 0.0,
+                flops: 0,
+                start: Instant::now(),
+                last_token_at: None,
+                finish: None,
+                cancelled: false,
+                job,
+            });
+        }
+    }
+
+    /// Books the energy since the last reading as idle and updates the gauges.
+    fn record_idle(&mut self) {
+        let joules = self.acc.attributor.idle();
+        let secs = self.last_tick.elapsed().as_secs_f64();
+        self.last_tick = Instant::now();
+        let source = self.acc.attributor.meter().source().as_str();
+        self.metrics
+            .add_energy(source, joules, true, self.acc.carbon.grams(joules));
+        if secs > 0.0 && self.slots.is_empty() {
+            self.metrics
+                .power_watts
+                .with_label_values(&[self.metrics.model()])
+                .set(joules / secs);
+        }
+        if let Some(mem) = self.acc.attributor.meter().gpu_memory_bytes() {
+            self.metrics
+                .gpu_memory
+                .with_label_values(&[self.metrics.model()])
+                .set(mem as f64);
+        }
+    }
+
+    /// One ragged step over every active slot, then the results.
+    fn step(&mut self) {
+        // Clients that left free their slots first (indices below stay valid).
+        for slot in self.slots.iter_mut() {
+            if slot.job.events.is_closed() {
+                slot.cancelled = true;
+            }
+        }
+        self.finish_cancelled();
+        // Inputs: a decode token, or the next prompt chunk within the budget.
+        let mut budget = self.config.prefill_chunk.max(1);
+        let mut inputs: Vec<(usize, Vec<u32>, LogitsFor, bool)> = Vec::new(); // slot, tokens, logits, completes prompt
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            match slot.state {
+                SlotState::Decode => {
+                    let last = *slot.generated.last().expect("decoding slots have generated a token");
+                    inputs.push((i, vec![last], LogitsFor::Last, false));
+                }
+                SlotState::Prefill => {
+                    if budget == 0 {
+                        continue;
+                    }
+                    let prompt = &slot.job.req.prompt_ids;
+                    let n = (prompt.len() - slot.prompt_done).min(budget);
+                    budget -= n;
+                    let chunk = prompt[slot.prompt_done..slot.prompt_done + n].to_vec();
+                    let completes = slot.prompt_done + n == prompt.len();
+                    let logits = if slot.job.req.prompt_logprobs {
+                        LogitsFor::All
+                    } else {
+                        LogitsFor::Last
+                    };
+                    inputs.push((i, chunk, logits, completes));
+                }
+            }
+        }
+        if inputs.is_empty() {
+            return;
+        }
+        let shares: Vec<StepShare> = inputs
+            .iter()
+            .map(|(i, tokens, logits, _)| {
+                let offset = self.slots[*i].cache.len();
+                let rows = if *logits == LogitsFor::All { tokens.len() } else { 1 };
+                StepShare {
+                    flops: self.flops.forward(tokens.len(), offset, rows),
+                }
+            })
+            .collect();
+        let result = {
+            let mut by_index: Vec<Option<&mut Slot>> = self.slots.iter_mut().map(Some).collect();
+            let mut batch: Vec<SeqStep> = Vec::with_capacity(inputs.len());
+            for (i, tokens, logits, _) in &inputs {
+                let slot = by_index[*i].take().expect("each slot appears once");
+                batch.push(SeqStep {
+                    cache: &mut slot.cache,
+                    tokens,
+                    logits: *logits,
+                });
+            }
+            self.model.step(&mut batch)
         };
-        steps += 1;
-        joules += acc.attributor.step(&[StepShare { flops: step_flops }])[0];
+        let joules = self.acc.attributor.step(&shares);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("greencode: step failed: {e}");
+                for (i, ..) in &inputs {
+                    let slot = &mut self.slots[*i];
+                    self.metrics
+                        .requests
+                        .with_label_values(&[self.metrics.model(), "error"])
+                        .inc();
+                    let _ = slot.job.events.send(Event::Error(ApiError::Internal));
+                    slot.cancelled = true;
+                }
+                self.finish_cancelled();
+                return;
+            }
+        };
+        for (((i, tokens, _, completes), l), (share, j)) in inputs.iter().zip(logits).zip(shares.iter().zip(joules)) {
+            let slot = &mut self.slots[*i];
+            slot.joules += j;
+            slot.flops += share.flops;
+            let rows: Vec<Vec<f32>> = match l.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec2()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("greencode: reading logits failed: {e}");
+                    slot.cancelled = true;
+                    continue;
+                }
+            };
+            if slot.state == SlotState::Prefill {
+                if slot.job.req.prompt_logprobs {
+                    let k = slot.job.req.logprobs.unwrap_or(0);
+                    let prompt = &slot.job.req.prompt_ids;
+                    for (r, row) in rows.iter().enumerate() {
+                        let pos = slot.prompt_done + r; // this row predicts prompt[pos + 1]
+                        if pos + 1 < prompt.len() {
+                            slot.prompt_logprobs.push(token_logprob(row, prompt[pos + 1], k));
+                        }
+                    }
+                }
+                slot.prompt_done += tokens.len();
+                if !completes {
+                    continue;
+                }
+                slot.state = SlotState::Decode;
+            }
+            let raw = rows.last().expect("at least one logits row");
+            Self::accept_token(self.metrics, slot, raw);
+        }
+        self.finish_done();
+    }
+
+    /// Picks and emits the next token of a slot whose logits are ready.
+    fn accept_token(metrics: &Metrics, slot: &mut Slot, raw: &[f32]) {
+        let label = [metrics.model()];
+        let req = &slot.job.req;
+        let allowed = req
+            .healing
+            .as_ref()
+            .map(|h| h.allowed.as_slice())
+            .filter(|_| slot.generated.is_empty());
+        let id = slot.sampler.next(raw, &req.prompt_ids, &slot.generated, allowed);
+        slot.generated.push(id);
         let now = Instant::now();
-        match last_token_at {
+        match slot.last_token_at {
             None => metrics
                 .ttft
                 .with_label_values(&label)
-                .observe((now - start).as_secs_f64()),
+                .observe((now - slot.start).as_secs_f64()),
             Some(t) => metrics.itl.with_label_values(&label).observe((now - t).as_secs_f64()),
         }
-        last_token_at = Some(now);
-        if let Some(k) = req.logprobs {
-            pending_logprobs.push(token_logprob(raw, id, k));
+        slot.last_token_at = Some(now);
+        if req.stop_ids.contains(&id) {
+            slot.finish = Some(FinishReason::Stop);
+            return;
         }
-        let piece = detok.push(id);
-        let (text, stop) = match stops.push(&piece) {
+        if let Some(k) = req.logprobs {
+            slot.pending_logprobs.push(token_logprob(raw, id, k));
+        }
+        let piece = slot.detok.push(id);
+        let (text, stopped) = match slot.stops.push(&piece) {
             StopOutcome::Emit(t) => (t, false),
             StopOutcome::Stopped(t) => (t, true),
         };
-        if (!text.is_empty() || !pending_logprobs.is_empty())
-            && !send(Event::Text {
-                text,
-                logprobs: std::mem::take(&mut pending_logprobs),
-            })
+        if (!text.is_empty() || !slot.pending_logprobs.is_empty())
+            && slot
+                .job
+                .events
+                .send(Event::Text {
+                    text,
+                    logprobs: std::mem::take(&mut slot.pending_logprobs),
+                })
+                .is_err()
         {
-            cancelled = true;
-            return Flow::Stop;
-        }
-        if job.events.is_closed() {
-            cancelled = true;
-            return Flow::Stop;
-        }
-        if stop {
-            stopped_by_string = true;
-            return Flow::Stop;
-        }
-        Flow::Continue
-    });
-    // The rest (the final forward, when a stop id ended generation) is this job's too.
-    joules += acc.attributor.step(&[StepShare { flops: 1 }])[0];
-    metrics.running.with_label_values(&label).dec();
-    let seconds = start.elapsed().as_secs_f64();
-    metrics.e2e.with_label_values(&label).observe(seconds);
-    let out = match result {
-        Ok(out) => out,
-        Err(e) => {
-            eprintln!("greencode: generation failed: {e}");
-            metrics.requests.with_label_values(&[metrics.model(), "error"]).inc();
-            send(Event::Error(ApiError::Internal));
+            slot.cancelled = true;
             return;
         }
-    };
-    let generated = out.token_ids.len();
-    metrics
-        .prompt_tokens
-        .with_label_values(&label)
-        .inc_by(out.prompt_tokens as u64);
-    metrics
-        .generation_tokens
-        .with_label_values(&label)
-        .inc_by(generated as u64);
-    let (prefill_flops, decode_flops) = flops.generation(prompt_len, prefill_rows, generated);
-    let cost = Cost {
-        energy_joules: joules,
-        flops: prefill_flops + decode_flops,
-        co2_grams: acc.carbon.grams(joules),
-        gpu_memory_bytes: acc.attributor.meter().gpu_memory_bytes(),
-        energy_source: source,
-    };
-    metrics.add_energy(source, joules, false, cost.co2_grams);
-    metrics.flops.with_label_values(&label).inc_by(cost.flops as f64);
-    if generated > 0 {
+        if stopped {
+            slot.finish = Some(FinishReason::Stop);
+        } else if slot.generated.len() >= req.max_tokens {
+            slot.finish = Some(FinishReason::Length);
+        }
+    }
+
+    /// Removes slots whose client left.
+    fn finish_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            if self.slots[i].cancelled {
+                let slot = self.slots.swap_remove(i);
+                self.close(slot, None);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Removes finished (or cancelled) slots, sending their final events.
+    fn finish_done(&mut self) {
+        let mut i = 0;
+        while i < self.slots.len() {
+            if self.slots[i].cancelled {
+                let slot = self.slots.swap_remove(i);
+                self.close(slot, None);
+            } else if let Some(f) = self.slots[i].finish {
+                let slot = self.slots.swap_remove(i);
+                self.close(slot, Some(f));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Books a slot's cost and metrics; `finish` None means cancelled.
+    fn close(&mut self, mut slot: Slot, finish: Option<FinishReason>) {
+        let metrics = self.metrics;
+        let label = [metrics.model()];
+        metrics.running.with_label_values(&label).dec();
+        let seconds = slot.start.elapsed().as_secs_f64();
+        metrics.e2e.with_label_values(&label).observe(seconds);
+        let generated = slot.generated.len();
+        let prompt_tokens = slot.prompt_done;
         metrics
-            .energy_per_token
+            .prompt_tokens
             .with_label_values(&label)
-            .observe(joules / generated as f64);
-    }
-    if let Some(mem) = cost.gpu_memory_bytes {
-        metrics.gpu_memory.with_label_values(&label).set(mem as f64);
-    }
-    if seconds > 0.0 {
-        metrics.power_watts.with_label_values(&label).set(joules / seconds);
-    }
-    let log = |finish: &str| {
+            .inc_by(prompt_tokens as u64);
+        metrics
+            .generation_tokens
+            .with_label_values(&label)
+            .inc_by(generated as u64);
+        let source = self.acc.attributor.meter().source().as_str();
+        let cost = Cost {
+            energy_joules: slot.joules,
+            flops: slot.flops,
+            co2_grams: self.acc.carbon.grams(slot.joules),
+            gpu_memory_bytes: self.acc.attributor.meter().gpu_memory_bytes(),
+            energy_source: source,
+        };
+        metrics.add_energy(source, slot.joules, false, cost.co2_grams);
+        metrics.flops.with_label_values(&label).inc_by(cost.flops as f64);
+        if generated > 0 {
+            metrics
+                .energy_per_token
+                .with_label_values(&label)
+                .observe(slot.joules / generated as f64);
+        }
+        if let Some(mem) = cost.gpu_memory_bytes {
+            metrics.gpu_memory.with_label_values(&label).set(mem as f64);
+        }
+        if seconds > 0.0 {
+            metrics.power_watts.with_label_values(&label).set(slot.joules / seconds);
+        }
+        let reason = finish.map_or("cancelled", FinishReason::as_str);
         eprintln!(
             "{}",
             serde_json::json!({
                 "event": "request",
                 "model": metrics.model(),
-                "finish_reason": finish,
-                "prompt_tokens": out.prompt_tokens,
+                "finish_reason": reason,
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": generated,
                 "seconds": seconds,
                 "energy_joules": cost.energy_joules,
-                "prefill_flops": prefill_flops,
-                "decode_flops": decode_flops,
+                "flops": cost.flops,
                 "co2_grams": cost.co2_grams,
                 "gpu_memory_bytes": cost.gpu_memory_bytes,
                 "energy_source": cost.energy_source,
             })
         );
-    };
-    if cancelled {
-        metrics
-            .requests
-            .with_label_values(&[metrics.model(), "cancelled"])
-            .inc();
-        log("cancelled");
-        return;
-    }
-    if !stopped_by_string {
-        let tail = detok.flush();
-        let text = match stops.push(&tail) {
-            StopOutcome::Emit(t) => t + &stops.flush(),
+        metrics.requests.with_label_values(&[metrics.model(), reason]).inc();
+        let Some(mut finish_reason) = finish else { return };
+        // Text held back for a stop string that never came is released now.
+        let tail = slot.detok.flush();
+        let text = match slot.stops.push(&tail) {
+            StopOutcome::Emit(t) => t + &slot.stops.flush(),
             StopOutcome::Stopped(t) => {
-                stopped_by_string = true;
+                finish_reason = FinishReason::Stop;
                 t
             }
         };
-        if !text.is_empty() || !pending_logprobs.is_empty() {
-            send(Event::Text {
+        if !text.is_empty() || !slot.pending_logprobs.is_empty() {
+            let _ = slot.job.events.send(Event::Text {
                 text,
-                logprobs: std::mem::take(&mut pending_logprobs),
+                logprobs: std::mem::take(&mut slot.pending_logprobs),
             });
         }
+        let _ = slot.job.events.send(Event::Done(Done {
+            finish_reason,
+            prompt_tokens,
+            completion_tokens: generated,
+            prompt_logprobs: std::mem::take(&mut slot.prompt_logprobs),
+            cost,
+        }));
     }
-    let finish_reason = if stopped_by_string {
-        FinishReason::Stop
-    } else {
-        out.finish_reason
-    };
-    metrics
-        .requests
-        .with_label_values(&[metrics.model(), finish_reason.as_str()])
-        .inc();
-    log(finish_reason.as_str());
-    send(Event::Done(Done {
-        finish_reason,
-        prompt_tokens: out.prompt_tokens,
-        completion_tokens: generated,
-        prompt_logprobs: out.prompt_logprobs,
-        cost,
-    }));
 }

@@ -35,6 +35,10 @@ pub struct ServeConfig {
     pub port: u16,
     /// Most requests queued or running at once; more get 429.
     pub max_queue: usize,
+    /// Most sequences per engine step.
+    pub max_batch: usize,
+    /// Most prompt tokens per engine step.
+    pub prefill_chunk: usize,
     /// Required bearer token.
     pub api_key: Option<String>,
     /// Name clients use; default the folder's name.
@@ -98,7 +102,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         },
         Arc::clone(&info),
         metrics.clone(),
-        cfg.max_queue.max(1),
+        engine::EngineConfig {
+            max_queue: cfg.max_queue.max(1),
+            max_batch: cfg.max_batch.max(1),
+            prefill_chunk: cfg.prefill_chunk.max(1),
+        },
         accounting,
     );
     let state = routes::AppState {

@@ -1,0 +1,87 @@
+//! Continuous batching over HTTP: concurrent requests give the same tokens
+//! as alone, and a client that leaves frees its slot.
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+fn body(i: usize) -> Value {
+    let snippets = [
+        "def fibonacci(n):\n",
+        "import os\n",
+        "class Stack:\n    def push(self, x):\n",
+        "for i in range(3):\n",
+    ];
+    json!({"prompt": format!("{}{}", "# part\n".repeat(i % 4), snippets[i % 4]), "max_tokens": 24,
+           "temperature": 0, "token_healing": false, "logit_bias": {"0": -100}, "stream": true})
+}
+
+fn stream_text(events: &[(Option<String>, String)]) -> String {
+    events
+        .iter()
+        .filter(|(_, d)| d != "[DONE]")
+        .map(|(_, d)| {
+            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn sixteen_concurrent_greedy_streams_equal_the_same_requests_alone() {
+    let s = std::sync::Arc::new(Server::start(&["--max-batch", "16"]));
+    let alone: Vec<String> = (0..16)
+        .map(|i| stream_text(&s.stream("/v1/completions", &body(i))))
+        .collect();
+    let handles: Vec<_> = (0..16)
+        .map(|i| {
+            let s = std::sync::Arc::clone(&s);
+            std::thread::spawn(move || stream_text(&s.stream("/v1/completions", &body(i))))
+        })
+        .collect();
+    let together: Vec<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for i in 0..16 {
+        assert_eq!(together[i], alone[i], "request {i} differs when batched");
+    }
+    // They really ran together: the batch reached more than one sequence.
+    let log = s.log();
+    assert_eq!(log.iter().filter(|l| l.contains("\"event\":\"request\"")).count(), 32);
+}
+
+#[test]
+fn a_disconnected_stream_frees_its_slot() {
+    let s = Server::start(&[]);
+    let resp = common::agent()
+        .post(format!("{}/v1/completions", s.base))
+        .send(json!({"prompt": "import os\n", "max_tokens": 1000, "stream": true, "logit_bias": {"0": -100, "4": -100, "5": -100}}).to_string().as_bytes())
+        .unwrap();
+    let mut reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut first).unwrap();
+    let running = |s: &Server| -> f64 {
+        let m = s.get("/metrics").1;
+        m.lines()
+            .find(|l| l.starts_with("greencode_num_requests_running{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    };
+    assert_eq!(running(&s), 1.0);
+    drop(reader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while running(&s) != 0.0 {
+        assert!(std::time::Instant::now() < deadline, "the slot was never freed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = s.get("/metrics").1;
+    assert!(
+        m.contains("greencode_request_success_total{finished_reason=\"cancelled\",model=\"tiny-coder\"} 1"),
+        "{m}"
+    );
+    // The server still answers.
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": "x = ", "max_tokens": 2}));
+    assert_eq!(st, 200);
+}

@@ -7,6 +7,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_serve;
 pub mod energy;
 pub mod eval;
 pub mod generate;

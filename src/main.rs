@@ -170,6 +170,35 @@ enum EvalCommand {
 enum BenchCommand {
     /// Time to first token and decode tokens/s at batch 1.
     Generate(BenchGenerateArgs),
+    /// Load an OpenAI-compatible server with concurrent streaming clients.
+    Serve(BenchServeArgs),
+}
+
+#[derive(Args)]
+struct BenchServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Server to load (default: start `greencode serve` on the model, on a free port).
+    #[arg(long)]
+    url: Option<String>,
+    /// `model` name to send (default: none).
+    #[arg(long)]
+    model_name: Option<String>,
+    /// Concurrency levels, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+    clients: Vec<usize>,
+    /// Prompt length in tokens (of the model's tokenizer).
+    #[arg(long, default_value_t = 256)]
+    prompt_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Requests each client sends per level.
+    #[arg(long, default_value_t = 2)]
+    requests_per_client: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Args)]
@@ -264,6 +293,7 @@ fn main() -> ExitCode {
         Command::Prune(a) => run_prune(a),
         Command::Serve(a) => run_serve(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
+        Command::Bench(BenchCommand::Serve(a)) => run_bench_serve(a, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -518,6 +548,110 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
             println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
         }
+    }
+    Ok(())
+}
+
+/// A `greencode serve` child on a free port, killed on drop.
+struct ServerChild(std::process::Child);
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(model: &std::path::Path, threads: usize) -> Result<(ServerChild, String)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["--threads", &threads.to_string(), "serve", "--port", "0", "--model"])
+        .arg(model)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting greencode serve")?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let child = ServerChild(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if !sent {
+                if let Some(addr) = line.split("on http://").nth(1) {
+                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+                    sent = true;
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .context("greencode serve did not start")?;
+    let url = format!("http://{addr}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let ok = ureq::get(format!("{url}/health"))
+            .call()
+            .is_ok_and(|r| r.status().as_u16() == 200);
+        if ok {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("greencode serve never became healthy");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok((child, url))
+}
+
+fn run_bench_serve(a: BenchServeArgs, threads: usize) -> Result<()> {
+    use greencode::bench_serve::{bench_serve, ServeBenchConfig};
+    if a.clients.is_empty() || a.clients.contains(&0) || a.new_tokens == 0 || a.requests_per_client == 0 {
+        bail!("--clients, --new-tokens and --requests-per-client must be at least 1");
+    }
+    let dir = model_dir(&a.model)?;
+    let config = greencode::model::Qwen2Config::from_file(&dir.join("config.json"))?;
+    let tok = greencode::tokenizer::CodeTokenizer::from_folder(&dir, &config.eos_token_ids)?;
+    let prompt = tok.decode(&greencode::bench::bench_prompt(&tok, a.prompt_tokens)?, false)?;
+    let (_child, url) = match &a.url {
+        Some(u) => (None, u.clone()),
+        None => {
+            let (c, u) = spawn_server(&dir, threads)?;
+            (Some(c), u)
+        }
+    };
+    let cfg = ServeBenchConfig {
+        url,
+        model: a.model_name,
+        prompt,
+        new_tokens: a.new_tokens,
+        clients: a.clients,
+        requests_per_client: a.requests_per_client,
+        ban_token: tok.eos_ids().first().copied(),
+    };
+    let show = a.format == Format::Text;
+    if show {
+        println!("| clients | requests | errors | tokens/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |");
+        println!("|---|---|---|---|---|---|");
+    }
+    let reports = bench_serve(&cfg, |r| {
+        if show {
+            println!(
+                "| {} | {} | {} | {:.1} | {:.0} / {:.0} | {:.1} / {:.1} |",
+                r.clients,
+                r.requests,
+                r.errors,
+                r.tokens_per_second,
+                r.ttft.p50_ms,
+                r.ttft.p99_ms,
+                r.itl.p50_ms,
+                r.itl.p99_ms
+            );
+        }
+    });
+    if a.format == Format::Json {
+        println!("{}", serde_json::to_string(&reports)?);
     }
     Ok(())
 }

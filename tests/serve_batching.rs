@@ -85,3 +85,61 @@ fn a_disconnected_stream_frees_its_slot() {
     let (st, _) = s.post("/v1/completions", &json!({"prompt": "x = ", "max_tokens": 2}));
     assert_eq!(st, 200);
 }
+
+#[test]
+fn bench_serve_loads_a_server_and_reports_each_level() {
+    let model = common::tiny_coder();
+    let out = common::greencode(&[
+        "--threads",
+        "1",
+        "bench",
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--clients",
+        "1,3",
+        "--prompt-tokens",
+        "32",
+        "--new-tokens",
+        "6",
+        "--requests-per-client",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let levels = v.as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (level, clients) in levels.iter().zip([1, 3]) {
+        assert_eq!(level["clients"], clients);
+        assert_eq!(level["errors"], 0);
+        assert_eq!(level["requests"], clients);
+        assert_eq!(level["tokens"], 6 * clients, "{level}");
+        assert!(level["tokens_per_second"].as_f64().unwrap() > 0.0);
+        assert!(level["ttft"]["p50_ms"].as_f64().unwrap() > 0.0);
+    }
+    // Against an explicit URL (any OpenAI-compatible server) too.
+    let s = Server::start(&[]);
+    let out = common::greencode(&[
+        "bench",
+        "serve",
+        "--url",
+        &s.base,
+        "--model-name",
+        "tiny-coder",
+        "--clients",
+        "2",
+        "--new-tokens",
+        "3",
+        "--prompt-tokens",
+        "16",
+        "--requests-per-client",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["tokens"], 6);
+}

@@ -126,6 +126,9 @@ struct ServeArgs {
     /// so running requests keep decoding).
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
+    #[arg(long, default_value_t = 16)]
+    prefix_cache: usize,
     /// Require `Authorization: Bearer KEY` on API routes.
     #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -389,6 +392,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         max_batch: a.max_batch,
         prefill_chunk: a.prefill_chunk,
+        prefix_cache: a.prefix_cache,
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),

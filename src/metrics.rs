@@ -45,6 +45,8 @@ pub struct Metrics {
     pub e2e: HistogramVec,
     /// Requests refused before reaching the engine, by HTTP status.
     pub rejected: IntCounterVec,
+    /// Prompt tokens served from cached prefixes instead of recomputed.
+    pub prefix_hit_tokens: IntCounterVec,
     /// All measured energy (requests and idle), by meter source.
     pub energy: CounterVec,
     /// The idle part of `energy`.
@@ -118,6 +120,11 @@ impl Metrics {
                 "greencode_requests_rejected_total",
                 "Requests refused before generation, by HTTP status.",
                 &["model", "status"],
+            ),
+            prefix_hit_tokens: counter(
+                "greencode_prefix_cache_hit_tokens_total",
+                "Prompt tokens reused from cached prefixes.",
+                &["model"],
             ),
             energy: fcounter(
                 "greencode_energy_joules_total",

@@ -363,15 +363,17 @@ fn streaming_chunks_reassemble_the_completion() {
     assert_eq!(finish["choices"][0]["finish_reason"], "length");
     let usage = &chunks[chunks.len() - 1];
     assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
-    for key in [
-        "prompt_tokens",
-        "completion_tokens",
-        "total_tokens",
-        "flops",
-        "energy_source",
-    ] {
+    for key in ["prompt_tokens", "completion_tokens", "total_tokens", "energy_source"] {
         assert_eq!(usage["usage"][key], whole["usage"][key], "{key}");
     }
+    // The same prompt again: its prefix came from the cache, so fewer FLOPs were spent.
+    assert!(
+        usage["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(usage["usage"]["flops"].as_u64().unwrap() < whole["usage"]["flops"].as_u64().unwrap());
     for c in &chunks[..chunks.len() - 1] {
         assert!(c["usage"].is_null());
     }

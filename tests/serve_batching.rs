@@ -143,3 +143,41 @@ fn bench_serve_loads_a_server_and_reports_each_level() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["tokens"], 6);
 }
+
+#[test]
+fn a_resent_prompt_with_one_more_line_reuses_the_cached_prefix() {
+    let text = std::fs::read_to_string(common::tiny_coder().join("MODEL_CARD.md")).unwrap();
+    let base: String = text.chars().take(2600).collect();
+    let longer = format!("{base}\nx = 1\n");
+    // One token: the time measured is the time to first token.
+    let req = |prompt: &str| json!({"prompt": prompt, "max_tokens": 1, "temperature": 0, "token_healing": false});
+    let timed = |s: &Server, prompt: &str| {
+        let t = std::time::Instant::now();
+        let (st, v) = s.post("/v1/completions", &req(prompt));
+        assert_eq!(st, 200, "{v}");
+        (t.elapsed().as_secs_f64(), v)
+    };
+    let warm = Server::start(&[]);
+    let (_, first) = timed(&warm, &base);
+    let n = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(n > 500, "a long prompt: {n}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    let (t_warm, second) = timed(&warm, &longer);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached + 3 >= n, "reused {cached} of {n} shared tokens");
+    let m = warm.get("/metrics").1;
+    assert!(
+        m.contains(&format!(
+            "greencode_prefix_cache_hit_tokens_total{{model=\"tiny-coder\"}} {cached}"
+        )),
+        "{m}"
+    );
+    // Same answer as a server without the cache, and much sooner.
+    let cold = Server::start(&["--prefix-cache", "0"]);
+    let (t_cold, third) = timed(&cold, &longer);
+    assert_eq!(third["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(second["choices"][0]["text"], third["choices"][0]["text"]);
+    assert!(t_cold > 5.0 * t_warm, "cold {t_cold:.3} s vs warm {t_warm:.3} s");
+}

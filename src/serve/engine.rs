@@ -60,8 +60,10 @@ pub struct Cost {
 pub struct Done {
     /// `stop` or `length`.
     pub finish_reason: FinishReason,
-    /// Prompt tokens run.
+    /// Prompt tokens of the request.
     pub prompt_tokens: usize,
+    /// Of those, tokens reused from a cached prefix (not recomputed).
+    pub cached_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
     /// Prompt log-probabilities (echo with logprobs).
@@ -148,6 +150,8 @@ pub struct EngineConfig {
     /// Most prompt tokens processed in one step (over all prefilling slots),
     /// so long prompts do not stall the others' decoding.
     pub prefill_chunk: usize,
+    /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
+    pub prefix_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -156,6 +160,7 @@ impl Default for EngineConfig {
             max_queue: 128,
             max_batch: 16,
             prefill_chunk: 512,
+            prefix_cache: 16,
         }
     }
 }
@@ -196,12 +201,29 @@ pub fn spawn(
                 waiting: std::collections::VecDeque::new(),
                 slots: Vec::new(),
                 last_tick: Instant::now(),
+                prefixes: Vec::new(),
+                clock: 0,
             };
             engine.run(&rx);
             Ok(())
         })
         .expect("spawning a thread");
     (handle, thread)
+}
+
+/// Fewest shared leading tokens worth reusing a cached prefix for.
+const MIN_PREFIX_REUSE: usize = 8;
+
+/// New caches hold at least this many positions (bounded by the context), so
+/// a follow-up request that extends a prompt fits in the cache it reuses.
+const REUSABLE_CAPACITY: usize = 4096;
+
+/// A finished sequence's KV cache kept for prompt-prefix reuse.
+struct CachedPrefix {
+    /// The tokens whose keys and values the cache holds.
+    tokens: Vec<u32>,
+    cache: KvCache,
+    last_used: u64,
 }
 
 /// How often an idle engine reads the meter (idle energy, power gauge).
@@ -224,6 +246,8 @@ struct Slot {
     sampler: Sampler,
     /// Prompt tokens already in the cache.
     prompt_done: usize,
+    /// Prompt tokens reused from an earlier request's cache.
+    cached_tokens: usize,
     generated: Vec<u32>,
     detok: Detokenizer,
     stops: StopMatcher,
@@ -247,9 +271,59 @@ struct Engine<'a> {
     waiting: std::collections::VecDeque<Job>,
     slots: Vec<Slot>,
     last_tick: Instant,
+    /// Caches of finished requests, least recently used evicted first.
+    prefixes: Vec<CachedPrefix>,
+    clock: u64,
 }
 
 impl Engine<'_> {
+    /// Takes the kept cache sharing the longest prefix with `prompt` (at least
+    /// [`MIN_PREFIX_REUSE`] tokens, room for `needed` positions), truncated to
+    /// that prefix; at least one prompt token is left to run for logits.
+    fn take_prefix(&mut self, prompt: &[u32], needed: usize, scoring: bool) -> Option<(KvCache, usize)> {
+        if scoring {
+            return None; // echo + logprobs needs logits at every prompt position
+        }
+        let (best, shared) = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.cache.capacity() >= needed)
+            .map(|(i, p)| (i, p.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()))
+            .max_by_key(|&(_, n)| n)?;
+        let reuse = shared.min(prompt.len() - 1);
+        if reuse < MIN_PREFIX_REUSE {
+            return None;
+        }
+        let mut hit = self.prefixes.swap_remove(best);
+        hit.cache.truncate(reuse);
+        Some((hit.cache, reuse))
+    }
+
+    /// Keeps a finished slot's cache for reuse, evicting the least recently used.
+    fn keep_prefix(&mut self, slot: &mut Slot) {
+        if self.config.prefix_cache == 0 || slot.cache.is_empty() {
+            return;
+        }
+        let in_cache = slot.cache.len();
+        let prompt = &slot.job.req.prompt_ids;
+        let mut tokens: Vec<u32> = prompt[..slot.prompt_done.min(in_cache)].to_vec();
+        tokens.extend(slot.generated.iter().take(in_cache - tokens.len()));
+        if self.prefixes.len() >= self.config.prefix_cache {
+            if let Some(oldest) = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].last_used) {
+                self.prefixes.swap_remove(oldest);
+            }
+        }
+        self.clock += 1;
+        let empty = KvCache::new(0, 0, 0, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
+        let Ok(empty) = empty else { return };
+        self.prefixes.push(CachedPrefix {
+            tokens,
+            cache: std::mem::replace(&mut slot.cache, empty),
+            last_used: self.clock,
+        });
+    }
+
     fn run(&mut self, rx: &std_mpsc::Receiver<Job>) {
         loop {
             if self.slots.is_empty() && self.waiting.is_empty() {
@@ -292,21 +366,37 @@ impl Engine<'_> {
                 continue;
             }
             let req = &job.req;
-            let cache = match self.model.new_cache(req.prompt_ids.len() + req.max_tokens) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("greencode: cannot allocate a KV cache: {e}");
-                    let _ = job.events.send(Event::Error(ApiError::Internal));
-                    continue;
+            let needed = req.prompt_ids.len() + req.max_tokens;
+            let (cache, reused) = match self.take_prefix(&req.prompt_ids, needed, req.prompt_logprobs) {
+                Some(hit) => hit,
+                None => {
+                    // Room for the whole context (up to a bound) so a follow-up request
+                    // that extends this one can reuse the cache.
+                    let capacity = needed.max(self.model.context_len().min(REUSABLE_CAPACITY));
+                    match self.model.new_cache(capacity) {
+                        Ok(c) => (c, 0),
+                        Err(e) => {
+                            eprintln!("greencode: cannot allocate a KV cache: {e}");
+                            let _ = job.events.send(Event::Error(ApiError::Internal));
+                            continue;
+                        }
+                    }
                 }
             };
+            if reused > 0 {
+                self.metrics
+                    .prefix_hit_tokens
+                    .with_label_values(&label)
+                    .inc_by(reused as u64);
+            }
             let skip = req.healing.as_ref().map_or(0, |h| h.prefix_len);
             self.metrics.running.with_label_values(&label).inc();
             self.slots.push(Slot {
                 state: SlotState::Prefill,
                 cache,
                 sampler: Sampler::new(req.sampling.clone()),
-                prompt_done: 0,
+                prompt_done: reused,
+                cached_tokens: reused,
                 generated: Vec::new(),
                 detok: Detokenizer::new(Arc::clone(&self.info.token_bytes), Arc::clone(&self.info.special), skip),
                 stops: StopMatcher::new(req.stop_strings.clone()),
@@ -581,6 +671,8 @@ impl Engine<'_> {
             metrics.power_watts.with_label_values(&label).set(slot.joules / seconds);
         }
         let reason = finish.map_or("cancelled", FinishReason::as_str);
+        let cached_tokens = slot.cached_tokens;
+        self.keep_prefix(&mut slot);
         eprintln!(
             "{}",
             serde_json::json!({
@@ -588,6 +680,7 @@ impl Engine<'_> {
                 "model": metrics.model(),
                 "finish_reason": reason,
                 "prompt_tokens": prompt_tokens,
+                "cached_tokens": cached_tokens,
                 "completion_tokens": generated,
                 "seconds": seconds,
                 "energy_joules": cost.energy_joules,
@@ -617,6 +710,7 @@ impl Engine<'_> {
         let _ = slot.job.events.send(Event::Done(Done {
             finish_reason,
             prompt_tokens,
+            cached_tokens,
             completion_tokens: generated,
             prompt_logprobs: std::mem::take(&mut slot.prompt_logprobs),
             cost,

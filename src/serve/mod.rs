@@ -39,6 +39,8 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most prompt tokens per engine step.
     pub prefill_chunk: usize,
+    /// Finished requests' caches kept for prefix reuse.
+    pub prefix_cache: usize,
     /// Required bearer token.
     pub api_key: Option<String>,
     /// Name clients use; default the folder's name.
@@ -106,6 +108,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             max_queue: cfg.max_queue.max(1),
             max_batch: cfg.max_batch.max(1),
             prefill_chunk: cfg.prefill_chunk.max(1),
+            prefix_cache: cfg.prefix_cache,
         },
         accounting,
     );

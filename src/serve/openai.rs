@@ -68,6 +68,8 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Their sum.
     pub total_tokens: usize,
+    /// `cached_tokens`: prompt tokens served from a cached prefix.
+    pub prompt_tokens_details: PromptTokensDetails,
     /// Energy attributed to this request (J).
     pub energy_joules: f64,
     /// Floating-point operations executed for it (analytic, from the real shapes).
@@ -80,6 +82,13 @@ pub struct Usage {
     pub energy_source: &'static str,
 }
 
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values were reused, not recomputed.
+    pub cached_tokens: usize,
+}
+
 impl Usage {
     /// Adds one finished job's counts and costs (`count_prompt`: whether its
     /// prompt is new to this response, not another choice of the same prompt).
@@ -87,6 +96,7 @@ impl Usage {
         if count_prompt {
             self.prompt_tokens += done.prompt_tokens;
         }
+        self.prompt_tokens_details.cached_tokens += done.cached_tokens;
         self.completion_tokens += done.completion_tokens;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
         self.energy_joules += done.cost.energy_joules;

@@ -81,9 +81,11 @@ struct One {
     tokens: usize,
 }
 
-fn one_request(agent: &ureq::Agent, cfg: &ServeBenchConfig) -> Result<One, String> {
+/// One streaming request; `tag` makes its prompt unique, so no request is
+/// served from another's cached prefix.
+fn one_request(agent: &ureq::Agent, cfg: &ServeBenchConfig, tag: &str) -> Result<One, String> {
     let mut body = serde_json::json!({
-        "prompt": cfg.prompt,
+        "prompt": format!("# {tag}\n{}", cfg.prompt),
         "max_tokens": cfg.new_tokens,
         "temperature": 0,
         "stream": true,
@@ -157,11 +159,11 @@ pub fn bench_serve(cfg: &ServeBenchConfig, mut progress: impl FnMut(&LevelReport
         let start = Instant::now();
         let results: Vec<Result<One, String>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..clients)
-                .map(|_| {
+                .map(|c| {
                     let agent = agent.clone();
                     scope.spawn(move || {
                         (0..cfg.requests_per_client)
-                            .map(|_| one_request(&agent, cfg))
+                            .map(|r| one_request(&agent, cfg, &format!("level {clients} client {c} request {r}")))
                             .collect::<Vec<_>>()
                     })
                 })

@@ -346,55 +346,43 @@ where
     Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::default())
 }
 
-fn stream_completion(
-    state: AppState,
+/// How an OpenAI stream's chunks look on the wire: text completions and
+/// chat completions differ only here; the event loop is shared.
+trait StreamShape: Send + 'static {
+    /// A chunk sent before a choice's first token, if any.
+    fn opening(&mut self, index: usize) -> Option<SseEvent>;
+    /// New text of choice `index`.
+    fn text(&mut self, index: usize, text: String, logprobs: &[TokenLogprob]) -> SseEvent;
+    /// The last chunk of choice `index`.
+    fn finish(&mut self, index: usize, reason: &'static str) -> SseEvent;
+    /// The final usage chunk.
+    fn usage(&mut self, usage: Usage) -> SseEvent;
+}
+
+/// Streams the jobs of a request as OpenAI SSE chunks in `shape`, then the
+/// optional usage chunk and `[DONE]`. When the client leaves, the SSE
+/// channel closes, the task ends and drops the engine receivers, which
+/// frees their slots at the next step.
+fn stream_openai(
     plan: CompletionPlan,
     receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+    mut shape: impl StreamShape,
 ) -> SseStream {
-    let id = new_id("cmpl");
-    let created = now_secs();
     sse_task(move |tx| {
         Box::pin(async move {
-            let chunk =
-                |index: usize, text: String, logprobs: Option<CompletionLogprobs>, finish: Option<&'static str>| {
-                    CompletionResponse {
-                        id: id.clone(),
-                        object: "text_completion",
-                        created,
-                        model: state.info.name.clone(),
-                        choices: vec![CompletionChoice {
-                            text,
-                            index,
-                            logprobs,
-                            finish_reason: finish,
-                        }],
-                        usage: None,
-                    }
-                };
             let mut usage = Usage::default();
             for (index, mut rx) in receivers.into_iter().enumerate() {
-                let prompt = plan.prompt_of(index);
-                let mut offset = 0;
-                if plan.echo {
-                    offset = prompt.text.chars().count();
-                    if tx
-                        .send(Ok(sse_json(&chunk(index, prompt.text.clone(), None, None))))
-                        .await
-                        .is_err()
-                    {
+                if let Some(open) = shape.opening(index) {
+                    if tx.send(Ok(open)).await.is_err() {
                         return;
                     }
                 }
                 while let Some(ev) = rx.recv().await {
                     let event = match ev {
-                        Event::Text { text, logprobs } => {
-                            let lp = plan.logprobs.map(|_| logprobs_object(&state, None, &logprobs, offset));
-                            offset += text.chars().count();
-                            sse_json(&chunk(index, text, lp, None))
-                        }
+                        Event::Text { text, logprobs } => shape.text(index, text, &logprobs),
                         Event::Done(d) => {
                             usage.add(&d, index % plan.settings.n == 0);
-                            sse_json(&chunk(index, String::new(), None, Some(d.finish_reason.as_str())))
+                            shape.finish(index, d.finish_reason.as_str())
                         }
                         Event::Error(e) => {
                             let _ = tx.send(Ok(sse_error(&e))).await;
@@ -402,24 +390,161 @@ fn stream_completion(
                         }
                     };
                     if tx.send(Ok(event)).await.is_err() {
-                        return; // client gone: dropping the receivers cancels the jobs
+                        return;
                     }
                 }
             }
             if plan.settings.include_usage {
-                let last = CompletionResponse {
-                    id: id.clone(),
-                    object: "text_completion",
-                    created,
-                    model: state.info.name.clone(),
-                    choices: vec![],
-                    usage: Some(usage),
-                };
-                let _ = tx.send(Ok(sse_json(&last))).await;
+                let _ = tx.send(Ok(shape.usage(usage))).await;
             }
             let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
         })
     })
+}
+
+/// `text_completion` chunks (with echo and legacy logprobs).
+struct CompletionShape {
+    state: AppState,
+    id: String,
+    created: u64,
+    /// The echoed prompt of each choice, when echo is on.
+    echo: Vec<Option<String>>,
+    logprobs: bool,
+    /// Characters sent so far in the current choice (logprobs text offsets).
+    offset: usize,
+}
+
+impl CompletionShape {
+    fn chunk(
+        &self,
+        index: usize,
+        text: String,
+        logprobs: Option<CompletionLogprobs>,
+        finish: Option<&'static str>,
+    ) -> SseEvent {
+        sse_json(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.state.info.name.clone(),
+            choices: vec![CompletionChoice {
+                text,
+                index,
+                logprobs,
+                finish_reason: finish,
+            }],
+            usage: None,
+        })
+    }
+}
+
+impl StreamShape for CompletionShape {
+    fn opening(&mut self, index: usize) -> Option<SseEvent> {
+        self.offset = 0;
+        let echo = self.echo.get(index).cloned().flatten()?;
+        self.offset = echo.chars().count();
+        Some(self.chunk(index, echo, None, None))
+    }
+
+    fn text(&mut self, index: usize, text: String, logprobs: &[TokenLogprob]) -> SseEvent {
+        let lp = self
+            .logprobs
+            .then(|| logprobs_object(&self.state, None, logprobs, self.offset));
+        self.offset += text.chars().count();
+        self.chunk(index, text, lp, None)
+    }
+
+    fn finish(&mut self, index: usize, reason: &'static str) -> SseEvent {
+        self.chunk(index, String::new(), None, Some(reason))
+    }
+
+    fn usage(&mut self, usage: Usage) -> SseEvent {
+        sse_json(&CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion",
+            created: self.created,
+            model: self.state.info.name.clone(),
+            choices: vec![],
+            usage: Some(usage),
+        })
+    }
+}
+
+fn stream_completion(
+    state: AppState,
+    plan: CompletionPlan,
+    receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+) -> SseStream {
+    let echo = (0..receivers.len())
+        .map(|i| plan.echo.then(|| plan.prompt_of(i).text.clone()))
+        .collect();
+    let shape = CompletionShape {
+        state,
+        id: new_id("cmpl"),
+        created: now_secs(),
+        echo,
+        logprobs: plan.logprobs.is_some(),
+        offset: 0,
+    };
+    stream_openai(plan, receivers, shape)
+}
+
+/// `chat.completion.chunk` chunks.
+struct ChatShape {
+    state: AppState,
+    id: String,
+    created: u64,
+}
+
+impl ChatShape {
+    fn chunk(&self, choices: Vec<ChatChunkChoice>, usage: Option<Usage>) -> SseEvent {
+        sse_json(&ChatChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk",
+            created: self.created,
+            model: self.state.info.name.clone(),
+            choices,
+            usage,
+        })
+    }
+
+    fn delta(&self, index: usize, delta: ChatDelta, finish: Option<&'static str>) -> SseEvent {
+        self.chunk(
+            vec![ChatChunkChoice {
+                index,
+                delta,
+                logprobs: None,
+                finish_reason: finish,
+            }],
+            None,
+        )
+    }
+}
+
+impl StreamShape for ChatShape {
+    fn opening(&mut self, index: usize) -> Option<SseEvent> {
+        let first = ChatDelta {
+            role: Some("assistant"),
+            content: Some(String::new()),
+        };
+        Some(self.delta(index, first, None))
+    }
+
+    fn text(&mut self, index: usize, text: String, _logprobs: &[TokenLogprob]) -> SseEvent {
+        let delta = ChatDelta {
+            role: None,
+            content: Some(text),
+        };
+        self.delta(index, delta, None)
+    }
+
+    fn finish(&mut self, index: usize, reason: &'static str) -> SseEvent {
+        self.delta(index, ChatDelta::default(), Some(reason))
+    }
+
+    fn usage(&mut self, usage: Usage) -> SseEvent {
+        self.chunk(vec![], Some(usage))
+    }
 }
 
 async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
@@ -499,70 +624,12 @@ async fn chat(State(state): State<AppState>, headers: HeaderMap, body: Result<By
 }
 
 fn stream_chat(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
-    let id = new_id("chatcmpl");
-    let created = now_secs();
-    sse_task(move |tx| {
-        Box::pin(async move {
-            let chunk = |index: usize, delta: ChatDelta, finish: Option<&'static str>| ChatChunk {
-                id: id.clone(),
-                object: "chat.completion.chunk",
-                created,
-                model: state.info.name.clone(),
-                choices: vec![ChatChunkChoice {
-                    index,
-                    delta,
-                    logprobs: None,
-                    finish_reason: finish,
-                }],
-                usage: None,
-            };
-            let mut usage = Usage::default();
-            for (index, mut rx) in receivers.into_iter().enumerate() {
-                let first = ChatDelta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                };
-                if tx.send(Ok(sse_json(&chunk(index, first, None)))).await.is_err() {
-                    return;
-                }
-                while let Some(ev) = rx.recv().await {
-                    let event = match ev {
-                        Event::Text { text, .. } => sse_json(&chunk(
-                            index,
-                            ChatDelta {
-                                role: None,
-                                content: Some(text),
-                            },
-                            None,
-                        )),
-                        Event::Done(d) => {
-                            usage.add(&d, index % plan.settings.n == 0);
-                            sse_json(&chunk(index, ChatDelta::default(), Some(d.finish_reason.as_str())))
-                        }
-                        Event::Error(e) => {
-                            let _ = tx.send(Ok(sse_error(&e))).await;
-                            return;
-                        }
-                    };
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-            if plan.settings.include_usage {
-                let last = ChatChunk {
-                    id: id.clone(),
-                    object: "chat.completion.chunk",
-                    created,
-                    model: state.info.name.clone(),
-                    choices: vec![],
-                    usage: Some(usage),
-                };
-                let _ = tx.send(Ok(sse_json(&last))).await;
-            }
-            let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
-        })
-    })
+    let shape = ChatShape {
+        state,
+        id: new_id("chatcmpl"),
+        created: now_secs(),
+    };
+    stream_openai(plan, receivers, shape)
 }
 
 async fn infill(State(state): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {

@@ -133,13 +133,9 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryEmbedding,
-        offset: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
+    /// Attention over `[b, t, hidden]` at positions `0..t`, without a cache.
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding) -> Result<Tensor> {
+        let offset = 0;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
@@ -152,10 +148,6 @@ impl Attention {
             .contiguous()?;
         let q = rope.apply(&q, offset)?;
         let k = rope.apply(&k, offset)?;
-        let (k, v) = match cache {
-            Some((cache, layer)) => cache.append(layer, &k, &v)?,
-            None => (k, v),
-        };
         let y = attend(&q, &k, &v, offset, nkv)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(self.o_proj.forward(&y)?)
@@ -310,16 +302,8 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &RotaryEmbedding,
-        offset: usize,
-        cache: Option<(&mut KvCache, usize)>,
-    ) -> Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope, offset, cache)?;
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding) -> Result<Tensor> {
+        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope)?;
         let x = (x + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
@@ -533,16 +517,14 @@ impl Qwen2 {
 
     /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.
     pub fn layer_forward(&self, i: usize, hidden: &Tensor) -> Result<Tensor> {
-        self.layers[i].forward(hidden, &self.rope, 0, None)
+        self.layers[i].forward(hidden, &self.rope)
     }
 
     /// The attention half of layer `i` on `[b, t, hidden]` (positions from 0):
     /// the residual stream after attention, and the normed MLP input.
     pub fn layer_attention(&self, i: usize, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
         let l = &self.layers[i];
-        let h = l
-            .self_attn
-            .forward(&l.input_layernorm.forward(hidden)?, &self.rope, 0, None)?;
+        let h = l.self_attn.forward(&l.input_layernorm.forward(hidden)?, &self.rope)?;
         let mid = (hidden + h)?;
         let x = l.post_attention_layernorm.forward(&mid)?;
         Ok((mid, x))
@@ -610,7 +592,7 @@ impl Qwen2 {
         let mut h = self.embed(tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             if mask.is_none_or(|m| m.is_active(i)) {
-                h = layer.forward(&h, &self.rope, 0, None)?;
+                h = layer.forward(&h, &self.rope)?;
             }
         }
         self.head(&h)
@@ -679,34 +661,13 @@ impl Qwen2 {
     /// Appends `tokens` to the sequence in `cache` and returns logits for the
     /// new positions (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]).
     pub fn forward_cached(&self, tokens: &[u32], cache: &mut KvCache, which: LogitsFor) -> Result<Tensor> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(ModelError::Input("no tokens to run".into()));
-        }
-        let offset = cache.len();
-        if offset + t > cache.capacity() {
-            return Err(ModelError::Input(format!(
-                "sequence of {} tokens exceeds the context length {}",
-                offset + t,
-                cache.capacity()
-            )));
-        }
-        self.check_ids(tokens)?;
-        let ids = Tensor::new(tokens, self.device())?;
-        let mut h = self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((1, t, self.config.hidden_size))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, &self.rope, offset, Some((cache, i)))?;
-        }
-        cache.advance(t);
-        let h = match which {
-            LogitsFor::Last => h.narrow(1, t - 1, 1)?,
-            LogitsFor::All => h,
-        };
-        let logits = self.head(&h)?;
-        Ok(logits.squeeze(0)?)
+        let mut one = [SeqStep {
+            cache,
+            tokens,
+            logits: which,
+        }];
+        let mut logits = self.step(&mut one)?;
+        Ok(logits.pop().expect("one sequence gives one logits tensor"))
     }
 }
 

@@ -167,6 +167,30 @@ enum EnergyArg {
 enum EvalCommand {
     /// Perplexity and bits per byte over the first files of a corpus.
     Ppl(PplArgs),
+    /// KL(reference ‖ model) and top-1 agreement per token on held-out files.
+    Kl(KlArgs),
+}
+
+#[derive(Args)]
+struct KlArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// The model to compare against (same tokenizer text; a vocabulary-pruned
+    /// model is compared over the tokens it kept).
+    #[arg(long)]
+    reference: PathBuf,
+    /// Folder of *.py files, or `stdlib`.
+    #[arg(long, default_value = "stdlib")]
+    corpus: String,
+    /// Number of files (the first in byte order of their names).
+    #[arg(long, default_value_t = corpus::EVAL_FILES)]
+    files: usize,
+    /// Tokens compared per file (its first ones).
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
 }
 
 #[derive(Subcommand)]
@@ -293,6 +317,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(a) => run_generate(a),
         Command::Eval(EvalCommand::Ppl(a)) => run_ppl(a),
+        Command::Eval(EvalCommand::Kl(a)) => run_kl(a),
         Command::Prune(a) => run_prune(a),
         Command::Serve(a) => run_serve(a),
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
@@ -515,6 +540,34 @@ fn run_ppl(a: PplArgs) -> Result<()> {
             println!("mean NLL:      {:.6}", report.mean_nll);
             println!("perplexity:    {:.4}", report.ppl);
             println!("bits per byte: {:.6}", report.bits_per_byte);
+        }
+    }
+    Ok(())
+}
+
+fn run_kl(a: KlArgs) -> Result<()> {
+    use greencode::eval::kl::{id_map, kl_on_files};
+    let dir = corpus::resolve(&a.corpus)?;
+    let files = corpus::eval_files(&dir, a.files)?;
+    let model = open_model(&a.model)?;
+    let reference = Pipeline::load_cpu(&a.reference)?;
+    let map = id_map(&model.tokenizer, &reference.tokenizer)?;
+    let r = kl_on_files(
+        &reference.model,
+        &model.model,
+        &model.tokenizer,
+        map.as_deref(),
+        &files,
+        a.window,
+    )?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&r)?),
+        Format::Text => {
+            println!("files:            {} (window {})", files.len(), a.window);
+            println!("tokens:           {}", r.tokens);
+            println!("KL (nats/token):  {:.6}", r.kl);
+            println!("top-1 agreement:  {:.2}%", r.top1_agreement * 100.0);
+            println!("model bits/byte:  {:.6}", r.model_bits_per_byte);
         }
     }
     Ok(())

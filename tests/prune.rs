@@ -160,6 +160,35 @@ fn vocabulary_pruning_keeps_logits_of_kept_tokens() {
     let index = Tensor::new(kept.as_slice(), a.model.device()).unwrap();
     let restricted = logits(&a, &ids, None).index_select(&index, 1).unwrap();
     assert_eq!(max_diff(&restricted, &logits(&b, &new_ids, None)), 0.0);
+    // `eval kl` compares the pruned model with the original over the kept tokens.
+    let tiny = common::tiny_coder();
+    let kl = |model: &Path, reference: &Path| {
+        common::greencode(&[
+            "eval",
+            "kl",
+            "--model",
+            model.to_str().unwrap(),
+            "--reference",
+            reference.to_str().unwrap(),
+            "--files",
+            "2",
+            "--format",
+            "json",
+        ])
+    };
+    let same = kl(&dest, &dest);
+    assert!(same.status.success(), "{}", String::from_utf8_lossy(&same.stderr));
+    let v: Value = serde_json::from_slice(&same.stdout).unwrap();
+    assert_eq!(v["kl"], 0.0);
+    assert_eq!(v["top1_agreement"], 1.0);
+    let out = kl(&dest, &tiny);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Restricted to kept tokens and renormalised, the logits are equal: KL is ~0.
+    assert!(v["kl"].as_f64().unwrap() < 1e-4, "{v}");
+    assert!(v["tokens"].as_u64().unwrap() > 100);
+    common::assert_clean_error(&kl(&tiny, &dest), &["not in the reference's vocabulary"]);
+
     // Any text still tokenizes and decodes back, even with tokens the corpus never used.
     let text = "naïve Ωmega ✓ — 你好, zzqxj_unusual_identifier = 0x7FfF\n\ttabs\r\n";
     let enc = b.tokenizer.encode(text).unwrap();

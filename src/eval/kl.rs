@@ -29,6 +29,25 @@ pub struct KlReport {
     pub model_bits_per_byte: f64,
 }
 
+/// Maps every id of `model`'s tokenizer to the reference tokenizer's id of
+/// the same token text (`None` when the two are identical). Fails when a
+/// token of the model is not in the reference: KL needs the same text units.
+pub fn id_map(model: &CodeTokenizer, reference: &CodeTokenizer) -> Result<Option<Vec<u32>>, EvalError> {
+    let n = model.vocab_size() as u32;
+    let mut map = Vec::with_capacity(n as usize);
+    for id in 0..n {
+        let token = model.inner().id_to_token(id).unwrap_or_default();
+        let Some(rid) = reference.token_id(&token) else {
+            return Err(EvalError::Vocab(format!(
+                "token {token:?} (id {id}) of the model is not in the reference's vocabulary; KL needs the same tokenizer text"
+            )));
+        };
+        map.push(rid);
+    }
+    let identity = map.iter().enumerate().all(|(i, &r)| i as u32 == r) && model.vocab_size() == reference.vocab_size();
+    Ok(if identity { None } else { Some(map) })
+}
+
 /// Compares `model` (with `tok`) against `reference` on the first `window`
 /// tokens of each file. `to_reference[i]` is the reference id of model id `i`
 /// (`None`: identical vocabularies).

@@ -29,6 +29,9 @@ pub enum EvalError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Two models' vocabularies cannot be compared.
+    #[error("{0}")]
+    Vocab(String),
     /// The window does not fit the model.
     #[error("--window {window} exceeds the model's context length {context}")]
     Window {

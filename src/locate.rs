@@ -38,3 +38,11 @@ pub fn default_candidates() -> Vec<PathBuf> {
     out.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL));
     out
 }
+
+/// A model's short name: its folder's name (after resolving `.` and links).
+pub fn model_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .unwrap_or_else(|_| dir.to_path_buf())
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+}

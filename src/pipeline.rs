@@ -66,11 +66,6 @@ impl Pipeline {
 
     /// A short name for the model: its folder's name.
     pub fn name(&self) -> String {
-        self.folder
-            .canonicalize()
-            .unwrap_or_else(|_| self.folder.clone())
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "model".into())
+        crate::locate::model_name(&self.folder)
     }
 }

@@ -528,13 +528,6 @@ fn tokenizer_from_json(json: &Value, folder: &Path, model: &Qwen2) -> Result<Cod
     ))
 }
 
-fn source_name(dir: &Path) -> String {
-    dir.canonicalize()
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
-}
-
 fn io_err(path: &Path, e: impl std::fmt::Display) -> PruneError {
     PruneError::Output(format!("{}: {e}", path.display()))
 }
@@ -563,7 +556,7 @@ fn write_folder(
     std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
     let result = (|| {
         let (mut config, tensors) = pruned_tensors(&source.model, plan)?;
-        config["pruned_from"] = Value::from(source_name(&cfg.model_dir));
+        config["pruned_from"] = Value::from(crate::locate::model_name(&cfg.model_dir));
         config["greencode_prune"] = serde_json::json!({
             "kept_layers": report.kept_layers,
             "ffn_widths": report.ffn_widths,

@@ -55,13 +55,6 @@ pub struct ServeConfig {
     pub carbon: Carbon,
 }
 
-fn folder_name(dir: &std::path::Path) -> String {
-    dir.canonicalize()
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
-}
-
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     if !cfg.model_dir.is_dir() {
@@ -72,7 +65,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let name = cfg
         .served_model_name
         .clone()
-        .unwrap_or_else(|| folder_name(&cfg.model_dir));
+        .unwrap_or_else(|| crate::locate::model_name(&cfg.model_dir));
     let info = Arc::new(validate::ModelInfo::new(
         name.clone(),
         Arc::new(tokenizer),

@@ -65,28 +65,16 @@ fn every_golden_case_matches_pytorch() {
 fn generate_cli_json_matches_golden_fim_case() {
     let golden = common::golden();
     let case = &golden["cases"][3];
-    let prompt = case["prompt"].as_str().unwrap();
-    let prefix = prompt
-        .strip_prefix("<|fim_prefix|>")
-        .unwrap()
-        .split("<|fim_suffix|>")
-        .next()
-        .unwrap();
-    let suffix = prompt
-        .split("<|fim_suffix|>")
-        .nth(1)
-        .unwrap()
-        .strip_suffix("<|fim_middle|>")
-        .unwrap();
+    let (prefix, suffix, _) = common::fim_case();
     let model = common::tiny_coder();
     let out = common::greencode(&[
         "generate",
         "--model",
         model.to_str().unwrap(),
         "--prompt",
-        prefix,
+        &prefix,
         "--suffix",
-        suffix,
+        &suffix,
         "--max-tokens",
         "32",
         "--format",

@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use greencode::eval::corpus;
 use greencode::model::LayerMask;
 use greencode::pipeline::Pipeline;
@@ -56,19 +56,6 @@ fn logits(p: &Pipeline, ids: &[u32], mask: Option<&LayerMask>) -> Tensor {
     p.model.logits(&x, mask).unwrap().squeeze(0).unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
 fn report(dir: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir.join("prune_report.json")).unwrap()).unwrap()
 }
@@ -105,7 +92,10 @@ fn pruning_nothing_gives_identical_logits() {
     let b = Pipeline::load_cpu(&dest).unwrap();
     let ids = a.tokenizer.encode(PROMPT).unwrap();
     assert_eq!(b.tokenizer.encode(PROMPT).unwrap(), ids);
-    assert_eq!(max_diff(&logits(&a, &ids, None), &logits(&b, &ids, None)), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&logits(&a, &ids, None), &logits(&b, &ids, None)),
+        0.0
+    );
     let r = report(&dest);
     assert_eq!(r["removed_fraction"], 0.0);
     assert_eq!(r["params_before"], r["params_after"]);
@@ -159,7 +149,7 @@ fn vocabulary_pruning_keeps_logits_of_kept_tokens() {
     );
     let index = Tensor::new(kept.as_slice(), a.model.device()).unwrap();
     let restricted = logits(&a, &ids, None).index_select(&index, 1).unwrap();
-    assert_eq!(max_diff(&restricted, &logits(&b, &new_ids, None)), 0.0);
+    assert_eq!(common::max_abs_diff(&restricted, &logits(&b, &new_ids, None)), 0.0);
     // `eval kl` compares the pruned model with the original over the kept tokens.
     let tiny = common::tiny_coder();
     let kl = |model: &Path, reference: &Path| {
@@ -218,7 +208,7 @@ fn removing_layers_equals_masking_them_and_ffn_keep_all_is_identity() {
     assert_eq!(b.model.num_layers(), 10);
     let ids = a.tokenizer.encode(PROMPT).unwrap();
     let masked = logits(&a, &ids, Some(&LayerMask::without(12, &removed)));
-    assert_eq!(max_diff(&masked, &logits(&b, &ids, None)), 0.0);
+    assert_eq!(common::max_abs_diff(&masked, &logits(&b, &ids, None)), 0.0);
 
     // FFN keep-all (every neuron index) rebuilds the same model.
     let plan = PrunePlan {
@@ -232,7 +222,7 @@ fn removing_layers_equals_masking_them_and_ffn_keep_all_is_identity() {
         .unsqueeze(0)
         .unwrap();
     assert_eq!(
-        max_diff(&a.model.logits(&x, None).unwrap(), &same.logits(&x, None).unwrap()),
+        common::max_abs_diff(&a.model.logits(&x, None).unwrap(), &same.logits(&x, None).unwrap()),
         0.0
     );
 }

@@ -2,23 +2,10 @@
 
 mod common;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use greencode::model::qwen2::LogitsFor;
 use greencode::model::LayerMask;
 use greencode::pipeline::Pipeline;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(D::Minus1)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 fn prompt_ids(p: &Pipeline) -> Vec<u32> {
     p.tokenizer
@@ -39,13 +26,13 @@ fn full_layer_mask_equals_plain_forward_and_masking_changes_output() {
         .model
         .logits(&input, Some(&LayerMask::all(p.model.num_layers())))
         .unwrap();
-    assert_eq!(max_abs_diff(&plain, &masked), 0.0);
+    assert_eq!(common::max_abs_diff(&plain, &masked), 0.0);
     let skip = p
         .model
         .logits(&input, Some(&LayerMask::without(p.model.num_layers(), &[5])))
         .unwrap();
     assert!(
-        max_abs_diff(&plain, &skip) > 1e-2,
+        common::max_abs_diff(&plain, &skip) > 1e-2,
         "skipping a layer must change the logits"
     );
 }
@@ -66,11 +53,11 @@ fn kv_cached_decoding_equals_full_forward() {
         .model
         .forward_cached(&ids[..split], &mut cache, LogitsFor::All)
         .unwrap();
-    assert!(max_abs_diff(&first, &full.narrow(0, 0, split).unwrap()) < 1e-4);
+    assert!(common::max_abs_diff(&first, &full.narrow(0, 0, split).unwrap()) < 1e-4);
     for (i, &id) in ids.iter().enumerate().skip(split) {
         let step = p.model.forward_cached(&[id], &mut cache, LogitsFor::Last).unwrap();
         let want = full.narrow(0, i, 1).unwrap();
-        let d = max_abs_diff(&step, &want);
+        let d = common::max_abs_diff(&step, &want);
         assert!(d < 1e-4, "position {i}: max |Δlogit| {d}");
     }
     assert_eq!(cache.len(), ids.len());
@@ -92,7 +79,7 @@ fn batched_rows_equal_single_rows() {
             .model
             .logits(&Tensor::new(seq, p.model.device()).unwrap().unsqueeze(0).unwrap(), None)
             .unwrap();
-        assert!(max_abs_diff(&both.get(row).unwrap(), &single.squeeze(0).unwrap()) < 1e-4);
+        assert!(common::max_abs_diff(&both.get(row).unwrap(), &single.squeeze(0).unwrap()) < 1e-4);
     }
 }
 
@@ -147,7 +134,7 @@ fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
         .unwrap();
     let same_ffn = greencode::prune::apply::build(&p.model, &plan).unwrap();
     let want = (same_ffn.logits(&x, None).unwrap() * 0.5).unwrap();
-    assert!(max_abs_diff(&q.model.logits(&x, None).unwrap(), &want) < 1e-4);
+    assert!(common::max_abs_diff(&q.model.logits(&x, None).unwrap(), &want) < 1e-4);
     // An untied config without lm_head.weight names the tensor.
     tensors.remove("lm_head.weight");
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();

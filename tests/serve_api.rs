@@ -45,33 +45,10 @@ fn greedy_completion_matches_golden_and_reports_usage() {
     assert_eq!(v["usage"]["completion_tokens"], 1);
 }
 
-fn fim_case() -> (String, String, String) {
-    let g = golden();
-    let case = &g["cases"][3];
-    let prompt = case["prompt"].as_str().unwrap();
-    let prefix = prompt
-        .strip_prefix("<|fim_prefix|>")
-        .unwrap()
-        .split("<|fim_suffix|>")
-        .next()
-        .unwrap();
-    let suffix = prompt
-        .split("<|fim_suffix|>")
-        .nth(1)
-        .unwrap()
-        .strip_suffix("<|fim_middle|>")
-        .unwrap();
-    (
-        prefix.into(),
-        suffix.into(),
-        case["greedy32_text"].as_str().unwrap().into(),
-    )
-}
-
 #[test]
 fn fim_on_every_route_returns_the_golden_infill() {
     let s = Server::start(&[]);
-    let (prefix, suffix, want) = fim_case();
+    let (prefix, suffix, want) = common::fim_case();
     let body = json!({"prompt": prefix, "suffix": suffix, "max_tokens": 32, "temperature": 0, "token_healing": false});
     let (status, v) = s.post("/v1/completions", &body);
     assert_eq!(status, 200, "{v}");

@@ -15,6 +15,44 @@ pub fn golden() -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// golden.json case 4 split into its FIM prefix and suffix, with the greedy infill.
+pub fn fim_case() -> (String, String, String) {
+    let g = golden();
+    let case = &g["cases"][3];
+    let prompt = case["prompt"].as_str().unwrap();
+    let prefix = prompt
+        .strip_prefix("<|fim_prefix|>")
+        .unwrap()
+        .split("<|fim_suffix|>")
+        .next()
+        .unwrap();
+    let suffix = prompt
+        .split("<|fim_suffix|>")
+        .nth(1)
+        .unwrap()
+        .strip_suffix("<|fim_middle|>")
+        .unwrap();
+    (
+        prefix.into(),
+        suffix.into(),
+        case["greedy32_text"].as_str().unwrap().into(),
+    )
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(candle_core::D::Minus1)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
 /// A temporary copy of tiny-coder: weight files are symlinked, small files copied,
 /// so a test can break one file without touching the original.
 pub fn model_copy() -> tempfile::TempDir {

@@ -179,15 +179,8 @@ struct KlArgs {
     /// model is compared over the tokens it kept).
     #[arg(long)]
     reference: PathBuf,
-    /// Folder of *.py files, or `stdlib`.
-    #[arg(long, default_value = "stdlib")]
-    corpus: String,
-    /// Number of files (the first in byte order of their names).
-    #[arg(long, default_value_t = corpus::EVAL_FILES)]
-    files: usize,
-    /// Tokens compared per file (its first ones).
-    #[arg(long, default_value_t = 1024)]
-    window: usize,
+    #[command(flatten)]
+    held_out: HeldOutArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -274,10 +267,9 @@ struct GenerateArgs {
     format: Format,
 }
 
+/// Which held-out files an evaluation reads.
 #[derive(Args)]
-struct PplArgs {
-    #[command(flatten)]
-    model: ModelArg,
+struct HeldOutArgs {
     /// Folder of *.py files, or `stdlib` for python3's standard library.
     #[arg(long, default_value = "stdlib")]
     corpus: String,
@@ -287,6 +279,23 @@ struct PplArgs {
     /// Tokens scored per file (its first ones).
     #[arg(long, default_value_t = 1024)]
     window: usize,
+}
+
+impl HeldOutArgs {
+    /// The corpus folder and the files to read from it.
+    fn resolve(&self) -> Result<(PathBuf, Vec<PathBuf>)> {
+        let dir = corpus::resolve(&self.corpus)?;
+        let files = corpus::eval_files(&dir, self.files)?;
+        Ok((dir, files))
+    }
+}
+
+#[derive(Args)]
+struct PplArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    held_out: HeldOutArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -515,11 +524,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn run_ppl(a: PplArgs) -> Result<()> {
-    let dir = corpus::resolve(&a.corpus)?;
-    let files = corpus::eval_files(&dir, a.files)?;
+    let (dir, files) = a.held_out.resolve()?;
     let p = open_model(&a.model)?;
     let show = a.format == Format::Text;
-    let report = perplexity(&p.model, &p.tokenizer, &files, a.window, |i, n| {
+    let report = perplexity(&p.model, &p.tokenizer, &files, a.held_out.window, |i, n| {
         if show {
             eprint!("\rscoring file {i}/{n}");
             if i == n {
@@ -534,7 +542,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
                 "corpus:        {} ({} files, window {})",
                 dir.display(),
                 report.files.len(),
-                a.window
+                a.held_out.window
             );
             println!("tokens:        {}", report.tokens);
             println!("mean NLL:      {:.6}", report.mean_nll);
@@ -547,8 +555,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
 
 fn run_kl(a: KlArgs) -> Result<()> {
     use greencode::eval::kl::{id_map, kl_on_files};
-    let dir = corpus::resolve(&a.corpus)?;
-    let files = corpus::eval_files(&dir, a.files)?;
+    let (_, files) = a.held_out.resolve()?;
     let model = open_model(&a.model)?;
     let reference = Pipeline::load_cpu(&a.reference)?;
     let map = id_map(&model.tokenizer, &reference.tokenizer)?;
@@ -558,12 +565,12 @@ fn run_kl(a: KlArgs) -> Result<()> {
         &model.tokenizer,
         map.as_deref(),
         &files,
-        a.window,
+        a.held_out.window,
     )?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&r)?),
         Format::Text => {
-            println!("files:            {} (window {})", files.len(), a.window);
+            println!("files:            {} (window {})", files.len(), a.held_out.window);
             println!("tokens:           {}", r.tokens);
             println!("KL (nats/token):  {:.6}", r.kl);
             println!("top-1 agreement:  {:.2}%", r.top1_agreement * 100.0);

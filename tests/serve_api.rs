@@ -155,17 +155,7 @@ fn stop_sequences_cut_across_token_boundaries() {
         "/v1/completions",
         &json!({"prompt": case["prompt"], "max_tokens": 32, "temperature": 0, "token_healing": false, "stop": ["n[1]"], "stream": true}),
     );
-    let text: String = events
-        .iter()
-        .filter(|(_, d)| d != "[DONE]")
-        .map(|(_, d)| {
-            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect();
-    assert_eq!(text, "#     return n[0]\n#     return ");
+    assert_eq!(common::stream_text(&events), "#     return n[0]\n#     return ");
 }
 
 #[test]

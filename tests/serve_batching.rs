@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Server;
+use common::{stream_text, Server};
 use serde_json::{json, Value};
 
 fn body(i: usize) -> Value {
@@ -15,19 +15,6 @@ fn body(i: usize) -> Value {
     ];
     json!({"prompt": format!("{}{}", "# part\n".repeat(i % 4), snippets[i % 4]), "max_tokens": 24,
            "temperature": 0, "token_healing": false, "logit_bias": {"0": -100}, "stream": true})
-}
-
-fn stream_text(events: &[(Option<String>, String)]) -> String {
-    events
-        .iter()
-        .filter(|(_, d)| d != "[DONE]")
-        .map(|(_, d)| {
-            serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
-                .as_str()
-                .unwrap_or("")
-                .to_owned()
-        })
-        .collect()
 }
 
 #[test]

@@ -39,6 +39,20 @@ pub fn fim_case() -> (String, String, String) {
     )
 }
 
+/// The concatenated `choices[0].text` of a completion stream's chunks.
+pub fn stream_text(events: &[(Option<String>, String)]) -> String {
+    events
+        .iter()
+        .filter(|(_, d)| d != "[DONE]")
+        .map(|(_, d)| {
+            serde_json::from_str::<serde_json::Value>(d).unwrap()["choices"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// Largest absolute difference between two tensors of the same shape.
 pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     (a - b)

@@ -19,5 +19,6 @@ pub mod progress;
 pub mod prune;
 pub mod sampling;
 pub mod serve;
+pub mod stop;
 pub mod threads;
 pub mod tokenizer;

@@ -4,26 +4,9 @@ mod common;
 
 use std::process::Command;
 
-fn ensure_openai_package() {
-    let has = || {
-        Command::new("python3")
-            .args(["-c", "import openai"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has() {
-        let status = Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "openai"])
-            .status()
-            .expect("python3 runs");
-        assert!(status.success(), "pip install openai failed");
-    }
-    assert!(has(), "the openai package is not importable");
-}
-
 #[test]
 fn openai_python_client_drives_completions_streaming_fim_and_chat() {
-    ensure_openai_package();
+    common::ensure_python_package("openai", "openai");
     let s = common::Server::start(&["--api-key", "sekret"]);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_client.py");
     let golden = common::tiny_coder().join("golden.json");

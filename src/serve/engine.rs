@@ -14,7 +14,6 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::detok::Detokenizer;
 use super::error::ApiError;
-use super::stop::{StopMatcher, StopOutcome};
 use super::validate::{ModelInfo, ValidRequest};
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
 use crate::generate::{token_logprob, FinishReason, TokenLogprob};
@@ -23,6 +22,7 @@ use crate::model::qwen2::{LogitsFor, SeqStep};
 use crate::model::KvCache;
 use crate::model::Qwen2;
 use crate::sampling::Sampler;
+use crate::stop::{StopMatcher, StopOutcome};
 
 /// What the engine tells a handler about one job.
 #[derive(Debug)]

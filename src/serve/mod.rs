@@ -8,7 +8,6 @@ pub mod engine;
 pub mod error;
 pub mod openai;
 pub mod routes;
-pub mod stop;
 pub mod validate;
 
 use std::path::PathBuf;

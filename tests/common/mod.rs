@@ -275,3 +275,21 @@ pub fn agent() -> ureq::Agent {
         .build()
         .into()
 }
+
+/// Makes `module` importable by python3, pip-installing `package` when it is missing.
+pub fn ensure_python_package(module: &str, package: &str) {
+    let has = || {
+        Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has() {
+        let status = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", package])
+            .status()
+            .expect("python3 runs");
+        assert!(status.success(), "pip install {package} failed");
+    }
+    assert!(has(), "the {package} package is not importable");
+}

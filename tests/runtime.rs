@@ -219,3 +219,32 @@ fn ragged_batch_steps_equal_sequences_run_alone() {
         assert_eq!(out[i], alone[i], "sequence {i} differs in a batch");
     }
 }
+
+#[test]
+fn fused_decode_step_equals_the_tensor_path() {
+    // LogitsFor::All sends a one-token step through the tensor path; Last
+    // takes the fused CPU decode path. Same caches, same token: same logits.
+    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let ids = prompt_ids(&p);
+    let mut fused_cache = p.model.new_cache(128).unwrap();
+    let mut tensor_cache = p.model.new_cache(128).unwrap();
+    let split = ids.len() / 2;
+    p.model
+        .forward_cached(&ids[..split], &mut fused_cache, LogitsFor::Last)
+        .unwrap();
+    p.model
+        .forward_cached(&ids[..split], &mut tensor_cache, LogitsFor::Last)
+        .unwrap();
+    for &id in &ids[split..] {
+        let fused = p
+            .model
+            .forward_cached(&[id], &mut fused_cache, LogitsFor::Last)
+            .unwrap();
+        let plain = p
+            .model
+            .forward_cached(&[id], &mut tensor_cache, LogitsFor::All)
+            .unwrap();
+        let d = common::max_abs_diff(&fused, &plain);
+        assert!(d < 1e-4, "max |Δlogit| {d}");
+    }
+}

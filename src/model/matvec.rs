@@ -58,8 +58,8 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_body(a, b)
 }
 
-/// The best dot product this CPU supports.
-fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+/// The best dot product this CPU supports (also used by the fused decode attention).
+pub fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -76,35 +76,62 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
 
 /// `y[r, o] = Σᵢ x[r, i] · w[o, i]` for `rows` input rows; `y` is `[rows, out]`.
 pub fn matvec(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize) -> Vec<f32> {
+    let mut y = vec![0f32; rows * out];
+    matvec_into(x, w, rows, inp, out, threads, &mut y);
+    y
+}
+
+/// Weights below this many elements (4 MB of f32) are multiplied on one
+/// thread: waking the pool costs more than it saves.
+pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
+
+/// [`matvec`] into a caller-owned `y` (`[rows, out]`, overwritten). Each
+/// weight row is read once and used for every input row; the output
+/// features are split over `threads` when the matrix is large enough.
+/// Every `y[r, o]` is the same dot product whatever `rows` and `threads`
+/// are, so results do not depend on the batch.
+pub fn matvec_into(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize, y: &mut [f32]) {
+    assert!(x.len() >= rows * inp && w.len() >= out * inp && y.len() >= rows * out);
     let dot = dot_kernel();
-    // Below 4 MB of weights one thread wins: waking the pool costs more than it saves.
-    let threads = if out * inp < 1 << 20 { 1 } else { threads.max(1) };
+    let threads = if out * inp < PARALLEL_MIN_WEIGHTS {
+        1
+    } else {
+        threads.max(1)
+    };
     let chunk = out.div_ceil(threads).max(1);
-    let mut y_t = vec![0f32; out * rows]; // o-major
-    let work = |(ci, dst): (usize, &mut [f32])| {
-        let o0 = ci * chunk;
-        for (k, cell) in dst.chunks_mut(rows).enumerate() {
-            let wr = &w[(o0 + k) * inp..(o0 + k + 1) * inp];
-            for (r, c) in cell.iter_mut().enumerate() {
-                *c = dot(wr, &x[r * inp..(r + 1) * inp]);
+    let y_ptr = SharedOut(y.as_mut_ptr());
+    let work = |ci: usize| {
+        let o_range = ci * chunk..((ci + 1) * chunk).min(out);
+        for o in o_range {
+            let wr = &w[o * inp..(o + 1) * inp];
+            for r in 0..rows {
+                // SAFETY: chunk `ci` alone writes the columns of its output
+                // range, and r * out + o < rows * out ≤ y.len().
+                unsafe { *y_ptr.at(r * out + o) = dot(wr, &x[r * inp..(r + 1) * inp]) };
             }
         }
     };
+    let chunks = out.div_ceil(chunk);
     if threads > 1 {
-        y_t.par_chunks_mut(chunk * rows).enumerate().for_each(work);
+        (0..chunks).into_par_iter().for_each(work);
     } else {
-        y_t.chunks_mut(chunk * rows).enumerate().for_each(work);
+        (0..chunks).for_each(work);
     }
-    if rows == 1 {
-        return y_t;
+}
+
+/// The output buffer, shared by the threads that each write disjoint cells.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the threads write disjoint cells (see `matvec_into`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The cell at `i`; the caller guarantees exclusivity and bounds.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
     }
-    let mut y = vec![0f32; rows * out];
-    for o in 0..out {
-        for r in 0..rows {
-            y[r * out + o] = y_t[o * rows + r];
-        }
-    }
-    y
 }
 
 /// candle op: `x [rows, in]` × `w [out, in]`ᵀ → `[rows, out]`, f32 on the CPU.

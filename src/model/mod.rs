@@ -2,6 +2,7 @@
 //! Qwen2 forward passes and the KV cache.
 
 pub mod config;
+mod decode;
 pub mod error;
 pub mod flop_probe;
 pub mod kv_cache;

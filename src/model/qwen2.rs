@@ -598,11 +598,59 @@ impl Qwen2 {
         self.head(&h)
     }
 
+    /// RoPE cosine and sine tables, `[max_positions, head_dim / 2]` each.
+    pub(crate) fn rope_tables(&self) -> (&Tensor, &Tensor) {
+        (&self.rope.cos, &self.rope.sin)
+    }
+
     /// One serving step over a ragged batch: appends each sequence's new
     /// tokens to its cache, running the projections and MLP once over all
     /// rows and attention per sequence. Returns each sequence's logits
-    /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]).
+    /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]). Sequences decoding
+    /// one token on an f32 CPU model take the fused path (`model::decode`);
+    /// the rest (prompt chunks) go through the tensor path.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        let fused: Vec<bool> = seqs.iter().map(|s| super::decode::eligible(self, s)).collect();
+        if fused.iter().all(|&f| !f) {
+            return self.step_tensors(seqs);
+        }
+        for s in seqs.iter() {
+            self.check_ids(s.tokens)?;
+            if s.cache.len() + s.tokens.len() > s.cache.capacity() {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} tokens exceeds the context length {}",
+                    s.cache.len() + s.tokens.len(),
+                    s.cache.capacity()
+                )));
+            }
+        }
+        if fused.iter().all(|&f| f) {
+            return super::decode::decode_step(self, seqs);
+        }
+        // Mixed: split, run both paths, put the logits back in order.
+        let (mut decode, mut prompt): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
+        for (s, f) in seqs.iter_mut().zip(&fused) {
+            let part = SeqStep {
+                cache: &mut *s.cache,
+                tokens: s.tokens,
+                logits: s.logits,
+            };
+            if *f {
+                decode.push(part);
+            } else {
+                prompt.push(part);
+            }
+        }
+        let mut decoded = super::decode::decode_step(self, &mut decode)?.into_iter();
+        let mut prompted = self.step_tensors(&mut prompt)?.into_iter();
+        Ok(fused
+            .iter()
+            .map(|&f| if f { decoded.next() } else { prompted.next() }.expect("one logits tensor per sequence"))
+            .collect())
+    }
+
+    /// [`Qwen2::step`] through candle tensors, for any device and dtype.
+    fn step_tensors(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         let mut ids = Vec::new();
         for s in seqs.iter() {
             if s.tokens.is_empty() {

@@ -12,15 +12,79 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use candle_core::Tensor;
+
 use super::detok::Detokenizer;
 use super::error::ApiError;
-use super::validate::{ModelInfo, ValidRequest};
+use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
 use crate::generate::{token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::model::qwen2::{LogitsFor, SeqStep};
 use crate::model::KvCache;
 use crate::model::Qwen2;
+
+/// What the engine needs from a model: per-sequence caches, one ragged step,
+/// and its cost and description for the metrics. The server runs a
+/// [`ServedModel`]; tests run the engine on a fake.
+pub trait EngineModel {
+    /// Longest sequence (prompt + generated) in tokens.
+    fn context_len(&self) -> usize;
+    /// An empty cache for up to `capacity` positions.
+    fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache>;
+    /// Appends each sequence's tokens to its cache and returns its logits
+    /// (`[n, vocab]`; `n` = 1 for [`LogitsFor::Last`]).
+    fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>>;
+    /// FLOPs of a forward over `new` tokens after `offset` cached ones with `rows` logits rows.
+    fn flops(&self, new: usize, offset: usize, rows: usize) -> u64;
+    /// Publishes parameter counts and provenance.
+    fn describe(&self, metrics: &Metrics);
+}
+
+/// A loaded Qwen2 with its FLOP model: what `greencode serve` runs.
+pub struct ServedModel {
+    model: Qwen2,
+    flops: FlopCounter,
+}
+
+impl ServedModel {
+    /// Wraps a loaded model.
+    pub fn new(model: Qwen2) -> Self {
+        let flops = FlopCounter::new(&model);
+        Self { model, flops }
+    }
+}
+
+impl EngineModel for ServedModel {
+    fn context_len(&self) -> usize {
+        self.model.context_len()
+    }
+
+    fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache> {
+        self.model.new_cache(capacity)
+    }
+
+    fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>> {
+        self.model.step(seqs)
+    }
+
+    fn flops(&self, new: usize, offset: usize, rows: usize) -> u64 {
+        self.flops.forward(new, offset, rows)
+    }
+
+    fn describe(&self, metrics: &Metrics) {
+        metrics.set_model_parameters(&self.model);
+    }
+}
+
+/// The detokenizer's tables: bytes of every token id, and which ids are special.
+#[derive(Debug, Clone)]
+pub struct TokenTables {
+    /// Bytes of each token id.
+    pub token_bytes: Arc<Vec<Vec<u8>>>,
+    /// Whether each id is a special token (never shown).
+    pub special: Arc<Vec<bool>>,
+}
 use crate::sampling::Sampler;
 use crate::stop::{StopMatcher, StopOutcome};
 
@@ -167,9 +231,9 @@ impl Default for EngineConfig {
 
 /// Starts the engine thread; `load` builds the model on that thread (so the
 /// server can answer `/health` with 503 meanwhile).
-pub fn spawn(
-    load: impl FnOnce() -> anyhow::Result<Qwen2> + Send + 'static,
-    info: Arc<ModelInfo>,
+pub fn spawn<M: EngineModel>(
+    load: impl FnOnce() -> anyhow::Result<M> + Send + 'static,
+    tables: TokenTables,
     metrics: Metrics,
     config: EngineConfig,
     mut accounting: Accounting,
@@ -187,15 +251,13 @@ pub fn spawn(
         .name("greencode-engine".into())
         .spawn(move || {
             let model = load()?;
-            metrics.set_model_parameters(&model);
-            let flops = FlopCounter::new(&model);
+            model.describe(&metrics);
             ready.store(true, Ordering::Release);
             eprintln!("greencode: model loaded, ready");
             let mut engine = Engine {
                 model: &model,
-                info: &info,
+                tables,
                 metrics: &metrics,
-                flops: &flops,
                 acc: &mut accounting,
                 config,
                 waiting: std::collections::VecDeque::new(),
@@ -261,11 +323,10 @@ struct Slot {
     cancelled: bool,
 }
 
-struct Engine<'a> {
-    model: &'a Qwen2,
-    info: &'a ModelInfo,
+struct Engine<'a, M> {
+    model: &'a M,
+    tables: TokenTables,
     metrics: &'a Metrics,
-    flops: &'a FlopCounter,
     acc: &'a mut Accounting,
     config: EngineConfig,
     waiting: std::collections::VecDeque<Job>,
@@ -276,7 +337,7 @@ struct Engine<'a> {
     clock: u64,
 }
 
-impl Engine<'_> {
+impl<M: EngineModel> Engine<'_, M> {
     /// Takes the kept cache sharing the longest prefix with `prompt` (at least
     /// [`MIN_PREFIX_REUSE`] tokens, room for `needed` positions), truncated to
     /// that prefix; at least one prompt token is left to run for logits.
@@ -398,7 +459,11 @@ impl Engine<'_> {
                 prompt_done: reused,
                 cached_tokens: reused,
                 generated: Vec::new(),
-                detok: Detokenizer::new(Arc::clone(&self.info.token_bytes), Arc::clone(&self.info.special), skip),
+                detok: Detokenizer::new(
+                    Arc::clone(&self.tables.token_bytes),
+                    Arc::clone(&self.tables.special),
+                    skip,
+                ),
                 stops: StopMatcher::new(req.stop_strings.clone()),
                 pending_logprobs: Vec::new(),
                 prompt_logprobs: Vec::new(),
@@ -480,7 +545,7 @@ impl Engine<'_> {
                 let offset = self.slots[*i].cache.len();
                 let rows = if *logits == LogitsFor::All { tokens.len() } else { 1 };
                 StepShare {
-                    flops: self.flops.forward(tokens.len(), offset, rows),
+                    flops: self.model.flops(tokens.len(), offset, rows),
                 }
             })
             .collect();
@@ -717,3 +782,6 @@ impl Engine<'_> {
         }));
     }
 }
+
+#[cfg(test)]
+mod tests;

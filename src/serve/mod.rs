@@ -89,12 +89,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
     let (engine, _thread) = engine::spawn(
         move || {
-            load_model(&dir, &Device::Cpu, DType::F32).map_err(|e| {
-                let _ = load_tx.send(e.to_string());
-                anyhow::anyhow!("{e}")
-            })
+            load_model(&dir, &Device::Cpu, DType::F32)
+                .map(engine::ServedModel::new)
+                .map_err(|e| {
+                    let _ = load_tx.send(e.to_string());
+                    anyhow::anyhow!("{e}")
+                })
         },
-        Arc::clone(&info),
+        info.tables(),
         metrics.clone(),
         engine::EngineConfig {
             max_queue: cfg.max_queue.max(1),

@@ -31,6 +31,14 @@ pub struct ModelInfo {
 }
 
 impl ModelInfo {
+    /// The tables the engine's detokenizers share.
+    pub fn tables(&self) -> super::engine::TokenTables {
+        super::engine::TokenTables {
+            token_bytes: Arc::clone(&self.token_bytes),
+            special: Arc::clone(&self.special),
+        }
+    }
+
     /// Precomputes token tables for `tokenizer`.
     pub fn new(name: String, tokenizer: Arc<CodeTokenizer>, context_len: usize, vocab_size: usize) -> Self {
         let token_bytes = tokenizer.token_bytes();

@@ -1,0 +1,227 @@
+//! The engine on a fake model (no weights): admission order, batch limits,
+//! cancellation, queue overflow, prefix reuse and eviction.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::*;
+use crate::energy::meter::FakeMeter;
+use crate::sampling::SamplingParams;
+
+/// One sequence's part of one step: its first input token and how many tokens it ran.
+type StepLog = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;
+
+/// A model whose greedy next token is always the last input token + 1.
+struct FakeModel {
+    vocab: usize,
+    delay: Duration,
+    log: StepLog,
+}
+
+impl EngineModel for FakeModel {
+    fn context_len(&self) -> usize {
+        512
+    }
+
+    fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache> {
+        Ok(KvCache::new(0, 0, 0, capacity, DType::F32, &Device::Cpu)?)
+    }
+
+    fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>> {
+        std::thread::sleep(self.delay);
+        self.log
+            .lock()
+            .unwrap()
+            .push(seqs.iter().map(|s| (s.tokens[0], s.tokens.len())).collect());
+        let mut out = Vec::new();
+        for s in seqs.iter_mut() {
+            assert!(s.cache.len() + s.tokens.len() <= s.cache.capacity(), "cache overflow");
+            s.cache.advance(s.tokens.len());
+            let rows: Vec<u32> = match s.logits {
+                LogitsFor::Last => vec![*s.tokens.last().unwrap()],
+                LogitsFor::All => s.tokens.to_vec(),
+            };
+            let mut logits = vec![0f32; rows.len() * self.vocab];
+            for (r, &t) in rows.iter().enumerate() {
+                logits[r * self.vocab + (t as usize + 1) % self.vocab] = 10.0;
+            }
+            out.push(Tensor::from_vec(logits, (rows.len(), self.vocab), &Device::Cpu)?);
+        }
+        Ok(out)
+    }
+
+    fn flops(&self, new: usize, _offset: usize, _rows: usize) -> u64 {
+        new as u64 * 1000
+    }
+
+    fn describe(&self, _metrics: &Metrics) {}
+}
+
+struct Fixture {
+    handle: EngineHandle,
+    log: StepLog,
+    metrics: Metrics,
+}
+
+fn start(config: EngineConfig, delay: Duration) -> Fixture {
+    let vocab = 256;
+    let log = StepLog::default();
+    let model = FakeModel {
+        vocab,
+        delay,
+        log: Arc::clone(&log),
+    };
+    let tables = TokenTables {
+        token_bytes: Arc::new((0..vocab).map(|i| format!("<{i}>").into_bytes()).collect()),
+        special: Arc::new(vec![false; vocab]),
+    };
+    let metrics = Metrics::new("fake");
+    let accounting = Accounting {
+        attributor: Attributor::new(Box::new(FakeMeter::default())).unwrap(),
+        carbon: Carbon::new(475.0, 1.0).unwrap(),
+    };
+    let (handle, _thread) = spawn(move || Ok(model), tables, metrics.clone(), config, accounting);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !handle.is_ready() {
+        assert!(Instant::now() < deadline, "the fake engine never became ready");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Fixture { handle, log, metrics }
+}
+
+fn config(max_batch: usize, max_queue: usize, prefix_cache: usize) -> EngineConfig {
+    EngineConfig {
+        max_queue,
+        max_batch,
+        prefill_chunk: 512,
+        prefix_cache,
+    }
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
+    ValidRequest {
+        prompt_ids: prompt,
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        stop_strings: Vec::new(),
+        stop_ids: Vec::new(),
+        healing: None,
+        logprobs: None,
+        prompt_logprobs: false,
+    }
+}
+
+impl Fixture {
+    fn submit(&self, prompt: Vec<u32>, max_tokens: usize) -> UnboundedReceiver<Event> {
+        self.handle
+            .submit(vec![request(prompt, max_tokens)])
+            .unwrap()
+            .pop()
+            .unwrap()
+    }
+
+    fn running(&self) -> i64 {
+        self.metrics.running.with_label_values(&["fake"]).get()
+    }
+
+    fn finished(&self, reason: &str) -> u64 {
+        self.metrics.requests.with_label_values(&["fake", reason]).get()
+    }
+}
+
+/// All text of a job and how it ended.
+fn collect(mut rx: UnboundedReceiver<Event>) -> (String, Done) {
+    let mut text = String::new();
+    loop {
+        match rx.blocking_recv().expect("the engine ends every job with Done") {
+            Event::Text { text: t, .. } => text.push_str(&t),
+            Event::Done(d) => return (text, d),
+            Event::Error(e) => panic!("job failed: {e:?}"),
+        }
+    }
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn admits_in_arrival_order_within_the_batch_limit() {
+    let f = start(config(2, 16, 0), Duration::from_millis(2));
+    let rxs: Vec<_> = (0..5u32).map(|i| f.submit(vec![10 * i + 1, 10 * i + 2], 4)).collect();
+    for (i, rx) in rxs.into_iter().enumerate() {
+        let (text, done) = collect(rx);
+        let base = 10 * i + 3;
+        assert_eq!(text, format!("<{}><{}><{}><{}>", base, base + 1, base + 2, base + 3));
+        assert_eq!(done.completion_tokens, 4);
+        assert_eq!(done.finish_reason, FinishReason::Length);
+    }
+    let log = f.log.lock().unwrap();
+    assert!(
+        log.iter().all(|step| step.len() <= 2),
+        "a step ran more than max_batch sequences"
+    );
+    assert!(log.iter().any(|step| step.len() == 2), "the batch was never filled");
+    // Prompt chunks (2 tokens) start in arrival order.
+    let prompt_starts: Vec<u32> = log.iter().flatten().filter(|(_, n)| *n == 2).map(|(t, _)| *t).collect();
+    assert_eq!(prompt_starts, [1, 11, 21, 31, 41]);
+    drop(log);
+    wait_until("no request runs", || f.running() == 0);
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot() {
+    let f = start(config(1, 16, 0), Duration::from_millis(3));
+    let mut rx = f.submit(vec![1, 2, 3], 400);
+    assert!(matches!(rx.blocking_recv(), Some(Event::Text { .. })));
+    drop(rx); // the client goes away
+              // With one slot, a second job can only run once the first left it.
+    let (text, _) = collect(f.submit(vec![100, 101], 2));
+    assert_eq!(text, "<102><103>");
+    wait_until("the cancelled job is counted", || f.finished("cancelled") == 1);
+    assert_eq!(f.running(), 0);
+    let steps_of_first = f.log.lock().unwrap().iter().flatten().filter(|(t, _)| *t < 100).count();
+    assert!(steps_of_first < 50, "the abandoned job ran {steps_of_first} steps");
+}
+
+#[test]
+fn queue_overflow_is_rejected_and_recovers() {
+    let f = start(config(1, 2, 0), Duration::from_millis(5));
+    let a = f.submit(vec![1], 300);
+    let b = f.submit(vec![2], 300);
+    match f.handle.submit(vec![request(vec![3], 1)]) {
+        Err(ApiError::QueueFull { max_queue, .. }) => assert_eq!(max_queue, 2),
+        other => panic!("expected QueueFull, got {:?}", other.map(|v| v.len())),
+    }
+    drop((a, b));
+    wait_until("the queue drains", || f.running() == 0 && f.finished("cancelled") == 2);
+    let (text, _) = collect(f.submit(vec![7], 1));
+    assert_eq!(text, "<8>");
+}
+
+#[test]
+fn prefix_reuse_hits_and_least_recently_used_is_evicted() {
+    let f = start(config(1, 16, 1), Duration::ZERO);
+    let prompt_a: Vec<u32> = (1..=20).collect();
+    let (_, a) = collect(f.submit(prompt_a.clone(), 2));
+    assert_eq!(a.cached_tokens, 0);
+    // B extends A's prompt: A's 20 prompt positions are reused, one token runs.
+    let mut prompt_b = prompt_a.clone();
+    prompt_b.push(99);
+    let (text_b, b) = collect(f.submit(prompt_b.clone(), 2));
+    assert_eq!(b.cached_tokens, 20);
+    assert_eq!(text_b, "<100><101>");
+    assert!(f.log.lock().unwrap().iter().flatten().any(|&(t, n)| t == 99 && n == 1));
+    // C shares nothing and, with room for one kept cache, evicts B's.
+    let (_, c) = collect(f.submit((150..170).collect(), 2));
+    assert_eq!(c.cached_tokens, 0);
+    let (_, d) = collect(f.submit(prompt_b, 2));
+    assert_eq!(d.cached_tokens, 0, "an evicted prefix was reused");
+}

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::energy::meter::Meter;
 use crate::generate::{generate, Flow, GenerationRequest};
 use crate::model::error::{ModelError, Result};
 use crate::model::Qwen2;
@@ -34,6 +35,9 @@ pub struct BenchPass {
     pub prompt_tokens_per_second: f64,
     /// Decode tokens per second after the first token.
     pub decode_tokens_per_second: f64,
+    /// Joules per token (prompt and generated) by the energy meter, when one was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joules_per_token: Option<f64>,
 }
 
 /// Minimum, median and maximum of a quantity over passes.
@@ -81,6 +85,12 @@ pub struct BenchReport {
     pub prompt_tokens_per_second: Spread,
     /// Decode speed over passes.
     pub decode_tokens_per_second: Spread,
+    /// Joules per token over passes, when metered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub joules_per_token: Option<Spread>,
+    /// The meter that measured them (`nvml`, `rapl`, `estimated`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub energy_source: Option<&'static str>,
 }
 
 /// The first `n` tokens of the benchmark text (repeated if it is shorter).
@@ -94,12 +104,14 @@ pub fn bench_prompt(tok: &CodeTokenizer, n: usize) -> Result<Vec<u32>> {
     Ok(base.iter().copied().cycle().take(n).collect())
 }
 
-/// Runs the benchmark, calling `progress` after each pass.
+/// Runs the benchmark, reading `meter` (when given) around each pass and
+/// calling `progress` after each pass.
 pub fn bench_generate(
     model: &Qwen2,
     tok: &CodeTokenizer,
     cfg: &BenchConfig,
     threads: usize,
+    mut meter: Option<&mut dyn Meter>,
     mut progress: impl FnMut(usize, &BenchPass),
 ) -> Result<BenchReport> {
     if cfg.prompt_tokens == 0 || cfg.new_tokens == 0 || cfg.passes == 0 {
@@ -123,13 +135,18 @@ pub fn bench_generate(
     req.ignore_stop_ids = true;
     generate(model, &req, |_, _| Flow::Continue)?; // warm-up
     let mut passes = Vec::with_capacity(cfg.passes);
+    let read = |m: &mut Option<&mut dyn Meter>| m.as_mut().and_then(|m| m.joules().ok());
     for i in 0..cfg.passes {
+        let before = read(&mut meter);
         let out = generate(model, &req, |_, _| Flow::Continue)?;
+        let after = read(&mut meter);
         let ttft = out.time_to_first_token.as_secs_f64();
+        let tokens = (cfg.prompt_tokens + out.token_ids.len()) as f64;
         let pass = BenchPass {
             ttft_ms: ttft * 1e3,
             prompt_tokens_per_second: cfg.prompt_tokens as f64 / ttft,
             decode_tokens_per_second: out.decode_tokens_per_second(),
+            joules_per_token: before.zip(after).map(|(b, a)| (a - b) / tokens),
         };
         progress(i, &pass);
         passes.push(pass);
@@ -141,6 +158,12 @@ pub fn bench_generate(
         ttft_ms: Spread::of(passes.iter().map(|p| p.ttft_ms).collect()),
         prompt_tokens_per_second: Spread::of(passes.iter().map(|p| p.prompt_tokens_per_second).collect()),
         decode_tokens_per_second: Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect()),
+        joules_per_token: passes
+            .iter()
+            .map(|p| p.joules_per_token)
+            .collect::<Option<Vec<f64>>>()
+            .map(Spread::of),
+        energy_source: meter.map(|m| m.source().as_str()),
         passes,
     })
 }

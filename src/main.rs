@@ -761,7 +761,12 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
         passes: a.passes,
     };
     let show = a.format == Format::Text;
-    let report = bench_generate(&p.model, &p.tokenizer, &cfg, threads, |i, pass| {
+    use greencode::energy::meter::{open_meter, Meter, PowerModel};
+    use greencode::energy::MeterChoice;
+    let power = PowerModel::default_for(threads::default_threads());
+    let mut meter = open_meter(MeterChoice::Auto, power).ok();
+    let meter_ref = meter.as_deref_mut().map(|m| m as &mut dyn Meter);
+    let report = bench_generate(&p.model, &p.tokenizer, &cfg, threads, meter_ref, |i, pass| {
         if show {
             println!(
                 "pass {}: ttft {:.1} ms ({:.0} prompt tok/s), decode {:.1} tok/s",
@@ -784,6 +789,15 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             println!("time to first token (ms): {}", s(&report.ttft_ms));
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
             println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
+            if let (Some(j), Some(src)) = (&report.joules_per_token, report.energy_source) {
+                let mj = |x: f64| x * 1e3;
+                println!(
+                    "millijoules per token:    {:.2} / {:.2} / {:.2} ({src})",
+                    mj(j.min),
+                    mj(j.median),
+                    mj(j.max)
+                );
+            }
         }
     }
     Ok(())

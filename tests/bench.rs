@@ -1,0 +1,41 @@
+//! `greencode bench generate --format json` on tiny-coder: every pass timed
+//! and metered.
+
+mod common;
+
+#[test]
+fn bench_generate_reports_speed_and_energy_per_pass() {
+    let model = common::tiny_coder();
+    let out = common::greencode(&[
+        "bench",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        "8",
+        "--passes",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["passes"].as_array().unwrap().len(), 2);
+    for key in [
+        "ttft_ms",
+        "prompt_tokens_per_second",
+        "decode_tokens_per_second",
+        "joules_per_token",
+    ] {
+        let s = &r[key];
+        let (min, median, max) = (
+            s["min"].as_f64().unwrap(),
+            s["median"].as_f64().unwrap(),
+            s["max"].as_f64().unwrap(),
+        );
+        assert!(min > 0.0 && min <= median && median <= max, "{key}: {s}");
+    }
+    assert!(["nvml", "rapl", "estimated"].contains(&r["energy_source"].as_str().unwrap()));
+}

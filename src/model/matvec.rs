@@ -91,27 +91,58 @@ pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 /// Every `y[r, o]` is the same dot product whatever `rows` and `threads`
 /// are, so results do not depend on the batch.
 pub fn matvec_into(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize, y: &mut [f32]) {
-    assert!(x.len() >= rows * inp && w.len() >= out * inp && y.len() >= rows * out);
+    matvec_multi(x, rows, inp, &mut [Projection { w, out, y }], threads);
+}
+
+/// One weight matrix of a [`matvec_multi`] call and where its product goes.
+pub struct Projection<'a> {
+    /// `[out, in]` row-major weights.
+    pub w: &'a [f32],
+    /// Output features (rows of `w`).
+    pub out: usize,
+    /// `[rows, out]` result, overwritten.
+    pub y: &'a mut [f32],
+}
+
+/// Several products of the same input `x` (`[rows, inp]`), e.g. the query,
+/// key and value projections, in one parallel pass: the output features of
+/// all matrices together are split evenly over `threads`, so the threads
+/// meet once instead of once per matrix.
+pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
+    assert!(x.len() >= rows * inp);
+    for p in projections.iter() {
+        assert!(p.w.len() >= p.out * inp && p.y.len() >= rows * p.out);
+    }
     let dot = dot_kernel();
-    let threads = if out * inp < PARALLEL_MIN_WEIGHTS {
+    let total: usize = projections.iter().map(|p| p.out).sum();
+    let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
         1
     } else {
         threads.max(1)
     };
-    let chunk = out.div_ceil(threads).max(1);
-    let y_ptr = SharedOut(y.as_mut_ptr());
+    let chunk = total.div_ceil(threads).max(1);
+    let targets: Vec<(&[f32], usize, SharedOut)> = projections
+        .iter_mut()
+        .map(|p| (p.w, p.out, SharedOut(p.y.as_mut_ptr())))
+        .collect();
     let work = |ci: usize| {
-        let o_range = ci * chunk..((ci + 1) * chunk).min(out);
-        for o in o_range {
-            let wr = &w[o * inp..(o + 1) * inp];
-            for r in 0..rows {
-                // SAFETY: chunk `ci` alone writes the columns of its output
-                // range, and r * out + o < rows * out ≤ y.len().
-                unsafe { *y_ptr.at(r * out + o) = dot(wr, &x[r * inp..(r + 1) * inp]) };
+        // Global feature index g runs over the matrices in order.
+        let (g0, g1) = (ci * chunk, ((ci + 1) * chunk).min(total));
+        let mut base = 0;
+        for &(w, out, y) in &targets {
+            let (lo, hi) = (g0.max(base), g1.min(base + out));
+            for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
+                let wr = &w[o * inp..(o + 1) * inp];
+                for r in 0..rows {
+                    // SAFETY: chunk `ci` alone writes its features' cells, and
+                    // r * out + o < rows * out ≤ y.len().
+                    unsafe { *y.at(r * out + o) = dot(wr, &x[r * inp..(r + 1) * inp]) };
+                }
             }
+            base += out;
         }
     };
-    let chunks = out.div_ceil(chunk);
+    let chunks = total.div_ceil(chunk);
     if threads > 1 {
         (0..chunks).into_par_iter().for_each(work);
     } else {

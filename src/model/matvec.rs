@@ -1,13 +1,16 @@
 //! Matrix × vector (and × a few vectors) for decoding: `y = x·Wᵀ` with
 //! `W` `[out, in]` row-major, streaming each weight row once and reusing it
-//! for every input row. Large matrices (the `lm_head`) are split over the
-//! compute threads; small ones stay on one thread, where waking a pool costs
-//! more than it saves. The dot products use AVX-512 or AVX2+FMA when the CPU
-//! has them (detected at run time), else a portable loop.
+//! for every input row (four input rows share each load of a weight row).
+//! Matrices above [`PARALLEL_MIN_WEIGHTS`] are split over the compute
+//! threads by output features. The dot products use AVX2+FMA when the CPU
+//! has them (detected at run time; decoding is bound by memory bandwidth, so
+//! wider vectors would not help), else a portable loop. A row's result has
+//! the same bits whether it is computed alone or in a group, so batching
+//! does not change a sequence's tokens.
 //!
-//! Measured on the 2-vCPU dev machine (BENCHMARKS.md): as fast as gemm's
-//! gemv on cache-resident matrices, about 10% faster decoding at one thread;
-//! decode is still bound by per-op overhead, not by this kernel.
+//! Measured on the 2-vCPU dev machine (`cargo bench --bench matvec`): one
+//! input row streams 100 MB of weights at 15–17 GB/s on one thread and
+//! 24–31 GB/s on two, the machine's bandwidth.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
@@ -46,26 +49,96 @@ fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     dot_body(a, b)
 }
 
+/// One dot product with exactly the arithmetic of each row of [`dot4_avx2`]
+/// (two 8-lane accumulators over 16-float steps, lanes summed in order,
+/// then the tail), so a row gives the same bits alone or in a group of four.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
+#[target_feature(enable = "avx2,fma")]
+fn dot_avx2(w: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let full = n / 16 * 16;
+    // SAFETY: every load reads 8 floats at an offset + 8 ≤ `full` ≤ the
+    // length of both slices; AVX2 and FMA are enabled for this function.
+    unsafe {
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i < full {
+            a0 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.as_ptr().add(i)),
+                _mm256_loadu_ps(x.as_ptr().add(i)),
+                a0,
+            );
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(w.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                a1,
+            );
+            i += 16;
+        }
+        let lanes: [f32; 8] = std::mem::transmute(_mm256_add_ps(a0, a1));
+        let tail: f32 = w[full..n].iter().zip(&x[full..n]).map(|(a, b)| a * b).sum();
+        lanes.iter().sum::<f32>() + tail
+    }
+}
+
+/// Four dot products of one weight row `w` with four input rows (each at
+/// least `w.len()` long), sharing each load of `w`: batched decoding is
+/// compute-bound without this.
+fn dot4_portable(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    x.map(|xr| dot_body(w, xr))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
+fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let n = w.len();
+    assert!(x.iter().all(|xr| xr.len() >= n));
+    let full = n / 16 * 16;
+    // SAFETY: every load reads 8 floats at an offset + 8 ≤ `full` ≤ the
+    // length of `w` and of each `x` row (asserted above); AVX2 and FMA are
+    // enabled for this function.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        let mut i = 0;
+        while i < full {
+            let w0 = _mm256_loadu_ps(w.as_ptr().add(i));
+            let w1 = _mm256_loadu_ps(w.as_ptr().add(i + 8));
+            for r in 0..4 {
+                let p = x[r].as_ptr().add(i);
+                acc[2 * r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[2 * r]);
+                acc[2 * r + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), acc[2 * r + 1]);
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            let v = _mm256_add_ps(acc[2 * r], acc[2 * r + 1]);
+            let lanes: [f32; 8] = std::mem::transmute(v);
+            let tail: f32 = w[full..].iter().zip(&x[r][full..n]).map(|(a, b)| a * b).sum();
+            out[r] = lanes.iter().sum::<f32>() + tail;
+        }
+        out
+    }
+}
+
+/// The best four-row dot product this CPU supports.
+fn dot4_kernel() -> fn(&[f32], [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return |w, x| unsafe { dot4_avx2(w, x) };
+        }
+    }
+    dot4_portable
 }
 
 /// The best dot product this CPU supports (also used by the fused decode attention).
 pub fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above).
-            return |a, b| unsafe { dot_avx512(a, b) };
-        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked just above).
             return |a, b| unsafe { dot_avx2(a, b) };
@@ -114,6 +187,7 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
         assert!(p.w.len() >= p.out * inp && p.y.len() >= rows * p.out);
     }
     let dot = dot_kernel();
+    let dot4 = dot4_kernel();
     let total: usize = projections.iter().map(|p| p.out).sum();
     let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
         1
@@ -133,10 +207,20 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
             let (lo, hi) = (g0.max(base), g1.min(base + out));
             for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
                 let wr = &w[o * inp..(o + 1) * inp];
-                for r in 0..rows {
-                    // SAFETY: chunk `ci` alone writes its features' cells, and
-                    // r * out + o < rows * out ≤ y.len().
-                    unsafe { *y.at(r * out + o) = dot(wr, &x[r * inp..(r + 1) * inp]) };
+                let xr = |r: usize| &x[r * inp..(r + 1) * inp];
+                let mut r = 0;
+                while r + 4 <= rows {
+                    let d = dot4(wr, [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)]);
+                    for (k, v) in d.into_iter().enumerate() {
+                        // SAFETY: chunk `ci` alone writes its features' cells, and
+                        // (r + k) * out + o < rows * out ≤ y.len().
+                        unsafe { *y.at((r + k) * out + o) = v };
+                    }
+                    r += 4;
+                }
+                for r in r..rows {
+                    // SAFETY: as above.
+                    unsafe { *y.at(r * out + o) = dot(wr, xr(r)) };
                 }
             }
             base += out;
@@ -241,6 +325,22 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_row_has_the_same_bits_alone_and_in_any_batch() {
+        let (inp, out) = (389, 70);
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 313.0)
+            .collect();
+        let x: Vec<f32> = (0..9 * inp)
+            .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 211.0)
+            .collect();
+        let batched = matvec(&x, &w, 9, inp, out, 2);
+        for r in 0..9 {
+            let alone = matvec(&x[r * inp..(r + 1) * inp], &w, 1, inp, out, 1);
+            assert_eq!(alone, batched[r * out..(r + 1) * out], "row {r}");
         }
     }
 }

@@ -154,6 +154,9 @@ pub fn bench_serve(cfg: &ServeBenchConfig, mut progress: impl FnMut(&LevelReport
         .timeout_global(Some(Duration::from_secs(600)))
         .build()
         .into();
+    // One unmeasured request first: the first request a server sees pays
+    // for page faults and allocations no later one does.
+    let _ = one_request(&agent, cfg, "warm-up");
     let mut reports = Vec::new();
     for &clients in &cfg.clients {
         let start = Instant::now();

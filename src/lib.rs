@@ -8,6 +8,7 @@
 
 pub mod bench;
 pub mod bench_serve;
+pub mod bench_soak;
 pub mod energy;
 pub mod eval;
 pub mod generate;

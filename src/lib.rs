@@ -12,6 +12,7 @@ pub mod bench_soak;
 pub mod energy;
 pub mod eval;
 pub mod generate;
+pub mod gguf_export;
 pub mod locate;
 pub mod metrics;
 pub mod model;

@@ -33,6 +33,8 @@ struct Cli {
 enum Command {
     /// Generate a completion (or an infill with --suffix) and stream it to stdout.
     Generate(GenerateArgs),
+    /// Write a model as one GGUF file (f32, f16, Q8_0 or Q4_K weights) that llama.cpp loads.
+    Quantize(QuantizeArgs),
     /// Evaluate a model on held-out code.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -164,6 +166,31 @@ enum EnergyArg {
     Nvml,
     Rapl,
     Estimated,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Weight type of the 2-D tensors (norms and biases stay f32).
+    #[arg(long = "type", value_enum)]
+    weight_type: QuantTypeArg,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Output format of the report.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum QuantTypeArg {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
 }
 
 #[derive(Subcommand)]
@@ -426,6 +453,7 @@ fn main() -> ExitCode {
         Command::Eval(EvalCommand::Ppl(a)) => run_ppl(a),
         Command::Eval(EvalCommand::Kl(a)) => run_kl(a),
         Command::Eval(EvalCommand::Humaneval(a)) => run_humaneval(a),
+        Command::Quantize(a) => run_quantize(a),
         Command::Eval(EvalCommand::Infill(a)) => run_infill(a),
         Command::Prune(a) => run_prune(a),
         Command::Serve(a) => run_serve(a),
@@ -1024,6 +1052,33 @@ fn run_bench_soak(a: SoakArgs, threads: usize) -> Result<()> {
     }
     if report.errors > 0 || warm.errors > 0 {
         bail!("{} requests failed", report.errors + warm.errors);
+    }
+    Ok(())
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    use greencode::gguf_export::{export, WeightType};
+    let ty = match a.weight_type {
+        QuantTypeArg::F32 => WeightType::F32,
+        QuantTypeArg::F16 => WeightType::F16,
+        QuantTypeArg::Q8_0 => WeightType::Q8_0,
+        QuantTypeArg::Q4K => WeightType::Q4K,
+    };
+    let dir = model_dir(&a.model)?;
+    let report = export(&dir, &a.out, ty)?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Text => {
+            println!(
+                "wrote {} ({} tensors, {} bytes)",
+                report.path.display(),
+                report.tensors,
+                report.file_bytes
+            );
+            for (ty, bytes) in &report.bytes_by_type {
+                println!("  {ty:6} {bytes} bytes");
+            }
+        }
     }
     Ok(())
 }

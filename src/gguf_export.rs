@@ -1,0 +1,392 @@
+//! `greencode quantize`: a Hugging Face Qwen2 folder (original or pruned)
+//! written as one GGUF file that llama.cpp loads: its `qwen2` architecture
+//! metadata and tensor names, the tokenizer embedded as `tokenizer.ggml.*`,
+//! per-layer FFN widths kept, and the 2-D weights stored as f32, f16, Q8_0
+//! or Q4_K (rows whose length is not a multiple of Q4_K's 256-wide blocks
+//! fall back to Q5_0, then Q8_0, as llama.cpp's quantizer does). Norms and
+//! biases stay f32. The file is written to a temporary name and renamed.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::model::{load_model, ModelError};
+
+/// The weight types `greencode quantize` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightType {
+    /// 32-bit floats (no quantization).
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// 8-bit blocks of 32 with an f16 scale.
+    Q8_0,
+    /// 4-bit super-blocks of 256 (llama.cpp's Q4_K).
+    Q4K,
+}
+
+impl WeightType {
+    fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+        }
+    }
+
+    /// llama.cpp's `general.file_type` (`llama_ftype`).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Q8_0 => 7,
+            Self::Q4K => 14, // MOSTLY_Q4_K_S: every weight Q4_K where the rows allow
+        }
+    }
+}
+
+/// Why an export failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A tensor operation or the GGUF writer failed.
+    #[error("GGUF: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// tokenizer.json lacks something llama.cpp needs.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// tokenizer.json.
+        path: PathBuf,
+        /// What is missing or unsupported.
+        message: String,
+    },
+    /// Writing the file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// What was written.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportReport {
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data per GGML type (`F32`, `F16`, `Q8_0`, …).
+    pub bytes_by_type: BTreeMap<String, u64>,
+    /// Tensors stored in a fallback type, with the reason.
+    pub fallbacks: Vec<String>,
+    /// Size of the file.
+    pub file_bytes: u64,
+}
+
+/// The tokenizer as GGUF metadata: tokens by id, their types, BPE merges.
+struct GgufVocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    merges: Vec<String>,
+    pre: &'static str,
+}
+
+/// llama.cpp's token types.
+const NORMAL: i32 = 1;
+const CONTROL: i32 = 3;
+const USER_DEFINED: i32 = 4;
+const UNUSED: i32 = 5;
+
+/// Qwen2's split regex (`tokenizer.ggml.pre = qwen2` in llama.cpp).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+fn read_vocab(path: &Path, rows: usize) -> Result<GgufVocab, ExportError> {
+    let err = |message: String| ExportError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let json: Json = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    let model = &json["model"];
+    if model["type"] != "BPE" {
+        return Err(err(format!(
+            "model.type is {}, only byte-level BPE is exported",
+            model["type"]
+        )));
+    }
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| err("model.vocab is missing".into()))?;
+    let mut tokens: Vec<Option<String>> = vec![None; rows];
+    let mut types = vec![UNUSED; rows];
+    let mut place = |id: u64, token: &str, kind: i32| -> Result<(), ExportError> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            err(format!(
+                "token id {id} ({token:?}) is beyond the model's {rows} embedding rows"
+            ))
+        })?;
+        *slot = Some(token.to_owned());
+        types[id as usize] = kind;
+        Ok(())
+    };
+    for (token, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| err(format!("model.vocab[{token:?}] is not an id")))?;
+        place(id, token, NORMAL)?;
+    }
+    for added in json["added_tokens"].as_array().into_iter().flatten() {
+        let (Some(id), Some(content)) = (added["id"].as_u64(), added["content"].as_str()) else {
+            return Err(err("added_tokens entries need `id` and `content`".into()));
+        };
+        let kind = if added["special"].as_bool().unwrap_or(false) {
+            CONTROL
+        } else {
+            USER_DEFINED
+        };
+        place(id, content, kind)?;
+    }
+    let tokens: Vec<String> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| t.unwrap_or_else(|| format!("[PAD{i}]")))
+        .collect();
+    let merges = model["merges"]
+        .as_array()
+        .ok_or_else(|| err("model.merges is missing".into()))?
+        .iter()
+        .map(|m| match m {
+            Json::String(s) => Ok(s.clone()),
+            Json::Array(pair) if pair.len() == 2 => Ok(format!(
+                "{} {}",
+                pair[0].as_str().unwrap_or_default(),
+                pair[1].as_str().unwrap_or_default()
+            )),
+            other => Err(err(format!("model.merges holds {other}, not a merge"))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(GgufVocab {
+        tokens,
+        types,
+        merges,
+        pre: pre_tokenizer_name(&json["pre_tokenizer"]).map_err(err)?,
+    })
+}
+
+/// llama.cpp's name for the tokenizer's split rule (`tokenizer.ggml.pre`).
+fn pre_tokenizer_name(pre: &Json) -> Result<&'static str, String> {
+    let byte_level_with_regex = |p: &Json| p["type"] == "ByteLevel" && p["use_regex"].as_bool().unwrap_or(true);
+    if byte_level_with_regex(pre) {
+        return Ok("gpt-2"); // ByteLevel's own regex is GPT-2's
+    }
+    if pre["type"] == "Sequence" {
+        let parts = pre["pretokenizers"].as_array().cloned().unwrap_or_default();
+        let split = parts.iter().find(|p| p["type"] == "Split");
+        let regex = split.and_then(|s| s["pattern"]["Regex"].as_str());
+        if regex == Some(QWEN2_SPLIT) {
+            return Ok("qwen2");
+        }
+        if split.is_none() && parts.iter().any(byte_level_with_regex) {
+            return Ok("gpt-2");
+        }
+    }
+    Err(format!(
+        "pre_tokenizer {pre} matches no split rule llama.cpp names (gpt-2, qwen2)"
+    ))
+}
+
+/// GGUF name of a Hugging Face Qwen2 tensor.
+fn gguf_name(hf: &str) -> Option<String> {
+    let fixed = match hf {
+        "model.embed_tokens.weight" => Some("token_embd.weight"),
+        "model.norm.weight" => Some("output_norm.weight"),
+        "lm_head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let part = match tail.rsplit_once('.')? {
+        ("self_attn.q_proj", kind) => ("attn_q", kind),
+        ("self_attn.k_proj", kind) => ("attn_k", kind),
+        ("self_attn.v_proj", kind) => ("attn_v", kind),
+        ("self_attn.o_proj", kind) => ("attn_output", kind),
+        ("mlp.gate_proj", kind) => ("ffn_gate", kind),
+        ("mlp.up_proj", kind) => ("ffn_up", kind),
+        ("mlp.down_proj", kind) => ("ffn_down", kind),
+        ("input_layernorm", kind) => ("attn_norm", kind),
+        ("post_attention_layernorm", kind) => ("ffn_norm", kind),
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{}.{}", part.0, part.1))
+}
+
+/// The type a 2-D weight with rows of `cols` values is stored in, and why
+/// it differs from the one asked for.
+fn storage_type(asked: GgmlDType, cols: usize) -> (GgmlDType, Option<String>) {
+    let mut ty = asked;
+    for fallback in [GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::F16] {
+        if cols.is_multiple_of(ty.block_size()) {
+            break;
+        }
+        ty = fallback;
+    }
+    let why = (ty != asked).then(|| {
+        format!(
+            "rows of {cols} are not a multiple of {:?}'s block of {}: stored as {ty:?}",
+            asked,
+            asked.block_size()
+        )
+    });
+    (ty, why)
+}
+
+/// Writes the model in `folder` to `out` as GGUF with weights of type `ty`.
+pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport, ExportError> {
+    let model = load_model(folder, &Device::Cpu, DType::F32)?;
+    let cfg = model.config();
+    let vocab = read_vocab(&folder.join("tokenizer.json"), model.vocab_size())?;
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut report = ExportReport {
+        path: out.to_path_buf(),
+        tensors: 0,
+        bytes_by_type: BTreeMap::new(),
+        fallbacks: Vec::new(),
+        file_bytes: 0,
+    };
+    for (hf, tensor) in model.named_tensors() {
+        let name = gguf_name(&hf).ok_or_else(|| ModelError::Input(format!("no GGUF name for tensor {hf}")))?;
+        let qty = if tensor.rank() == 2 {
+            let (qty, why) = storage_type(ty.ggml(), tensor.dim(1)?);
+            if let Some(why) = why {
+                eprintln!("greencode: warning: {name}: {why}");
+                report.fallbacks.push(format!("{name}: {why}"));
+            }
+            qty
+        } else {
+            GgmlDType::F32
+        };
+        let q = QTensor::quantize(&tensor, qty)?;
+        *report.bytes_by_type.entry(format!("{qty:?}")).or_default() += q.storage_size_in_bytes() as u64;
+        tensors.push((name, q));
+    }
+    report.tensors = tensors.len();
+    let ffn = model.ffn_widths();
+    let ffn_value = if ffn.windows(2).all(|w| w[0] == w[1]) {
+        gguf_file::Value::U32(ffn.first().copied().unwrap_or(0) as u32)
+    } else {
+        gguf_file::Value::Array(ffn.iter().map(|&w| gguf_file::Value::U32(w as u32)).collect())
+    };
+    let name = crate::locate::model_name(folder);
+    let s = |v: &str| gguf_file::Value::String(v.to_owned());
+    let u = |v: usize| gguf_file::Value::U32(v as u32);
+    let eos = cfg.eos_token_ids.first().copied().unwrap_or(0) as usize;
+    let mut meta: Vec<(&str, gguf_file::Value)> = vec![
+        ("general.architecture", s("qwen2")),
+        ("general.type", s("model")),
+        ("general.name", s(&name)),
+        ("general.file_type", gguf_file::Value::U32(ty.file_type())),
+        ("general.quantization_version", u(2)),
+        ("general.alignment", u(32)),
+        ("qwen2.block_count", u(model.num_layers())),
+        ("qwen2.context_length", u(cfg.max_position_embeddings)),
+        ("qwen2.embedding_length", u(cfg.hidden_size)),
+        ("qwen2.feed_forward_length", ffn_value),
+        ("qwen2.attention.head_count", u(cfg.num_attention_heads)),
+        ("qwen2.attention.head_count_kv", u(cfg.num_key_value_heads)),
+        ("qwen2.rope.freq_base", gguf_file::Value::F32(cfg.rope_theta as f32)),
+        (
+            "qwen2.attention.layer_norm_rms_epsilon",
+            gguf_file::Value::F32(cfg.rms_norm_eps as f32),
+        ),
+        ("tokenizer.ggml.model", s("gpt2")),
+        ("tokenizer.ggml.pre", s(vocab.pre)),
+        (
+            "tokenizer.ggml.tokens",
+            gguf_file::Value::Array(vocab.tokens.iter().map(|t| s(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type",
+            gguf_file::Value::Array(vocab.types.iter().map(|&t| gguf_file::Value::I32(t)).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges",
+            gguf_file::Value::Array(vocab.merges.iter().map(|m| s(m)).collect()),
+        ),
+        ("tokenizer.ggml.eos_token_id", u(eos)),
+        ("tokenizer.ggml.padding_token_id", u(eos)),
+        ("tokenizer.ggml.bos_token_id", u(eos)),
+        ("tokenizer.ggml.add_bos_token", gguf_file::Value::Bool(false)),
+        ("tokenizer.ggml.add_eos_token", gguf_file::Value::Bool(false)),
+    ];
+    if let Some(from) = &cfg.pruned_from {
+        meta.push(("greencode.pruned_from", s(from)));
+    }
+    let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let io = |source| ExportError::Io {
+        path: out.to_path_buf(),
+        source,
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
+        w.flush().map_err(io)?;
+    }
+    tmp.persist(out).map_err(|e| io(e.error))?;
+    report.file_bytes = std::fs::metadata(out).map_err(io)?.len();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_llama_cpp() {
+        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.bias").unwrap(),
+            "blk.3.attn_q.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.11.mlp.down_proj.weight").unwrap(),
+            "blk.11.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(),
+            "blk.0.ffn_norm.weight"
+        );
+        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
+        assert!(gguf_name("model.layers.0.mystery.weight").is_none());
+    }
+
+    #[test]
+    fn q4k_falls_back_where_rows_do_not_fit_its_blocks() {
+        assert_eq!(storage_type(GgmlDType::Q4K, 1024), (GgmlDType::Q4K, None));
+        assert_eq!(storage_type(GgmlDType::Q4K, 384).0, GgmlDType::Q5_0);
+        assert_eq!(storage_type(GgmlDType::Q4K, 400).0, GgmlDType::F16);
+        assert_eq!(storage_type(GgmlDType::Q8_0, 384), (GgmlDType::Q8_0, None));
+    }
+}

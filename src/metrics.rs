@@ -212,7 +212,7 @@ impl Metrics {
         }
         let pruned_from = model.config().pruned_from.clone().unwrap_or_default();
         self.model_info
-            .with_label_values(&[&self.model, &pruned_from, "none"])
+            .with_label_values(&[&self.model, &pruned_from, model.quantization()])
             .set(1.0);
         if let Some(before) = model.config().params_before_pruning {
             self.pruned_from_parameters

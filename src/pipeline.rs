@@ -64,6 +64,11 @@ impl Pipeline {
         })
     }
 
+    /// Quantizes the model's weights to Q8_0 in place (see `Qwen2::quantize_q8`).
+    pub fn quantize_q8(&mut self) -> Result<usize, PipelineError> {
+        Ok(self.model.quantize_q8()?)
+    }
+
     /// A short name for the model: its folder's name.
     pub fn name(&self) -> String {
         crate::locate::model_name(&self.folder)

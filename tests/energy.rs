@@ -166,3 +166,19 @@ fn bad_energy_settings_are_refused() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+#[test]
+fn a_q8_0_server_reports_its_quantization_and_costs() {
+    let s = Server::start(&["--quantize", "q8_0"]);
+    let (status, body) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "def add(a, b):\n", "max_tokens": 8, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body["usage"]["energy_joules"].as_f64().unwrap() > 0.0);
+    let m = parse_metrics(&s.get("/metrics").1);
+    assert_eq!(
+        m["greencode_model_info{model=\"tiny-coder\",pruned_from=\"\",quantization=\"q8_0\"}"],
+        1.0
+    );
+}

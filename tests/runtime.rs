@@ -248,3 +248,46 @@ fn fused_decode_step_equals_the_tensor_path() {
         assert!(d < 1e-4, "max |Δlogit| {d}");
     }
 }
+
+#[test]
+fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
+    let f32_model = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let mut p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    assert_eq!(p.quantize_q8().unwrap(), 12 * 7 + 1, "every projection and the lm_head");
+    assert_eq!(p.model.quantization(), "q8_0");
+    let ids = prompt_ids(&p);
+    // The fused decode reads Q8_0 blocks; the tensor path (LogitsFor::All)
+    // multiplies by their dequantized values: the same weights.
+    let mut fused_cache = p.model.new_cache(128).unwrap();
+    let mut tensor_cache = p.model.new_cache(128).unwrap();
+    let split = ids.len() / 2;
+    p.model
+        .forward_cached(&ids[..split], &mut fused_cache, LogitsFor::Last)
+        .unwrap();
+    p.model
+        .forward_cached(&ids[..split], &mut tensor_cache, LogitsFor::Last)
+        .unwrap();
+    let mut reference_cache = f32_model.model.new_cache(128).unwrap();
+    f32_model
+        .model
+        .forward_cached(&ids[..split], &mut reference_cache, LogitsFor::Last)
+        .unwrap();
+    for &id in &ids[split..] {
+        let fused = p
+            .model
+            .forward_cached(&[id], &mut fused_cache, LogitsFor::Last)
+            .unwrap();
+        let plain = p
+            .model
+            .forward_cached(&[id], &mut tensor_cache, LogitsFor::All)
+            .unwrap();
+        let d = common::max_abs_diff(&fused, &plain);
+        assert!(d < 1e-4, "fused Q8_0 vs dequantized tensor path: max |Δlogit| {d}");
+        let f = f32_model
+            .model
+            .forward_cached(&[id], &mut reference_cache, LogitsFor::Last)
+            .unwrap();
+        let d = common::max_abs_diff(&fused, &f);
+        assert!(d < 0.25, "Q8_0 vs f32: max |Δlogit| {d}");
+    }
+}

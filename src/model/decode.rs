@@ -17,7 +17,9 @@ use rayon::prelude::*;
 
 use super::error::{ModelError, Result};
 use super::flop_probe;
-use super::matvec::{dot_kernel, matvec_into, matvec_multi, Projection, PARALLEL_MIN_WEIGHTS};
+use super::linear::Linear;
+use super::matvec::{dot_kernel, matvec_multi, Projection, Weights, PARALLEL_MIN_WEIGHTS};
+use super::quant::Q8Matrix;
 use super::qwen2::{Qwen2, SeqStep};
 
 /// Read access to an f32 tensor's host memory for the length of a step.
@@ -52,20 +54,43 @@ fn host(t: &Tensor) -> Result<HostSlice<'_>> {
     })
 }
 
+/// A projection's weights as the kernels read them: Q8_0 blocks when the
+/// layer was quantized, else its f32 tensor.
+enum WeightView<'a> {
+    F32(HostSlice<'a>),
+    Q8(&'a Q8Matrix),
+}
+
+impl WeightView<'_> {
+    fn get(&self) -> Weights<'_> {
+        match self {
+            Self::F32(h) => Weights::F32(h.get()),
+            Self::Q8(q) => Weights::Q8(q),
+        }
+    }
+}
+
+fn weights(l: &Linear) -> Result<WeightView<'_>> {
+    Ok(match l.q8() {
+        Some(q) => WeightView::Q8(q),
+        None => WeightView::F32(host(l.weight())?),
+    })
+}
+
 /// Host views of one decoder layer's weights.
 struct LayerView<'a> {
     ln1: HostSlice<'a>,
     ln2: HostSlice<'a>,
-    wq: HostSlice<'a>,
-    wk: HostSlice<'a>,
-    wv: HostSlice<'a>,
-    wo: HostSlice<'a>,
+    wq: WeightView<'a>,
+    wk: WeightView<'a>,
+    wv: WeightView<'a>,
+    wo: WeightView<'a>,
     bq: Option<HostSlice<'a>>,
     bk: Option<HostSlice<'a>>,
     bv: Option<HostSlice<'a>>,
-    wg: HostSlice<'a>,
-    wu: HostSlice<'a>,
-    wd: HostSlice<'a>,
+    wg: WeightView<'a>,
+    wu: WeightView<'a>,
+    wd: WeightView<'a>,
     ffn: usize,
 }
 
@@ -108,7 +133,7 @@ pub(crate) fn eligible(model: &Qwen2, seq: &SeqStep<'_>) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn project(
     x: &[f32],
-    w: &[f32],
+    w: Weights<'_>,
     b: Option<&[f32]>,
     rows: usize,
     inp: usize,
@@ -117,7 +142,7 @@ fn project(
     y: &mut [f32],
 ) {
     flop_probe::add(2 * (rows * inp * out) as u64);
-    matvec_into(x, w, rows, inp, out, threads, y);
+    matvec_multi(x, rows, inp, &mut [Projection { w, out, y }], threads);
     if let Some(b) = b {
         for row in y.chunks_exact_mut(out) {
             for (o, bias) in row.iter_mut().zip(b) {
@@ -228,16 +253,16 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
             Ok(LayerView {
                 ln1: host(l.input_layernorm.weight())?,
                 ln2: host(l.post_attention_layernorm.weight())?,
-                wq: host(a.q_proj.weight())?,
-                wk: host(a.k_proj.weight())?,
-                wv: host(a.v_proj.weight())?,
-                wo: host(a.o_proj.weight())?,
+                wq: weights(&a.q_proj)?,
+                wk: weights(&a.k_proj)?,
+                wv: weights(&a.v_proj)?,
+                wo: weights(&a.o_proj)?,
                 bq: a.q_proj.bias().map(host).transpose()?,
                 bk: a.k_proj.bias().map(host).transpose()?,
                 bv: a.v_proj.bias().map(host).transpose()?,
-                wg: host(l.mlp.gate_proj.weight())?,
-                wu: host(l.mlp.up_proj.weight())?,
-                wd: host(l.mlp.down_proj.weight())?,
+                wg: weights(&l.mlp.gate_proj)?,
+                wu: weights(&l.mlp.up_proj)?,
+                wd: weights(&l.mlp.down_proj)?,
                 ffn: l.mlp.width(),
             })
         })
@@ -376,16 +401,11 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
         }
         rms_norm(x, host(model.final_norm().weight())?.get(), eps, hs, xn);
         let mut logits = vec![0f32; b * vocab];
-        project(
-            xn,
-            host(model.lm_head())?.get(),
-            None,
-            b,
-            hs,
-            vocab,
-            threads,
-            &mut logits,
-        );
+        let head = match model.lm_head_q8() {
+            Some(q) => WeightView::Q8(q),
+            None => WeightView::F32(host(model.lm_head())?),
+        };
+        project(xn, head.get(), None, b, hs, vocab, threads, &mut logits);
         for seq in seqs.iter_mut() {
             seq.cache.advance(1);
         }

@@ -1,19 +1,49 @@
 //! A dense projection `y = x·Wᵀ + b` that flattens leading dimensions so the
 //! matrix multiply is always one 2-D product (the fast path on every backend).
 
+use std::sync::Arc;
+
 use candle_core::{Result, Tensor, D};
+
+use super::quant::Q8Matrix;
 
 /// A linear layer with an optional bias; weights are `[out, in]` as in HF.
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    q8: Option<Arc<Q8Matrix>>,
 }
 
 impl Linear {
     /// Wraps a `[out, in]` weight and an optional `[out]` bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight, bias, q8: None }
+    }
+
+    /// Quantizes the weight to Q8_0: the decode kernels then read the Q8_0
+    /// blocks, and the weight tensor (used for prompts) holds their exact
+    /// dequantized values, so every path computes with the same weights.
+    /// Returns false (and changes nothing) when rows are not a multiple of 32.
+    pub fn quantize_q8(&mut self) -> Result<bool> {
+        let (rows, cols) = self.weight.dims2()?;
+        let values: Vec<f32> = self
+            .weight
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let Some(q) = Q8Matrix::quantize(&values, rows, cols) else {
+            return Ok(false);
+        };
+        self.weight =
+            Tensor::from_vec(q.dequantize(), (rows, cols), self.weight.device())?.to_dtype(self.weight.dtype())?;
+        self.q8 = Some(Arc::new(q));
+        Ok(true)
+    }
+
+    /// The Q8_0 blocks, when quantized.
+    pub fn q8(&self) -> Option<&Q8Matrix> {
+        self.q8.as_deref()
     }
 
     /// The `[out, in]` weight.

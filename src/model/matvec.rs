@@ -164,17 +164,45 @@ pub const PARALLEL_MIN_WEIGHTS: usize = 1 << 16;
 /// Every `y[r, o]` is the same dot product whatever `rows` and `threads`
 /// are, so results do not depend on the batch.
 pub fn matvec_into(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize, y: &mut [f32]) {
-    matvec_multi(x, rows, inp, &mut [Projection { w, out, y }], threads);
+    matvec_multi(
+        x,
+        rows,
+        inp,
+        &mut [Projection {
+            w: Weights::F32(w),
+            out,
+            y,
+        }],
+        threads,
+    );
 }
 
 /// One weight matrix of a [`matvec_multi`] call and where its product goes.
 pub struct Projection<'a> {
-    /// `[out, in]` row-major weights.
-    pub w: &'a [f32],
+    /// `[out, in]` weights.
+    pub w: Weights<'a>,
     /// Output features (rows of `w`).
     pub out: usize,
     /// `[rows, out]` result, overwritten.
     pub y: &'a mut [f32],
+}
+
+/// A weight matrix as the kernels read it.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    /// f32, row-major.
+    F32(&'a [f32]),
+    /// Q8_0 blocks.
+    Q8(&'a super::quant::Q8Matrix),
+}
+
+impl Weights<'_> {
+    fn covers(&self, out: usize, inp: usize) -> bool {
+        match self {
+            Self::F32(w) => w.len() >= out * inp,
+            Self::Q8(m) => m.rows() >= out && m.cols() == inp,
+        }
+    }
 }
 
 /// Several products of the same input `x` (`[rows, inp]`), e.g. the query,
@@ -184,10 +212,11 @@ pub struct Projection<'a> {
 pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
     assert!(x.len() >= rows * inp);
     for p in projections.iter() {
-        assert!(p.w.len() >= p.out * inp && p.y.len() >= rows * p.out);
+        assert!(p.w.covers(p.out, inp) && p.y.len() >= rows * p.out);
     }
     let dot = dot_kernel();
     let dot4 = dot4_kernel();
+    let dot_q8 = super::quant::dot_q8_kernel();
     let total: usize = projections.iter().map(|p| p.out).sum();
     let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
         1
@@ -195,7 +224,7 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
         threads.max(1)
     };
     let chunk = total.div_ceil(threads).max(1);
-    let targets: Vec<(&[f32], usize, SharedOut)> = projections
+    let targets: Vec<(Weights<'_>, usize, SharedOut)> = projections
         .iter_mut()
         .map(|p| (p.w, p.out, SharedOut(p.y.as_mut_ptr())))
         .collect();
@@ -205,9 +234,24 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
         let mut base = 0;
         for &(w, out, y) in &targets {
             let (lo, hi) = (g0.max(base), g1.min(base + out));
+            let xr = |r: usize| &x[r * inp..(r + 1) * inp];
+            let w = match w {
+                Weights::F32(w) => w,
+                Weights::Q8(m) => {
+                    for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
+                        let (q, d) = m.row(o);
+                        for r in 0..rows {
+                            // SAFETY: chunk `ci` alone writes its features' cells, and
+                            // r * out + o < rows * out ≤ y.len().
+                            unsafe { *y.at(r * out + o) = dot_q8(q, d, xr(r)) };
+                        }
+                    }
+                    base += out;
+                    continue;
+                }
+            };
             for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
                 let wr = &w[o * inp..(o + 1) * inp];
-                let xr = |r: usize| &x[r * inp..(r + 1) * inp];
                 let mut r = 0;
                 while r + 4 <= rows {
                     let d = dot4(wr, [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)]);

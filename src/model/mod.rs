@@ -10,6 +10,7 @@ pub mod linear;
 pub mod load;
 pub mod matvec;
 pub mod params;
+pub mod quant;
 pub mod qwen2;
 
 pub use config::Qwen2Config;

@@ -344,6 +344,7 @@ pub struct Qwen2 {
     pub layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Tensor,
+    lm_head_q8: Option<std::sync::Arc<super::quant::Q8Matrix>>,
     rope: RotaryEmbedding,
     config: Qwen2Config,
     dtype: DType,
@@ -425,6 +426,7 @@ impl Qwen2 {
             layers,
             norm,
             lm_head,
+            lm_head_q8: None,
             rope,
             config,
             dtype,
@@ -596,6 +598,58 @@ impl Qwen2 {
             }
         }
         self.head(&h)
+    }
+
+    /// Quantizes every projection and the `lm_head` to Q8_0 in place (see
+    /// [`Linear::quantize_q8`]); with tied embeddings the embedding rows take
+    /// the same dequantized values, as in a Q8_0 GGUF. Returns how many
+    /// matrices were quantized (rows that are not a multiple of 32 stay f32).
+    pub fn quantize_q8(&mut self) -> Result<usize> {
+        let mut n = 0;
+        for l in &mut self.layers {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for lin in [
+                &mut a.q_proj,
+                &mut a.k_proj,
+                &mut a.v_proj,
+                &mut a.o_proj,
+                &mut m.gate_proj,
+                &mut m.up_proj,
+                &mut m.down_proj,
+            ] {
+                n += usize::from(lin.quantize_q8()?);
+            }
+        }
+        let mut head = Linear::new(self.lm_head.clone(), None);
+        if head.quantize_q8()? {
+            n += 1;
+            self.lm_head = head.weight().clone();
+            if self.config.tie_word_embeddings {
+                self.embed_tokens = self.lm_head.clone();
+            }
+            self.lm_head_q8 = head.q8().map(|q| std::sync::Arc::new(q.clone()));
+        }
+        Ok(n)
+    }
+
+    /// The weight format decode runs on: `q8_0` after [`Qwen2::quantize_q8`], else `none`.
+    pub fn quantization(&self) -> &'static str {
+        let any_q8 = self.lm_head_q8.is_some()
+            || self
+                .layers
+                .iter()
+                .any(|l| l.mlp.down_proj.q8().is_some() || l.self_attn.q_proj.q8().is_some());
+        if any_q8 {
+            "q8_0"
+        } else {
+            "none"
+        }
+    }
+
+    /// The `lm_head` in Q8_0, when quantized.
+    pub(crate) fn lm_head_q8(&self) -> Option<&super::quant::Q8Matrix> {
+        self.lm_head_q8.as_deref()
     }
 
     /// RoPE cosine and sine tables, `[max_positions, head_dim / 2]` each.

@@ -52,6 +52,8 @@ pub struct ServeConfig {
     pub power_model: PowerModel,
     /// Grid intensity and PUE.
     pub carbon: Carbon,
+    /// Quantize the weights to Q8_0 at load.
+    pub quantize_q8: bool,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
@@ -86,10 +88,17 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
     let dir = cfg.model_dir.clone();
+    let quantize_q8 = cfg.quantize_q8;
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
     let (engine, _thread) = engine::spawn(
         move || {
             load_model(&dir, &Device::Cpu, DType::F32)
+                .and_then(|mut m| {
+                    if quantize_q8 {
+                        m.quantize_q8()?;
+                    }
+                    Ok(m)
+                })
                 .map(engine::ServedModel::new)
                 .map_err(|e| {
                     let _ = load_tx.send(e.to_string());

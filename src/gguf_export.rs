@@ -107,9 +107,7 @@ const CONTROL: i32 = 3;
 const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
 
-/// Qwen2's split regex (`tokenizer.ggml.pre = qwen2` in llama.cpp).
-const QWEN2_SPLIT: &str =
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+use crate::tokenizer::QWEN2_SPLIT;
 
 fn read_vocab(path: &Path, rows: usize) -> Result<GgufVocab, ExportError> {
     let err = |message: String| ExportError::Tokenizer {

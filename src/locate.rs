@@ -41,8 +41,12 @@ pub fn default_candidates() -> Vec<PathBuf> {
 
 /// A model's short name: its folder's name (after resolving `.` and links).
 pub fn model_name(dir: &Path) -> String {
-    dir.canonicalize()
-        .unwrap_or_else(|_| dir.to_path_buf())
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
+    let path = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    // A GGUF file is named without its extension (`tiny-coder-q8_0.gguf` → `tiny-coder-q8_0`).
+    let name = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+        path.file_stem()
+    } else {
+        path.file_name()
+    };
+    name.map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned())
 }

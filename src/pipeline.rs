@@ -46,8 +46,17 @@ impl Pipeline {
         Self::load(folder, &Device::Cpu, DType::F32)
     }
 
-    /// Loads the folder on `device`, computing in `dtype`.
+    /// Loads the folder (or a `.gguf` file) on `device`, computing in `dtype`.
     pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, PipelineError> {
+        if folder.extension().is_some_and(|e| e == "gguf") && folder.is_file() {
+            let g = crate::model::gguf_load::load_gguf(folder, device, dtype)?;
+            let tokenizer = CodeTokenizer::new(g.tokenizer, folder.to_path_buf(), &g.model.config().eos_token_ids);
+            return Ok(Self {
+                model: g.model,
+                tokenizer,
+                folder: folder.to_path_buf(),
+            });
+        }
         let model = load_model(folder, device, dtype)?;
         let tokenizer = CodeTokenizer::from_folder(folder, &model.config().eos_token_ids)?;
         if tokenizer.vocab_size() > model.vocab_size() {

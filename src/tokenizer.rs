@@ -54,6 +54,10 @@ pub struct FimTokens {
     pub stop: Vec<u32>,
 }
 
+/// Qwen2's pre-tokenizer split regex (llama.cpp calls this rule `qwen2`).
+pub const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// A loaded tokenizer with the model's special tokens resolved.
 pub struct CodeTokenizer {
     inner: tokenizers::Tokenizer,

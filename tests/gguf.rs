@@ -248,3 +248,85 @@ fn bad_input_fails_cleanly_and_leaves_no_file() {
         "a temporary file was left behind"
     );
 }
+
+fn logits_of(p: &Pipeline, text: &str) -> candle_core::Tensor {
+    let ids = p.tokenizer.encode(text).unwrap();
+    let x = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    p.model.logits(&x, None).unwrap()
+}
+
+#[test]
+fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let hf = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let texts = [
+        "def fibonacci(n):\n    if n < 2:\n        return n\n",
+        "<|fim_prefix|>x = <|fim_suffix|>\n<|fim_middle|>",
+        "naïve = 'größe' + \"日本\"  # ünïcödé\n\t\ttabs\r\n",
+        "    retu",
+    ];
+    let text = "import os\n\ndef walk(path):\n    for root, dirs, files in os.walk(path):\n";
+    for ty in ["f32", "q8_0", "f16"] {
+        let out = dir.path().join(format!("tiny-{ty}.gguf"));
+        quantize(&common::tiny_coder(), ty, &out);
+        let g = Pipeline::load_cpu(&out).unwrap();
+        for t in texts {
+            assert_eq!(
+                g.tokenizer.encode(t).unwrap(),
+                hf.tokenizer.encode(t).unwrap(),
+                "{ty}: {t:?}"
+            );
+            let ids = hf.tokenizer.encode(t).unwrap();
+            assert_eq!(
+                g.tokenizer.decode(&ids, false).unwrap(),
+                hf.tokenizer.decode(&ids, false).unwrap()
+            );
+        }
+        assert_eq!(g.tokenizer.eos_ids(), hf.tokenizer.eos_ids());
+        assert_eq!(g.tokenizer.fim(), hf.tokenizer.fim());
+        let got = logits_of(&g, text);
+        let d = match ty {
+            "f32" => common::max_abs_diff(&got, &logits_of(&hf, text)),
+            "q8_0" => {
+                // The same weights as quantizing in-process, and decoding reads Q8_0.
+                let mut q = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+                q.quantize_q8().unwrap();
+                assert_eq!(g.model.quantization(), "q8_0");
+                common::max_abs_diff(&got, &logits_of(&q, text))
+            }
+            _ => common::max_abs_diff(&got, &logits_of(&hf, text)) / 100.0, // f16 rounding: within 1%
+        };
+        assert!(d < 1e-4, "{ty}: max |Δlogit| {d}");
+    }
+    // The CLI runs from a GGUF file like from a folder.
+    let f32_file = dir.path().join("tiny-f32.gguf");
+    let o = common::greencode(&[
+        "generate",
+        "--model",
+        f32_file.to_str().unwrap(),
+        "--prompt",
+        "def add(a, b):\n",
+        "--max-tokens",
+        "8",
+        "--format",
+        "json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let from_file: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = common::greencode(&[
+        "generate",
+        "--model",
+        common::tiny_coder().to_str().unwrap(),
+        "--prompt",
+        "def add(a, b):\n",
+        "--max-tokens",
+        "8",
+        "--format",
+        "json",
+    ]);
+    let from_folder: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(from_file["token_ids"], from_folder["token_ids"]);
+}

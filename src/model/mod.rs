@@ -5,6 +5,7 @@ pub mod config;
 mod decode;
 pub mod error;
 pub mod flop_probe;
+pub mod gguf_load;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

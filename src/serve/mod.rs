@@ -58,11 +58,24 @@ pub struct ServeConfig {
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
-    if !cfg.model_dir.is_dir() {
+    let is_gguf = cfg.model_dir.is_file() && cfg.model_dir.extension().is_some_and(|e| e == "gguf");
+    if !cfg.model_dir.is_dir() && !is_gguf {
         anyhow::bail!("model folder {} does not exist", cfg.model_dir.display());
     }
-    let config = Qwen2Config::from_file(&cfg.model_dir.join("config.json"))?;
-    let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
+    // A GGUF file carries config, weights and tokenizer together: it is read
+    // up front; a folder's weights load on the engine thread.
+    let mut preloaded = None;
+    let (config, tokenizer) = if is_gguf {
+        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &Device::Cpu, DType::F32)?;
+        let config = g.model.config().clone();
+        let tokenizer = CodeTokenizer::new(g.tokenizer, cfg.model_dir.clone(), &config.eos_token_ids);
+        preloaded = Some(g.model);
+        (config, tokenizer)
+    } else {
+        let config = Qwen2Config::from_file(&cfg.model_dir.join("config.json"))?;
+        let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
+        (config, tokenizer)
+    };
     let name = cfg
         .served_model_name
         .clone()
@@ -92,7 +105,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
     let (engine, _thread) = engine::spawn(
         move || {
-            load_model(&dir, &Device::Cpu, DType::F32)
+            preloaded
+                .map(Ok)
+                .unwrap_or_else(|| load_model(&dir, &Device::Cpu, DType::F32))
                 .and_then(|mut m| {
                     if quantize_q8 {
                         m.quantize_q8()?;

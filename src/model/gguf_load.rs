@@ -1,0 +1,216 @@
+//! Loading a GGUF file (llama.cpp's `qwen2` layout, as `greencode quantize`
+//! or llama.cpp's converter write it): the configuration from its metadata,
+//! the weights dequantized to f32 (and re-quantized to the very same Q8_0
+//! blocks when the file is Q8_0, so decoding reads Q8_0), and the tokenizer
+//! rebuilt from `tokenizer.ggml.*`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use candle_core::{DType, Device};
+use serde_json::json;
+
+use super::config::Qwen2Config;
+use super::error::{ModelError, Result};
+use super::load::WeightStore;
+use super::qwen2::Qwen2;
+
+/// A model read from GGUF, with the tokenizer its metadata describes.
+pub struct GgufModel {
+    /// The network (f32; Q8_0 decode weights when the file is Q8_0).
+    pub model: Qwen2,
+    /// The tokenizer.
+    pub tokenizer: tokenizers::Tokenizer,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
+    ModelError::Safetensors {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn meta<'a>(c: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| bad(path, format!("metadata key `{key}` is missing")))
+}
+
+fn meta_u64(c: &Content, path: &Path, key: &str) -> Result<u64> {
+    let v = meta(c, path, key)?;
+    v.to_u64().map_err(|e| bad(path, format!("`{key}`: {e}")))
+}
+
+fn meta_strings(c: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
+    let arr = meta(c, path, key)?
+        .to_vec()
+        .map_err(|e| bad(path, format!("`{key}`: {e}")))?;
+    arr.iter()
+        .map(|v| v.to_string().cloned().map_err(|e| bad(path, format!("`{key}`: {e}"))))
+        .collect()
+}
+
+/// Hugging Face name of a GGUF tensor name.
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_owned());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, tail) = rest.split_once('.')?;
+    let (part, kind) = tail.rsplit_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Reads the GGUF file at `path`.
+pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
+    let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+    let content = Content::read(&mut file).map_err(|e| bad(path, e.to_string()))?;
+    let arch = meta(&content, path, "general.architecture")?
+        .to_string()
+        .map_err(|e| bad(path, e.to_string()))?;
+    if arch != "qwen2" {
+        return Err(bad(
+            path,
+            format!("general.architecture is `{arch}`; only qwen2 is supported"),
+        ));
+    }
+    let tokens = meta_strings(&content, path, "tokenizer.ggml.tokens")?;
+    let ffn = match meta(&content, path, "qwen2.feed_forward_length")? {
+        Value::Array(v) => v.first().and_then(|x| x.to_u32().ok()).unwrap_or(0) as u64,
+        _ => meta_u64(&content, path, "qwen2.feed_forward_length")?,
+    };
+    let f32_meta = |key: &str| -> Result<f64> {
+        meta(&content, path, key)?
+            .to_f32()
+            .map(f64::from)
+            .map_err(|e| bad(path, format!("`{key}`: {e}")))
+    };
+    let eos = meta_u64(&content, path, "tokenizer.ggml.eos_token_id").unwrap_or(0);
+    let config = json!({
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": tokens.len(),
+        "hidden_size": meta_u64(&content, path, "qwen2.embedding_length")?,
+        "intermediate_size": ffn,
+        "num_hidden_layers": meta_u64(&content, path, "qwen2.block_count")?,
+        "num_attention_heads": meta_u64(&content, path, "qwen2.attention.head_count")?,
+        "num_key_value_heads": meta_u64(&content, path, "qwen2.attention.head_count_kv")?,
+        "max_position_embeddings": meta_u64(&content, path, "qwen2.context_length")?,
+        "rope_theta": f32_meta("qwen2.rope.freq_base")?,
+        "rms_norm_eps": f32_meta("qwen2.attention.layer_norm_rms_epsilon")?,
+        "tie_word_embeddings": !content.tensor_infos.contains_key("output.weight"),
+        "eos_token_id": eos,
+    });
+    let config = Qwen2Config::from_json_str(&config.to_string(), path)?;
+    let mut tensors = HashMap::new();
+    let mut all_q8 = true;
+    let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
+    for name in names {
+        let hf = hf_name(&name).ok_or_else(|| bad(path, format!("unexpected tensor `{name}`")))?;
+        let q = content
+            .tensor(&mut file, &name, device)
+            .map_err(|e| bad(path, format!("{name}: {e}")))?;
+        if q.shape().rank() == 2 && q.dtype() != GgmlDType::Q8_0 {
+            all_q8 = false;
+        }
+        let t = q.dequantize(device).map_err(|e| bad(path, format!("{name}: {e}")))?;
+        tensors.insert(hf, t);
+    }
+    let mut store = WeightStore::from_tensors(path, dtype, tensors);
+    let mut model = Qwen2::from_store(config, &mut store)?;
+    if all_q8 {
+        // ggml's Q8_0 of Q8_0 values is the identity: these are the file's blocks.
+        model.quantize_q8()?;
+    }
+    let tokenizer = tokenizer_from_meta(&content, path, &tokens)?;
+    Ok(GgufModel { model, tokenizer })
+}
+
+/// Rebuilds a byte-level BPE tokenizer from `tokenizer.ggml.*`.
+fn tokenizer_from_meta(c: &Content, path: &Path, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+    let model = meta(c, path, "tokenizer.ggml.model")?
+        .to_string()
+        .map_err(|e| bad(path, e.to_string()))?;
+    if model != "gpt2" {
+        return Err(bad(
+            path,
+            format!("tokenizer.ggml.model is `{model}`; only gpt2 (byte-level BPE) is supported"),
+        ));
+    }
+    let merges = meta_strings(c, path, "tokenizer.ggml.merges")?;
+    let types: Vec<i32> = meta(c, path, "tokenizer.ggml.token_type")?
+        .to_vec()
+        .map_err(|e| bad(path, e.to_string()))?
+        .iter()
+        .map(|v| v.to_i32().unwrap_or(1))
+        .collect();
+    let pre = c
+        .metadata
+        .get("tokenizer.ggml.pre")
+        .and_then(|v| v.to_string().ok().cloned())
+        .unwrap_or_else(|| "gpt-2".into());
+    let pre_tokenizer = match pre.as_str() {
+        "gpt-2" | "default" => {
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})
+        }
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": crate::tokenizer::QWEN2_SPLIT}, "behavior": "Isolated", "invert": false},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false}
+        ]}),
+        other => {
+            return Err(bad(
+                path,
+                format!("tokenizer.ggml.pre `{other}` is not supported (gpt-2, qwen2)"),
+            ))
+        }
+    };
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, token) in tokens.iter().enumerate() {
+        match types.get(id).copied().unwrap_or(1) {
+            3 | 4 => added.push(json!({
+                "id": id, "content": token, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": types[id] == 3
+            })),
+            5 if token.starts_with("[PAD") => continue,
+            _ => {}
+        }
+        vocab.insert(token.clone(), json!(id));
+    }
+    let spec = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    spec.to_string()
+        .parse::<tokenizers::Tokenizer>()
+        .map_err(|e| bad(path, format!("tokenizer metadata: {e}")))
+}

@@ -352,6 +352,13 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
         w.flush().map_err(io)?;
     }
+    // Temporary files are private (0600); the result is an ordinary file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(io)?;
+    }
     tmp.persist(out).map_err(|e| io(e.error))?;
     report.file_bytes = std::fs::metadata(out).map_err(io)?.len();
     Ok(report)

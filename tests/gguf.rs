@@ -76,6 +76,8 @@ fn tiny_coder_gguf_has_llama_cpp_metadata_names_and_types() {
     let out = dir.path().join("tiny-q8_0.gguf");
     let report = quantize(&common::tiny_coder(), "q8_0", &out);
     assert_eq!(report["tensors"], 146);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o644);
     let info = inspect(&out);
     let f = &info["fields"];
     assert_eq!(f["general.architecture"], "qwen2");

@@ -21,6 +21,11 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> std::io::Result<()>
         }
         w.flush()?;
     }
+    // Temporary files are private (0600); the result is an ordinary file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file().set_permissions(std::fs::Permissions::from_mode(0o644))?;
+    }
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

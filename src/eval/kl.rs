@@ -89,7 +89,12 @@ pub fn kl_on_files(
         };
         let logp = candle_nn::ops::log_softmax(&p, D::Minus1)?;
         let logq = candle_nn::ops::log_softmax(&q, D::Minus1)?;
-        kl += (logp.exp()? * (&logp - &logq)?)?.sum_all()?.to_scalar::<f32>()? as f64;
+        // Per token KL ≥ 0; float rounding can make a near-zero one negative.
+        kl += (logp.exp()? * (&logp - &logq)?)?
+            .sum(D::Minus1)?
+            .maximum(0f32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as f64;
         let ap: Vec<u32> = logp.argmax(D::Minus1)?.to_vec1()?;
         let aq: Vec<u32> = logq.argmax(D::Minus1)?.to_vec1()?;
         agree += ap.iter().zip(&aq).filter(|(a, b)| a == b).count();

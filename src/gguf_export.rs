@@ -15,6 +15,7 @@ use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::model::gguf_names::gguf_name;
 use crate::model::{load_model, ModelError};
 
 /// The weight types `greencode quantize` writes.
@@ -207,34 +208,6 @@ fn pre_tokenizer_name(pre: &Json) -> Result<&'static str, String> {
     ))
 }
 
-/// GGUF name of a Hugging Face Qwen2 tensor.
-fn gguf_name(hf: &str) -> Option<String> {
-    let fixed = match hf {
-        "model.embed_tokens.weight" => Some("token_embd.weight"),
-        "model.norm.weight" => Some("output_norm.weight"),
-        "lm_head.weight" => Some("output.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_owned());
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let part = match tail.rsplit_once('.')? {
-        ("self_attn.q_proj", kind) => ("attn_q", kind),
-        ("self_attn.k_proj", kind) => ("attn_k", kind),
-        ("self_attn.v_proj", kind) => ("attn_v", kind),
-        ("self_attn.o_proj", kind) => ("attn_output", kind),
-        ("mlp.gate_proj", kind) => ("ffn_gate", kind),
-        ("mlp.up_proj", kind) => ("ffn_up", kind),
-        ("mlp.down_proj", kind) => ("ffn_down", kind),
-        ("input_layernorm", kind) => ("attn_norm", kind),
-        ("post_attention_layernorm", kind) => ("ffn_norm", kind),
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{}.{}", part.0, part.1))
-}
-
 /// The type a 2-D weight with rows of `cols` values is stored in, and why
 /// it differs from the one asked for.
 fn storage_type(asked: GgmlDType, cols: usize) -> (GgmlDType, Option<String>) {
@@ -367,25 +340,6 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_follow_llama_cpp() {
-        assert_eq!(gguf_name("model.embed_tokens.weight").unwrap(), "token_embd.weight");
-        assert_eq!(
-            gguf_name("model.layers.3.self_attn.q_proj.bias").unwrap(),
-            "blk.3.attn_q.bias"
-        );
-        assert_eq!(
-            gguf_name("model.layers.11.mlp.down_proj.weight").unwrap(),
-            "blk.11.ffn_down.weight"
-        );
-        assert_eq!(
-            gguf_name("model.layers.0.post_attention_layernorm.weight").unwrap(),
-            "blk.0.ffn_norm.weight"
-        );
-        assert_eq!(gguf_name("lm_head.weight").unwrap(), "output.weight");
-        assert!(gguf_name("model.layers.0.mystery.weight").is_none());
-    }
 
     #[test]
     fn q4k_falls_back_where_rows_do_not_fit_its_blocks() {

@@ -48,6 +48,20 @@ fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Scores an existing samples file with `greencode eval humaneval --samples`.
+fn score(problems: &Path, samples: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "eval",
+        "humaneval",
+        "--problems",
+        problems.to_str().unwrap(),
+        "--samples",
+        samples.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    common::greencode(&args)
+}
+
 #[test]
 fn verdicts_equal_human_evals_evaluator() {
     let dir = tempfile::tempdir().unwrap();
@@ -75,20 +89,18 @@ fn verdicts_equal_human_evals_evaluator() {
         ],
     );
     let ours_path = dir.path().join("ours.jsonl");
-    let out = common::greencode(&[
-        "eval",
-        "humaneval",
-        "--problems",
-        problems.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-        "--timeout",
-        "3",
-        "--out",
-        ours_path.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
+    let out = score(
+        &problems,
+        &samples,
+        &[
+            "--timeout",
+            "3",
+            "--out",
+            ours_path.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["problems"], 5);
@@ -139,18 +151,11 @@ fn escapes_are_contained() {
     let samples = dir.path().join("samples.jsonl");
     write_samples(&samples, &[("HumanEval/2", &write_outside), ("HumanEval/7", fork_bomb)]);
     let results = dir.path().join("results.jsonl");
-    let out = common::greencode(&[
-        "eval",
-        "humaneval",
-        "--problems",
-        problems.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-        "--timeout",
-        "5",
-        "--out",
-        results.to_str().unwrap(),
-    ]);
+    let out = score(
+        &problems,
+        &samples,
+        &["--timeout", "5", "--out", results.to_str().unwrap()],
+    );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!target.exists(), "a completion wrote outside its scratch folder");
     let rows = read_jsonl(&results);
@@ -197,14 +202,7 @@ fn bad_input_fails_cleanly() {
 
     let samples = dir.path().join("samples.jsonl");
     write_samples(&samples, &[("HumanEval/999", "    pass\n")]);
-    let out = common::greencode(&[
-        "eval",
-        "humaneval",
-        "--problems",
-        problems.to_str().unwrap(),
-        "--samples",
-        samples.to_str().unwrap(),
-    ]);
+    let out = score(&problems, &samples, &[]);
     common::assert_clean_error(&out, &["samples.jsonl:1:", "HumanEval/999"]);
 }
 

@@ -14,6 +14,7 @@ use serde_json::json;
 
 use super::config::Qwen2Config;
 use super::error::{ModelError, Result};
+use super::gguf_names::hf_name;
 use super::load::WeightStore;
 use super::qwen2::Qwen2;
 
@@ -50,35 +51,6 @@ fn meta_strings(c: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
     arr.iter()
         .map(|v| v.to_string().cloned().map_err(|e| bad(path, format!("`{key}`: {e}"))))
         .collect()
-}
-
-/// Hugging Face name of a GGUF tensor name.
-fn hf_name(gguf: &str) -> Option<String> {
-    let fixed = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_owned());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (part, kind) = tail.rsplit_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
 }
 
 /// Reads the GGUF file at `path`.

@@ -6,6 +6,7 @@ mod decode;
 pub mod error;
 pub mod flop_probe;
 pub mod gguf_load;
+pub mod gguf_names;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

@@ -664,19 +664,10 @@ impl Qwen2 {
     /// one token on an f32 CPU model take the fused path (`model::decode`);
     /// the rest (prompt chunks) go through the tensor path.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        self.check_steps(seqs)?;
         let fused: Vec<bool> = seqs.iter().map(|s| super::decode::eligible(self, s)).collect();
         if fused.iter().all(|&f| !f) {
             return self.step_tensors(seqs);
-        }
-        for s in seqs.iter() {
-            self.check_ids(s.tokens)?;
-            if s.cache.len() + s.tokens.len() > s.cache.capacity() {
-                return Err(ModelError::Input(format!(
-                    "sequence of {} tokens exceeds the context length {}",
-                    s.cache.len() + s.tokens.len(),
-                    s.cache.capacity()
-                )));
-            }
         }
         if fused.iter().all(|&f| f) {
             return super::decode::decode_step(self, seqs);
@@ -703,10 +694,10 @@ impl Qwen2 {
             .collect())
     }
 
-    /// [`Qwen2::step`] through candle tensors, for any device and dtype.
-    fn step_tensors(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
-        let mut ids = Vec::new();
-        for s in seqs.iter() {
+    /// Refuses a step with a sequence that adds no token, overflows its
+    /// cache, or names a token outside the vocabulary.
+    fn check_steps(&self, seqs: &[SeqStep<'_>]) -> Result<()> {
+        for s in seqs {
             if s.tokens.is_empty() {
                 return Err(ModelError::Input("no tokens to run".into()));
             }
@@ -717,12 +708,18 @@ impl Qwen2 {
                     s.cache.capacity()
                 )));
             }
-            ids.extend_from_slice(s.tokens);
+            self.check_ids(s.tokens)?;
         }
+        Ok(())
+    }
+
+    /// [`Qwen2::step`] through candle tensors, for any device and dtype
+    /// (the inputs were checked by `step`).
+    fn step_tensors(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        self.check_ids(&ids)?;
         let total = ids.len();
         let ids = Tensor::new(ids.as_slice(), self.device())?;
         let mut h = self

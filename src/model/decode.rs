@@ -70,11 +70,16 @@ impl WeightView<'_> {
     }
 }
 
-fn weights(l: &Linear) -> Result<WeightView<'_>> {
-    Ok(match l.q8() {
+/// The Q8_0 blocks when there are some, else the f32 tensor.
+fn view<'a>(w: &'a Tensor, q8: Option<&'a Q8Matrix>) -> Result<WeightView<'a>> {
+    Ok(match q8 {
         Some(q) => WeightView::Q8(q),
-        None => WeightView::F32(host(l.weight())?),
+        None => WeightView::F32(host(w)?),
     })
+}
+
+fn weights(l: &Linear) -> Result<WeightView<'_>> {
+    view(l.weight(), l.q8())
 }
 
 /// Host views of one decoder layer's weights.
@@ -401,10 +406,7 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
         }
         rms_norm(x, host(model.final_norm().weight())?.get(), eps, hs, xn);
         let mut logits = vec![0f32; b * vocab];
-        let head = match model.lm_head_q8() {
-            Some(q) => WeightView::Q8(q),
-            None => WeightView::F32(host(model.lm_head())?),
-        };
+        let head = view(model.lm_head(), model.lm_head_q8())?;
         project(xn, head.get(), None, b, hs, vocab, threads, &mut logits);
         for seq in seqs.iter_mut() {
             seq.cache.advance(1);

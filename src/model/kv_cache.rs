@@ -92,9 +92,9 @@ impl KvCache {
                 Ok((kb.narrow(2, 0, len + t)?, vb.narrow(2, 0, len + t)?))
             }
             Store::Host(layers) => {
-                let (kb, vb) = &mut layers[layer];
-                let mut out = Vec::with_capacity(2);
-                for (buf, new) in [(kb, k), (vb, v)] {
+                // Writes `new` after the cached positions of each head and
+                // returns every position up to them as one tensor.
+                let write_and_view = |buf: &mut [f32], new: &Tensor| -> Result<Tensor> {
                     let new: Vec<f32> = new.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
                     let mut all = Vec::with_capacity(heads * (len + t) * hd);
                     for h in 0..heads {
@@ -102,10 +102,10 @@ impl KvCache {
                         dst.copy_from_slice(&new[h * t * hd..(h + 1) * t * hd]);
                         all.extend_from_slice(&buf[h * cap * hd..(h * cap + len + t) * hd]);
                     }
-                    out.push(Tensor::from_vec(all, (1, heads, len + t, hd), k.device())?);
-                }
-                let v_all = out.pop().expect("two tensors");
-                Ok((out.pop().expect("two tensors"), v_all))
+                    Tensor::from_vec(all, (1, heads, len + t, hd), k.device())
+                };
+                let (kb, vb) = &mut layers[layer];
+                Ok((write_and_view(kb, k)?, write_and_view(vb, v)?))
             }
         }
     }

@@ -46,6 +46,11 @@ impl Linear {
         self.q8.as_deref()
     }
 
+    /// The Q8_0 blocks shared (no copy), when quantized.
+    pub(crate) fn q8_shared(&self) -> Option<Arc<Q8Matrix>> {
+        self.q8.clone()
+    }
+
     /// The `[out, in]` weight.
     pub fn weight(&self) -> &Tensor {
         &self.weight

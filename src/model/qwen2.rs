@@ -628,7 +628,7 @@ impl Qwen2 {
             if self.config.tie_word_embeddings {
                 self.embed_tokens = self.lm_head.clone();
             }
-            self.lm_head_q8 = head.q8().map(|q| std::sync::Arc::new(q.clone()));
+            self.lm_head_q8 = head.q8_shared();
         }
         Ok(n)
     }

@@ -43,21 +43,17 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
 #[test]
 fn generate_and_bench_run_quantized_to_q8_0() {
     let model = common::tiny_coder();
-    let out = common::greencode(&[
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--quantize",
-        "q8_0",
-        "--prompt",
-        "def add(a, b):\n",
-        "--max-tokens",
-        "8",
-        "--format",
-        "json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = common::generate_json(
+        &model,
+        &[
+            "--quantize",
+            "q8_0",
+            "--prompt",
+            "def add(a, b):\n",
+            "--max-tokens",
+            "8",
+        ],
+    );
     assert!(r["completion_tokens"].as_u64().unwrap() >= 1);
     let out = common::greencode(&["generate", "--quantize", "q4_0", "--prompt", "x"]);
     assert!(!out.status.success());

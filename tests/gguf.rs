@@ -305,30 +305,8 @@ fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
     }
     // The CLI runs from a GGUF file like from a folder.
     let f32_file = dir.path().join("tiny-f32.gguf");
-    let o = common::greencode(&[
-        "generate",
-        "--model",
-        f32_file.to_str().unwrap(),
-        "--prompt",
-        "def add(a, b):\n",
-        "--max-tokens",
-        "8",
-        "--format",
-        "json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let from_file: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = common::greencode(&[
-        "generate",
-        "--model",
-        common::tiny_coder().to_str().unwrap(),
-        "--prompt",
-        "def add(a, b):\n",
-        "--max-tokens",
-        "8",
-        "--format",
-        "json",
-    ]);
-    let from_folder: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let args = ["--prompt", "def add(a, b):\n", "--max-tokens", "8"];
+    let from_file = common::generate_json(&f32_file, &args);
+    let from_folder = common::generate_json(&common::tiny_coder(), &args);
     assert_eq!(from_file["token_ids"], from_folder["token_ids"]);
 }

@@ -256,19 +256,7 @@ fn ffn_pruning_by_each_score_writes_a_working_folder() {
     }
     // The pruned folder works with generate and eval ppl.
     let dest = out.path().join("act");
-    let gen = common::greencode(&[
-        "generate",
-        "--model",
-        dest.to_str().unwrap(),
-        "--prompt",
-        "def add(a, b):\n",
-        "--max-tokens",
-        "8",
-        "--format",
-        "json",
-    ]);
-    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
-    let v: Value = serde_json::from_slice(&gen.stdout).unwrap();
+    let v = common::generate_json(&dest, &["--prompt", "def add(a, b):\n", "--max-tokens", "8"]);
     assert_eq!(v["completion_tokens"], 8);
     let ppl = common::greencode(&[
         "eval",

@@ -13,6 +13,18 @@ fn prompt_ids(p: &Pipeline) -> Vec<u32> {
         .unwrap()
 }
 
+/// A 128-position cache holding `ids`.
+fn prefilled(p: &Pipeline, ids: &[u32]) -> greencode::model::KvCache {
+    let mut cache = p.model.new_cache(128).unwrap();
+    p.model.forward_cached(ids, &mut cache, LogitsFor::Last).unwrap();
+    cache
+}
+
+/// Logits of one more token `id` after `cache`.
+fn next(p: &Pipeline, id: u32, cache: &mut greencode::model::KvCache, which: LogitsFor) -> Tensor {
+    p.model.forward_cached(&[id], cache, which).unwrap()
+}
+
 #[test]
 fn full_layer_mask_equals_plain_forward_and_masking_changes_output() {
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
@@ -226,24 +238,12 @@ fn fused_decode_step_equals_the_tensor_path() {
     // takes the fused CPU decode path. Same caches, same token: same logits.
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
-    let mut fused_cache = p.model.new_cache(128).unwrap();
-    let mut tensor_cache = p.model.new_cache(128).unwrap();
     let split = ids.len() / 2;
-    p.model
-        .forward_cached(&ids[..split], &mut fused_cache, LogitsFor::Last)
-        .unwrap();
-    p.model
-        .forward_cached(&ids[..split], &mut tensor_cache, LogitsFor::Last)
-        .unwrap();
+    let mut fused_cache = prefilled(&p, &ids[..split]);
+    let mut tensor_cache = prefilled(&p, &ids[..split]);
     for &id in &ids[split..] {
-        let fused = p
-            .model
-            .forward_cached(&[id], &mut fused_cache, LogitsFor::Last)
-            .unwrap();
-        let plain = p
-            .model
-            .forward_cached(&[id], &mut tensor_cache, LogitsFor::All)
-            .unwrap();
+        let fused = next(&p, id, &mut fused_cache, LogitsFor::Last);
+        let plain = next(&p, id, &mut tensor_cache, LogitsFor::All);
         let d = common::max_abs_diff(&fused, &plain);
         assert!(d < 1e-4, "max |Δlogit| {d}");
     }
@@ -258,35 +258,16 @@ fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
     let ids = prompt_ids(&p);
     // The fused decode reads Q8_0 blocks; the tensor path (LogitsFor::All)
     // multiplies by their dequantized values: the same weights.
-    let mut fused_cache = p.model.new_cache(128).unwrap();
-    let mut tensor_cache = p.model.new_cache(128).unwrap();
     let split = ids.len() / 2;
-    p.model
-        .forward_cached(&ids[..split], &mut fused_cache, LogitsFor::Last)
-        .unwrap();
-    p.model
-        .forward_cached(&ids[..split], &mut tensor_cache, LogitsFor::Last)
-        .unwrap();
-    let mut reference_cache = f32_model.model.new_cache(128).unwrap();
-    f32_model
-        .model
-        .forward_cached(&ids[..split], &mut reference_cache, LogitsFor::Last)
-        .unwrap();
+    let mut fused_cache = prefilled(&p, &ids[..split]);
+    let mut tensor_cache = prefilled(&p, &ids[..split]);
+    let mut reference_cache = prefilled(&f32_model, &ids[..split]);
     for &id in &ids[split..] {
-        let fused = p
-            .model
-            .forward_cached(&[id], &mut fused_cache, LogitsFor::Last)
-            .unwrap();
-        let plain = p
-            .model
-            .forward_cached(&[id], &mut tensor_cache, LogitsFor::All)
-            .unwrap();
+        let fused = next(&p, id, &mut fused_cache, LogitsFor::Last);
+        let plain = next(&p, id, &mut tensor_cache, LogitsFor::All);
         let d = common::max_abs_diff(&fused, &plain);
         assert!(d < 1e-4, "fused Q8_0 vs dequantized tensor path: max |Δlogit| {d}");
-        let f = f32_model
-            .model
-            .forward_cached(&[id], &mut reference_cache, LogitsFor::Last)
-            .unwrap();
+        let f = next(&f32_model, id, &mut reference_cache, LogitsFor::Last);
         let d = common::max_abs_diff(&fused, &f);
         assert!(d < 0.25, "Q8_0 vs f32: max |Δlogit| {d}");
     }

@@ -92,6 +92,16 @@ pub fn greencode(args: &[&str]) -> Output {
         .expect("the greencode binary runs")
 }
 
+/// Runs `greencode generate --model MODEL --format json ARGS…`, asserts it
+/// succeeded, and returns its JSON.
+pub fn generate_json(model: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["generate", "--model", model.to_str().unwrap(), "--format", "json"];
+    all.extend_from_slice(args);
+    let out = greencode(&all);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Asserts a run failed cleanly: non-zero exit, one `error:` line on stderr
 /// containing every `needle`, no panic.
 pub fn assert_clean_error(out: &Output, needles: &[&str]) {

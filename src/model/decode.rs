@@ -132,6 +132,7 @@ pub(crate) fn eligible(model: &Qwen2, seq: &SeqStep<'_>) -> bool {
         && seq.cache.is_host()
         && model.device().is_cpu()
         && model.dtype() == candle_core::DType::F32
+        && !model.has_lora()
 }
 
 /// `y = x·Wᵀ (+ b)` for `rows` rows, counted in the FLOP probe like a Linear.

@@ -15,6 +15,7 @@ use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::load::WeightStore;
+use super::lora::{frozen_matmul, init_rng, LoraAdapter, LoraConfig, LoraTarget, SharedAdapter};
 
 /// Which layers a forward pass runs; a skipped layer leaves the residual
 /// stream unchanged, exactly as if it had been removed.
@@ -59,6 +60,18 @@ impl LayerMask {
     }
 }
 
+/// Which implementations a full-sequence forward uses for RMSNorm, RoPE,
+/// softmax and frozen projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// candle's fused kernels (fast; they drop gradients).
+    #[default]
+    Fused,
+    /// Ops built from differentiable primitives, for training; frozen
+    /// weights compute input gradients only.
+    Differentiable,
+}
+
 /// RMSNorm with a learned scale.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -68,7 +81,14 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        self.forward_with(x, Kernels::Fused)
+    }
+
+    fn forward_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        Ok(match kernels {
+            Kernels::Fused => candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?,
+            Kernels::Differentiable => candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)?,
+        })
     }
 
     /// The scale vector.
@@ -108,11 +128,14 @@ impl RotaryEmbedding {
     }
 
     /// Rotates `x` (`[b, heads, t, head_dim]`) for positions `offset..offset + t`.
-    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+    fn apply(&self, x: &Tensor, offset: usize, kernels: Kernels) -> Result<Tensor> {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?)
+        Ok(match kernels {
+            Kernels::Fused => candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)?,
+            Kernels::Differentiable => candle_nn::rotary_emb::rope_slow(x, &cos, &sin)?,
+        })
     }
 }
 
@@ -134,23 +157,25 @@ pub struct Attention {
 
 impl Attention {
     /// Attention over `[b, t, hidden]` at positions `0..t`, without a cache.
-    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, kernels: Kernels) -> Result<Tensor> {
         let offset = 0;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x)?
+        let q = project(&self.q_proj, x, kernels)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = project(&self.k_proj, x, kernels)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = project(&self.v_proj, x, kernels)?
             .reshape((b, t, nkv, hd))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = rope.apply(&q, offset)?;
-        let k = rope.apply(&k, offset)?;
-        let y = attend(&q, &k, &v, offset, nkv)?; // [b, nh, t, hd]
+        let q = rope.apply(&q, offset, kernels)?;
+        let k = rope.apply(&k, offset, kernels)?;
+        let y = attend(&q, &k, &v, offset, nkv, kernels)?; // [b, nh, t, hd]
         let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(self.o_proj.forward(&y)?)
+        project(&self.o_proj, &y, kernels)
     }
 }
 
@@ -177,11 +202,11 @@ impl Attention {
             let split = |a: &Tensor, heads: usize| -> candle_core::Result<Tensor> {
                 a.narrow(1, row, t)?.reshape((1, t, heads, hd))?.transpose(1, 2)
             };
-            let q = rope.apply(&split(&q_all, nh)?, offset)?;
-            let k = rope.apply(&split(&k_all, nkv)?, offset)?;
+            let q = rope.apply(&split(&q_all, nh)?, offset, Kernels::Fused)?;
+            let k = rope.apply(&split(&k_all, nkv)?, offset, Kernels::Fused)?;
             let v = split(&v_all, nkv)?.contiguous()?;
             let (k, v) = seq.cache.append(layer, &k, &v)?;
-            let y = attend(&q, &k, &v, offset, nkv)?;
+            let y = attend(&q, &k, &v, offset, nkv, Kernels::Fused)?;
             outs.push(y.transpose(1, 2)?.reshape((1, t, nh * hd))?);
             row += t;
         }
@@ -208,10 +233,10 @@ pub const QUERY_BLOCK: usize = 128;
 /// reshape (`[b, kv, group·t, d]`), never by repeating keys. Long prompts run
 /// in blocks of [`QUERY_BLOCK`] query rows, each against only the keys it may
 /// see, so the masked upper triangle is never computed.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize, kernels: Kernels) -> Result<Tensor> {
     let t = q.dim(2)?;
     if t <= QUERY_BLOCK {
-        return attend_block(q, k, v, offset, nkv);
+        return attend_block(q, k, v, offset, nkv, kernels);
     }
     let v = v.contiguous()?;
     let mut outs = Vec::with_capacity(t.div_ceil(QUERY_BLOCK));
@@ -226,6 +251,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Resu
             &v.narrow(2, 0, visible)?,
             offset + i0,
             nkv,
+            kernels,
         )?);
         i0 += bs;
     }
@@ -233,7 +259,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Resu
 }
 
 /// [`attend`] for one block of queries (all keys given are visible up to the causal limit).
-fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize, kernels: Kernels) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let l = k.dim(2)?;
     let group = nh / nkv;
@@ -254,7 +280,15 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -
     } else {
         scores
     };
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = match kernels {
+        Kernels::Fused => candle_nn::ops::softmax_last_dim(&scores)?,
+        Kernels::Differentiable => {
+            // Subtracting a constant leaves softmax and its gradient unchanged.
+            let max = scores.max_keepdim(D::Minus1)?.detach();
+            let e = scores.broadcast_sub(&max)?.exp()?;
+            e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        }
+    };
     let y = probs.matmul(&v.contiguous()?)?; // [b, nkv, group·t, hd]
     Ok(y.reshape((b, nh, t, hd))?)
 }
@@ -271,14 +305,18 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down_proj.forward(&self.activations(x)?).map_err(Into::into)
+    fn forward(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        project(&self.down_proj, &self.activations_with(x, kernels)?, kernels)
     }
 
     /// The intermediate activations `silu(gate(x)) · up(x)`, `[.., width]`.
     pub fn activations(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        let up = self.up_proj.forward(x)?;
+        self.activations_with(x, Kernels::Fused)
+    }
+
+    fn activations_with(&self, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+        let gate = project(&self.gate_proj, x, kernels)?.silu()?;
+        let up = project(&self.up_proj, x, kernels)?;
         Ok((gate * up)?)
     }
 
@@ -286,6 +324,14 @@ impl Mlp {
     pub fn width(&self) -> usize {
         self.gate_proj.out_features()
     }
+}
+
+/// Applies `lin` with the projection kernel `kernels` asks for.
+fn project(lin: &Linear, x: &Tensor, kernels: Kernels) -> Result<Tensor> {
+    Ok(match kernels {
+        Kernels::Fused => lin.forward(x)?,
+        Kernels::Differentiable => lin.forward_differentiable(x)?,
+    })
 }
 
 /// One pre-norm decoder layer.
@@ -302,10 +348,14 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding) -> Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(x)?, rope)?;
+    fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, kernels: Kernels) -> Result<Tensor> {
+        let h = self
+            .self_attn
+            .forward(&self.input_layernorm.forward_with(x, kernels)?, rope, kernels)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward_with(&x, kernels)?, kernels)?;
         Ok((x + h)?)
     }
 }
@@ -322,7 +372,9 @@ impl DecoderLayer {
             .self_attn
             .forward_ragged(&self.input_layernorm.forward(x)?, rope, seqs, layer)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?, Kernels::Fused)?;
         Ok((x + h)?)
     }
 }
@@ -345,9 +397,11 @@ pub struct Qwen2 {
     norm: RmsNorm,
     lm_head: Tensor,
     lm_head_q8: Option<std::sync::Arc<super::quant::Q8Matrix>>,
+    lm_head_lora: Option<SharedAdapter>,
     rope: RotaryEmbedding,
     config: Qwen2Config,
     dtype: DType,
+    kernels: Kernels,
 }
 
 impl Qwen2 {
@@ -427,9 +481,11 @@ impl Qwen2 {
             norm,
             lm_head,
             lm_head_q8: None,
+            lm_head_lora: None,
             rope,
             config,
             dtype,
+            kernels: Kernels::Fused,
         })
     }
 
@@ -519,14 +575,16 @@ impl Qwen2 {
 
     /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.
     pub fn layer_forward(&self, i: usize, hidden: &Tensor) -> Result<Tensor> {
-        self.layers[i].forward(hidden, &self.rope)
+        self.layers[i].forward(hidden, &self.rope, self.kernels)
     }
 
     /// The attention half of layer `i` on `[b, t, hidden]` (positions from 0):
     /// the residual stream after attention, and the normed MLP input.
     pub fn layer_attention(&self, i: usize, hidden: &Tensor) -> Result<(Tensor, Tensor)> {
         let l = &self.layers[i];
-        let h = l.self_attn.forward(&l.input_layernorm.forward(hidden)?, &self.rope)?;
+        let h = l
+            .self_attn
+            .forward(&l.input_layernorm.forward(hidden)?, &self.rope, Kernels::Fused)?;
         let mid = (hidden + h)?;
         let x = l.post_attention_layernorm.forward(&mid)?;
         Ok((mid, x))
@@ -574,9 +632,16 @@ impl Qwen2 {
 
     /// Final norm and `lm_head`: `[b, t, hidden]` → `[b, t, vocab]`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let h = self.norm.forward(hidden)?;
+        let h = self.norm.forward_with(hidden, self.kernels)?;
         let (b, t, hs) = h.dims3()?;
-        let logits = h.reshape((b * t, hs))?.matmul(&self.lm_head.t()?)?;
+        let h = h.reshape((b * t, hs))?;
+        let mut logits = match self.kernels {
+            Kernels::Fused => h.matmul(&self.lm_head.t()?)?,
+            Kernels::Differentiable => frozen_matmul(&h, &self.lm_head)?,
+        };
+        if let Some(a) = &self.lm_head_lora {
+            logits = (logits + a.delta(&h)?)?;
+        }
         super::flop_probe::add(2 * (b * t * hs * self.config.vocab_size) as u64);
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
@@ -594,7 +659,7 @@ impl Qwen2 {
         let mut h = self.embed(tokens)?;
         for (i, layer) in self.layers.iter().enumerate() {
             if mask.is_none_or(|m| m.is_active(i)) {
-                h = layer.forward(&h, &self.rope)?;
+                h = layer.forward(&h, &self.rope, self.kernels)?;
             }
         }
         self.head(&h)
@@ -631,6 +696,96 @@ impl Qwen2 {
             self.lm_head_q8 = head.q8_shared();
         }
         Ok(n)
+    }
+
+    /// Selects the kernels of full-sequence forwards ([`Qwen2::logits`],
+    /// [`Qwen2::head`], [`Qwen2::layer_forward`]); serving steps always run fused.
+    pub fn set_kernels(&mut self, kernels: Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// Every layer projection with its PEFT module path
+    /// (`model.layers.N.self_attn.q_proj`) and target kind, in layer order.
+    fn projections_mut(&mut self) -> Vec<(String, LoraTarget, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let a = &mut l.self_attn;
+            let m = &mut l.mlp;
+            for (target, block, lin) in [
+                (LoraTarget::Q, "self_attn", &mut a.q_proj),
+                (LoraTarget::K, "self_attn", &mut a.k_proj),
+                (LoraTarget::V, "self_attn", &mut a.v_proj),
+                (LoraTarget::O, "self_attn", &mut a.o_proj),
+                (LoraTarget::Gate, "mlp", &mut m.gate_proj),
+                (LoraTarget::Up, "mlp", &mut m.up_proj),
+                (LoraTarget::Down, "mlp", &mut m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{block}.{}", target.module()), target, lin));
+            }
+        }
+        out
+    }
+
+    /// Attaches fresh LoRA adapters (`B` = 0, so outputs are unchanged) to
+    /// `cfg.targets` in every layer, replacing any attached before. Returns
+    /// them by PEFT module path, in layer order. `lm_head` is refused on a
+    /// model with tied embeddings (an adapter there would untie them).
+    pub fn attach_lora(&mut self, cfg: &LoraConfig) -> Result<Vec<(String, SharedAdapter)>> {
+        if cfg.targets.contains(&LoraTarget::LmHead) && self.config.tie_word_embeddings {
+            return Err(ModelError::Input(
+                "LoRA on lm_head needs untied embeddings; this model ties lm_head to embed_tokens (an adapter would untie them)".into(),
+            ));
+        }
+        let (dtype, device) = (self.dtype, self.device().clone());
+        let mut rng = init_rng(cfg.seed);
+        let mut out = Vec::new();
+        for (path, target, lin) in self.projections_mut() {
+            if cfg.targets.contains(&target) {
+                let (rows, cols) = lin.weight().dims2()?;
+                let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
+                lin.set_lora(adapter.clone());
+                out.push((path, adapter));
+            }
+        }
+        if cfg.targets.contains(&LoraTarget::LmHead) {
+            let (rows, cols) = self.lm_head.dims2()?;
+            let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
+            self.lm_head_lora = Some(adapter.clone());
+            out.push(("lm_head".to_owned(), adapter));
+        }
+        Ok(out)
+    }
+
+    /// Whether any LoRA adapter is attached.
+    pub fn has_lora(&self) -> bool {
+        self.lm_head_lora.is_some()
+            || self.layers.iter().any(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .any(|lin| lin.lora().is_some())
+            })
+    }
+
+    /// A copy with every adapter folded into its weight (`W + scale·B·A`).
+    pub fn merged_lora(&self) -> Result<Qwen2> {
+        let mut out = self.clone();
+        for (_, _, lin) in out.projections_mut() {
+            *lin = lin.merged()?;
+        }
+        if let Some(a) = out.lm_head_lora.take() {
+            out.lm_head = a.merge_into(&out.lm_head)?;
+        }
+        out.kernels = Kernels::Fused;
+        Ok(out)
     }
 
     /// The weight format decode runs on: `q8_0` after [`Qwen2::quantize_q8`], else `none`.

@@ -21,6 +21,7 @@ use crate::eval::corpus::{self, CorpusError};
 use crate::eval::kl::{kl_on_files, KlReport};
 use crate::eval::perplexity::{perplexity, EvalError, PerplexityReport};
 use crate::model::{LayerMask, ModelError, Qwen2};
+use crate::out_dir::{self, OutDirError};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 use apply::{build, count_params, pruned_tensors, storage_dtype, ParamCount, PrunePlan};
@@ -57,6 +58,12 @@ pub enum PruneError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<OutDirError> for PruneError {
+    fn from(e: OutDirError) -> Self {
+        Self::Output(e.to_string())
+    }
 }
 
 impl From<TokenizerError> for PruneError {
@@ -528,10 +535,6 @@ fn tokenizer_from_json(json: &Value, folder: &Path, model: &Qwen2) -> Result<Cod
     ))
 }
 
-fn io_err(path: &Path, e: impl std::fmt::Display) -> PruneError {
-    PruneError::Output(format!("{}: {e}", path.display()))
-}
-
 /// Writes the folder under a temporary name, then renames it into place.
 fn write_folder(
     cfg: &PruneConfig,
@@ -540,21 +543,7 @@ fn write_folder(
     tok_json: Option<&Value>,
     report: &PruneReport,
 ) -> Result<(), PruneError> {
-    let out = &cfg.out_dir;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
-    let name = out
-        .file_name()
-        .map_or_else(|| "pruned".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| io_err(&tmp, e))?;
-    let result = (|| {
+    out_dir::write_dir(&cfg.out_dir, |tmp| -> Result<(), PruneError> {
         let (mut config, tensors) = pruned_tensors(&source.model, plan)?;
         config["pruned_from"] = Value::from(crate::locate::model_name(&cfg.model_dir));
         config["greencode_prune"] = serde_json::json!({
@@ -572,62 +561,38 @@ fn write_folder(
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
             .collect::<Result<_, candle_core::Error>>()?;
-        let write_json = |file: &str, v: &Value| -> Result<(), PruneError> {
-            let p = tmp.join(file);
-            std::fs::write(
-                &p,
-                serde_json::to_string_pretty(v).expect("JSON values serialize") + "\n",
-            )
-            .map_err(|e| io_err(&p, e))
-        };
-        write_json("config.json", &config)?;
-        let st = tmp.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &st).map_err(|e| io_err(&st, e))?;
-        // The writer creates the file private; a model folder is shared data.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(&st, e))?;
-        }
+        out_dir::write_json(&tmp.join("config.json"), &config)?;
+        out_dir::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
         match tok_json {
-            Some(j) => write_json("tokenizer.json", j)?,
-            None => copy(&cfg.model_dir, &tmp, "tokenizer.json")?,
+            Some(j) => out_dir::write_json(&tmp.join("tokenizer.json"), j)?,
+            None => out_dir::copy_file(&cfg.model_dir, tmp, "tokenizer.json")?,
         }
-        for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
-            if cfg.model_dir.join(extra).is_file() {
-                copy(&cfg.model_dir, &tmp, extra)?;
-            }
-        }
-        let gen_path = cfg.model_dir.join("generation_config.json");
-        if let Ok(text) = std::fs::read_to_string(&gen_path) {
-            if let Ok(mut g) = serde_json::from_str::<Value>(&text) {
-                for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-                    if let Some(v) = config.get(key) {
-                        if g.get(key).is_some() {
-                            g[key] = v.clone();
-                        }
-                    }
-                }
-                write_json("generation_config.json", &g)?;
-            }
-        }
-        write_json(
-            "prune_report.json",
-            &serde_json::to_value(report).expect("report serializes"),
-        )?;
-        if out.exists() {
-            std::fs::remove_dir_all(out).map_err(|e| io_err(out, e))?;
-        }
-        std::fs::rename(&tmp, out).map_err(|e| io_err(out, e))?;
+        copy_side_files(&cfg.model_dir, tmp, &config)?;
+        out_dir::write_json(&tmp.join("prune_report.json"), report)?;
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
-    }
-    result
+    })
 }
 
-fn copy(from: &Path, to: &Path, file: &str) -> Result<(), PruneError> {
-    std::fs::copy(from.join(file), to.join(file)).map_err(|e| io_err(&from.join(file), e))?;
+/// Copies the tokenizer's side files and `generation_config.json` (with the
+/// special token ids of `config`) from `model_dir` into `dest`.
+pub(crate) fn copy_side_files(model_dir: &Path, dest: &Path, config: &Value) -> Result<(), OutDirError> {
+    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
+        if model_dir.join(extra).is_file() {
+            out_dir::copy_file(model_dir, dest, extra)?;
+        }
+    }
+    let gen_path = model_dir.join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&gen_path) {
+        if let Ok(mut g) = serde_json::from_str::<Value>(&text) {
+            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+                if let Some(v) = config.get(key) {
+                    if g.get(key).is_some() {
+                        g[key] = v.clone();
+                    }
+                }
+            }
+            out_dir::write_json(&dest.join("generation_config.json"), &g)?;
+        }
+    }
     Ok(())
 }

@@ -542,8 +542,7 @@ impl Trainer<'_> {
                 Some(ix) => teacher_logits.index_select(ix, 2)?,
                 None => teacher_logits,
             };
-            let logp = candle_nn::ops::log_softmax(&teacher_logits, candle_core::D::Minus1)?.detach();
-            add(loss::kl(&logp, &student_logits)?)?;
+            add(loss::kl(&teacher_logits, &student_logits)?)?;
         }
         if matches!(self.cfg.loss, LossKind::Ce | LossKind::KlCe) {
             let mask: Vec<f32> = batch

@@ -147,7 +147,7 @@ struct RecoverArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 3e-4)]
     lr: f64,
-    /// Linear warm-up steps.
+    /// Linear warm-up steps (at most a tenth of the run).
     #[arg(long, default_value_t = 20)]
     warmup: usize,
     /// AdamW weight decay.

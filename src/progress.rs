@@ -58,6 +58,11 @@ impl Progress {
         let _ = err.flush();
     }
 
+    /// Changes the number of steps (when it becomes known after starting).
+    pub fn set_total(&mut self, total: usize) {
+        self.total = total;
+    }
+
     /// Marks `done` steps complete, with a short note.
     pub fn set(&self, done: usize, note: &str) {
         self.draw(done, note);

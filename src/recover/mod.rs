@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -208,6 +209,12 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
             cfg.seq_len,
             student.model.context_len()
         )));
+    }
+    if cfg.lora.targets.contains(&crate::model::lora::LoraTarget::LmHead) && student.model.config().tie_word_embeddings
+    {
+        return Err(RecoverError::Usage(
+            "--targets lm_head needs a model with untied embeddings; this student ties lm_head to embed_tokens (an adapter would untie them)".into(),
+        ));
     }
     let to_teacher = id_map(&student.tokenizer, &teacher.tokenizer).map_err(|e| RecoverError::Vocab(e.to_string()))?;
     let mut texts = crate::prune::calib::load(cfg.data.as_deref()).map_err(|e| RecoverError::Data(e.to_string()))?;
@@ -442,22 +449,21 @@ impl Trainer<'_> {
             Budget::Minutes(_) if state.total_steps == 0 => TIMING_STEPS,
             _ => state.total_steps,
         };
-        let progress = crate::progress::Progress::new("recover", planned(state));
+        let mut progress = crate::progress::Progress::new("recover", planned(state));
         let session_start = Instant::now();
         let session_base_seconds = state.train_seconds;
         let session_first_step = state.step;
         while state.step < planned(state) {
             let step = state.step;
             let batch = self.set.batch(step, cfg.batch);
-            let loss = self.loss(&batch)?;
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let vars: Vec<Var> = params.iter().map(|(_, p)| p.var.clone()).collect();
+            let (loss_value, grads) = self.loss_and_grads(&batch, &vars)?;
             if !loss_value.is_finite() {
                 return Err(RecoverError::Data(format!(
                     "the loss became {loss_value} at step {}; lower --lr",
                     step + 1
                 )));
             }
-            let grads = loss.backward()?;
             // The schedule needs the total; with --minutes it is known after timing.
             let total_for_schedule = if state.total_steps == 0 {
                 usize::MAX
@@ -482,6 +488,7 @@ impl Trainer<'_> {
                         "recover: {per_step:.2} s per step: {} steps fit in {m} minutes",
                         state.total_steps
                     );
+                    progress.set_total(state.total_steps);
                 }
             }
             let done_here = state.step - session_first_step;
@@ -494,7 +501,7 @@ impl Trainer<'_> {
                 ),
             );
             let interrupted = cfg.stop.is_some_and(|s| s.load(Ordering::SeqCst));
-            let periodic = cfg.checkpoint_every > 0 && state.step % cfg.checkpoint_every == 0;
+            let periodic = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
             if (interrupted || periodic) && state.step < planned(state) {
                 let refs: Vec<(String, &Param)> = params.iter().map(|(n, p)| (n.clone(), p)).collect();
                 checkpoint::save(ckpt_dir, state, &refs)?;
@@ -515,8 +522,38 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// The batch's training loss (a differentiable scalar).
-    fn loss(&self, batch: &[Example]) -> Result<Tensor, RecoverError> {
+    /// The batch's loss and its gradients. Two halves of the batch run
+    /// forward and backward side by side on the thread pool (each op of a
+    /// half on one thread: candle's element-wise ops do not parallelise
+    /// without spinning), and their gradients add up in a fixed order, so
+    /// the result does not depend on scheduling.
+    fn loss_and_grads(&self, batch: &[Example], vars: &[Var]) -> Result<(f64, GradStore), RecoverError> {
+        let norms = Norms::of(batch);
+        let part = |examples: &[Example]| -> Result<(f64, GradStore), RecoverError> {
+            let loss = self.loss(examples, &norms)?;
+            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, loss.backward()?))
+        };
+        if batch.len() < 2 || rayon::current_num_threads() < 2 {
+            return part(batch);
+        }
+        let (left, right) = batch.split_at(batch.len() / 2);
+        let (a, b) = rayon::join(|| part(left), || part(right));
+        let ((loss_a, mut grads), (loss_b, grads_b)) = (a?, b?);
+        for v in vars {
+            let sum = match (grads.get(v.as_tensor()), grads_b.get(v.as_tensor())) {
+                (Some(x), Some(y)) => (x + y)?,
+                (None, Some(y)) => y.clone(),
+                _ => continue,
+            };
+            grads.insert(v.as_tensor(), sum);
+        }
+        Ok((loss_a + loss_b, grads))
+    }
+
+    /// The training loss of `batch`, a part of a batch whose totals are
+    /// `norms` (a differentiable scalar; the parts' losses add up to the
+    /// whole batch's mean loss).
+    fn loss(&self, batch: &[Example], norms: &Norms) -> Result<Tensor, RecoverError> {
         let (b, t) = (batch.len(), self.cfg.seq_len);
         let flat: Vec<u32> = batch.iter().flat_map(|e| e.tokens.iter().copied()).collect();
         let device = self.student.device();
@@ -542,17 +579,39 @@ impl Trainer<'_> {
                 Some(ix) => teacher_logits.index_select(ix, 2)?,
                 None => teacher_logits,
             };
-            add(loss::kl(&teacher_logits, &student_logits)?)?;
+            let share = (b * t) as f64 / norms.positions as f64;
+            add((loss::kl(&teacher_logits, &student_logits)? * share)?)?;
         }
         if matches!(self.cfg.loss, LossKind::Ce | LossKind::KlCe) {
             let mask: Vec<f32> = batch
                 .iter()
                 .flat_map(|e| (1..t).map(move |i| if i >= e.answer_from { 1.0 } else { 0.0 }))
                 .collect();
+            let share = mask.iter().sum::<f32>() as f64 / norms.answer_tokens.max(1) as f64;
             let mask = Tensor::from_vec(mask, (b, t - 1), device)?.to_dtype(student_logits.dtype())?;
-            add(loss::next_token_ce(&student_logits, &ids, &mask)?)?;
+            add((loss::next_token_ce(&student_logits, &ids, &mask)? * share)?)?;
         }
         Ok(total.expect("every loss kind adds a term"))
+    }
+}
+
+/// A whole batch's counts, for splitting its mean loss into parts.
+struct Norms {
+    /// Positions (KL terms).
+    positions: usize,
+    /// Next-token targets that count for cross-entropy.
+    answer_tokens: usize,
+}
+
+impl Norms {
+    fn of(batch: &[Example]) -> Self {
+        Self {
+            positions: batch.iter().map(|e| e.tokens.len()).sum(),
+            answer_tokens: batch
+                .iter()
+                .map(|e| e.tokens.len().saturating_sub(e.answer_from.max(1)))
+                .sum(),
+        }
     }
 }
 

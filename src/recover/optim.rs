@@ -23,14 +23,16 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
-    /// The learning rate at 0-based `step` of `total`: linear warm-up, then a
-    /// cosine from `lr` down to `lr / 10` at the last step.
+    /// The learning rate at 0-based `step` of `total` (`usize::MAX` while
+    /// unknown): linear warm-up over `warmup` steps but at most a tenth of
+    /// the run, then a cosine from `lr` down to `lr / 10` at the last step.
     pub fn lr_at(&self, step: usize, total: usize) -> f64 {
-        if step < self.warmup {
-            return self.lr * (step + 1) as f64 / self.warmup as f64;
+        let warmup = self.warmup.min((total / 10).max(1));
+        if step < warmup {
+            return self.lr * (step + 1) as f64 / warmup as f64;
         }
-        let span = total.saturating_sub(self.warmup).max(1) as f64;
-        let progress = ((step - self.warmup) as f64 / span).min(1.0);
+        let span = total.saturating_sub(warmup).max(1) as f64;
+        let progress = ((step - warmup) as f64 / span).min(1.0);
         let floor = self.lr / 10.0;
         floor + (self.lr - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
     }
@@ -128,11 +130,15 @@ mod tests {
     #[test]
     fn schedule_warms_up_then_decays_to_a_tenth() {
         let c = cfg();
-        assert!((c.lr_at(0, 10) - 0.05).abs() < 1e-12);
-        assert!((c.lr_at(1, 10) - 0.1).abs() < 1e-12);
-        assert!((c.lr_at(2, 10) - 0.1).abs() < 1e-12);
-        assert!((c.lr_at(10, 10) - 0.01).abs() < 1e-12);
-        assert!(c.lr_at(5, 10) < c.lr_at(3, 10));
+        assert!((c.lr_at(0, 100) - 0.05).abs() < 1e-12);
+        assert!((c.lr_at(1, 100) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(2, 100) - 0.1).abs() < 1e-12);
+        assert!((c.lr_at(100, 100) - 0.01).abs() < 1e-12);
+        assert!(c.lr_at(50, 100) < c.lr_at(30, 100));
+        // Warm-up is at most a tenth of a short run.
+        let long_warmup = AdamWConfig { warmup: 50, ..c };
+        assert!((long_warmup.lr_at(0, 20) - 0.05).abs() < 1e-12);
+        assert!((long_warmup.lr_at(2, 20) - 0.1).abs() < 1e-12);
     }
 
     #[test]

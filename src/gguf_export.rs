@@ -241,7 +241,7 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         fallbacks: Vec::new(),
         file_bytes: 0,
     };
-    for (hf, tensor) in model.named_tensors() {
+    for (hf, tensor) in model.named_tensors()? {
         let name = gguf_name(&hf).ok_or_else(|| ModelError::Input(format!("no GGUF name for tensor {hf}")))?;
         let qty = if tensor.rank() == 2 {
             let (qty, why) = storage_type(ty.ggml(), tensor.dim(1)?);

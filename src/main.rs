@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+
+use candle_core::{DType, Device};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -453,11 +455,10 @@ enum RunQuant {
 }
 
 impl RunQuantArg {
-    fn apply(&self, p: &mut Pipeline) -> Result<()> {
-        if self.quantize == Some(RunQuant::Q8_0) {
-            p.quantize_q8()?;
-        }
-        Ok(())
+    /// Loads the model, quantizing each matrix as it is read when asked.
+    fn open(&self, model: &ModelArg) -> Result<Pipeline> {
+        let q8 = self.quantize == Some(RunQuant::Q8_0);
+        Ok(Pipeline::load_with(&model_dir(model)?, &Device::Cpu, DType::F32, q8)?)
     }
 }
 
@@ -598,10 +599,6 @@ fn model_dir(arg: &ModelArg) -> Result<PathBuf> {
         );
     };
     Ok(dir)
-}
-
-fn open_model(arg: &ModelArg) -> Result<Pipeline> {
-    Ok(Pipeline::load_cpu(&model_dir(arg)?)?)
 }
 
 fn run_prune(a: PruneArgs) -> Result<()> {
@@ -813,8 +810,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let mut p = open_model(&a.model)?;
-    a.run_quant.apply(&mut p)?;
+    let p = a.run_quant.open(&a.model)?;
     let tok = &p.tokenizer;
     let mut stop_ids = tok.eos_ids().to_vec();
     let prompt_ids = match &a.suffix {
@@ -879,8 +875,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_ppl(a: PplArgs) -> Result<()> {
     let (dir, files) = a.held_out.resolve()?;
-    let mut p = open_model(&a.model)?;
-    a.run_quant.apply(&mut p)?;
+    let p = a.run_quant.open(&a.model)?;
     let show = a.format == Format::Text;
     let report = perplexity(&p.model, &p.tokenizer, &files, a.held_out.window, |i, n| {
         if show {
@@ -911,8 +906,7 @@ fn run_ppl(a: PplArgs) -> Result<()> {
 fn run_kl(a: KlArgs) -> Result<()> {
     use greencode::eval::kl::{id_map, kl_on_files};
     let (_, files) = a.held_out.resolve()?;
-    let mut model = open_model(&a.model)?;
-    a.run_quant.apply(&mut model)?;
+    let model = a.run_quant.open(&a.model)?;
     let reference = Pipeline::load_cpu(&a.reference)?;
     let map = id_map(&model.tokenizer, &reference.tokenizer)?;
     let r = kl_on_files(
@@ -967,8 +961,7 @@ fn run_humaneval(a: HumanEvalArgs) -> Result<()> {
             humaneval::execute(&pairs, &sandbox, a.workers, |i, n| progress("executing", i, n))?
         }
         None => {
-            let mut p = open_model(&a.model)?;
-            a.run_quant.apply(&mut p)?;
+            let p = a.run_quant.open(&a.model)?;
             let opts = humaneval::HumanEvalOptions {
                 max_tokens: a.max_tokens,
                 workers: a.workers,
@@ -1010,8 +1003,7 @@ fn run_infill(a: InfillArgs) -> Result<()> {
         );
     }
     let items = infill::spread(full, if a.limit == 0 { usize::MAX } else { a.limit });
-    let mut p = open_model(&a.model)?;
-    a.run_quant.apply(&mut p)?;
+    let p = a.run_quant.open(&a.model)?;
     let show = a.format == Format::Text;
     let report = infill::evaluate(&p, &items, |i, n| {
         if show {
@@ -1042,8 +1034,7 @@ fn run_infill(a: InfillArgs) -> Result<()> {
 }
 
 fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
-    let mut p = open_model(&a.model)?;
-    a.run_quant.apply(&mut p)?;
+    let p = a.run_quant.open(&a.model)?;
     let cfg = BenchConfig {
         prompt_tokens: a.prompt_tokens,
         new_tokens: a.new_tokens,

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
-use crate::model::{load_model, ModelError, Qwen2};
+use crate::model::{load_model_with, ModelError, Qwen2};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
 /// Why a model folder could not be opened.
@@ -48,8 +48,14 @@ impl Pipeline {
 
     /// Loads the folder (or a `.gguf` file) on `device`, computing in `dtype`.
     pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, PipelineError> {
+        Self::load_with(folder, device, dtype, false)
+    }
+
+    /// As [`Pipeline::load`]; with `quantize_q8` every matrix becomes Q8_0 as
+    /// it is read, so the full-precision weights are never all in memory.
+    pub fn load_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Self, PipelineError> {
         if folder.extension().is_some_and(|e| e == "gguf") && folder.is_file() {
-            let g = crate::model::gguf_load::load_gguf(folder, device, dtype)?;
+            let g = crate::model::gguf_load::load_gguf(folder, device, dtype, quantize_q8)?;
             let tokenizer = CodeTokenizer::new(g.tokenizer, folder.to_path_buf(), &g.model.config().eos_token_ids);
             return Ok(Self {
                 model: g.model,
@@ -57,7 +63,7 @@ impl Pipeline {
                 folder: folder.to_path_buf(),
             });
         }
-        let model = load_model(folder, device, dtype)?;
+        let model = load_model_with(folder, device, dtype, quantize_q8)?;
         let tokenizer = CodeTokenizer::from_folder(folder, &model.config().eos_token_ids)?;
         if tokenizer.vocab_size() > model.vocab_size() {
             return Err(PipelineError::VocabMismatch {
@@ -71,11 +77,6 @@ impl Pipeline {
             tokenizer,
             folder: folder.to_path_buf(),
         })
-    }
-
-    /// Quantizes the model's weights to Q8_0 in place (see `Qwen2::quantize_q8`).
-    pub fn quantize_q8(&mut self) -> Result<usize, PipelineError> {
-        Ok(self.model.quantize_q8()?)
     }
 
     /// A short name for the model: its folder's name.

@@ -253,7 +253,11 @@ fn fused_decode_step_equals_the_tensor_path() {
 fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
     let f32_model = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let mut p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
-    assert_eq!(p.quantize_q8().unwrap(), 12 * 7 + 1, "every projection and the lm_head");
+    assert_eq!(
+        p.model.quantize_q8().unwrap(),
+        12 * 7 + 1,
+        "every projection and the tied lm_head"
+    );
     assert_eq!(p.model.quantization(), "q8_0");
     let ids = prompt_ids(&p);
     // The fused decode reads Q8_0 blocks; the tensor path (LogitsFor::All)
@@ -271,4 +275,38 @@ fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
         let d = common::max_abs_diff(&fused, &f);
         assert!(d < 0.25, "Q8_0 vs f32: max |Δlogit| {d}");
     }
+}
+
+#[test]
+fn quantizing_at_load_keeps_only_q8_0_blocks_and_equals_quantizing_after() {
+    let dir = common::tiny_coder();
+    let f32_model = Pipeline::load_cpu(&dir).unwrap();
+    let mut after = Pipeline::load_cpu(&dir).unwrap();
+    after.model.quantize_q8().unwrap();
+    let at_load = Pipeline::load_with(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, true).unwrap();
+    // Resident weights: 36 of every 128 f32 bytes (Q8_0 values, f32 scales) plus
+    // norms and biases; no full-precision copy of any matrix is kept.
+    let (full, q8) = (f32_model.model.weight_bytes(), at_load.model.weight_bytes());
+    assert!((q8 as f64) < 0.3 * full as f64, "{q8} bytes resident vs {full} in f32");
+    assert_eq!(q8, after.model.weight_bytes());
+    for l in &at_load.model.layers {
+        assert!(l.self_attn.q_proj.dense().is_none() && l.mlp.down_proj.dense().is_none());
+    }
+    assert!(at_load.model.lm_head().dense().is_none() && at_load.model.embed_tokens().dense().is_none());
+    // Same blocks either way: prompt (tensor path) and decode agree exactly.
+    let ids = prompt_ids(&at_load);
+    let x = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let a = at_load.model.logits(&x, None).unwrap();
+    let b = after.model.logits(&x, None).unwrap();
+    assert_eq!(common::max_abs_diff(&a, &b), 0.0);
+    let mut c1 = prefilled(&at_load, &ids);
+    let mut c2 = prefilled(&after, &ids);
+    let d = common::max_abs_diff(
+        &next(&at_load, ids[0], &mut c1, LogitsFor::Last),
+        &next(&after, ids[0], &mut c2, LogitsFor::Last),
+    );
+    assert_eq!(d, 0.0);
 }

@@ -29,15 +29,16 @@ impl FlopCounter {
         let mut layer_macs = 0u64;
         for l in &model.layers {
             for w in [
-                l.self_attn.q_proj.weight(),
-                l.self_attn.k_proj.weight(),
-                l.self_attn.v_proj.weight(),
-                l.self_attn.o_proj.weight(),
-                l.mlp.gate_proj.weight(),
-                l.mlp.up_proj.weight(),
-                l.mlp.down_proj.weight(),
+                &l.self_attn.q_proj,
+                &l.self_attn.k_proj,
+                &l.self_attn.v_proj,
+                &l.self_attn.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
             ] {
-                layer_macs += w.elem_count() as u64;
+                let (out, inp) = w.dims();
+                layer_macs += (out * inp) as u64;
             }
         }
         Self {

@@ -19,7 +19,7 @@ use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::linear::Linear;
 use super::matvec::{dot_kernel, matvec_multi, Projection, Weights, PARALLEL_MIN_WEIGHTS};
-use super::quant::Q8Matrix;
+use super::quant::{Q8Matrix, BLOCK};
 use super::qwen2::{Qwen2, SeqStep};
 
 /// Read access to an f32 tensor's host memory for the length of a step.
@@ -70,16 +70,28 @@ impl WeightView<'_> {
     }
 }
 
-/// The Q8_0 blocks when there are some, else the f32 tensor.
-fn view<'a>(w: &'a Tensor, q8: Option<&'a Q8Matrix>) -> Result<WeightView<'a>> {
-    Ok(match q8 {
-        Some(q) => WeightView::Q8(q),
-        None => WeightView::F32(host(w)?),
+/// The Q8_0 blocks when quantized, else the f32 tensor.
+fn weights(l: &Linear) -> Result<WeightView<'_>> {
+    Ok(match (l.q8(), l.dense()) {
+        (Some(q), _) => WeightView::Q8(q),
+        (None, Some(w)) => WeightView::F32(host(w)?),
+        (None, None) => unreachable!("a projection holds either Q8_0 blocks or a tensor"),
     })
 }
 
-fn weights(l: &Linear) -> Result<WeightView<'_>> {
-    view(l.weight(), l.q8())
+/// Row `id` of an embedding matrix into `row` (dequantized when Q8_0).
+fn embedding_row(embed: &WeightView<'_>, id: usize, hs: usize, row: &mut [f32]) {
+    match embed {
+        WeightView::F32(h) => row.copy_from_slice(&h.get()[id * hs..(id + 1) * hs]),
+        WeightView::Q8(q) => {
+            let (values, scales) = q.row(id);
+            for ((dst, block), &d) in row.chunks_exact_mut(BLOCK).zip(values.chunks_exact(BLOCK)).zip(scales) {
+                for (o, &v) in dst.iter_mut().zip(block) {
+                    *o = v as f32 * d;
+                }
+            }
+        }
+    }
 }
 
 /// Host views of one decoder layer's weights.
@@ -248,7 +260,7 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
     let b = seqs.len();
     let threads = rayon::current_num_threads();
     let scale = 1.0 / (hd as f32).sqrt();
-    let embed = host(model.embed_tokens())?;
+    let embed = weights(model.embed_tokens())?;
     let (cos, sin) = model.rope_tables();
     let (cos, sin) = (host(cos)?, host(sin)?);
     let layers = model
@@ -286,7 +298,7 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
         let x = sized(&mut s.x, b * hs);
         for (row, seq) in x.chunks_exact_mut(hs).zip(seqs.iter()) {
             let id = seq.tokens[0] as usize;
-            row.copy_from_slice(&embed.get()[id * hs..(id + 1) * hs]);
+            embedding_row(&embed, id, hs, row);
         }
         let xn = sized(&mut s.xn, b * hs);
         let q = sized(&mut s.q, b * nh * hd);
@@ -407,7 +419,7 @@ fn decode_step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Te
         }
         rms_norm(x, host(model.final_norm().weight())?.get(), eps, hs, xn);
         let mut logits = vec![0f32; b * vocab];
-        let head = view(model.lm_head(), model.lm_head_q8())?;
+        let head = weights(model.lm_head())?;
         project(xn, head.get(), None, b, hs, vocab, threads, &mut logits);
         for seq in seqs.iter_mut() {
             seq.cache.advance(1);

@@ -53,8 +53,10 @@ fn meta_strings(c: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
         .collect()
 }
 
-/// Reads the GGUF file at `path`.
-pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel> {
+/// Reads the GGUF file at `path`. A file whose matrices are all Q8_0, or any
+/// file with `quantize_q8`, gives a Q8_0 model; each matrix is dequantized
+/// only while it is being turned into the model's own blocks.
+pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<GgufModel> {
     let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
     let content = Content::read(&mut file).map_err(|e| bad(path, e.to_string()))?;
     let arch = meta(&content, path, "general.architecture")?
@@ -94,7 +96,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel
         "eos_token_id": eos,
     });
     let config = Qwen2Config::from_json_str(&config.to_string(), path)?;
-    let mut tensors = HashMap::new();
+    let mut quantized = HashMap::new();
     let mut all_q8 = true;
     let names: Vec<String> = content.tensor_infos.keys().cloned().collect();
     for name in names {
@@ -105,15 +107,24 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType) -> Result<GgufModel
         if q.shape().rank() == 2 && q.dtype() != GgmlDType::Q8_0 {
             all_q8 = false;
         }
-        let t = q.dequantize(device).map_err(|e| bad(path, format!("{name}: {e}")))?;
-        tensors.insert(hf, t);
+        quantized.insert(hf, (name, q));
     }
-    let mut store = WeightStore::from_tensors(path, dtype, tensors);
-    let mut model = Qwen2::from_store(config, &mut store)?;
-    if all_q8 {
-        // ggml's Q8_0 of Q8_0 values is the identity: these are the file's blocks.
-        model.quantize_q8()?;
-    }
+    let names: Vec<String> = quantized.keys().cloned().collect();
+    let (file_path, device) = (path.to_path_buf(), device.clone());
+    let mut store = WeightStore::lazy(
+        path,
+        dtype,
+        names,
+        Box::new(move |hf: &str| {
+            let (name, q) = quantized
+                .remove(hf)
+                .ok_or_else(|| bad(&file_path, format!("tensor {hf} read twice")))?;
+            q.dequantize(&device)
+                .map_err(|e| bad(&file_path, format!("{name}: {e}")))
+        }),
+    );
+    // ggml's Q8_0 of Q8_0 values is the identity: a Q8_0 file's blocks are kept as they are.
+    let model = Qwen2::build(config, &mut store, all_q8 || quantize_q8)?;
     let tokenizer = tokenizer_from_meta(&content, path, &tokens)?;
     Ok(GgufModel { model, tokenizer })
 }

@@ -1,19 +1,32 @@
-//! A dense projection `y = x·Wᵀ + b` that flattens leading dimensions so the
-//! matrix multiply is always one 2-D product (the fast path on every backend).
+//! A projection `y = x·Wᵀ + b` that flattens leading dimensions so the
+//! matrix multiply is always one 2-D product (the fast path on every
+//! backend). The weight is held either in full precision or, after
+//! quantization, as Q8_0 blocks only: decode-sized products read the blocks
+//! directly and prompt-sized ones dequantize one matrix at a time, so a
+//! quantized model never holds its full-precision weights.
 
 use std::sync::Arc;
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::lora::{frozen_matmul, SharedAdapter};
+use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
 use super::quant::Q8Matrix;
+
+/// How a projection's weight is held.
+#[derive(Debug, Clone)]
+enum Stored {
+    /// `[out, in]` in the compute dtype.
+    Dense(Tensor),
+    /// Q8_0 blocks (CPU, f32 compute).
+    Q8(Arc<Q8Matrix>),
+}
 
 /// A linear layer with an optional bias; weights are `[out, in]` as in HF.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: Stored,
     bias: Option<Tensor>,
-    q8: Option<Arc<Q8Matrix>>,
     lora: Option<SharedAdapter>,
 }
 
@@ -21,46 +34,90 @@ impl Linear {
     /// Wraps a `[out, in]` weight and an optional `[out]` bias.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: Stored::Dense(weight),
             bias,
-            q8: None,
             lora: None,
         }
     }
 
-    /// Quantizes the weight to Q8_0: the decode kernels then read the Q8_0
-    /// blocks, and the weight tensor (used for prompts) holds their exact
-    /// dequantized values, so every path computes with the same weights.
-    /// Returns false (and changes nothing) when rows are not a multiple of 32.
+    /// Replaces the weight by its Q8_0 blocks (ggml's exact rounding) and
+    /// drops the full-precision tensor. Returns false (and changes nothing)
+    /// when rows are not a multiple of 32 or the weight is not on the CPU.
     pub fn quantize_q8(&mut self) -> Result<bool> {
-        let (rows, cols) = self.weight.dims2()?;
-        let values: Vec<f32> = self
-            .weight
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
+        let w = match &self.weight {
+            Stored::Q8(_) => return Ok(true),
+            Stored::Dense(w) => w,
+        };
+        if !w.device().is_cpu() {
+            return Ok(false);
+        }
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let Some(q) = Q8Matrix::quantize(&values, rows, cols) else {
             return Ok(false);
         };
-        self.weight =
-            Tensor::from_vec(q.dequantize(), (rows, cols), self.weight.device())?.to_dtype(self.weight.dtype())?;
-        self.q8 = Some(Arc::new(q));
+        self.weight = Stored::Q8(Arc::new(q));
         Ok(true)
     }
 
     /// The Q8_0 blocks, when quantized.
     pub fn q8(&self) -> Option<&Q8Matrix> {
-        self.q8.as_deref()
+        match &self.weight {
+            Stored::Q8(q) => Some(q),
+            Stored::Dense(_) => None,
+        }
     }
 
-    /// The Q8_0 blocks shared (no copy), when quantized.
-    pub(crate) fn q8_shared(&self) -> Option<Arc<Q8Matrix>> {
-        self.q8.clone()
+    /// The full-precision weight tensor, when not quantized.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match &self.weight {
+            Stored::Dense(w) => Some(w),
+            Stored::Q8(_) => None,
+        }
     }
 
-    /// The `[out, in]` weight.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The `[out, in]` weight as a tensor: the held one, or the Q8_0
+    /// blocks' exact values (a new f32 CPU tensor) when quantized.
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            Stored::Dense(w) => Ok(w.clone()),
+            Stored::Q8(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
+        }
+    }
+
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.weight {
+            Stored::Dense(w) => w.dims2().unwrap_or((0, 0)),
+            Stored::Q8(q) => (q.rows(), q.cols()),
+        }
+    }
+
+    /// Rows `ids` of the weight, `[ids.len(), in]` (an embedding lookup).
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.weight {
+            Stored::Dense(w) => w.index_select(ids, 0),
+            Stored::Q8(q) => {
+                let ids: Vec<u32> = ids.to_vec1()?;
+                let cols = q.cols();
+                let mut out = Vec::with_capacity(ids.len() * cols);
+                for &id in &ids {
+                    let (values, scales) = q.row(id as usize);
+                    for (block, &d) in values.chunks_exact(super::quant::BLOCK).zip(scales) {
+                        out.extend(block.iter().map(|&v| v as f32 * d));
+                    }
+                }
+                Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
+            }
+        }
+    }
+
+    /// Bytes the weight occupies as held.
+    pub fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            Stored::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Stored::Q8(q) => q.bytes(),
+        }
     }
 
     /// The `[out]` bias, if any.
@@ -70,7 +127,7 @@ impl Linear {
 
     /// Output features.
     pub fn out_features(&self) -> usize {
-        self.weight.dim(0).unwrap_or(0)
+        self.dims().0
     }
 
     /// Attaches a LoRA adapter (replacing any other).
@@ -88,7 +145,7 @@ impl Linear {
     pub fn merged(&self) -> candle_core::Result<Linear> {
         match &self.lora {
             Some(a) => Ok(Linear::new(
-                a.merge_into(&self.weight).map_err(candle_core::Error::wrap)?,
+                a.merge_into(&self.weight()?).map_err(candle_core::Error::wrap)?,
                 self.bias.clone(),
             )),
             None => Ok(self.clone()),
@@ -111,22 +168,42 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x2 = x.reshape((rows, in_features))?;
-        super::flop_probe::add(2 * (rows * in_features * self.weight.dim(0)?) as u64);
-        // Decoding shapes (a few rows) stream the weights with our threaded
-        // matrix-vector kernel; everything else is a GEMM.
-        let decode_shape = !differentiable
-            && rows <= super::matvec::MAX_ROWS
-            && x2.device().is_cpu()
-            && x2.dtype() == candle_core::DType::F32
-            && self.weight.dtype() == candle_core::DType::F32
-            && self.weight.is_contiguous();
-        let mut y = if differentiable {
-            frozen_matmul(&x2, &self.weight).map_err(candle_core::Error::wrap)?
-        } else if decode_shape {
-            x2.contiguous()?
-                .apply_op2_no_bwd(&self.weight, &super::matvec::MatVecOp)?
-        } else {
-            x2.matmul(&self.weight.t()?)?
+        let (out, _) = self.dims();
+        super::flop_probe::add(2 * (rows * in_features * out) as u64);
+        let decode_shape = !differentiable && rows <= MAX_ROWS && x2.device().is_cpu() && x2.dtype() == DType::F32;
+        let mut y = match &self.weight {
+            // Decoding shapes stream the weights with our threaded
+            // matrix-vector kernel; everything else is a GEMM.
+            Stored::Dense(w) if decode_shape && w.dtype() == DType::F32 && w.is_contiguous() => {
+                x2.contiguous()?.apply_op2_no_bwd(w, &super::matvec::MatVecOp)?
+            }
+            Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
+            Stored::Dense(w) => x2.matmul(&w.t()?)?,
+            Stored::Q8(q) if decode_shape => {
+                let xs: Vec<f32> = x2.flatten_all()?.to_vec1()?;
+                let mut ys = vec![0f32; rows * out];
+                matvec_multi(
+                    &xs,
+                    rows,
+                    in_features,
+                    &mut [Projection {
+                        w: Weights::Q8(q),
+                        out,
+                        y: &mut ys,
+                    }],
+                    candle_core::utils::get_num_threads(),
+                );
+                Tensor::from_vec(ys, (rows, out), x2.device())?
+            }
+            // Prompt-sized products: this one matrix in f32 for the GEMM, then freed.
+            Stored::Q8(_) => {
+                let w = self.weight()?.to_dtype(x2.dtype())?;
+                if differentiable {
+                    frozen_matmul(&x2, &w).map_err(candle_core::Error::wrap)?
+                } else {
+                    x2.matmul(&w.t()?)?
+                }
+            }
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;

@@ -14,38 +14,81 @@ use super::qwen2::Qwen2;
 
 /// Loads the model in `folder` onto `device`, computing in `dtype`.
 pub fn load_model(folder: &Path, device: &Device, dtype: DType) -> Result<Qwen2> {
+    load_model_with(folder, device, dtype, false)
+}
+
+/// As [`load_model`]; with `quantize_q8` every matrix becomes Q8_0 as soon
+/// as it is read, so the full-precision weights are never all in memory.
+pub fn load_model_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Qwen2> {
     if !folder.is_dir() {
         return Err(ModelError::MissingFolder(folder.to_path_buf()));
     }
     let config = Qwen2Config::from_file(&folder.join("config.json"))?;
     let mut store = WeightStore::open(folder, device, dtype)?;
-    Qwen2::from_store(config, &mut store)
+    Qwen2::build(config, &mut store, quantize_q8)
 }
 
-/// The weight files of a folder, tensor by tensor, with the file each came from.
+/// Reads one tensor by name, on demand.
+pub type TensorLoader = Box<dyn FnMut(&str) -> Result<Tensor> + Send>;
+
+/// Where a store's tensors come from.
+enum Source {
+    /// Already in memory.
+    Memory(HashMap<String, (Tensor, PathBuf)>),
+    /// Read one at a time when taken (memory-mapped files, quantized blocks).
+    Lazy {
+        files: HashMap<String, PathBuf>,
+        load: TensorLoader,
+    },
+}
+
+/// The weights of a model, tensor by tensor, with the file each came from;
+/// each is read (and converted) only when the model builder takes it.
 pub struct WeightStore {
     folder: PathBuf,
     dtype: DType,
-    tensors: HashMap<String, (Tensor, PathBuf)>,
+    source: Source,
 }
 
 impl WeightStore {
-    /// Reads every weight file of `folder` (single or sharded safetensors).
+    /// Opens every weight file of `folder` (single or sharded safetensors),
+    /// memory-mapped: nothing is copied until a tensor is taken.
     pub fn open(folder: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let mut tensors = HashMap::new();
-        for file in weight_files(folder)? {
-            let loaded = candle_core::safetensors::load(&file, device).map_err(|e| ModelError::Safetensors {
-                path: file.clone(),
-                reason: e.to_string(),
+        let paths = weight_files(folder)?;
+        let mut files = HashMap::new();
+        for file in &paths {
+            // SAFETY: the files are mapped read-only for the duration of the
+            // load; like every safetensors reader we assume nobody rewrites
+            // them meanwhile.
+            let one = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
+                ModelError::Safetensors {
+                    path: file.clone(),
+                    reason: e.to_string(),
+                }
             })?;
-            for (name, tensor) in loaded {
-                tensors.insert(name, (tensor, file.clone()));
+            for (name, _) in one.tensors() {
+                files.insert(name, file.clone());
             }
         }
+        // SAFETY: as above.
+        let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }.map_err(|e| {
+            ModelError::Safetensors {
+                path: folder.to_path_buf(),
+                reason: e.to_string(),
+            }
+        })?;
+        let device = device.clone();
+        let names = files.clone();
+        let load: TensorLoader = Box::new(move |name| {
+            mmap.load(name, &device).map_err(|e| ModelError::Safetensors {
+                path: names.get(name).cloned().unwrap_or_default(),
+                reason: format!("{name}: {e}"),
+            })
+        });
         Ok(Self {
             folder: folder.to_path_buf(),
             dtype,
-            tensors,
+            source: Source::Lazy { files, load },
         })
     }
 
@@ -55,19 +98,45 @@ impl WeightStore {
         Self {
             folder: folder.to_path_buf(),
             dtype,
-            tensors: tensors.into_iter().map(|(k, t)| (k, (t, path.clone()))).collect(),
+            source: Source::Memory(tensors.into_iter().map(|(k, t)| (k, (t, path.clone()))).collect()),
         }
     }
 
-    /// Whether a tensor of that name exists.
+    /// A store whose tensors `names` are produced by `load` when taken;
+    /// errors name `path`.
+    pub fn lazy(path: &Path, dtype: DType, names: impl IntoIterator<Item = String>, load: TensorLoader) -> Self {
+        Self {
+            folder: path.to_path_buf(),
+            dtype,
+            source: Source::Lazy {
+                files: names.into_iter().map(|n| (n, path.to_path_buf())).collect(),
+                load,
+            },
+        }
+    }
+
+    /// Whether a tensor of that name exists (and was not taken yet).
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.source {
+            Source::Memory(t) => t.contains_key(name),
+            Source::Lazy { files, .. } => files.contains_key(name),
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Result<Option<(Tensor, PathBuf)>> {
+        Ok(match &mut self.source {
+            Source::Memory(t) => t.remove(name),
+            Source::Lazy { files, load } => match files.remove(name) {
+                Some(path) => Some((load(name)?, path)),
+                None => None,
+            },
+        })
     }
 
     /// Removes the tensor `name`, checks its shape (`None` = any size on that
     /// axis) and converts it to the compute dtype.
     pub fn take(&mut self, name: &str, expected: &[Option<usize>]) -> Result<Tensor> {
-        let (tensor, path) = self.tensors.remove(name).ok_or_else(|| ModelError::MissingTensor {
+        let (tensor, path) = self.remove(name)?.ok_or_else(|| ModelError::MissingTensor {
             name: name.to_owned(),
             folder: self.folder.clone(),
         })?;

@@ -19,5 +19,5 @@ pub mod qwen2;
 pub use config::Qwen2Config;
 pub use error::ModelError;
 pub use kv_cache::KvCache;
-pub use load::{load_model, WeightStore};
+pub use load::{load_model, load_model_with, WeightStore};
 pub use qwen2::{Kernels, LayerMask, Qwen2};

@@ -25,8 +25,7 @@ pub struct ParamCount {
 /// Counts `model`'s parameters by component.
 pub fn count_params(model: &Qwen2) -> ParamCount {
     let mut c = ParamCount::default();
-    for (name, t) in model.named_tensors() {
-        let n = t.elem_count();
+    for (name, n) in model.named_sizes() {
         if name.contains("embed_tokens") {
             c.embeddings += n;
         } else if name.contains("self_attn") {

@@ -49,13 +49,22 @@ impl Q8Matrix {
         self.cols
     }
 
-    /// The matrix back in f32 (`scale × q`), row-major.
+    /// The matrix back in f32 (`scale × q`), row-major; rows in parallel.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.qs
-            .chunks_exact(BLOCK)
-            .zip(&self.scales)
-            .flat_map(|(q, &d)| q.iter().map(move |&v| v as f32 * d))
-            .collect()
+        use rayon::prelude::*;
+        let mut out = vec![0f32; self.rows * self.cols];
+        let nb = self.cols / BLOCK;
+        out.par_chunks_mut(self.cols.max(1))
+            .zip(self.qs.par_chunks(self.cols.max(1)))
+            .zip(self.scales.par_chunks(nb.max(1)))
+            .for_each(|((dst, q), d)| {
+                for ((o, qb), &db) in dst.chunks_exact_mut(BLOCK).zip(q.chunks_exact(BLOCK)).zip(d) {
+                    for (x, &v) in o.iter_mut().zip(qb) {
+                        *x = v as f32 * db;
+                    }
+                }
+            });
+        out
     }
 
     /// Bytes held (values and scales).

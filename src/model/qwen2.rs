@@ -15,7 +15,7 @@ use super::error::{ModelError, Result};
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use super::load::WeightStore;
-use super::lora::{frozen_matmul, init_rng, LoraAdapter, LoraConfig, LoraTarget, SharedAdapter};
+use super::lora::{init_rng, LoraAdapter, LoraConfig, LoraTarget, SharedAdapter};
 
 /// Which layers a forward pass runs; a skipped layer leaves the residual
 /// stream unchanged, exactly as if it had been removed.
@@ -348,6 +348,20 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The seven projections, in checkpoint order.
+    fn projections_mut(&mut self) -> [&mut Linear; 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            &mut a.q_proj,
+            &mut a.k_proj,
+            &mut a.v_proj,
+            &mut a.o_proj,
+            &mut m.gate_proj,
+            &mut m.up_proj,
+            &mut m.down_proj,
+        ]
+    }
+
     fn forward(&self, x: &Tensor, rope: &RotaryEmbedding, kernels: Kernels) -> Result<Tensor> {
         let h = self
             .self_attn
@@ -391,13 +405,12 @@ pub enum LogitsFor {
 /// A Qwen2 causal language model.
 #[derive(Debug, Clone)]
 pub struct Qwen2 {
-    embed_tokens: Tensor,
+    embed_tokens: Linear,
     /// Decoder layers, in order.
     pub layers: Vec<DecoderLayer>,
     norm: RmsNorm,
-    lm_head: Tensor,
-    lm_head_q8: Option<std::sync::Arc<super::quant::Q8Matrix>>,
-    lm_head_lora: Option<SharedAdapter>,
+    lm_head: Linear,
+    device: Device,
     rope: RotaryEmbedding,
     config: Qwen2Config,
     dtype: DType,
@@ -407,12 +420,23 @@ pub struct Qwen2 {
 impl Qwen2 {
     /// Builds the model from `store`, checking every tensor's shape against `config`.
     pub fn from_store(config: Qwen2Config, store: &mut WeightStore) -> Result<Self> {
+        Self::build(config, store, false)
+    }
+
+    /// As [`Qwen2::from_store`]; with `quantize_q8` each matrix becomes
+    /// Q8_0 as soon as it is taken, so the full-precision weights are never
+    /// all in memory (see [`Qwen2::quantize_q8`]).
+    pub fn build(config: Qwen2Config, store: &mut WeightStore, quantize_q8: bool) -> Result<Self> {
         let h = config.hidden_size;
         let (nh, nkv, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
         let v = config.vocab_size;
         let embed_tokens = store.take("model.embed_tokens.weight", &[Some(v), Some(h)])?;
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
+        let mut embed_tokens = Linear::new(embed_tokens, None);
+        if quantize_q8 {
+            embed_tokens.quantize_q8()?;
+        }
         let eps = config.rms_norm_eps as f32;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -458,12 +482,19 @@ impl Qwen2 {
                     eps,
                 })
             };
-            layers.push(DecoderLayer {
+            let mut layer = DecoderLayer {
                 self_attn,
                 mlp,
                 input_layernorm: norm(store, "input_layernorm")?,
                 post_attention_layernorm: norm(store, "post_attention_layernorm")?,
-            });
+            };
+            if quantize_q8 {
+                // Before the next layer is read: one layer in full precision at a time.
+                for lin in layer.projections_mut() {
+                    lin.quantize_q8()?;
+                }
+            }
+            layers.push(layer);
         }
         let norm = RmsNorm {
             weight: store.take("model.norm.weight", &[Some(h)])?,
@@ -472,7 +503,11 @@ impl Qwen2 {
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            store.take("lm_head.weight", &[Some(v), Some(h)])?
+            let mut head = Linear::new(store.take("lm_head.weight", &[Some(v), Some(h)])?, None);
+            if quantize_q8 {
+                head.quantize_q8()?;
+            }
+            head
         };
         let rope = RotaryEmbedding::new(&config, dtype, &device)?;
         Ok(Self {
@@ -480,8 +515,7 @@ impl Qwen2 {
             layers,
             norm,
             lm_head,
-            lm_head_q8: None,
-            lm_head_lora: None,
+            device,
             rope,
             config,
             dtype,
@@ -496,7 +530,7 @@ impl Qwen2 {
 
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
-        self.embed_tokens.device()
+        &self.device
     }
 
     /// The compute dtype.
@@ -525,12 +559,12 @@ impl Qwen2 {
     }
 
     /// The `[vocab, hidden]` embedding matrix.
-    pub fn embed_tokens(&self) -> &Tensor {
+    pub fn embed_tokens(&self) -> &Linear {
         &self.embed_tokens
     }
 
-    /// The `[vocab, hidden]` output matrix (the embedding itself when tied).
-    pub fn lm_head(&self) -> &Tensor {
+    /// The `[vocab, hidden]` output projection (the embedding itself when tied).
+    pub fn lm_head(&self) -> &Linear {
         &self.lm_head
     }
 
@@ -567,10 +601,7 @@ impl Qwen2 {
         let (b, t) = tokens.dims2()?;
         let ids = tokens.flatten_all()?;
         self.check_ids(&ids.to_vec1::<u32>()?)?;
-        Ok(self
-            .embed_tokens
-            .index_select(&ids, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+        Ok(self.embed_tokens.rows(&ids)?.reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Runs layer `i` on hidden states `[b, t, hidden]` at positions starting at 0.
@@ -590,9 +621,33 @@ impl Qwen2 {
         Ok((mid, x))
     }
 
-    /// Every weight under its checkpoint name (`lm_head.weight` only when untied).
-    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_owned(), self.embed_tokens.clone())];
+    /// Every weight under its checkpoint name (`lm_head.weight` only when
+    /// untied); quantized matrices come back as their exact f32 values.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        self.named(|lin| Ok(lin.weight()?), |t| Ok(t.clone()))
+    }
+
+    /// Every weight's checkpoint name and element count, without
+    /// materialising any (cheap on a quantized model).
+    pub fn named_sizes(&self) -> Vec<(String, usize)> {
+        self.named(
+            |lin| {
+                let (out, inp) = lin.dims();
+                Ok(out * inp)
+            },
+            |t| Ok(t.elem_count()),
+        )
+        .expect("sizes never fail")
+    }
+
+    /// Walks every weight in checkpoint order: `matrix` for projections and
+    /// embeddings, `vector` for biases and norms.
+    fn named<T>(
+        &self,
+        matrix: impl Fn(&Linear) -> Result<T>,
+        vector: impl Fn(&Tensor) -> Result<T>,
+    ) -> Result<Vec<(String, T)>> {
+        let mut out = vec![("model.embed_tokens.weight".to_owned(), matrix(&self.embed_tokens)?)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;
@@ -602,9 +657,9 @@ impl Qwen2 {
                 ("v_proj", &a.v_proj),
                 ("o_proj", &a.o_proj),
             ] {
-                out.push((format!("{p}.self_attn.{name}.weight"), lin.weight().clone()));
+                out.push((format!("{p}.self_attn.{name}.weight"), matrix(lin)?));
                 if let Some(b) = lin.bias() {
-                    out.push((format!("{p}.self_attn.{name}.bias"), b.clone()));
+                    out.push((format!("{p}.self_attn.{name}.bias"), vector(b)?));
                 }
             }
             for (name, lin) in [
@@ -612,37 +667,29 @@ impl Qwen2 {
                 ("up_proj", &l.mlp.up_proj),
                 ("down_proj", &l.mlp.down_proj),
             ] {
-                out.push((format!("{p}.mlp.{name}.weight"), lin.weight().clone()));
+                out.push((format!("{p}.mlp.{name}.weight"), matrix(lin)?));
             }
             out.push((
                 format!("{p}.input_layernorm.weight"),
-                l.input_layernorm.weight().clone(),
+                vector(l.input_layernorm.weight())?,
             ));
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.weight().clone(),
+                vector(l.post_attention_layernorm.weight())?,
             ));
         }
-        out.push(("model.norm.weight".to_owned(), self.norm.weight().clone()));
+        out.push(("model.norm.weight".to_owned(), vector(self.norm.weight())?));
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_owned(), self.lm_head.clone()));
+            out.push(("lm_head.weight".to_owned(), matrix(&self.lm_head)?));
         }
-        out
+        Ok(out)
     }
 
     /// Final norm and `lm_head`: `[b, t, hidden]` → `[b, t, vocab]`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward_with(hidden, self.kernels)?;
         let (b, t, hs) = h.dims3()?;
-        let h = h.reshape((b * t, hs))?;
-        let mut logits = match self.kernels {
-            Kernels::Fused => h.matmul(&self.lm_head.t()?)?,
-            Kernels::Differentiable => frozen_matmul(&h, &self.lm_head)?,
-        };
-        if let Some(a) = &self.lm_head_lora {
-            logits = (logits + a.delta(&h)?)?;
-        }
-        super::flop_probe::add(2 * (b * t * hs * self.config.vocab_size) as u64);
+        let logits = project(&self.lm_head, &h.reshape((b * t, hs))?, self.kernels)?;
         Ok(logits.reshape((b, t, self.config.vocab_size))?)
     }
 
@@ -665,37 +712,50 @@ impl Qwen2 {
         self.head(&h)
     }
 
-    /// Quantizes every projection and the `lm_head` to Q8_0 in place (see
-    /// [`Linear::quantize_q8`]); with tied embeddings the embedding rows take
-    /// the same dequantized values, as in a Q8_0 GGUF. Returns how many
-    /// matrices were quantized (rows that are not a multiple of 32 stay f32).
+    /// Quantizes every projection, the `lm_head` and the embeddings to
+    /// Q8_0 in place (see [`Linear::quantize_q8`]), dropping the
+    /// full-precision matrices as it goes; tied embeddings share the
+    /// `lm_head`'s blocks, as in a Q8_0 GGUF. Returns how many matrices were
+    /// quantized (rows that are not a multiple of 32 stay as they are).
     pub fn quantize_q8(&mut self) -> Result<usize> {
         let mut n = 0;
-        for l in &mut self.layers {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for lin in [
-                &mut a.q_proj,
-                &mut a.k_proj,
-                &mut a.v_proj,
-                &mut a.o_proj,
-                &mut m.gate_proj,
-                &mut m.up_proj,
-                &mut m.down_proj,
-            ] {
-                n += usize::from(lin.quantize_q8()?);
-            }
+        for (_, _, lin) in self.projections_mut() {
+            n += usize::from(lin.quantize_q8()?);
         }
-        let mut head = Linear::new(self.lm_head.clone(), None);
-        if head.quantize_q8()? {
+        if self.embed_tokens.quantize_q8()? {
             n += 1;
-            self.lm_head = head.weight().clone();
-            if self.config.tie_word_embeddings {
-                self.embed_tokens = self.lm_head.clone();
-            }
-            self.lm_head_q8 = head.q8_shared();
+        }
+        if self.config.tie_word_embeddings {
+            self.lm_head = self.embed_tokens.clone();
+        } else {
+            n += usize::from(self.lm_head.quantize_q8()?);
         }
         Ok(n)
+    }
+
+    /// Bytes the weights occupy as held (quantized matrices count their blocks).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = self.embed_tokens.weight_bytes() + dense(self.norm.weight());
+        if !self.config.tie_word_embeddings {
+            n += self.lm_head.weight_bytes();
+        }
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for lin in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                n += lin.weight_bytes() + lin.bias().map_or(0, dense);
+            }
+            n += dense(l.input_layernorm.weight()) + dense(l.post_attention_layernorm.weight());
+        }
+        n
     }
 
     /// Selects the kernels of full-sequence forwards ([`Qwen2::logits`],
@@ -707,19 +767,18 @@ impl Qwen2 {
     /// Every layer projection with its PEFT module path
     /// (`model.layers.N.self_attn.q_proj`) and target kind, in layer order.
     fn projections_mut(&mut self) -> Vec<(String, LoraTarget, &mut Linear)> {
+        const KINDS: [(LoraTarget, &str); 7] = [
+            (LoraTarget::Q, "self_attn"),
+            (LoraTarget::K, "self_attn"),
+            (LoraTarget::V, "self_attn"),
+            (LoraTarget::O, "self_attn"),
+            (LoraTarget::Gate, "mlp"),
+            (LoraTarget::Up, "mlp"),
+            (LoraTarget::Down, "mlp"),
+        ];
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let a = &mut l.self_attn;
-            let m = &mut l.mlp;
-            for (target, block, lin) in [
-                (LoraTarget::Q, "self_attn", &mut a.q_proj),
-                (LoraTarget::K, "self_attn", &mut a.k_proj),
-                (LoraTarget::V, "self_attn", &mut a.v_proj),
-                (LoraTarget::O, "self_attn", &mut a.o_proj),
-                (LoraTarget::Gate, "mlp", &mut m.gate_proj),
-                (LoraTarget::Up, "mlp", &mut m.up_proj),
-                (LoraTarget::Down, "mlp", &mut m.down_proj),
-            ] {
+            for ((target, block), lin) in KINDS.into_iter().zip(l.projections_mut()) {
                 out.push((format!("model.layers.{i}.{block}.{}", target.module()), target, lin));
             }
         }
@@ -741,16 +800,16 @@ impl Qwen2 {
         let mut out = Vec::new();
         for (path, target, lin) in self.projections_mut() {
             if cfg.targets.contains(&target) {
-                let (rows, cols) = lin.weight().dims2()?;
+                let (rows, cols) = lin.dims();
                 let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
                 lin.set_lora(adapter.clone());
                 out.push((path, adapter));
             }
         }
         if cfg.targets.contains(&LoraTarget::LmHead) {
-            let (rows, cols) = self.lm_head.dims2()?;
+            let (rows, cols) = self.lm_head.dims();
             let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
-            self.lm_head_lora = Some(adapter.clone());
+            self.lm_head.set_lora(adapter.clone());
             out.push(("lm_head".to_owned(), adapter));
         }
         Ok(out)
@@ -758,7 +817,7 @@ impl Qwen2 {
 
     /// Whether any LoRA adapter is attached.
     pub fn has_lora(&self) -> bool {
-        self.lm_head_lora.is_some()
+        self.lm_head.lora().is_some()
             || self.layers.iter().any(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 [
@@ -781,16 +840,14 @@ impl Qwen2 {
         for (_, _, lin) in out.projections_mut() {
             *lin = lin.merged()?;
         }
-        if let Some(a) = out.lm_head_lora.take() {
-            out.lm_head = a.merge_into(&out.lm_head)?;
-        }
+        out.lm_head = out.lm_head.merged()?;
         out.kernels = Kernels::Fused;
         Ok(out)
     }
 
     /// The weight format decode runs on: `q8_0` after [`Qwen2::quantize_q8`], else `none`.
     pub fn quantization(&self) -> &'static str {
-        let any_q8 = self.lm_head_q8.is_some()
+        let any_q8 = self.lm_head.q8().is_some()
             || self
                 .layers
                 .iter()
@@ -800,11 +857,6 @@ impl Qwen2 {
         } else {
             "none"
         }
-    }
-
-    /// The `lm_head` in Q8_0, when quantized.
-    pub(crate) fn lm_head_q8(&self) -> Option<&super::quant::Q8Matrix> {
-        self.lm_head_q8.as_deref()
     }
 
     /// RoPE cosine and sine tables, `[max_positions, head_dim / 2]` each.
@@ -879,7 +931,7 @@ impl Qwen2 {
         let ids = Tensor::new(ids.as_slice(), self.device())?;
         let mut h = self
             .embed_tokens
-            .index_select(&ids, 0)?
+            .rows(&ids)?
             .reshape((1, total, self.config.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward_ragged(&h, &self.rope, seqs, i)?;

@@ -40,7 +40,7 @@ pub fn pruned_tensors(model: &Qwen2, plan: &PrunePlan) -> Result<(Value, HashMap
         .collect();
     let vocab = plan.vocab.as_ref().map(|k| index(k, model)).transpose()?;
     let mut out = HashMap::new();
-    for (name, t) in model.named_tensors() {
+    for (name, t) in model.named_tensors()? {
         if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
             let t = match &vocab {
                 Some(ix) => t.index_select(ix, 0)?,

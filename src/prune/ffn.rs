@@ -66,7 +66,7 @@ pub fn activation_scores(model: &Qwen2, batches: &[Tensor], mask: &LayerMask) ->
             continue;
         };
         let mean = (sum / tokens as f64)?;
-        let col_norm = model.layers[i].mlp.down_proj.weight().sqr()?.sum(0)?.sqrt()?;
+        let col_norm = model.layers[i].mlp.down_proj.weight()?.sqr()?.sum(0)?.sqrt()?;
         scores.push((mean * col_norm)?.to_vec1::<f32>()?);
     }
     Ok(NeuronScores(scores))

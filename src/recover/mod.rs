@@ -668,7 +668,7 @@ fn storage_dtype(student: &Pipeline) -> DType {
 /// `model` with every weight rounded to `dtype` (and computed in f32 again).
 fn rounded(model: &Qwen2, dtype: DType) -> Result<Qwen2, RecoverError> {
     let tensors = model
-        .named_tensors()
+        .named_tensors()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.to_dtype(dtype)?.to_dtype(model.dtype())?)))
         .collect::<Result<_, candle_core::Error>>()?;
@@ -700,7 +700,7 @@ fn write_output(
         peft::write(&adapter_dir, &base, &cfg.lora, adapters)?;
         let dtype = storage_dtype(student);
         let tensors = merged
-            .named_tensors()
+            .named_tensors()?
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
             .collect::<Result<_, candle_core::Error>>()?;

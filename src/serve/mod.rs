@@ -20,7 +20,7 @@ use candle_core::{DType, Device};
 use crate::energy::meter::PowerModel;
 use crate::energy::{open_meter, Attributor, Carbon, MeterChoice};
 use crate::metrics::Metrics;
-use crate::model::{load_model, Qwen2Config};
+use crate::model::{load_model_with, Qwen2Config};
 use crate::tokenizer::CodeTokenizer;
 
 /// Everything `serve` needs, resolved from the command line.
@@ -66,7 +66,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // up front; a folder's weights load on the engine thread.
     let mut preloaded = None;
     let (config, tokenizer) = if is_gguf {
-        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &Device::Cpu, DType::F32)?;
+        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &Device::Cpu, DType::F32, cfg.quantize_q8)?;
         let config = g.model.config().clone();
         let tokenizer = CodeTokenizer::new(g.tokenizer, cfg.model_dir.clone(), &config.eos_token_ids);
         preloaded = Some(g.model);
@@ -107,13 +107,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         move || {
             preloaded
                 .map(Ok)
-                .unwrap_or_else(|| load_model(&dir, &Device::Cpu, DType::F32))
-                .and_then(|mut m| {
-                    if quantize_q8 {
-                        m.quantize_q8()?;
-                    }
-                    Ok(m)
-                })
+                .unwrap_or_else(|| load_model_with(&dir, &Device::Cpu, DType::F32, quantize_q8))
                 .map(engine::ServedModel::new)
                 .map_err(|e| {
                     let _ = load_tx.send(e.to_string());

@@ -18,6 +18,8 @@ use greencode::sampling::SamplingParams;
 use greencode::threads;
 use greencode::tokenizer::TextStream;
 
+mod cli_gpu;
+
 /// greencode: prune code LLMs and serve them, showing what every answer cost.
 #[derive(Parser)]
 #[command(version, about, propagate_version = true)]
@@ -45,6 +47,8 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a Hugging Face folder of random weights with a real model's shape.
+    Synth(cli_gpu::SynthArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,6 +119,8 @@ struct PruneArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    gpu: cli_gpu::ServeDeviceArgs,
     #[command(flatten)]
     run_quant: RunQuantArg,
     /// Address to bind.
@@ -297,6 +303,8 @@ enum BenchCommand {
     Serve(BenchServeArgs),
     /// Many short requests, some abandoned part-way: errors and memory growth.
     Soak(SoakArgs),
+    /// Check greencode's GPU kernels against the candle path and time both.
+    Kernels(cli_gpu::BenchKernelsArgs),
 }
 
 #[derive(Args)]
@@ -395,6 +403,8 @@ struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
     #[command(flatten)]
+    device: cli_gpu::DeviceArg,
+    #[command(flatten)]
     run_quant: RunQuantArg,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_file")]
@@ -479,6 +489,8 @@ struct BenchGenerateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    batch: cli_gpu::BenchBatchArgs,
 }
 
 fn main() -> ExitCode {
@@ -497,6 +509,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
         Command::Bench(BenchCommand::Soak(a)) => run_bench_soak(a, threads),
         Command::Bench(BenchCommand::Serve(a)) => run_bench_serve(a, threads),
+        Command::Bench(BenchCommand::Kernels(a)) => cli_gpu::run_bench_kernels(a),
+        Command::Synth(a) => cli_gpu::run_synth(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -605,6 +619,8 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         power_model,
         carbon,
         quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
+        device: a.gpu.device.device,
+        synth: a.gpu.synth()?,
     })
 }
 
@@ -627,7 +643,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let mut p = open_model(&a.model)?;
+    let mut p = cli_gpu::open_model_on(&a.model, a.device.device)?;
     a.run_quant.apply(&mut p)?;
     let tok = &p.tokenizer;
     let mut stop_ids = tok.eos_ids().to_vec();
@@ -856,6 +872,15 @@ fn run_infill(a: InfillArgs) -> Result<()> {
 }
 
 fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
+    if a.batch.selected() {
+        let shape = cli_gpu::BenchShape {
+            prompt_tokens: a.prompt_tokens,
+            new_tokens: a.new_tokens,
+            passes: a.passes,
+            format: a.format,
+        };
+        return cli_gpu::run_batch_bench(&a.model, &a.batch, shape);
+    }
     let mut p = open_model(&a.model)?;
     a.run_quant.apply(&mut p)?;
     let cfg = BenchConfig {

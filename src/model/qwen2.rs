@@ -181,7 +181,12 @@ impl Attention {
             let k = rope.apply(&split(&k_all, nkv)?, offset)?;
             let v = split(&v_all, nkv)?.contiguous()?;
             let (k, v) = seq.cache.append(layer, &k, &v)?;
-            let y = attend(&q, &k, &v, offset, nkv)?;
+            // One decode token on a GPU: the fused kernel reads the cache in place.
+            let y = if t == 1 && super::decode_attention::applies(&q) {
+                super::decode_attention::decode_attention(&q, &k, &v)?
+            } else {
+                attend(&q, &k, &v, offset, nkv)?
+            };
             outs.push(y.transpose(1, 2)?.reshape((1, t, nh * hd))?);
             row += t;
         }
@@ -208,7 +213,7 @@ pub const QUERY_BLOCK: usize = 128;
 /// reshape (`[b, kv, group·t, d]`), never by repeating keys. Long prompts run
 /// in blocks of [`QUERY_BLOCK`] query rows, each against only the keys it may
 /// see, so the masked upper triangle is never computed.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
+pub(crate) fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize) -> Result<Tensor> {
     let t = q.dim(2)?;
     if t <= QUERY_BLOCK {
         return attend_block(q, k, v, offset, nkv);

@@ -84,6 +84,10 @@ pub struct BatchBenchReport {
     /// prefill and at the end of each pass), bytes; NVML only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_gpu_memory_bytes: Option<u64>,
+    /// Most GPU memory in use on the device (all processes, from the driver:
+    /// total − free) at the sampled points, bytes; GPUs only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_device_memory_used_bytes: Option<u64>,
     /// Decode tokens/s if every step only read the weights once at the given
     /// bandwidth (batch × bandwidth / weight bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,6 +139,7 @@ struct PassTimes {
     decode: f64,
     joules: Option<(f64, f64, f64)>,
     peak_mem: Option<u64>,
+    peak_device_mem: Option<u64>,
 }
 
 /// Runs one pass: prefill every prompt in one step, then `new_tokens - 1`
@@ -167,6 +172,7 @@ fn one_pass(
     let ttft = start.elapsed().as_secs_f64();
     let e1 = read(meter);
     let mut peak = mem(meter);
+    let mut peak_device = crate::device::gpu_memory_used(model.device());
     let decode_start = std::time::Instant::now();
     for _ in 1..new_tokens {
         let ids: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
@@ -184,11 +190,13 @@ fn one_pass(
     let decode = decode_start.elapsed().as_secs_f64();
     let e2 = read(meter);
     peak = peak.max(mem(meter));
+    peak_device = peak_device.max(crate::device::gpu_memory_used(model.device()));
     Ok(PassTimes {
         ttft,
         decode,
         joules: e0.zip(e1).zip(e2).map(|((a, b), c)| (a, b, c)),
         peak_mem: peak,
+        peak_device_mem: peak_device,
     })
 }
 
@@ -225,10 +233,11 @@ pub fn bench_batch(
     let generated = (cfg.batch * cfg.new_tokens) as f64;
     let decoded = (cfg.batch * (cfg.new_tokens - 1)) as f64;
     let mut passes = Vec::with_capacity(cfg.passes);
-    let mut peak = None;
+    let (mut peak, mut peak_device) = (None, None);
     for i in 0..cfg.passes {
         let t = one_pass(model, prompts, cfg.new_tokens, &mut meter)?;
         peak = peak.max(t.peak_mem);
+        peak_device = peak_device.max(t.peak_device_mem);
         let pass = BatchPass {
             ttft_ms: t.ttft * 1e3,
             decode_tokens_per_second: decoded / t.decode,
@@ -258,6 +267,7 @@ pub fn bench_batch(
         decode_joules_per_token: spread(&|p| p.decode_joules_per_token),
         energy_source: meter.as_ref().map(|m| m.source().as_str()),
         peak_gpu_memory_bytes: peak,
+        peak_device_memory_used_bytes: peak_device,
         floor_tokens_per_second: floor,
         share_of_floor: floor.map(|f| decode.median / f),
         decode_tokens_per_second: decode,

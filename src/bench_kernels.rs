@@ -159,6 +159,61 @@ pub fn check_decode_attention(
     Ok(out)
 }
 
+/// The model's path on a device against the CPU: the same weights, prompt
+/// and greedy tokens, in f32.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelPathCheck {
+    /// Always `model_path`.
+    pub kernel: &'static str,
+    /// Prefill plus decode steps compared.
+    pub steps: usize,
+    /// Largest relative error of the device's logits against the CPU's.
+    pub max_rel_err: f64,
+    /// Whether both picked the same greedy token at every step.
+    pub same_tokens: bool,
+    /// Both within [`tolerance`] for f32 ×10 (different summation orders) and equal tokens.
+    pub pass: bool,
+}
+
+/// Runs the tiny shape (weights drawn on the host, copied to `device`) on
+/// the CPU and on `device` in f32 through prefill and 12 decode steps (the
+/// fused decode attention on CUDA), feeding both the CPU's greedy tokens.
+pub fn check_model_path(device: &Device) -> Result<ModelPathCheck> {
+    use crate::model::qwen2::LogitsFor;
+    use crate::model::synth::{synth_model, SynthShape};
+    let cpu = synth_model(SynthShape::Tiny, &Device::Cpu, DType::F32, 5)?;
+    let tensors = cpu
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(device)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    let mut store =
+        crate::model::WeightStore::from_tensors(std::path::Path::new("<device copy>"), DType::F32, tensors);
+    let dev_model = crate::model::Qwen2::from_store(cpu.config().clone(), &mut store)?;
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 389 + 2) % 16384).collect();
+    let (mut cc, mut dc) = (cpu.new_cache(64)?, dev_model.new_cache(64)?);
+    let mut lc = cpu.forward_cached(&prompt, &mut cc, LogitsFor::Last)?;
+    let mut ld = dev_model.forward_cached(&prompt, &mut dc, LogitsFor::Last)?;
+    let (mut worst, mut same) = (0f64, true);
+    let steps = 13;
+    for step in 0..steps {
+        worst = worst.max(rel_err(&ld, &lc)?);
+        let id = lc.squeeze(0)?.argmax(0)?.to_scalar::<u32>()?;
+        same &= ld.squeeze(0)?.argmax(0)?.to_scalar::<u32>()? == id;
+        if step + 1 < steps {
+            lc = cpu.forward_cached(&[id], &mut cc, LogitsFor::Last)?;
+            ld = dev_model.forward_cached(&[id], &mut dc, LogitsFor::Last)?;
+        }
+    }
+    Ok(ModelPathCheck {
+        kernel: "model_path",
+        steps,
+        max_rel_err: worst,
+        same_tokens: same,
+        pass: worst.is_finite() && worst <= 10.0 * tolerance(DType::F32) && same,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +228,11 @@ mod tests {
                 assert!(r.pass, "{r:?}");
             }
         }
+    }
+
+    #[test]
+    fn model_path_check_passes_on_the_cpu_itself() {
+        let m = check_model_path(&Device::Cpu).unwrap();
+        assert!(m.pass && m.max_rel_err == 0.0, "{m:?}");
     }
 }

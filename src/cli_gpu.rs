@@ -212,8 +212,12 @@ fn print_batch_report(r: &BatchBenchReport) {
     if let (Some(j), Some(src)) = (&r.joules_per_token, r.energy_source) {
         println!("joules per token:         {:.4} / {:.4} / {:.4} ({src})", j.min, j.median, j.max);
     }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if let Some(m) = r.peak_gpu_memory_bytes {
-        println!("peak GPU memory:          {:.2} GiB", m as f64 / (1u64 << 30) as f64);
+        println!("peak GPU memory:          {:.2} GiB (this process, NVML)", gib(m));
+    }
+    if let Some(m) = r.peak_device_memory_used_bytes {
+        println!("peak device memory used:  {:.2} GiB (all processes, driver)", gib(m));
     }
     if let (Some(f), Some(share)) = (r.floor_tokens_per_second, r.share_of_floor) {
         println!("bandwidth floor:          {f:.0} tok/s ({:.0}% reached)", share * 100.0);
@@ -266,6 +270,20 @@ pub fn run_bench_kernels(a: BenchKernelsArgs) -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    if spec != DeviceSpec::Cpu {
+        let m = greencode::bench_kernels::check_model_path(&device)?;
+        failed += usize::from(!m.pass);
+        match a.format {
+            Format::Json => println!("{}", serde_json::to_string(&m)?),
+            Format::Text => println!(
+                "model path (tiny, f32) {spec} vs cpu: max rel err {:.2e} over {} steps, greedy tokens {} {}",
+                m.max_rel_err,
+                m.steps,
+                if m.same_tokens { "equal" } else { "DIFFER" },
+                if m.pass { "ok" } else { "FAIL" }
+            ),
         }
     }
     if failed > 0 {

@@ -98,6 +98,18 @@ impl DeviceSpec {
     }
 }
 
+/// GPU memory in use on `device`'s GPU by every process (total − free, from
+/// the driver), bytes; `None` on the CPU.
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = device.as_cuda_device() {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as u64);
+    }
+    let _ = device;
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +130,11 @@ mod tests {
     fn dtype_follows_the_device() {
         assert_eq!(DeviceSpec::Cpu.dtype(), DType::F32);
         assert_eq!(DeviceSpec::Cuda(0).dtype(), DType::BF16);
+    }
+
+    #[test]
+    fn the_cpu_has_no_gpu_memory() {
+        assert_eq!(gpu_memory_used(&Device::Cpu), None);
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -150,7 +150,10 @@ stage() {
     cp -L "$so" "$CARRY_DIR/lib/"
   done
   {
-    echo "built $(date -u +%FT%TZ) from $(cd "$ROOT" && git rev-parse --short HEAD)$(cd "$ROOT" && git diff --quiet HEAD || echo '+dirty')"
+    local rev
+    rev=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null) || rev=unknown
+    (cd "$ROOT" && git diff --quiet HEAD 2>/dev/null) || rev+="+dirty"
+    echo "built $(date -u +%FT%TZ) from $rev"
     echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP"
     echo "binary bytes: $(stat -c %s "$bin")"
     echo "needs:"

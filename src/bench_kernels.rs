@@ -30,13 +30,48 @@ pub struct AttentionCase {
 /// The cases `bench kernels` runs: the real shapes' heads at short and long
 /// contexts, tiny-coder's, and odd lengths that leave warps without keys.
 pub const ATTENTION_CASES: [AttentionCase; 7] = [
-    AttentionCase { heads: 32, kv_heads: 4, head_dim: 128, len: 768 },
-    AttentionCase { heads: 32, kv_heads: 4, head_dim: 128, len: 4096 },
-    AttentionCase { heads: 32, kv_heads: 4, head_dim: 128, len: 1 },
-    AttentionCase { heads: 12, kv_heads: 2, head_dim: 128, len: 517 },
-    AttentionCase { heads: 6, kv_heads: 2, head_dim: 64, len: 300 },
-    AttentionCase { heads: 8, kv_heads: 8, head_dim: 256, len: 33 },
-    AttentionCase { heads: 4, kv_heads: 1, head_dim: 32, len: 9 },
+    AttentionCase {
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 128,
+        len: 768,
+    },
+    AttentionCase {
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 128,
+        len: 4096,
+    },
+    AttentionCase {
+        heads: 32,
+        kv_heads: 4,
+        head_dim: 128,
+        len: 1,
+    },
+    AttentionCase {
+        heads: 12,
+        kv_heads: 2,
+        head_dim: 128,
+        len: 517,
+    },
+    AttentionCase {
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 64,
+        len: 300,
+    },
+    AttentionCase {
+        heads: 8,
+        kv_heads: 8,
+        head_dim: 256,
+        len: 33,
+    },
+    AttentionCase {
+        heads: 4,
+        kv_heads: 1,
+        head_dim: 32,
+        len: 9,
+    },
 ];
 
 /// Largest relative error accepted for a dtype (bf16 operands: 1e-2; f32: 1e-4).
@@ -187,8 +222,7 @@ pub fn check_model_path(device: &Device) -> Result<ModelPathCheck> {
         .into_iter()
         .map(|(n, t)| Ok((n, t.to_device(device)?)))
         .collect::<Result<std::collections::HashMap<_, _>>>()?;
-    let mut store =
-        crate::model::WeightStore::from_tensors(std::path::Path::new("<device copy>"), DType::F32, tensors);
+    let mut store = crate::model::WeightStore::from_tensors(std::path::Path::new("<device copy>"), DType::F32, tensors);
     let dev_model = crate::model::Qwen2::from_store(cpu.config().clone(), &mut store)?;
     let prompt: Vec<u32> = (0..40).map(|i| (i * 389 + 2) % 16384).collect();
     let (mut cc, mut dc) = (cpu.new_cache(64)?, dev_model.new_cache(64)?);

@@ -155,7 +155,11 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
     let (model, name, text_prompt) = match &b.synth {
         Some(s) => {
             let shape = SynthShape::from_name(s)?;
-            (synth_model(shape, &device, spec.dtype(), b.seed)?, shape.name().to_owned(), None)
+            (
+                synth_model(shape, &device, spec.dtype(), b.seed)?,
+                shape.name().to_owned(),
+                None,
+            )
         }
         None => {
             let p = open_model_on(model_arg, spec)?;
@@ -166,9 +170,16 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
     };
     device.synchronize()?;
     if shape.format == Format::Text {
-        println!("model {name} ready on {spec} in {:.1} s", load_start.elapsed().as_secs_f64());
+        println!(
+            "model {name} ready on {spec} in {:.1} s",
+            load_start.elapsed().as_secs_f64()
+        );
     }
-    let mut meter = open_meter(MeterChoice::Auto, PowerModel::default_for(greencode::threads::default_threads())).ok();
+    let mut meter = open_meter(
+        MeterChoice::Auto,
+        PowerModel::default_for(greencode::threads::default_threads()),
+    )
+    .ok();
     for batch in batches {
         let prompts = match &text_prompt {
             Some(ids) => vec![ids.clone(); batch],
@@ -210,7 +221,10 @@ fn print_batch_report(r: &BatchBenchReport) {
     println!("time to first token (ms): {}", s(&r.ttft_ms));
     println!("decode tokens/s:          {}", s(&r.decode_tokens_per_second));
     if let (Some(j), Some(src)) = (&r.joules_per_token, r.energy_source) {
-        println!("joules per token:         {:.4} / {:.4} / {:.4} ({src})", j.min, j.median, j.max);
+        println!(
+            "joules per token:         {:.4} / {:.4} / {:.4} ({src})",
+            j.min, j.median, j.max
+        );
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if let Some(m) = r.peak_gpu_memory_bytes {

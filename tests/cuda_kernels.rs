@@ -24,7 +24,10 @@ fn decode_attention_kernel_matches_the_candle_path() {
         // Fresh random inputs each time: run every case twice.
         for _ in 0..2 {
             for r in check_decode_attention(&dev, dtype, &ATTENTION_CASES, 0).unwrap() {
-                eprintln!("{} {:?}: rel err {:.2e} (candle {:.2e})", r.dtype, r.case, r.rel_err, r.candle_rel_err);
+                eprintln!(
+                    "{} {:?}: rel err {:.2e} (candle {:.2e})",
+                    r.dtype, r.case, r.rel_err, r.candle_rel_err
+                );
                 assert!(r.pass, "{r:?}");
             }
         }

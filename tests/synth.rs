@@ -39,8 +39,20 @@ fn synth_folder_loads_generates_and_equals_the_in_memory_model() {
     let a = loaded.model.logits(&ids, None).unwrap();
     let b = built.logits(&ids, None).unwrap();
     assert_eq!(common::max_abs_diff(&a, &b), 0.0);
-    let std: f32 = a.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x * x).sum::<f32>() / 65536.0;
-    assert!(std.is_finite() && std.sqrt() < 10.0, "logits out of range: rms {}", std.sqrt());
+    let std: f32 = a
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        / 65536.0;
+    assert!(
+        std.is_finite() && std.sqrt() < 10.0,
+        "logits out of range: rms {}",
+        std.sqrt()
+    );
 
     // A second write into the same folder needs --force.
     let again = common::greencode(&["synth", "--shape", "tiny", "--out", out.to_str().unwrap()]);
@@ -110,7 +122,10 @@ fn bf16_tensor_path_decodes_like_the_full_forward() {
     let model = synth_model(SynthShape::Tiny, &Device::Cpu, DType::BF16, SEED).unwrap();
     let ids: Vec<u32> = (0..24).map(|i| (i * 677 + 5) % 16384).collect();
     let full = model
-        .logits(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+        .logits(
+            &Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(),
+            None,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap();

@@ -41,7 +41,11 @@ impl Geometry {
             candle_core::bail!("decode attention: q must be [1, heads, 1, head_dim], got {qd:?}");
         }
         if kd.len() != 4 || kd[0] != 1 || kd[3] != qd[3] || v.dims() != kd {
-            candle_core::bail!("decode attention: k, v must be [1, kv_heads, len, {}], got {kd:?} and {:?}", qd[3], v.dims());
+            candle_core::bail!(
+                "decode attention: k, v must be [1, kv_heads, len, {}], got {kd:?} and {:?}",
+                qd[3],
+                v.dims()
+            );
         }
         let (nh, hd, nkv, len) = (qd[1], qd[3], kd[1], kd[2]);
         if nkv == 0 || nh % nkv != 0 || len == 0 {

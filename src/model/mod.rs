@@ -4,6 +4,7 @@
 pub mod config;
 mod decode;
 pub mod decode_attention;
+mod decode_cuda;
 pub mod error;
 pub mod flop_probe;
 pub mod gguf_load;

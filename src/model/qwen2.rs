@@ -666,10 +666,15 @@ impl Qwen2 {
     /// tokens to its cache, running the projections and MLP once over all
     /// rows and attention per sequence. Returns each sequence's logits
     /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]). Sequences decoding
-    /// one token on an f32 CPU model take the fused path (`model::decode`);
-    /// the rest (prompt chunks) go through the tensor path.
+    /// one token on an f32 CPU model take the fused path (`model::decode`),
+    /// a batch of only such sequences on CUDA the fused GPU step
+    /// (`model::decode_cuda`); the rest (prompt chunks) go through the
+    /// tensor path.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         self.check_steps(seqs)?;
+        if super::decode_cuda::eligible(self, seqs) {
+            return super::decode_cuda::decode_step(self, seqs);
+        }
         let fused: Vec<bool> = seqs.iter().map(|s| super::decode::eligible(self, s)).collect();
         if fused.iter().all(|&f| !f) {
             return self.step_tensors(seqs);

@@ -152,7 +152,10 @@ fn tensor_specs(cfg: &Qwen2Config) -> Vec<(String, Vec<usize>, Init)> {
 
 /// Parameters of a model of `cfg`'s shape (a tied matrix counts once).
 pub fn param_count(cfg: &Qwen2Config) -> usize {
-    tensor_specs(cfg).iter().map(|(_, s, _)| s.iter().product::<usize>()).sum()
+    tensor_specs(cfg)
+        .iter()
+        .map(|(_, s, _)| s.iter().product::<usize>())
+        .sum()
 }
 
 /// Elements drawn from one generator: chunks are drawn in parallel, each
@@ -162,8 +165,9 @@ const CHUNK: usize = 1 << 16;
 /// A stable 64-bit hash of a tensor name (FNV-1a), so each tensor's values
 /// depend on its name and the seed, not on the order tensors are drawn in.
 fn name_hash(name: &str) -> u64 {
-    name.bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// `n` host values for tensor `name`, rounded to bf16 (what a bf16
@@ -175,7 +179,8 @@ fn host_values(name: &str, n: usize, init: Init, seed: u64) -> Vec<half::bf16> {
     }
     let base = seed ^ name_hash(name);
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(base.wrapping_add((c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(base.wrapping_add((c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
         // Box–Muller: two uniforms give two independent normals.
         for pair in chunk.chunks_mut(2) {
             let u1: f32 = 1.0 - rng.random::<f32>(); // (0, 1]: ln never sees 0
@@ -345,8 +350,11 @@ pub fn write_synth_folder(
     if n > 1 {
         let index = json!({"metadata": {"total_size": parameters * 2}, "weight_map": weight_map});
         let path = out.join("model.safetensors.index.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("JSON values serialize"))
-            .map_err(io_err(&path))?;
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).expect("JSON values serialize"),
+        )
+        .map_err(io_err(&path))?;
     }
     let path = out.join("config.json");
     let text = serde_json::to_string_pretty(&shape.config_json(seed)).expect("JSON values serialize");
@@ -379,7 +387,10 @@ mod tests {
         assert!((billions(SynthShape::FlabCq57b) - 5.73).abs() < 0.02);
         assert!((billions(SynthShape::Qwen25Coder1_5b) - 1.54).abs() < 0.01);
         let tiny = SynthShape::Tiny.config(0).unwrap();
-        assert_eq!((tiny.hidden_size, tiny.num_hidden_layers, tiny.vocab_size), (384, 12, 16384));
+        assert_eq!(
+            (tiny.hidden_size, tiny.num_hidden_layers, tiny.vocab_size),
+            (384, 12, 16384)
+        );
     }
 
     #[test]

@@ -8,6 +8,15 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
+/// PTX of `kernels/decode_attention.cu` (compiled by build.rs), shared with
+/// the fused decode step.
+#[cfg(feature = "cuda")]
+pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+
+/// Name the PTX module is loaded under (once per device).
+#[cfg(feature = "cuda")]
+pub(crate) const MODULE: &str = "greencode_decode_attention";
+
 /// Largest head width the kernel handles (32 lanes × 8 values).
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -187,8 +196,8 @@ mod cuda {
 
     use super::Geometry;
 
-    /// The kernels' PTX, compiled by build.rs.
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
+    use super::{MODULE, PTX};
+
     /// Warps per block (`WARPS` in the .cu file).
     const WARPS: u32 = 16;
 
@@ -208,7 +217,7 @@ mod cuda {
         // SAFETY: every element is written by the kernel (each block writes
         // its head's hd outputs).
         let out = unsafe { dev.alloc::<T>(g.nh * g.hd)? };
-        let func = dev.get_or_load_custom_func(name, "greencode_decode_attention", PTX)?;
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut b = func.builder();
         b.arg(&q);
         b.arg(&k);
@@ -243,7 +252,7 @@ pub fn applies(q: &Tensor) -> bool {
         && matches!(q.dtype(), DType::BF16 | DType::F32)
         && q.rank() == 4
         && q.dims()[2] == 1
-        && hd % 32 == 0
+        && hd.is_multiple_of(32)
         && (32..=MAX_HEAD_DIM).contains(&hd)
 }
 

@@ -33,7 +33,7 @@ pub(crate) fn eligible(model: &Qwen2, seqs: &[SeqStep<'_>]) -> bool {
         && !seqs.is_empty()
         && model.device().is_cuda()
         && matches!(model.dtype(), DType::BF16 | DType::F32)
-        && hd % 32 == 0
+        && hd.is_multiple_of(32)
         && hd <= super::decode_attention::MAX_HEAD_DIM
         && seqs.iter().all(|s| s.tokens.len() == 1 && !s.cache.is_host())
         && !disabled()
@@ -67,10 +67,8 @@ mod gpu {
     use super::super::error::{ModelError, Result};
     use super::super::qwen2::{Qwen2, SeqStep};
 
-    /// The kernels' PTX (shared with `decode_attention`), compiled by build.rs.
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode_attention.ptx"));
-    /// Module name the PTX is loaded under (once per device).
-    const MODULE: &str = "greencode_decode_attention";
+    use super::super::decode_attention::{MODULE, PTX};
+
     /// Warps per attention block (`WARPS` in the .cu file).
     const WARPS: u32 = 16;
 
@@ -149,7 +147,7 @@ mod gpu {
             // SAFETY: the kernel writes all n·nh·hd outputs (one block per
             // sequence and head, hd/2 threads writing two values each).
             let out = unsafe { dev.alloc::<T>(n * nh * hd)? };
-            let func = dev.get_or_load_custom_func(&format!("rope_append_{}", suffix(qs.dtype())?), MODULE, super::PTX)?;
+            let func = dev.get_or_load_custom_func(&format!("rope_append_{}", suffix(qs.dtype())?), MODULE, PTX)?;
             let mut b = func.builder();
             b.arg(&q);
             b.arg(&k);
@@ -227,7 +225,7 @@ mod gpu {
             // SAFETY: one block per (head, sequence) writes that head's hd outputs.
             let out = unsafe { dev.alloc::<T>(n * nh * hd)? };
             let name = format!("decode_attention_batch_{}", suffix(qs.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, super::PTX)?;
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut b = func.builder();
             b.arg(&q);
             b.arg(&meta);

@@ -75,7 +75,8 @@ impl DeviceSpec {
                 }
                 Device::new_cuda(index).map_err(|e| DeviceError::CudaUnavailable {
                     index,
-                    reason: e.to_string(),
+                    // candle appends a backtrace when RUST_BACKTRACE is set: keep the error line.
+                    reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
                 })
             }
         }

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use greencode::bench_kernels::rel_err;
+use greencode::bench_kernels::{check_decode_attention, check_model_path, rel_err, ATTENTION_CASES};
 use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::synth::{synth_model, SynthShape};
 use greencode::pipeline::Pipeline;
@@ -167,4 +167,20 @@ fn bf16_tensor_path_decodes_like_the_full_forward() {
         assert!(e < 2e-2, "position {i}: relative error {e}");
     }
     assert_eq!(a.len(), ids.len());
+}
+
+/// The fused decode-attention op's CPU arithmetic (what the CUDA kernel
+/// implements) matches the candle path, in f32 and bf16, at sizes that
+/// leave warps without keys; and the device-vs-CPU model check holds on the
+/// CPU itself. (The GPU runs the same checks in tests/cuda_kernels.rs and
+/// `bench kernels`.)
+#[test]
+fn decode_attention_op_matches_the_candle_path_on_the_cpu() {
+    for dtype in [DType::F32, DType::BF16] {
+        for r in check_decode_attention(&Device::Cpu, dtype, &ATTENTION_CASES[2..], 0).unwrap() {
+            assert!(r.pass, "{r:?}");
+        }
+    }
+    let m = check_model_path(&Device::Cpu).unwrap();
+    assert!(m.pass && m.max_rel_err == 0.0, "{m:?}");
 }

@@ -19,8 +19,13 @@
 #   3. serve    `serve --synth flab-cq-5.7b --device cuda` under 16 concurrent
 #               clients: the requests' usage.energy_joules summed against
 #               the NVML counter delta read independently (must be within 2%).
+#   4. ab       if time is left: the 5.7B bench again (one pass) with
+#               GREENCODE_NO_CUDA_KERNELS=1, i.e. the candle path alone, to
+#               show what the custom kernels buy.
+# If part 1 finds the model's CUDA path wrong, parts 2-3 run with
+# GREENCODE_NO_CUDA_KERNELS=1 (noted in the log and bench lines' file name).
 # Output (JSON lines and logs) goes to $OUT (the device tool brings it back):
-#   env.txt kernels.jsonl bench.jsonl serve.jsonl run.log summary.txt
+#   env.txt kernels.jsonl bench.jsonl serve.jsonl bench_candle.jsonl run.log summary.txt
 #
 # Dry run of the plumbing on a CPU machine (CPU build, tiny shape, energy
 # from greencode's own meter instead of NVML):
@@ -132,6 +137,19 @@ fi
 # --- 1. kernels --------------------------------------------------------------
 part kernels 75 "$BIN" bench kernels --device "$DEVICE" --iters "$KERNEL_ITERS" --format json >"$OUT/kernels.jsonl" 2>>"$LOG"
 
+if ! python3 - "$OUT/kernels.jsonl" <<'PY'
+import json, sys
+ok = any(json.loads(l).get("kernel") == "model_path" and json.loads(l)["pass"]
+         for l in open(sys.argv[1]) if l.strip())
+sys.exit(0 if ok else 1)
+PY
+then
+  if [[ $DEVICE != cpu ]]; then
+    log "the model's CUDA path failed its check (or did not run): the rest runs on the candle path alone"
+    export GREENCODE_NO_CUDA_KERNELS=1
+  fi
+fi
+
 # --- 2. generation benchmarks ------------------------------------------------
 : >"$OUT/bench.jsonl"
 for shape in $SHAPES; do
@@ -158,6 +176,14 @@ part serve 130 bash -c serve_check
 # The server's log without its per-request lines (the client has those).
 grep -v '"event":"request"' "$OUT/serve.log" >>"$LOG" 2>/dev/null
 rm -f "$OUT/serve.log"
+
+# --- 4. the candle path alone, for comparison ---------------------------------
+if [[ -z ${GREENCODE_NO_CUDA_KERNELS:-} ]] && (($(left) > 90)); then
+  last=${SHAPES##* }
+  GREENCODE_NO_CUDA_KERNELS=1 part "ab $last (no custom kernels)" 90 "$BIN" bench generate --synth "$last" \
+    --device "$DEVICE" --batch 1,16 --prompt-tokens "$PROMPT_TOKENS" --new-tokens "$NEW_TOKENS" --passes 1 \
+    --bandwidth-gbs 4250 --format json >"$OUT/bench_candle.jsonl" 2>>"$LOG"
+fi
 
 # --- summary -----------------------------------------------------------------
 python3 "$ROOT/benches/gpu/summarize.py" "$OUT" | tee "$OUT/summary.txt"

@@ -57,6 +57,15 @@ def main():
         print(f"  {r['model']:16} {r['batch']:>3} {tps:>12.1f} {x:>6} "
               f"{100 * (r.get('share_of_floor') or 0):>6.0f}% {r['ttft_ms']['median']:>8.1f} "
               f"{j.get('median', float('nan')):>7.3f} {(mem or 0) / 2**30:>8.2f}")
+    candle = lines(out / "bench_candle.jsonl")
+    if candle:
+        print("== the candle path alone (GREENCODE_NO_CUDA_KERNELS=1, one pass)")
+        fused = {(r["model"], r["batch"]): r for r in bench}
+        for r in candle:
+            tps = r["decode_tokens_per_second"]["median"]
+            f = fused.get((r["model"], r["batch"]))
+            gain = f"{f['decode_tokens_per_second']['median'] / tps:.2f}x with kernels" if f else ""
+            print(f"  {r['model']:16} {r['batch']:>3} {tps:>12.1f} tok/s, TTFT {r['ttft_ms']['median']:.1f} ms  {gain}")
     print("== serve energy")
     for s in lines(out / "serve.jsonl"):
         if "error" in s:

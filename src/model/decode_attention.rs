@@ -244,6 +244,14 @@ mod cuda {
     }
 }
 
+/// Whether `GREENCODE_NO_CUDA_KERNELS` (non-empty, not `0`) switched
+/// greencode's own CUDA kernels off, leaving the candle path everywhere (for
+/// comparisons and as a fallback).
+pub(crate) fn kernels_disabled() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("GREENCODE_NO_CUDA_KERNELS").is_some_and(|v| !v.is_empty() && v != "0"))
+}
+
 /// Whether the fused op serves this query: a single position of a CUDA
 /// tensor in bf16 or f32 with a head width the kernel handles.
 pub fn applies(q: &Tensor) -> bool {
@@ -254,6 +262,7 @@ pub fn applies(q: &Tensor) -> bool {
         && q.dims()[2] == 1
         && hd.is_multiple_of(32)
         && (32..=MAX_HEAD_DIM).contains(&hd)
+        && !kernels_disabled()
 }
 
 /// Attention of `q` `[1, nh, 1, hd]` over every position of `k`, `v`

@@ -10,19 +10,13 @@
 //!
 //! The kernels find each sequence's caches through a small table of device
 //! addresses, positions and capacities (`meta`, int64 `[layers, 4, n]`),
-//! copied to the GPU once per step. Set `GREENCODE_NO_FUSED_DECODE=1` to
-//! run the tensor path instead (for comparisons).
+//! copied to the GPU once per step. `GREENCODE_NO_CUDA_KERNELS=1` runs the
+//! tensor path instead (for comparisons).
 
 use candle_core::{DType, Tensor};
 
 use super::error::Result;
 use super::qwen2::{Qwen2, SeqStep};
-
-/// Whether the environment switched the fused CUDA decode step off.
-fn disabled() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var_os("GREENCODE_NO_FUSED_DECODE").is_some_and(|v| !v.is_empty() && v != "0"))
-}
 
 /// Whether the fused CUDA step serves this batch: a CUDA model in bf16 or
 /// f32, a head width the kernels handle, one new token per sequence, and
@@ -36,7 +30,7 @@ pub(crate) fn eligible(model: &Qwen2, seqs: &[SeqStep<'_>]) -> bool {
         && hd.is_multiple_of(32)
         && hd <= super::decode_attention::MAX_HEAD_DIM
         && seqs.iter().all(|s| s.tokens.len() == 1 && !s.cache.is_host())
-        && !disabled()
+        && !super::decode_attention::kernels_disabled()
 }
 
 /// Runs the step (the inputs were checked by `Qwen2::step` and [`eligible`]);
@@ -128,7 +122,10 @@ mod gpu {
             let contiguous = |l: &Layout, cols: usize| -> candle_core::Result<(usize, usize)> {
                 match l.contiguous_offsets() {
                     Some(o) if l.dims() == [n, cols] => Ok(o),
-                    _ => candle_core::bail!("rope_append: expected a contiguous [{n}, {cols}] input, got {:?}", l.dims()),
+                    _ => candle_core::bail!(
+                        "rope_append: expected a contiguous [{n}, {cols}] input, got {:?}",
+                        l.dims()
+                    ),
                 }
             };
             let (q0, q1) = contiguous(ql, nh * hd)?;

@@ -72,7 +72,7 @@ def main():
             print(f"  {s['error']}")
             continue
         print(f"  {s['requests']} requests ({s['errors']} errors), {s['tokens_per_second']:.0f} tok/s, "
-              f"requests {s['sum_request_joules']:.1f} J vs NVML {s['nvml_delta_joules']:.1f} J: "
+              f"requests {s['sum_request_joules']:.1f} J vs {s.get('reference', 'nvml')} {s['nvml_delta_joules']:.1f} J: "
               f"{100 * s['rel_diff']:+.2f}% ({'within' if s['within_2pct'] else 'OUTSIDE'} 2%)")
 
 

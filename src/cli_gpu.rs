@@ -134,6 +134,8 @@ pub struct BenchShape {
     pub passes: usize,
     /// Output format.
     pub format: Format,
+    /// Quantize the weights to Q8_0 first (`--quantize q8_0`).
+    pub quantize_q8: bool,
 }
 
 /// Runs the batched benchmark once per batch size.
@@ -152,7 +154,7 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
     let spec = b.device.device;
     let device = spec.open()?;
     let load_start = std::time::Instant::now();
-    let (model, name, text_prompt) = match &b.synth {
+    let (mut model, name, text_prompt) = match &b.synth {
         Some(s) => {
             let shape = SynthShape::from_name(s)?;
             (
@@ -168,6 +170,9 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
             (p.model, name, Some(ids))
         }
     };
+    if shape.quantize_q8 {
+        model.quantize_q8()?;
+    }
     device.synchronize()?;
     if shape.format == Format::Text {
         println!(

@@ -878,6 +878,7 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             new_tokens: a.new_tokens,
             passes: a.passes,
             format: a.format,
+            quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
         };
         return cli_gpu::run_batch_bench(&a.model, &a.batch, shape);
     }

@@ -73,11 +73,21 @@ impl DeviceSpec {
                 if !candle_core::utils::cuda_is_available() {
                     return Err(DeviceError::NoCudaSupport(self));
                 }
-                Device::new_cuda(index).map_err(|e| DeviceError::CudaUnavailable {
+                let device = Device::new_cuda(index).map_err(|e| DeviceError::CudaUnavailable {
                     index,
                     // candle appends a backtrace when RUST_BACKTRACE is set: keep the error line.
                     reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
-                })
+                })?;
+                #[cfg(feature = "cuda")]
+                if let Ok(d) = device.as_cuda_device() {
+                    // SAFETY: candle works on one stream per thread, and the
+                    // thread that builds a model is the only one that runs it
+                    // (serve's engine thread owns it), so cudarc's per-tensor
+                    // read/write events order nothing here; without them each
+                    // allocation saves two event creations and destructions.
+                    unsafe { d.disable_event_tracking() };
+                }
+                Ok(device)
             }
         }
     }

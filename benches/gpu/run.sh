@@ -163,7 +163,7 @@ serve_check() {
   "$BIN" serve --synth "$SERVE_SHAPE" --device "$DEVICE" --port "$PORT" --max-batch 16 \
     --energy "$SERVE_ENERGY" >"$OUT/serve.log" 2>&1 &
   local pid=$!
-  python3 "$ROOT/benches/gpu/serve_energy.py" --url "http://127.0.0.1:$PORT" --reference "$REFERENCE" \
+  python3 "$ROOT/benches/gpu/serve_energy.py" --url "http://127.0.0.1:$PORT" --reference "$REFERENCE" --server-pid "$pid" \
     --clients 16 --requests-per-client 3 --max-tokens 96 --ready-timeout 90 >"$OUT/serve.jsonl"
   local rc=$?
   kill "$pid" 2>/dev/null

@@ -15,6 +15,7 @@ own meter total instead (a plumbing check for machines without NVML).
 import argparse
 import ctypes
 import json
+import os
 import re
 import sys
 import threading
@@ -71,6 +72,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--ready-timeout", type=float, default=90)
     ap.add_argument("--reference", choices=["nvml", "metrics"], default="nvml")
+    ap.add_argument("--server-pid", type=int, help="give up at once if this process exits")
     a = ap.parse_args()
 
     deadline = time.time() + a.ready_timeout
@@ -80,8 +82,15 @@ def main():
                 break
         except Exception:
             pass
-        if time.time() > deadline:
-            print(json.dumps({"check": "serve_energy", "error": "server not ready"}))
+        gone = False
+        if a.server_pid:
+            try:
+                os.kill(a.server_pid, 0)
+            except OSError:
+                gone = True
+        if gone or time.time() > deadline:
+            why = "server exited before it was ready" if gone else "server not ready"
+            print(json.dumps({"check": "serve_energy", "error": why}))
             return 1
         time.sleep(0.5)
 

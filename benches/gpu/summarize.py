@@ -47,7 +47,8 @@ def main():
         print(f"== generation (prompt {r['prompt_tokens']}, {r['new_tokens']} new tokens, {r['dtype']}, {r['device']})")
     else:
         print("== generation\n  (no results)")
-    print(f"  {'shape':16} {'bs':>3} {'decode tok/s':>12} {'x HF':>6} {'floor %':>7} {'TTFT ms':>8} {'J/tok':>7} {'peak GiB':>8}")
+    if bench:
+        print(f"  {'shape':16} {'bs':>3} {'decode tok/s':>12} {'x HF':>6} {'floor %':>7} {'TTFT ms':>8} {'J/tok':>7} {'peak GiB':>8}")
     for r in bench:
         tps = r["decode_tokens_per_second"]["median"]
         hf = TRANSFORMERS.get((r["model"], r["batch"]))

@@ -52,7 +52,8 @@ pub struct Spread {
 }
 
 impl Spread {
-    fn of(mut v: Vec<f64>) -> Self {
+    /// The spread of `v` (at least one value).
+    pub(crate) fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         let n = v.len();
         let median = if n % 2 == 1 {

@@ -7,8 +7,11 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod bench_batch;
+pub mod bench_kernels;
 pub mod bench_serve;
 pub mod bench_soak;
+pub mod device;
 pub mod energy;
 pub mod eval;
 pub mod generate;

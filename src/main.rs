@@ -20,6 +20,8 @@ use greencode::sampling::SamplingParams;
 use greencode::threads;
 use greencode::tokenizer::TextStream;
 
+mod cli_gpu;
+
 /// greencode: prune code LLMs and serve them, showing what every answer cost.
 #[derive(Parser)]
 #[command(version, about, propagate_version = true)]
@@ -49,6 +51,8 @@ enum Command {
     /// Measure speed.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a Hugging Face folder of random weights with a real model's shape.
+    Synth(cli_gpu::SynthArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -194,6 +198,8 @@ struct RecoverArgs {
 struct ServeArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    gpu: cli_gpu::ServeDeviceArgs,
     #[command(flatten)]
     run_quant: RunQuantArg,
     /// Address to bind.
@@ -376,6 +382,8 @@ enum BenchCommand {
     Serve(BenchServeArgs),
     /// Many short requests, some abandoned part-way: errors and memory growth.
     Soak(SoakArgs),
+    /// Check greencode's GPU kernels against the candle path and time both.
+    Kernels(cli_gpu::BenchKernelsArgs),
 }
 
 #[derive(Args)]
@@ -455,10 +463,19 @@ enum RunQuant {
 }
 
 impl RunQuantArg {
-    /// Loads the model, quantizing each matrix as it is read when asked.
+    /// Whether Q8_0 was asked for.
+    fn q8(&self) -> bool {
+        self.quantize == Some(RunQuant::Q8_0)
+    }
+
+    /// Loads the model on the CPU, quantizing each matrix as it is read when asked.
     fn open(&self, model: &ModelArg) -> Result<Pipeline> {
-        let q8 = self.quantize == Some(RunQuant::Q8_0);
-        Ok(Pipeline::load_with(&model_dir(model)?, &Device::Cpu, DType::F32, q8)?)
+        Ok(Pipeline::load_with(
+            &model_dir(model)?,
+            &Device::Cpu,
+            DType::F32,
+            self.q8(),
+        )?)
     }
 }
 
@@ -472,6 +489,8 @@ enum Format {
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArg,
+    #[command(flatten)]
+    device: cli_gpu::DeviceArg,
     #[command(flatten)]
     run_quant: RunQuantArg,
     /// Prompt text.
@@ -557,6 +576,8 @@ struct BenchGenerateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    #[command(flatten)]
+    batch: cli_gpu::BenchBatchArgs,
 }
 
 fn main() -> ExitCode {
@@ -576,6 +597,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Generate(a)) => run_bench_generate(a, threads),
         Command::Bench(BenchCommand::Soak(a)) => run_bench_soak(a, threads),
         Command::Bench(BenchCommand::Serve(a)) => run_bench_serve(a, threads),
+        Command::Bench(BenchCommand::Kernels(a)) => cli_gpu::run_bench_kernels(a),
+        Command::Synth(a) => cli_gpu::run_synth(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -788,6 +811,8 @@ fn run_serve(a: ServeArgs) -> Result<()> {
         power_model,
         carbon,
         quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
+        device: a.gpu.device.device,
+        synth: a.gpu.synth()?,
     })
 }
 
@@ -810,7 +835,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
-    let p = a.run_quant.open(&a.model)?;
+    let p = cli_gpu::open_model_on(&a.model, a.device.device, a.run_quant.q8())?;
     let tok = &p.tokenizer;
     let mut stop_ids = tok.eos_ids().to_vec();
     let prompt_ids = match &a.suffix {
@@ -1034,6 +1059,16 @@ fn run_infill(a: InfillArgs) -> Result<()> {
 }
 
 fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
+    if a.batch.selected() {
+        let shape = cli_gpu::BenchShape {
+            prompt_tokens: a.prompt_tokens,
+            new_tokens: a.new_tokens,
+            passes: a.passes,
+            format: a.format,
+            quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
+        };
+        return cli_gpu::run_batch_bench(&a.model, &a.batch, shape);
+    }
     let p = a.run_quant.open(&a.model)?;
     let cfg = BenchConfig {
         prompt_tokens: a.prompt_tokens,

@@ -119,6 +119,15 @@ impl KvCache {
         }
     }
 
+    /// Keys and values of `layer` (`[1, kv_heads, capacity, head_dim]` each),
+    /// when the cache lives in device tensors.
+    pub fn device_layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        match &self.store {
+            Store::Device(layers) => layers.get(layer).map(|(k, v)| (k, v)),
+            Store::Host(_) => None,
+        }
+    }
+
     /// Whether the cache lives in host memory (the fused CPU decode path can use it).
     pub fn is_host(&self) -> bool {
         matches!(self.store, Store::Host(_))

@@ -3,6 +3,8 @@
 
 pub mod config;
 mod decode;
+pub mod decode_attention;
+mod decode_cuda;
 pub mod error;
 pub mod flop_probe;
 pub mod gguf_load;
@@ -15,6 +17,7 @@ pub mod matvec;
 pub mod params;
 pub mod quant;
 pub mod qwen2;
+pub mod synth;
 
 pub use config::Qwen2Config;
 pub use error::ModelError;

@@ -206,7 +206,12 @@ impl Attention {
             let k = rope.apply(&split(&k_all, nkv)?, offset, Kernels::Fused)?;
             let v = split(&v_all, nkv)?.contiguous()?;
             let (k, v) = seq.cache.append(layer, &k, &v)?;
-            let y = attend(&q, &k, &v, offset, nkv, Kernels::Fused)?;
+            // One decode token on a GPU: the fused kernel reads the cache in place.
+            let y = if t == 1 && super::decode_attention::applies(&q) {
+                super::decode_attention::decode_attention(&q, &k, &v)?
+            } else {
+                attend(&q, &k, &v, offset, nkv, Kernels::Fused)?
+            };
             outs.push(y.transpose(1, 2)?.reshape((1, t, nh * hd))?);
             row += t;
         }
@@ -233,7 +238,14 @@ pub const QUERY_BLOCK: usize = 128;
 /// reshape (`[b, kv, group·t, d]`), never by repeating keys. Long prompts run
 /// in blocks of [`QUERY_BLOCK`] query rows, each against only the keys it may
 /// see, so the masked upper triangle is never computed.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize, kernels: Kernels) -> Result<Tensor> {
+pub(crate) fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    offset: usize,
+    nkv: usize,
+    kernels: Kernels,
+) -> Result<Tensor> {
     let t = q.dim(2)?;
     if t <= QUERY_BLOCK {
         return attend_block(q, k, v, offset, nkv, kernels);
@@ -868,10 +880,15 @@ impl Qwen2 {
     /// tokens to its cache, running the projections and MLP once over all
     /// rows and attention per sequence. Returns each sequence's logits
     /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]). Sequences decoding
-    /// one token on an f32 CPU model take the fused path (`model::decode`);
-    /// the rest (prompt chunks) go through the tensor path.
+    /// one token on an f32 CPU model take the fused path (`model::decode`),
+    /// a batch of only such sequences on CUDA the fused GPU step
+    /// (`model::decode_cuda`); the rest (prompt chunks) go through the
+    /// tensor path.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         self.check_steps(seqs)?;
+        if super::decode_cuda::eligible(self, seqs) {
+            return super::decode_cuda::decode_step(self, seqs);
+        }
         let fused: Vec<bool> = seqs.iter().map(|s| super::decode::eligible(self, s)).collect();
         if fused.iter().all(|&f| !f) {
             return self.step_tensors(seqs);

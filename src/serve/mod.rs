@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use candle_core::{DType, Device};
 
 use crate::energy::meter::PowerModel;
 use crate::energy::{open_meter, Attributor, Carbon, MeterChoice};
@@ -54,6 +53,11 @@ pub struct ServeConfig {
     pub carbon: Carbon,
     /// Quantize the weights to Q8_0 at load.
     pub quantize_q8: bool,
+    /// Device the model computes on (f32 on the CPU, bf16 on a GPU).
+    pub device: crate::device::DeviceSpec,
+    /// Serve random weights of this shape and seed, built on the device
+    /// (`model_dir` then only supplies the tokenizer).
+    pub synth: Option<(crate::model::synth::SynthShape, u64)>,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
@@ -65,8 +69,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // A GGUF file carries config, weights and tokenizer together: it is read
     // up front; a folder's weights load on the engine thread.
     let mut preloaded = None;
-    let (config, tokenizer) = if is_gguf {
-        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &Device::Cpu, DType::F32, cfg.quantize_q8)?;
+    let device = cfg.device.open()?;
+    let dtype = cfg.device.dtype();
+    let (config, tokenizer) = if let Some((shape, seed)) = cfg.synth {
+        let config = shape.config(seed)?;
+        let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
+        (config, tokenizer)
+    } else if is_gguf {
+        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &device, dtype, cfg.quantize_q8)?;
         let config = g.model.config().clone();
         let tokenizer = CodeTokenizer::new(g.tokenizer, cfg.model_dir.clone(), &config.eos_token_ids);
         preloaded = Some(g.model);
@@ -76,10 +86,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
         (config, tokenizer)
     };
-    let name = cfg
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| crate::locate::model_name(&cfg.model_dir));
+    let name = cfg.served_model_name.clone().unwrap_or_else(|| match cfg.synth {
+        Some((shape, _)) => shape.name().to_owned(),
+        None => crate::locate::model_name(&cfg.model_dir),
+    });
     let info = Arc::new(validate::ModelInfo::new(
         name.clone(),
         Arc::new(tokenizer),
@@ -102,12 +112,23 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
     let dir = cfg.model_dir.clone();
     let quantize_q8 = cfg.quantize_q8;
+    let synth = cfg.synth;
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
     let (engine, _thread) = engine::spawn(
         move || {
             preloaded
                 .map(Ok)
-                .unwrap_or_else(|| load_model_with(&dir, &Device::Cpu, DType::F32, quantize_q8))
+                .unwrap_or_else(|| match synth {
+                    Some((shape, seed)) => {
+                        crate::model::synth::synth_model(shape, &device, dtype, seed).and_then(|mut m| {
+                            if quantize_q8 {
+                                m.quantize_q8()?;
+                            }
+                            Ok(m)
+                        })
+                    }
+                    None => load_model_with(&dir, &device, dtype, quantize_q8),
+                })
                 .map(engine::ServedModel::new)
                 .map_err(|e| {
                     let _ = load_tx.send(e.to_string());

@@ -166,10 +166,21 @@ stage() {
 }
 
 main() {
-  if [[ ${1:-} == --print-env ]]; then
-    print_env
-    return
-  fi
+  case ${1:-} in
+    --print-env)
+      print_env
+      return
+      ;;
+    "") ;;
+    -h | --help)
+      sed -n '2,27p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+      return
+      ;;
+    *)
+      echo "unknown argument: $1 (usage: deploy/build-cuda.sh [--print-env | --help])" >&2
+      exit 2
+      ;;
+  esac
   command -v cc >/dev/null || { echo "a C compiler (cc) is needed for the libcuda stub" >&2; exit 1; }
   command -v xz >/dev/null || { echo "xz is needed to compress the carried binary" >&2; exit 1; }
   install_wheels

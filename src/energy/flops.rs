@@ -28,15 +28,7 @@ impl FlopCounter {
         let cfg = model.config();
         let mut layer_macs = 0u64;
         for l in &model.layers {
-            for w in [
-                &l.self_attn.q_proj,
-                &l.self_attn.k_proj,
-                &l.self_attn.v_proj,
-                &l.self_attn.o_proj,
-                &l.mlp.gate_proj,
-                &l.mlp.up_proj,
-                &l.mlp.down_proj,
-            ] {
+            for w in l.projections() {
                 let (out, inp) = w.dims();
                 layer_macs += (out * inp) as u64;
             }

@@ -361,6 +361,20 @@ pub struct DecoderLayer {
 
 impl DecoderLayer {
     /// The seven projections, in checkpoint order.
+    pub fn projections(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// The seven projections, in checkpoint order, to change.
     fn projections_mut(&mut self) -> [&mut Linear; 7] {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
         [
@@ -753,16 +767,7 @@ impl Qwen2 {
             n += self.lm_head.weight_bytes();
         }
         for l in &self.layers {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            for lin in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
+            for lin in l.projections() {
                 n += lin.weight_bytes() + lin.bias().map_or(0, dense);
             }
             n += dense(l.input_layernorm.weight()) + dense(l.post_attention_layernorm.weight());
@@ -830,20 +835,10 @@ impl Qwen2 {
     /// Whether any LoRA adapter is attached.
     pub fn has_lora(&self) -> bool {
         self.lm_head.lora().is_some()
-            || self.layers.iter().any(|l| {
-                let (a, m) = (&l.self_attn, &l.mlp);
-                [
-                    &a.q_proj,
-                    &a.k_proj,
-                    &a.v_proj,
-                    &a.o_proj,
-                    &m.gate_proj,
-                    &m.up_proj,
-                    &m.down_proj,
-                ]
+            || self
+                .layers
                 .iter()
-                .any(|lin| lin.lora().is_some())
-            })
+                .any(|l| l.projections().iter().any(|lin| lin.lora().is_some()))
     }
 
     /// A copy with every adapter folded into its weight (`W + scale·B·A`).

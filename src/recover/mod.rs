@@ -8,32 +8,34 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod held_out;
 pub mod loss;
 pub mod optim;
 pub mod peft;
 pub mod rewrite;
+mod train;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::atomic::AtomicBool;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::eval::kl::{id_map, kl_on_files};
-use crate::eval::perplexity::{perplexity, EvalError};
+use crate::eval::kl::id_map;
+use crate::eval::perplexity::EvalError;
 use crate::model::lora::{LoraConfig, SharedAdapter};
 use crate::model::{Kernels, ModelError, Qwen2, WeightStore};
 use crate::out_dir::{self, OutDirError};
 use crate::pipeline::{Pipeline, PipelineError};
 use crate::tokenizer::CodeTokenizer;
 use checkpoint::{LogPoint, TrainState};
-use data::{Example, TrainSet};
+use data::TrainSet;
+use held_out::{HeldOut, HeldOutScores};
 use loss::LossKind;
 use optim::{AdamWConfig, Param};
 use rewrite::RewriteStats;
+use train::Trainer;
 
 /// How long to train.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -131,19 +133,6 @@ impl From<data::DataError> for RecoverError {
     }
 }
 
-/// Held-out quality of the student.
-#[derive(Debug, Clone, Serialize)]
-pub struct HeldOutScores {
-    /// Mean KL(teacher ‖ student) per token (nats).
-    pub kl: f64,
-    /// Fraction of positions where the two models' top token agrees.
-    pub top1_agreement: f64,
-    /// The student's bits per byte.
-    pub bits_per_byte: f64,
-    /// The student's perplexity.
-    pub perplexity: f64,
-}
-
 /// What a recovery run did; written as `recover_report.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RecoverReport {
@@ -217,28 +206,7 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
         ));
     }
     let to_teacher = id_map(&student.tokenizer, &teacher.tokenizer).map_err(|e| RecoverError::Vocab(e.to_string()))?;
-    let mut texts = crate::prune::calib::load(cfg.data.as_deref()).map_err(|e| RecoverError::Data(e.to_string()))?;
-    let held_out_names: Vec<String> = cfg.held_out.iter().map(|p| p.display().to_string()).collect();
-    let before_filter = texts.len();
-    texts.retain(|t| !held_out_names.contains(&t.name));
-    if texts.len() < before_filter {
-        eprintln!(
-            "recover: left {} held-out evaluation files out of the training data",
-            before_filter - texts.len()
-        );
-    }
-    if texts.is_empty() {
-        return Err(RecoverError::Data("the training data holds only held-out files".into()));
-    }
-    let mut set = TrainSet::from_texts(&student.tokenizer, &texts, cfg.seq_len, cfg.lora.seed)?;
-    eprintln!(
-        "recover: {} training windows of {} tokens ({} tokens); student {}, teacher {}",
-        set.windows.len(),
-        cfg.seq_len,
-        set.tokens(),
-        cfg.student.display(),
-        cfg.teacher.display()
-    );
+    let mut set = training_set(cfg, &student.tokenizer)?;
     let spec = spec(cfg);
 
     let held_out = HeldOut::new(cfg, &teacher, &student)?;
@@ -273,26 +241,7 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
     }
     let trainable: usize = params.iter().map(|(_, p)| p.var.elem_count()).sum();
 
-    let mut state = TrainState {
-        spec: spec.clone(),
-        step: 0,
-        total_steps: match cfg.budget {
-            Budget::Steps(n) => n,
-            Budget::Minutes(_) => 0,
-        },
-        train_seconds: 0.0,
-        history: Vec::new(),
-    };
-    let mut resumed_at_step = None;
-    if cfg.resume {
-        let (saved, tensors) = checkpoint::load(&ckpt_dir)?;
-        check_same_spec(&saved.spec, &spec, &ckpt_dir)?;
-        let mut refs: Vec<(String, &mut Param)> = params.iter_mut().map(|(n, p)| (n.clone(), p)).collect();
-        checkpoint::restore(&tensors, &mut refs, &ckpt_dir)?;
-        resumed_at_step = Some(saved.step);
-        eprintln!("recover: resuming at step {} of {}", saved.step, saved.total_steps);
-        state = saved;
-    }
+    let (mut state, resumed_at_step) = start_state(cfg, &spec, &mut params, &ckpt_dir)?;
 
     let trainer = Trainer {
         cfg,
@@ -340,6 +289,65 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
     write_output(cfg, &student, &adapters, &stored, &report)?;
     let _ = std::fs::remove_dir_all(&ckpt_dir);
     Ok(report)
+}
+
+/// The training windows: `--data` (default the stdlib calibration split)
+/// without any held-out evaluation file.
+fn training_set(cfg: &RecoverConfig, tok: &CodeTokenizer) -> Result<TrainSet, RecoverError> {
+    let mut texts = crate::prune::calib::load(cfg.data.as_deref()).map_err(|e| RecoverError::Data(e.to_string()))?;
+    let held_out_names: Vec<String> = cfg.held_out.iter().map(|p| p.display().to_string()).collect();
+    let before_filter = texts.len();
+    texts.retain(|t| !held_out_names.contains(&t.name));
+    if texts.len() < before_filter {
+        eprintln!(
+            "recover: left {} held-out evaluation files out of the training data",
+            before_filter - texts.len()
+        );
+    }
+    if texts.is_empty() {
+        return Err(RecoverError::Data("the training data holds only held-out files".into()));
+    }
+    let set = TrainSet::from_texts(tok, &texts, cfg.seq_len, cfg.lora.seed)?;
+    eprintln!(
+        "recover: {} training windows of {} tokens ({} tokens); student {}, teacher {}",
+        set.windows.len(),
+        cfg.seq_len,
+        set.tokens(),
+        cfg.student.display(),
+        cfg.teacher.display()
+    );
+    Ok(set)
+}
+
+/// A fresh training state, or with `--resume` the checkpoint's (its
+/// parameters and moments restored into `params`) and the step it was at.
+fn start_state(
+    cfg: &RecoverConfig,
+    spec: &Value,
+    params: &mut [(String, Param)],
+    ckpt_dir: &Path,
+) -> Result<(TrainState, Option<usize>), RecoverError> {
+    if !cfg.resume {
+        let total_steps = match cfg.budget {
+            Budget::Steps(n) => n,
+            Budget::Minutes(_) => 0,
+        };
+        let state = TrainState {
+            spec: spec.clone(),
+            step: 0,
+            total_steps,
+            train_seconds: 0.0,
+            history: Vec::new(),
+        };
+        return Ok((state, None));
+    }
+    let (saved, tensors) = checkpoint::load(ckpt_dir)?;
+    check_same_spec(&saved.spec, spec, ckpt_dir)?;
+    let mut refs: Vec<(String, &mut Param)> = params.iter_mut().map(|(n, p)| (n.clone(), p)).collect();
+    checkpoint::restore(&tensors, &mut refs, ckpt_dir)?;
+    eprintln!("recover: resuming at step {} of {}", saved.step, saved.total_steps);
+    let at = saved.step;
+    Ok((saved, Some(at)))
 }
 
 fn check_usage(cfg: &RecoverConfig) -> Result<(), RecoverError> {
@@ -422,242 +430,6 @@ fn check_same_spec(saved: &Value, now: &Value, dir: &Path) -> Result<(), Recover
         }
     }
     Ok(())
-}
-
-/// The training loop's fixed inputs.
-struct Trainer<'a> {
-    cfg: &'a RecoverConfig,
-    teacher: &'a Qwen2,
-    student: &'a Qwen2,
-    teacher_ids: Option<Tensor>,
-    to_teacher: Option<&'a [u32]>,
-    set: &'a TrainSet,
-}
-
-/// Steps timed before a `--minutes` budget is turned into a step count.
-const TIMING_STEPS: usize = 3;
-
-impl Trainer<'_> {
-    fn train(
-        &self,
-        state: &mut TrainState,
-        params: &mut [(String, Param)],
-        ckpt_dir: &Path,
-    ) -> Result<(), RecoverError> {
-        let cfg = self.cfg;
-        let planned = |state: &TrainState| match cfg.budget {
-            Budget::Minutes(_) if state.total_steps == 0 => TIMING_STEPS,
-            _ => state.total_steps,
-        };
-        let mut progress = crate::progress::Progress::new("recover", planned(state));
-        let session_start = Instant::now();
-        let session_base_seconds = state.train_seconds;
-        let session_first_step = state.step;
-        while state.step < planned(state) {
-            let step = state.step;
-            let batch = self.set.batch(step, cfg.batch);
-            let vars: Vec<Var> = params.iter().map(|(_, p)| p.var.clone()).collect();
-            let (loss_value, grads) = self.loss_and_grads(&batch, &vars)?;
-            if !loss_value.is_finite() {
-                return Err(RecoverError::Data(format!(
-                    "the loss became {loss_value} at step {}; lower --lr",
-                    step + 1
-                )));
-            }
-            // The schedule needs the total; with --minutes it is known after timing.
-            let total_for_schedule = if state.total_steps == 0 {
-                usize::MAX
-            } else {
-                state.total_steps
-            };
-            let mut refs: Vec<&mut Param> = params.iter_mut().map(|(_, p)| p).collect();
-            let info = optim::step(&cfg.optim, &mut refs, &grads, step, total_for_schedule)?;
-            state.step += 1;
-            state.train_seconds = session_base_seconds + session_start.elapsed().as_secs_f64();
-            state.history.push(LogPoint {
-                step: state.step,
-                loss: loss_value,
-                lr: info.lr,
-                grad_norm: info.grad_norm,
-            });
-            if let Budget::Minutes(m) = cfg.budget {
-                if state.total_steps == 0 && state.step == TIMING_STEPS {
-                    let per_step = state.train_seconds / state.step as f64;
-                    state.total_steps = ((m * 60.0 / per_step) as usize).max(TIMING_STEPS);
-                    eprintln!(
-                        "recover: {per_step:.2} s per step: {} steps fit in {m} minutes",
-                        state.total_steps
-                    );
-                    progress.set_total(state.total_steps);
-                }
-            }
-            let done_here = state.step - session_first_step;
-            let tok_s = (done_here * cfg.batch * cfg.seq_len) as f64 / session_start.elapsed().as_secs_f64().max(1e-9);
-            progress.set(
-                state.step,
-                &format!(
-                    "/{} loss {loss_value:.4} lr {:.1e} {tok_s:.0} tok/s",
-                    state.total_steps, info.lr
-                ),
-            );
-            let interrupted = cfg.stop.is_some_and(|s| s.load(Ordering::SeqCst));
-            let periodic = cfg.checkpoint_every > 0 && state.step.is_multiple_of(cfg.checkpoint_every);
-            if (interrupted || periodic) && state.step < planned(state) {
-                let refs: Vec<(String, &Param)> = params.iter().map(|(n, p)| (n.clone(), p)).collect();
-                checkpoint::save(ckpt_dir, state, &refs)?;
-            }
-            if interrupted && state.step < planned(state) {
-                return Err(RecoverError::Interrupted {
-                    step: state.step,
-                    total: state.total_steps,
-                    checkpoint: ckpt_dir.to_path_buf(),
-                });
-            }
-        }
-        progress.finish(&format!(
-            "{} steps, final loss {:.4}",
-            state.step,
-            state.history.last().map_or(f64::NAN, |p| p.loss)
-        ));
-        Ok(())
-    }
-
-    /// The batch's loss and its gradients. Two halves of the batch run
-    /// forward and backward side by side on the thread pool (each op of a
-    /// half on one thread: candle's element-wise ops do not parallelise
-    /// without spinning), and their gradients add up in a fixed order, so
-    /// the result does not depend on scheduling.
-    fn loss_and_grads(&self, batch: &[Example], vars: &[Var]) -> Result<(f64, GradStore), RecoverError> {
-        let norms = Norms::of(batch);
-        let part = |examples: &[Example]| -> Result<(f64, GradStore), RecoverError> {
-            let loss = self.loss(examples, &norms)?;
-            Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, loss.backward()?))
-        };
-        if batch.len() < 2 || rayon::current_num_threads() < 2 {
-            return part(batch);
-        }
-        let (left, right) = batch.split_at(batch.len() / 2);
-        let (a, b) = rayon::join(|| part(left), || part(right));
-        let ((loss_a, mut grads), (loss_b, grads_b)) = (a?, b?);
-        for v in vars {
-            let sum = match (grads.get(v.as_tensor()), grads_b.get(v.as_tensor())) {
-                (Some(x), Some(y)) => (x + y)?,
-                (None, Some(y)) => y.clone(),
-                _ => continue,
-            };
-            grads.insert(v.as_tensor(), sum);
-        }
-        Ok((loss_a + loss_b, grads))
-    }
-
-    /// The training loss of `batch`, a part of a batch whose totals are
-    /// `norms` (a differentiable scalar; the parts' losses add up to the
-    /// whole batch's mean loss).
-    fn loss(&self, batch: &[Example], norms: &Norms) -> Result<Tensor, RecoverError> {
-        let (b, t) = (batch.len(), self.cfg.seq_len);
-        let flat: Vec<u32> = batch.iter().flat_map(|e| e.tokens.iter().copied()).collect();
-        let device = self.student.device();
-        let ids = Tensor::from_vec(flat.clone(), (b, t), device)?;
-        let student_logits = self.student.logits(&ids, None)?;
-        let mut total: Option<Tensor> = None;
-        let mut add = |x: Tensor| -> Result<(), RecoverError> {
-            total = Some(match total.take() {
-                Some(t) => (t + x)?,
-                None => x,
-            });
-            Ok(())
-        };
-        if self.cfg.loss.needs_teacher() {
-            let teacher_flat: Vec<u32> = match self.to_teacher {
-                Some(map) => flat.iter().map(|&i| map[i as usize]).collect(),
-                None => flat,
-            };
-            let teacher_logits = self
-                .teacher
-                .logits(&Tensor::from_vec(teacher_flat, (b, t), self.teacher.device())?, None)?;
-            let teacher_logits = match &self.teacher_ids {
-                Some(ix) => teacher_logits.index_select(ix, 2)?,
-                None => teacher_logits,
-            };
-            let share = (b * t) as f64 / norms.positions as f64;
-            add((loss::kl(&teacher_logits, &student_logits)? * share)?)?;
-        }
-        if matches!(self.cfg.loss, LossKind::Ce | LossKind::KlCe) {
-            let mask: Vec<f32> = batch
-                .iter()
-                .flat_map(|e| (1..t).map(move |i| if i >= e.answer_from { 1.0 } else { 0.0 }))
-                .collect();
-            let share = mask.iter().sum::<f32>() as f64 / norms.answer_tokens.max(1) as f64;
-            let mask = Tensor::from_vec(mask, (b, t - 1), device)?.to_dtype(student_logits.dtype())?;
-            add((loss::next_token_ce(&student_logits, &ids, &mask)? * share)?)?;
-        }
-        Ok(total.expect("every loss kind adds a term"))
-    }
-}
-
-/// A whole batch's counts, for splitting its mean loss into parts.
-struct Norms {
-    /// Positions (KL terms).
-    positions: usize,
-    /// Next-token targets that count for cross-entropy.
-    answer_tokens: usize,
-}
-
-impl Norms {
-    fn of(batch: &[Example]) -> Self {
-        Self {
-            positions: batch.iter().map(|e| e.tokens.len()).sum(),
-            answer_tokens: batch
-                .iter()
-                .map(|e| e.tokens.len().saturating_sub(e.answer_from.max(1)))
-                .sum(),
-        }
-    }
-}
-
-/// The held-out files and the teacher's own score on them.
-struct HeldOut<'a> {
-    files: &'a [PathBuf],
-    window: usize,
-    teacher_bpb: Option<f64>,
-}
-
-impl<'a> HeldOut<'a> {
-    fn new(cfg: &'a RecoverConfig, teacher: &Pipeline, student: &Pipeline) -> Result<Self, RecoverError> {
-        let window = cfg
-            .eval_window
-            .min(teacher.model.context_len())
-            .min(student.model.context_len());
-        let teacher_bpb = if cfg.held_out.is_empty() {
-            None
-        } else {
-            Some(perplexity(&teacher.model, &teacher.tokenizer, &cfg.held_out, window, |_, _| {})?.bits_per_byte)
-        };
-        Ok(Self {
-            files: &cfg.held_out,
-            window,
-            teacher_bpb,
-        })
-    }
-
-    fn score(
-        &self,
-        teacher: &Qwen2,
-        student: &Qwen2,
-        tok: &CodeTokenizer,
-        to_teacher: Option<&[u32]>,
-    ) -> Result<Option<HeldOutScores>, RecoverError> {
-        if self.files.is_empty() {
-            return Ok(None);
-        }
-        let r = kl_on_files(teacher, student, tok, to_teacher, self.files, self.window)?;
-        Ok(Some(HeldOutScores {
-            kl: r.kl,
-            top1_agreement: r.top1_agreement,
-            bits_per_byte: r.model_bits_per_byte,
-            perplexity: r.model_mean_nll.exp(),
-        }))
-    }
 }
 
 /// The dtype the student's checkpoint is stored in.

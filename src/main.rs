@@ -727,7 +727,7 @@ fn run_recover(a: RecoverArgs) -> Result<()> {
     };
     let report = match run(&cfg) {
         Ok(r) => r,
-        Err(e @ RecoverError::Interrupted { .. }) => {
+        Err(e @ (RecoverError::Interrupted { .. } | RecoverError::Cancelled)) => {
             eprintln!("{e}");
             std::process::exit(130);
         }

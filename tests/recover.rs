@@ -324,3 +324,31 @@ fn bad_input_gets_clear_errors() {
     common::assert_clean_error(&o, &["vocabularies cannot be mapped"]);
     assert!(!swapped.exists());
 }
+
+#[test]
+fn ctrl_c_before_training_stops_before_the_first_step_and_writes_nothing() {
+    use std::io::{BufRead, BufReader};
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("early");
+    // The signal lands while the "before" evaluation runs.
+    let a = args(&out, &["--steps", "5", "--files", "6", "--window", "256"]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_greencode"))
+        .args(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    // The data is loaded (the handler is installed) and evaluation begins.
+    while err.read_line(&mut line).unwrap() > 0 && !line.contains("training windows") {
+        line.clear();
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{rest}");
+    assert!(rest.contains("interrupted before training started"), "{rest}");
+    assert!(!out.exists() && !tmp.path().join("early.checkpoint").exists());
+}

@@ -125,6 +125,9 @@ pub enum RecoverError {
         /// Where the checkpoint is.
         checkpoint: PathBuf,
     },
+    /// Interrupted before the first step of this session: nothing new to save.
+    #[error("interrupted before training started; nothing was written")]
+    Cancelled,
 }
 
 impl From<data::DataError> for RecoverError {
@@ -242,6 +245,10 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
     let trainable: usize = params.iter().map(|(_, p)| p.var.elem_count()).sum();
 
     let (mut state, resumed_at_step) = start_state(cfg, &spec, &mut params, &ckpt_dir)?;
+    // Ctrl-C during loading or the first evaluation stops here, not a step later.
+    if cfg.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+        return Err(RecoverError::Cancelled);
+    }
 
     let trainer = Trainer {
         cfg,

@@ -103,7 +103,7 @@ fn usage_reports_cost_and_energy_is_conserved_over_concurrent_requests() {
     assert!(usage["usage"]["energy_joules"].as_f64().unwrap() > 0.0);
     assert_eq!(usage["usage"]["energy_source"], "estimated");
     // One structured log line per request.
-    let log = s.log();
+    let log = s.log_with("\"event\":\"request\"", 13);
     let lines: Vec<Value> = log
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

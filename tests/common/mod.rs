@@ -200,6 +200,20 @@ impl Server {
         self.stderr_lines.lock().unwrap().clone()
     }
 
+    /// The log once at least `n` lines contain `needle` (a request's log
+    /// line can land just after its response), or after 10 s.
+    #[allow(dead_code)]
+    pub fn log_with(&self, needle: &str, n: usize) -> Vec<String> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.iter().filter(|l| l.contains(needle)).count() >= n || std::time::Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// The child process.
     pub fn child(&mut self) -> &mut std::process::Child {
         &mut self.child

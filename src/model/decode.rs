@@ -19,7 +19,7 @@ use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::linear::Linear;
 use super::matvec::{dot_kernel, matvec_multi, Projection, Weights, PARALLEL_MIN_WEIGHTS};
-use super::quant::{Q8Matrix, BLOCK};
+use super::quant::Q8Matrix;
 use super::qwen2::{Qwen2, SeqStep};
 
 /// Read access to an f32 tensor's host memory for the length of a step.
@@ -83,14 +83,7 @@ fn weights(l: &Linear) -> Result<WeightView<'_>> {
 fn embedding_row(embed: &WeightView<'_>, id: usize, hs: usize, row: &mut [f32]) {
     match embed {
         WeightView::F32(h) => row.copy_from_slice(&h.get()[id * hs..(id + 1) * hs]),
-        WeightView::Q8(q) => {
-            let (values, scales) = q.row(id);
-            for ((dst, block), &d) in row.chunks_exact_mut(BLOCK).zip(values.chunks_exact(BLOCK)).zip(scales) {
-                for (o, &v) in dst.iter_mut().zip(block) {
-                    *o = v as f32 * d;
-                }
-            }
-        }
+        WeightView::Q8(q) => q.dequantize_row(id, row),
     }
 }
 

@@ -100,12 +100,9 @@ impl Linear {
             Stored::Q8(q) => {
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let cols = q.cols();
-                let mut out = Vec::with_capacity(ids.len() * cols);
-                for &id in &ids {
-                    let (values, scales) = q.row(id as usize);
-                    for (block, &d) in values.chunks_exact(super::quant::BLOCK).zip(scales) {
-                        out.extend(block.iter().map(|&v| v as f32 * d));
-                    }
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(cols.max(1))) {
+                    q.dequantize_row(id as usize, dst);
                 }
                 Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
             }

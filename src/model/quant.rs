@@ -53,18 +53,20 @@ impl Q8Matrix {
     pub fn dequantize(&self) -> Vec<f32> {
         use rayon::prelude::*;
         let mut out = vec![0f32; self.rows * self.cols];
-        let nb = self.cols / BLOCK;
         out.par_chunks_mut(self.cols.max(1))
-            .zip(self.qs.par_chunks(self.cols.max(1)))
-            .zip(self.scales.par_chunks(nb.max(1)))
-            .for_each(|((dst, q), d)| {
-                for ((o, qb), &db) in dst.chunks_exact_mut(BLOCK).zip(q.chunks_exact(BLOCK)).zip(d) {
-                    for (x, &v) in o.iter_mut().zip(qb) {
-                        *x = v as f32 * db;
-                    }
-                }
-            });
+            .enumerate()
+            .for_each(|(r, dst)| self.dequantize_row(r, dst));
         out
+    }
+
+    /// Row `r` in f32 (`scale × q`) into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let (values, scales) = self.row(r);
+        for ((dst, block), &d) in out.chunks_exact_mut(BLOCK).zip(values.chunks_exact(BLOCK)).zip(scales) {
+            for (o, &v) in dst.iter_mut().zip(block) {
+                *o = v as f32 * d;
+            }
+        }
     }
 
     /// Bytes held (values and scales).

@@ -56,6 +56,8 @@ impl WeightStore {
     pub fn open(folder: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let paths = weight_files(folder)?;
         let mut files = HashMap::new();
+        let mut index = HashMap::new();
+        let mut mapped = Vec::with_capacity(paths.len());
         for file in &paths {
             // SAFETY: the files are mapped read-only for the duration of the
             // load; like every safetensors reader we assume nobody rewrites
@@ -67,21 +69,17 @@ impl WeightStore {
                 }
             })?;
             for (name, _) in one.tensors() {
+                index.insert(name.clone(), mapped.len());
                 files.insert(name, file.clone());
             }
+            mapped.push((file.clone(), one));
         }
-        // SAFETY: as above.
-        let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths) }.map_err(|e| {
-            ModelError::Safetensors {
-                path: folder.to_path_buf(),
-                reason: e.to_string(),
-            }
-        })?;
         let device = device.clone();
-        let names = files.clone();
         let load: TensorLoader = Box::new(move |name| {
-            mmap.load(name, &device).map_err(|e| ModelError::Safetensors {
-                path: names.get(name).cloned().unwrap_or_default(),
+            // `take` asks only for names it listed, so the index has them.
+            let (path, file) = &mapped[index[name]];
+            file.load(name, &device).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
                 reason: format!("{name}: {e}"),
             })
         });

@@ -105,6 +105,17 @@ pub fn bench_prompt(tok: &CodeTokenizer, n: usize) -> Result<Vec<u32>> {
     Ok(base.iter().copied().cycle().take(n).collect())
 }
 
+/// Fails unless `prompt` + `new` tokens fit `model`'s context.
+pub(crate) fn check_fits(model: &Qwen2, prompt: usize, new: usize) -> Result<()> {
+    if prompt + new > model.context_len() {
+        return Err(ModelError::Input(format!(
+            "prompt {prompt} + new tokens {new} exceed the context length {}",
+            model.context_len()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the benchmark, reading `meter` (when given) around each pass and
 /// calling `progress` after each pass.
 pub fn bench_generate(
@@ -120,14 +131,7 @@ pub fn bench_generate(
             "--prompt-tokens, --new-tokens and --passes must be at least 1".into(),
         ));
     }
-    if cfg.prompt_tokens + cfg.new_tokens > model.context_len() {
-        return Err(ModelError::Input(format!(
-            "prompt {} + new tokens {} exceed the context length {}",
-            cfg.prompt_tokens,
-            cfg.new_tokens,
-            model.context_len()
-        )));
-    }
+    check_fits(model, cfg.prompt_tokens, cfg.new_tokens)?;
     let mut req = GenerationRequest::new(
         bench_prompt(tok, cfg.prompt_tokens)?,
         cfg.new_tokens,

@@ -219,14 +219,7 @@ pub fn bench_batch(
             cfg.batch, cfg.prompt_tokens
         )));
     }
-    if cfg.prompt_tokens + cfg.new_tokens > model.context_len() {
-        return Err(ModelError::Input(format!(
-            "prompt {} + new tokens {} exceed the context length {}",
-            cfg.prompt_tokens,
-            cfg.new_tokens,
-            model.context_len()
-        )));
-    }
+    crate::bench::check_fits(model, cfg.prompt_tokens, cfg.new_tokens)?;
     // Warm-up: loads kernels, creates handles, sizes the allocator's pools.
     one_pass(model, prompts, 4, &mut None)?;
     let generated = (cfg.batch * cfg.new_tokens) as f64;

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::prune_tiny as prune;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
@@ -20,27 +22,6 @@ fn calib_dir() -> tempfile::TempDir {
         std::fs::copy(f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
     dir
-}
-
-fn prune(calib: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let model = common::tiny_coder();
-    let mut args = vec![
-        "prune",
-        "--model",
-        model.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--calib-samples",
-        "4",
-        "--calib-len",
-        "128",
-        "--eval-files",
-        "0",
-    ];
-    args.extend_from_slice(extra);
-    common::greencode(&args)
 }
 
 fn ok(out: &std::process::Output) {

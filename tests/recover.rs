@@ -32,25 +32,7 @@ fn fixture() -> &'static Fixture {
             std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
         }
         let student = dir.path().join("student");
-        let out = common::greencode(&[
-            "prune",
-            "--model",
-            common::tiny_coder().to_str().unwrap(),
-            "--out",
-            student.to_str().unwrap(),
-            "--calib",
-            data.to_str().unwrap(),
-            "--drop-layers",
-            "2",
-            "--ffn-keep",
-            "512",
-            "--calib-samples",
-            "4",
-            "--calib-len",
-            "128",
-            "--eval-files",
-            "0",
-        ]);
+        let out = common::prune_tiny(&data, &student, &["--drop-layers", "2", "--ffn-keep", "512"]);
         assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
         Fixture {
             _dir: dir,

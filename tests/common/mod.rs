@@ -83,6 +83,30 @@ pub fn model_copy() -> tempfile::TempDir {
     dir
 }
 
+/// `greencode prune` of tiny-coder into `out` on the `calib` folder with a
+/// small calibration set (4 windows of 128 tokens, no held-out evaluation),
+/// plus `extra` options.
+pub fn prune_tiny(calib: &Path, out: &Path, extra: &[&str]) -> Output {
+    let model = tiny_coder();
+    let mut args = vec![
+        "prune",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-len",
+        "128",
+        "--eval-files",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    greencode(&args)
+}
+
 /// Runs the greencode binary with `args`.
 pub fn greencode(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_greencode"))

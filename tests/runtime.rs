@@ -233,19 +233,51 @@ fn ragged_batch_steps_equal_sequences_run_alone() {
 }
 
 #[test]
-fn fused_decode_step_equals_the_tensor_path() {
-    // LogitsFor::All sends a one-token step through the tensor path; Last
-    // takes the fused CPU decode path. Same caches, same token: same logits.
+fn fused_step_equals_the_tensor_path_for_prompts_and_decoding() {
+    use greencode::model::qwen2::SeqStep;
     let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let split = ids.len() / 2;
-    let mut fused_cache = prefilled(&p, &ids[..split]);
-    let mut tensor_cache = prefilled(&p, &ids[..split]);
-    for &id in &ids[split..] {
-        let fused = next(&p, id, &mut fused_cache, LogitsFor::Last);
-        let plain = next(&p, id, &mut tensor_cache, LogitsFor::All);
+    let (mut fused_cache, mut tensor_cache) = (p.model.new_cache(256).unwrap(), p.model.new_cache(256).unwrap());
+    // The prompt's first half as one chunk with logits on every row, then
+    // the rest one token at a time.
+    let mut chunks = vec![&ids[..split]];
+    chunks.extend(ids[split..].chunks(1));
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let which = if i == 0 { LogitsFor::All } else { LogitsFor::Last };
+        let fused = p.model.forward_cached(chunk, &mut fused_cache, which).unwrap();
+        let mut step = [SeqStep {
+            cache: &mut tensor_cache,
+            tokens: chunk,
+            logits: which,
+        }];
+        let plain = p.model.step_unfused(&mut step).unwrap().pop().unwrap();
+        assert_eq!(fused.dims(), plain.dims());
         let d = common::max_abs_diff(&fused, &plain);
-        assert!(d < 1e-4, "max |Δlogit| {d}");
+        assert!(d < 1e-4, "chunk {i}: max |Δlogit| {d}");
+    }
+}
+
+#[test]
+fn prompt_chunking_does_not_change_a_single_bit() {
+    // Projections (matrix × vector or tiled), attention blocks and the
+    // decode path share one arithmetic per output: the logits of every
+    // position are bit-identical however the prompt is cut.
+    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let ids: Vec<u32> = prompt_ids(&p).into_iter().cycle().take(70).collect();
+    let run = |cut: usize| -> Vec<u32> {
+        let mut cache = p.model.new_cache(256).unwrap();
+        let mut bits = Vec::new();
+        for chunk in ids.chunks(cut) {
+            let logits = p.model.forward_cached(chunk, &mut cache, LogitsFor::All).unwrap();
+            let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
+            bits.extend(v.iter().map(|x| x.to_bits()));
+        }
+        bits
+    };
+    let whole = run(ids.len());
+    for cut in [1, 3, 16, 17, 33] {
+        assert!(run(cut) == whole, "chunks of {cut} differ from the whole prompt");
     }
 }
 

@@ -1,12 +1,10 @@
 //! Analytic FLOPs of a forward pass from the model's real (pruned) shapes:
 //! 2 × rows × in × out for every projection, `lm_head` only for the
-//! positions that get logits, and attention as greencode's kernel executes
-//! it: queries run in blocks of [`QUERY_BLOCK`] rows, each block against
-//! every key up to its last row, so the count is the full masked square of
-//! each diagonal block plus the causal rectangle before it (not the exact
-//! causal half). QKᵀ and PV each cost 2 × heads × head_dim per score.
+//! positions that get logits, and causal attention: each query against
+//! the keys it may see (itself and every earlier position). QKᵀ and PV
+//! each cost 2 × heads × head_dim per score. The model's forward passes
+//! count the same (`model::flop_probe`), whatever blocks they compute in.
 
-use crate::model::qwen2::QUERY_BLOCK;
 use crate::model::Qwen2;
 
 /// FLOPs per forward for one model.
@@ -43,17 +41,7 @@ impl FlopCounter {
 
     /// Scores computed when `t` new tokens attend at cache offset `offset`.
     pub fn attention_scores(t: usize, offset: usize) -> u64 {
-        if t <= QUERY_BLOCK {
-            return (t * (offset + t)) as u64;
-        }
-        let mut scores = 0u64;
-        let mut i0 = 0;
-        while i0 < t {
-            let bs = QUERY_BLOCK.min(t - i0);
-            scores += (bs * (offset + i0 + bs)) as u64;
-            i0 += bs;
-        }
-        scores
+        crate::model::flop_probe::causal_scores(t, offset)
     }
 
     /// FLOPs of appending `t` tokens at `offset` with logits for `logits_rows` positions.

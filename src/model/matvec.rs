@@ -1,12 +1,11 @@
 //! Matrix × vector (and × a few vectors) for decoding: `y = x·Wᵀ` with
 //! `W` `[out, in]` row-major, streaming each weight row once and reusing it
-//! for every input row (four input rows share each load of a weight row).
-//! Matrices above [`PARALLEL_MIN_WEIGHTS`] are split over the compute
-//! threads by output features. The dot products use AVX2+FMA when the CPU
-//! has them (detected at run time; decoding is bound by memory bandwidth, so
-//! wider vectors would not help), else a portable loop. A row's result has
-//! the same bits whether it is computed alone or in a group, so batching
-//! does not change a sequence's tokens.
+//! for every input row (the register tiles of `gemm`: three weight rows by
+//! up to four input rows share every load). Matrices above
+//! [`PARALLEL_MIN_WEIGHTS`] are split over the compute threads by output
+//! features. The arithmetic is `gemm`'s, so a row's result has the same
+//! bits whether it is computed alone, in a group, or in a prompt, and
+//! batching does not change a sequence's tokens.
 //!
 //! Measured on the 2-vCPU dev machine (`cargo bench --bench matvec`): one
 //! input row streams 100 MB of weights at 15–17 GB/s on one thread and
@@ -17,135 +16,6 @@ use rayon::prelude::*;
 
 /// Most input rows for which the matrix-vector path is used.
 pub const MAX_ROWS: usize = 16;
-
-/// Lanes summed independently: enough accumulators to hide FMA latency
-/// (8 AVX2 registers), and the compiler vectorizes without reassociating.
-const LANES: usize = 64;
-
-#[inline(always)]
-fn dot_body(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for j in 0..LANES {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    let mut width = LANES / 2;
-    while width > 0 {
-        for j in 0..width {
-            acc[j] += acc[j + width];
-        }
-        width /= 2;
-    }
-    acc[0] + tail
-}
-
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    dot_body(a, b)
-}
-
-/// One dot product with exactly the arithmetic of each row of [`dot4_avx2`]
-/// (two 8-lane accumulators over 16-float steps, lanes summed in order,
-/// then the tail), so a row gives the same bits alone or in a group of four.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(w: &[f32], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = w.len().min(x.len());
-    let full = n / 16 * 16;
-    // SAFETY: every load reads 8 floats at an offset + 8 ≤ `full` ≤ the
-    // length of both slices; AVX2 and FMA are enabled for this function.
-    unsafe {
-        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < full {
-            a0 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(w.as_ptr().add(i)),
-                _mm256_loadu_ps(x.as_ptr().add(i)),
-                a0,
-            );
-            a1 = _mm256_fmadd_ps(
-                _mm256_loadu_ps(w.as_ptr().add(i + 8)),
-                _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                a1,
-            );
-            i += 16;
-        }
-        let lanes: [f32; 8] = std::mem::transmute(_mm256_add_ps(a0, a1));
-        let tail: f32 = w[full..n].iter().zip(&x[full..n]).map(|(a, b)| a * b).sum();
-        lanes.iter().sum::<f32>() + tail
-    }
-}
-
-/// Four dot products of one weight row `w` with four input rows (each at
-/// least `w.len()` long), sharing each load of `w`: batched decoding is
-/// compute-bound without this.
-fn dot4_portable(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    x.map(|xr| dot_body(w, xr))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot4_avx2(w: &[f32], x: [&[f32]; 4]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let n = w.len();
-    assert!(x.iter().all(|xr| xr.len() >= n));
-    let full = n / 16 * 16;
-    // SAFETY: every load reads 8 floats at an offset + 8 ≤ `full` ≤ the
-    // length of `w` and of each `x` row (asserted above); AVX2 and FMA are
-    // enabled for this function.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 8];
-        let mut i = 0;
-        while i < full {
-            let w0 = _mm256_loadu_ps(w.as_ptr().add(i));
-            let w1 = _mm256_loadu_ps(w.as_ptr().add(i + 8));
-            for r in 0..4 {
-                let p = x[r].as_ptr().add(i);
-                acc[2 * r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(p), acc[2 * r]);
-                acc[2 * r + 1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(p.add(8)), acc[2 * r + 1]);
-            }
-            i += 16;
-        }
-        let mut out = [0f32; 4];
-        for r in 0..4 {
-            let v = _mm256_add_ps(acc[2 * r], acc[2 * r + 1]);
-            let lanes: [f32; 8] = std::mem::transmute(v);
-            let tail: f32 = w[full..].iter().zip(&x[r][full..n]).map(|(a, b)| a * b).sum();
-            out[r] = lanes.iter().sum::<f32>() + tail;
-        }
-        out
-    }
-}
-
-/// The best four-row dot product this CPU supports.
-fn dot4_kernel() -> fn(&[f32], [&[f32]; 4]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return |w, x| unsafe { dot4_avx2(w, x) };
-        }
-    }
-    dot4_portable
-}
-
-/// The best dot product this CPU supports (also used by the fused decode attention).
-pub fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-            return |a, b| unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_portable
-}
 
 /// `y[r, o] = Σᵢ x[r, i] · w[o, i]` for `rows` input rows; `y` is `[rows, out]`.
 pub fn matvec(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize, threads: usize) -> Vec<f32> {
@@ -197,7 +67,7 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
-    fn covers(&self, out: usize, inp: usize) -> bool {
+    pub(crate) fn covers(&self, out: usize, inp: usize) -> bool {
         match self {
             Self::F32(w) => w.len() >= out * inp,
             Self::Q8(m) => m.rows() >= out && m.cols() == inp,
@@ -214,8 +84,6 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
     for p in projections.iter() {
         assert!(p.w.covers(p.out, inp) && p.y.len() >= rows * p.out);
     }
-    let dot = dot_kernel();
-    let dot4 = dot4_kernel();
     let dot_q8 = super::quant::dot_q8_kernel();
     let total: usize = projections.iter().map(|p| p.out).sum();
     let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
@@ -250,22 +118,12 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
                     continue;
                 }
             };
-            for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
-                let wr = &w[o * inp..(o + 1) * inp];
-                let mut r = 0;
-                while r + 4 <= rows {
-                    let d = dot4(wr, [xr(r), xr(r + 1), xr(r + 2), xr(r + 3)]);
-                    for (k, v) in d.into_iter().enumerate() {
-                        // SAFETY: chunk `ci` alone writes its features' cells, and
-                        // (r + k) * out + o < rows * out ≤ y.len().
-                        unsafe { *y.at((r + k) * out + o) = v };
-                    }
-                    r += 4;
-                }
-                for r in r..rows {
-                    // SAFETY: as above.
-                    unsafe { *y.at(r * out + o) = dot(wr, xr(r)) };
-                }
+            // SAFETY: chunk `ci` alone writes its features' cells, and
+            // r * out + c < rows * out ≤ y.len().
+            let store = |r: usize, c: usize, v: f32| unsafe { *y.at(r * out + c) = v };
+            let cols = lo.saturating_sub(base)..hi.saturating_sub(base);
+            if !cols.is_empty() {
+                super::gemm::tiles(x, inp, rows, w, inp, cols, inp, store);
             }
             base += out;
         }

@@ -2,11 +2,12 @@
 //! Qwen2 forward passes and the KV cache.
 
 pub mod config;
-mod decode;
 pub mod decode_attention;
 mod decode_cuda;
 pub mod error;
 pub mod flop_probe;
+mod fused;
+pub mod gemm;
 pub mod gguf_load;
 pub mod gguf_names;
 pub mod kv_cache;

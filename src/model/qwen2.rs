@@ -246,7 +246,10 @@ pub(crate) fn attend(
     nkv: usize,
     kernels: Kernels,
 ) -> Result<Tensor> {
-    let t = q.dim(2)?;
+    let (b, nh, t, hd) = q.dims4()?;
+    // QKᵀ and PV over the causal scores, 2 FLOPs per multiply-add each (the
+    // masked part of a block is not counted: see `energy::flops`).
+    super::flop_probe::add(4 * (b * nh * hd) as u64 * super::flop_probe::causal_scores(t, offset));
     if t <= QUERY_BLOCK {
         return attend_block(q, k, v, offset, nkv, kernels);
     }
@@ -278,8 +281,6 @@ fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, offset: usize, nkv: usize, k
     let scale = 1.0 / (hd as f64).sqrt();
     let q = (q.contiguous()?.reshape((b, nkv, group * t, hd))? * scale)?;
     let scores = q.matmul(&k.t()?)?; // [b, nkv, group·t, l]
-                                     // QKᵀ and PV: 2 FLOPs per multiply-add each.
-    super::flop_probe::add(4 * (b * nkv * group * t * l * hd) as u64);
     let scores = if t > 1 {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| (0..l).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
@@ -874,22 +875,22 @@ impl Qwen2 {
     /// One serving step over a ragged batch: appends each sequence's new
     /// tokens to its cache, running the projections and MLP once over all
     /// rows and attention per sequence. Returns each sequence's logits
-    /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]). Sequences decoding
-    /// one token on an f32 CPU model take the fused path (`model::decode`),
-    /// a batch of only such sequences on CUDA the fused GPU step
-    /// (`model::decode_cuda`); the rest (prompt chunks) go through the
+    /// (`[n, vocab]`, `n` = 1 for [`LogitsFor::Last`]). On an f32 CPU model
+    /// without LoRA adapters every sequence takes the fused step
+    /// (`model::fused`), a batch of only decoding sequences on CUDA the
+    /// fused GPU step (`model::decode_cuda`); the rest go through the
     /// tensor path.
     pub fn step(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
         self.check_steps(seqs)?;
         if super::decode_cuda::eligible(self, seqs) {
             return super::decode_cuda::decode_step(self, seqs);
         }
-        let fused: Vec<bool> = seqs.iter().map(|s| super::decode::eligible(self, s)).collect();
+        let fused: Vec<bool> = seqs.iter().map(|s| super::fused::eligible(self, s)).collect();
         if fused.iter().all(|&f| !f) {
             return self.step_tensors(seqs);
         }
         if fused.iter().all(|&f| f) {
-            return super::decode::decode_step(self, seqs);
+            return super::fused::fused_step(self, seqs);
         }
         // Mixed: split, run both paths, put the logits back in order.
         let (mut decode, mut prompt): (Vec<_>, Vec<_>) = (Vec::new(), Vec::new());
@@ -905,7 +906,7 @@ impl Qwen2 {
                 prompt.push(part);
             }
         }
-        let mut decoded = super::decode::decode_step(self, &mut decode)?.into_iter();
+        let mut decoded = super::fused::fused_step(self, &mut decode)?.into_iter();
         let mut prompted = self.step_tensors(&mut prompt)?.into_iter();
         Ok(fused
             .iter()
@@ -930,6 +931,13 @@ impl Qwen2 {
             self.check_ids(s.tokens)?;
         }
         Ok(())
+    }
+
+    /// [`Qwen2::step`] always through candle tensors, never the fused CPU
+    /// step: the reference the fused kernels are tested against.
+    pub fn step_unfused(&self, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+        self.check_steps(seqs)?;
+        self.step_tensors(seqs)
     }
 
     /// [`Qwen2::step`] through candle tensors, for any device and dtype

@@ -1,0 +1,541 @@
+//! The fused CPU step: new tokens for a ragged batch of sequences (one
+//! token each when decoding, a prompt chunk when prefilling, or a mix),
+//! computed on host memory without a tensor library in the loop. The
+//! projections run once over every row of the step: matrix × vector
+//! (`matvec`, each weight streamed once) up to 16 rows, the tiled kernel
+//! (`gemm`) above; both give a row the same bits, so neither the batch nor
+//! the way a prompt is cut into chunks changes a sequence's tokens. The KV
+//! cache is written and read in place, query heads share their key/value
+//! head without copies, a prompt's queries attend in blocks whose scores
+//! come from the tiled kernel, and every intermediate lives in buffers
+//! reused from step to step.
+//!
+//! It runs for f32 models on the CPU; `Qwen2::step` sends everything else
+//! (other devices and dtypes, models with LoRA adapters) through the tensor
+//! path.
+
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+use super::error::{ModelError, Result};
+use super::flop_probe;
+use super::gemm::{gemm_multi, gemm_nt};
+use super::linear::Linear;
+use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
+use super::quant::Q8Matrix;
+use super::qwen2::{LogitsFor, Qwen2, SeqStep};
+
+/// Read access to an f32 tensor's host memory for the length of a step.
+struct HostSlice<'a> {
+    _guard: StorageRef<'a>,
+    ptr: *const f32,
+    len: usize,
+}
+
+impl HostSlice<'_> {
+    fn get(&self) -> &[f32] {
+        // SAFETY: `ptr..ptr+len` lies inside the CPU storage that `_guard`
+        // keeps locked for reading (and alive) as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+fn host(t: &Tensor) -> Result<HostSlice<'_>> {
+    let (guard, layout) = t.storage_and_layout();
+    let (ptr, len) = match (&*guard, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => (v[start..end].as_ptr(), end - start),
+        _ => {
+            return Err(ModelError::Input(
+                "fused decode needs contiguous f32 CPU tensors".into(),
+            ))
+        }
+    };
+    Ok(HostSlice {
+        _guard: guard,
+        ptr,
+        len,
+    })
+}
+
+/// A projection's weights as the kernels read them: Q8_0 blocks when the
+/// layer was quantized, else its f32 tensor.
+enum WeightView<'a> {
+    F32(HostSlice<'a>),
+    Q8(&'a Q8Matrix),
+}
+
+impl WeightView<'_> {
+    fn get(&self) -> Weights<'_> {
+        match self {
+            Self::F32(h) => Weights::F32(h.get()),
+            Self::Q8(q) => Weights::Q8(q),
+        }
+    }
+}
+
+/// The Q8_0 blocks when quantized, else the f32 tensor.
+fn weights(l: &Linear) -> Result<WeightView<'_>> {
+    Ok(match (l.q8(), l.dense()) {
+        (Some(q), _) => WeightView::Q8(q),
+        (None, Some(w)) => WeightView::F32(host(w)?),
+        (None, None) => unreachable!("a projection holds either Q8_0 blocks or a tensor"),
+    })
+}
+
+/// Row `id` of an embedding matrix into `row` (dequantized when Q8_0).
+fn embedding_row(embed: &WeightView<'_>, id: usize, hs: usize, row: &mut [f32]) {
+    match embed {
+        WeightView::F32(h) => row.copy_from_slice(&h.get()[id * hs..(id + 1) * hs]),
+        WeightView::Q8(q) => q.dequantize_row(id, row),
+    }
+}
+
+/// Host views of one decoder layer's weights.
+struct LayerView<'a> {
+    ln1: HostSlice<'a>,
+    ln2: HostSlice<'a>,
+    wq: WeightView<'a>,
+    wk: WeightView<'a>,
+    wv: WeightView<'a>,
+    wo: WeightView<'a>,
+    bq: Option<HostSlice<'a>>,
+    bk: Option<HostSlice<'a>>,
+    bv: Option<HostSlice<'a>>,
+    wg: WeightView<'a>,
+    wu: WeightView<'a>,
+    wd: WeightView<'a>,
+    ffn: usize,
+}
+
+/// Buffers reused across steps (one set per thread that decodes).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    picked: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// Attention scores of one (sequence, head, query block) work item.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn sized(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if buf.len() < n {
+        buf.resize(n, 0.0);
+    }
+    &mut buf[..n]
+}
+
+/// Whether `seq` can take the fused path of `model`.
+pub(crate) fn eligible(model: &Qwen2, seq: &SeqStep<'_>) -> bool {
+    !seq.tokens.is_empty()
+        && seq.cache.is_host()
+        && model.device().is_cpu()
+        && model.dtype() == candle_core::DType::F32
+        && !model.has_lora()
+}
+
+/// `y = x·Wᵀ` for `rows` rows and several weight matrices at once: matrix ×
+/// vector up to [`MAX_ROWS`] rows, the tiled kernel above (same bits per row).
+fn multiply(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
+    flop_probe::add(2 * (rows * inp * projections.iter().map(|p| p.out).sum::<usize>()) as u64);
+    if rows <= MAX_ROWS {
+        matvec_multi(x, rows, inp, projections, threads);
+    } else {
+        gemm_multi(x, rows, inp, projections, threads);
+    }
+}
+
+/// Adds `b` to every `b.len()`-wide row of `y`.
+fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in y.chunks_exact_mut(b.len()) {
+            for (o, bias) in row.iter_mut().zip(b) {
+                *o += bias;
+            }
+        }
+    }
+}
+
+/// RMSNorm of each `dim`-wide row of `x` into `y`, as candle computes it.
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize, y: &mut [f32]) {
+    for (src, dst) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
+        let sum2: f32 = src.iter().map(|v| v * v).sum();
+        let m = (sum2 / dim as f32 + eps).sqrt();
+        for ((d, s), a) in dst.iter_mut().zip(src).zip(w) {
+            *d = *s / m * *a;
+        }
+    }
+}
+
+/// Rotates each `hd`-wide head of `x` for position `pos` (halves rotated, as HF's `rotate_half`).
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize, pos: usize) {
+    let half = hd / 2;
+    let (cos, sin) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+    for head in x.chunks_exact_mut(hd) {
+        let (a, b) = head.split_at_mut(half);
+        for i in 0..half {
+            let (x1, x2) = (a[i], b[i]);
+            a[i] = x1 * cos[i] - x2 * sin[i];
+            b[i] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
+/// Softmax of `scores` (one query's scores over its visible keys, in
+/// order) applied to the value rows `v` (`[len, hd]`), written to `out`.
+fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut [f32]) {
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let mut sum = 0f32;
+    for score in scores.iter_mut() {
+        *score = (*score - max).exp();
+        sum += *score;
+    }
+    out.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let p = p / sum;
+        for (o, vv) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
+            *o += p * vv;
+        }
+    }
+}
+
+/// Query rows of a prompt attended together: their scores against every
+/// key up to the block's last row come from one tiled product (a decoding
+/// sequence's block is its one row).
+const QUERY_BLOCK: usize = 16;
+
+/// One unit of attention work: a query head of a block of a sequence's rows.
+#[derive(Clone, Copy)]
+struct AttentionItem {
+    seq: usize,
+    head: usize,
+    /// First row of the block, as an index into the step's rows.
+    row: usize,
+    /// Rows in the block.
+    rows: usize,
+}
+
+/// One step for sequences that each add one or more tokens (the caller
+/// checked [`eligible`]); returns each sequence's logits (`[n, vocab]`, `n`
+/// = 1 for [`LogitsFor::Last`]).
+///
+/// The whole step runs on a compute-pool thread: its parallel loops then
+/// fork and join inside the pool (a few µs) instead of each being injected
+/// from outside and waited for on a lock (tens of µs, 80+ times a step).
+pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+    if rayon::current_thread_index().is_some() {
+        step_in_pool(model, seqs)
+    } else {
+        rayon::scope(|_| step_in_pool(model, seqs))
+    }
+}
+
+fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
+    let c = model.config();
+    let (hs, nh, nkv, hd, vocab) = (
+        c.hidden_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim,
+        c.vocab_size,
+    );
+    let group = nh / nkv;
+    let (qw, kvw) = (nh * hd, nkv * hd);
+    let threads = rayon::current_num_threads();
+    let scale = 1.0 / (hd as f32).sqrt();
+    let embed = weights(model.embed_tokens())?;
+    let (cos, sin) = model.rope_tables();
+    let (cos, sin) = (host(cos)?, host(sin)?);
+    let layers = model
+        .layers
+        .iter()
+        .map(|l| {
+            let a = &l.self_attn;
+            Ok(LayerView {
+                ln1: host(l.input_layernorm.weight())?,
+                ln2: host(l.post_attention_layernorm.weight())?,
+                wq: weights(&a.q_proj)?,
+                wk: weights(&a.k_proj)?,
+                wv: weights(&a.v_proj)?,
+                wo: weights(&a.o_proj)?,
+                bq: a.q_proj.bias().map(host).transpose()?,
+                bk: a.k_proj.bias().map(host).transpose()?,
+                bv: a.v_proj.bias().map(host).transpose()?,
+                wg: weights(&l.mlp.gate_proj)?,
+                wu: weights(&l.mlp.up_proj)?,
+                wd: weights(&l.mlp.down_proj)?,
+                ffn: l.mlp.width(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let eps = c.rms_norm_eps as f32;
+    let max_ffn = layers.iter().map(|l| l.ffn).max().unwrap_or(0);
+    // Row r of the step belongs to sequence row_seq[r] at position row_pos[r].
+    let (mut row_seq, mut row_pos, mut first_row) = (Vec::new(), Vec::new(), Vec::with_capacity(seqs.len()));
+    for (si, seq) in seqs.iter().enumerate() {
+        first_row.push(row_seq.len());
+        for j in 0..seq.tokens.len() {
+            row_seq.push(si);
+            row_pos.push(seq.cache.len() + j);
+        }
+    }
+    let rows = row_seq.len();
+    let capacities: Vec<usize> = seqs.iter().map(|s| s.cache.capacity()).collect();
+    let mut items = Vec::new();
+    for (si, seq) in seqs.iter().enumerate() {
+        let t = seq.tokens.len();
+        for r0 in (0..t).step_by(QUERY_BLOCK) {
+            for head in 0..nh {
+                items.push(AttentionItem {
+                    seq: si,
+                    head,
+                    row: first_row[si] + r0,
+                    rows: QUERY_BLOCK.min(t - r0),
+                });
+            }
+        }
+    }
+    // Scores of the whole step, for the parallel split and the FLOP probe.
+    let scores: usize = row_pos.iter().map(|p| p + 1).sum::<usize>() * nh;
+
+    // The buffers are taken out of the thread-local for the step: while this
+    // thread waits in a parallel loop, the pool may run another step on it.
+    let mut scratch = SCRATCH.with(RefCell::take);
+    let result = (|| -> Result<Vec<Tensor>> {
+        let s = &mut scratch;
+        let x = sized(&mut s.x, rows * hs);
+        for (row, (&si, &pos)) in x.chunks_exact_mut(hs).zip(row_seq.iter().zip(&row_pos)) {
+            let seq = &seqs[si];
+            let id = seq.tokens[pos - seq.cache.len()] as usize;
+            embedding_row(&embed, id, hs, row);
+        }
+        let xn = sized(&mut s.xn, rows * hs);
+        let q = sized(&mut s.q, rows * qw);
+        let k = sized(&mut s.k, rows * kvw);
+        let v = sized(&mut s.v, rows * kvw);
+        let att = sized(&mut s.att, rows * qw);
+        let proj = sized(&mut s.proj, rows * hs);
+        let gate = sized(&mut s.gate, rows * max_ffn);
+        let up = sized(&mut s.up, rows * max_ffn);
+        for (li, l) in layers.iter().enumerate() {
+            rms_norm(x, l.ln1.get(), eps, hs, xn);
+            multiply(
+                xn,
+                rows,
+                hs,
+                &mut [
+                    Projection {
+                        w: l.wq.get(),
+                        out: qw,
+                        y: q,
+                    },
+                    Projection {
+                        w: l.wk.get(),
+                        out: kvw,
+                        y: k,
+                    },
+                    Projection {
+                        w: l.wv.get(),
+                        out: kvw,
+                        y: v,
+                    },
+                ],
+                threads,
+            );
+            add_bias(q, l.bq.as_ref().map(HostSlice::get));
+            add_bias(k, l.bk.as_ref().map(HostSlice::get));
+            add_bias(v, l.bv.as_ref().map(HostSlice::get));
+            for r in 0..rows {
+                let (si, pos) = (row_seq[r], row_pos[r]);
+                let cap = capacities[si];
+                let qs = &mut q[r * qw..(r + 1) * qw];
+                let ks = &mut k[r * kvw..(r + 1) * kvw];
+                rope(qs, cos.get(), sin.get(), hd, pos);
+                rope(ks, cos.get(), sin.get(), hd, pos);
+                for qv in qs.iter_mut() {
+                    *qv *= scale;
+                }
+                let (kc, vc) = seqs[si]
+                    .cache
+                    .host_layer_mut(li)
+                    .ok_or_else(|| ModelError::Input("the fused step needs a host KV cache".into()))?;
+                for h in 0..nkv {
+                    let at = (h * cap + pos) * hd;
+                    kc[at..at + hd].copy_from_slice(&ks[h * hd..(h + 1) * hd]);
+                    vc[at..at + hd].copy_from_slice(&v[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
+                }
+            }
+            flop_probe::add(4 * (scores * hd) as u64);
+            let caches: Vec<(&[f32], &[f32])> = seqs
+                .iter_mut()
+                .map(|seq| {
+                    let (kc, vc) = seq.cache.host_layer_mut(li).expect("checked above");
+                    (&*kc, &*vc)
+                })
+                .collect();
+            let out = SharedOut(att.as_mut_ptr());
+            let q = &*q;
+            let attend = |item: &AttentionItem| {
+                let (kc, vc) = caches[item.seq];
+                let base = item.head / group * capacities[item.seq] * hd;
+                let (kc, vc) = (&kc[base..], &vc[base..]);
+                // SAFETY: each item alone writes head `item.head` of its rows.
+                let out_row = |r: usize| unsafe { out.slice(r * qw + item.head * hd, hd) };
+                let last = row_pos[item.row + item.rows - 1] + 1;
+                SCORES.with(|sc| {
+                    let mut sc = sc.borrow_mut();
+                    let block = sized(&mut sc, item.rows * last);
+                    gemm_nt(
+                        &q[item.row * qw + item.head * hd..],
+                        qw,
+                        item.rows,
+                        kc,
+                        hd,
+                        last,
+                        hd,
+                        block,
+                        last,
+                    );
+                    for i in 0..item.rows {
+                        let r = item.row + i;
+                        let visible = row_pos[r] + 1;
+                        softmax_values(&mut block[i * last..i * last + visible], vc, hd, out_row(r));
+                    }
+                });
+            };
+            if threads > 1 && scores * hd >= PARALLEL_MIN_WEIGHTS / 16 {
+                items.par_iter().for_each(attend);
+            } else {
+                items.iter().for_each(attend);
+            }
+            multiply(
+                att,
+                rows,
+                qw,
+                &mut [Projection {
+                    w: l.wo.get(),
+                    out: hs,
+                    y: proj,
+                }],
+                threads,
+            );
+            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
+                *xi += pi;
+            }
+            rms_norm(x, l.ln2.get(), eps, hs, xn);
+            let (g, u) = (&mut gate[..rows * l.ffn], &mut up[..rows * l.ffn]);
+            multiply(
+                xn,
+                rows,
+                hs,
+                &mut [
+                    Projection {
+                        w: l.wg.get(),
+                        out: l.ffn,
+                        y: g,
+                    },
+                    Projection {
+                        w: l.wu.get(),
+                        out: l.ffn,
+                        y: u,
+                    },
+                ],
+                threads,
+            );
+            for (gi, ui) in g.iter_mut().zip(u.iter()) {
+                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            }
+            multiply(
+                g,
+                rows,
+                l.ffn,
+                &mut [Projection {
+                    w: l.wd.get(),
+                    out: hs,
+                    y: proj,
+                }],
+                threads,
+            );
+            for (xi, pi) in x.iter_mut().zip(proj.iter()) {
+                *xi += pi;
+            }
+        }
+        // Logits only for the rows that want them.
+        let mut counts = Vec::with_capacity(seqs.len());
+        let mut wanted = Vec::new();
+        for (si, seq) in seqs.iter().enumerate() {
+            let (r0, t) = (first_row[si], seq.tokens.len());
+            let rs = match seq.logits {
+                LogitsFor::Last => r0 + t - 1..r0 + t,
+                LogitsFor::All => r0..r0 + t,
+            };
+            counts.push(rs.len());
+            wanted.extend(rs);
+        }
+        let picked = sized(&mut s.picked, wanted.len() * hs);
+        for (dst, &r) in picked.chunks_exact_mut(hs).zip(&wanted) {
+            dst.copy_from_slice(&x[r * hs..(r + 1) * hs]);
+        }
+        let normed = sized(&mut s.xn, wanted.len() * hs);
+        rms_norm(picked, host(model.final_norm().weight())?.get(), eps, hs, normed);
+        let mut logits = vec![0f32; wanted.len() * vocab];
+        let head = weights(model.lm_head())?;
+        multiply(
+            normed,
+            wanted.len(),
+            hs,
+            &mut [Projection {
+                w: head.get(),
+                out: vocab,
+                y: &mut logits,
+            }],
+            threads,
+        );
+        for seq in seqs.iter_mut() {
+            seq.cache.advance(seq.tokens.len());
+        }
+        let device = model.device();
+        let mut out = Vec::with_capacity(counts.len());
+        let mut at = 0;
+        for n in counts {
+            out.push(Tensor::from_slice(
+                &logits[at * vocab..(at + n) * vocab],
+                (n, vocab),
+                device,
+            )?);
+            at += n;
+        }
+        Ok(out)
+    })();
+    SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
+    result
+}
+
+/// The attention output buffer, shared by the work items that each write
+/// their own head of their own rows.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the items write disjoint cells (see `step_in_pool`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// `len` cells from `at`; the caller guarantees exclusivity and bounds.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}

@@ -1,0 +1,416 @@
+//! The f32 product kernel of the CPU runtime: `y = x·Wᵀ` with `x`
+//! `[rows, k]` and `W` `[cols, k]`, both read along `k`, so weights stay in
+//! their checkpoint layout and nothing is packed. Register tiles of 4 input
+//! rows × 3 weight rows share every load (12 independent FMA chains, 7
+//! loads per 12 FMAs); row blocks of about 128 KB stay in L2 while a task's
+//! columns pass over them.
+//!
+//! Every output, whatever the tile, is the same arithmetic: one 8-lane
+//! accumulator over 8-float steps (AVX2 FMA when the CPU has it, detected
+//! at run time), the lanes summed as a tree, then the tail. Decoding
+//! (`matvec`), prompts ([`gemm_multi`]) and attention scores all use it, so
+//! a token's activations have the same bits whether it is decoded alone, in
+//! a batch, or inside a prompt chunk of any length.
+
+use rayon::prelude::*;
+
+use super::matvec::{Projection, Weights};
+
+/// Input rows per register tile.
+const TILE_ROWS: usize = 4;
+/// Weight rows per register tile.
+const TILE_COLS: usize = 3;
+/// Output features per parallel task (a multiple of [`TILE_COLS`]): small
+/// enough that a thread slowed by another process leaves its share to the
+/// others, large enough that each task reuses its row block many times.
+const TASK_COLS: usize = 48;
+
+/// `y[r·ldy + c] = Σᵢ x[r·ldx + i] · w[c·ldw + i]` for `r < rows`,
+/// `c < cols`, `i < k`, on the calling thread.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nt(
+    x: &[f32],
+    ldx: usize,
+    rows: usize,
+    w: &[f32],
+    ldw: usize,
+    cols: usize,
+    k: usize,
+    y: &mut [f32],
+    ldy: usize,
+) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    assert!(x.len() >= (rows - 1) * ldx + k && w.len() >= (cols - 1) * ldw + k);
+    assert!(y.len() >= (rows - 1) * ldy + cols);
+    let y = SharedOut(y.as_mut_ptr());
+    // SAFETY: (r, c) < (rows, cols), so r·ldy + c < y.len() (asserted above).
+    tiles(x, ldx, rows, w, ldw, 0..cols, k, |r, c, v| unsafe {
+        *y.at(r * ldy + c) = v
+    });
+}
+
+/// Several products of the same `x` (`[rows, inp]`), e.g. the query, key
+/// and value projections, in one parallel pass over `threads`: the output
+/// features of all matrices together are cut into tasks of [`TASK_COLS`].
+/// Q8_0 weights are dequantized a task's rows at a time.
+pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
+    assert!(x.len() >= rows * inp);
+    for p in projections.iter() {
+        assert!(p.w.covers(p.out, inp) && p.y.len() >= rows * p.out);
+    }
+    let total: usize = projections.iter().map(|p| p.out).sum();
+    let targets: Vec<(Weights<'_>, usize, SharedOut)> = projections
+        .iter_mut()
+        .map(|p| (p.w, p.out, SharedOut(p.y.as_mut_ptr())))
+        .collect();
+    let task = |ti: usize| {
+        let (g0, g1) = (ti * TASK_COLS, ((ti + 1) * TASK_COLS).min(total));
+        let mut base = 0;
+        for &(w, out, y) in &targets {
+            let (lo, hi) = (g0.max(base) - base, g1.min(base + out).saturating_sub(base));
+            if lo < hi {
+                // SAFETY: task `ti` alone writes columns lo..hi of this
+                // projection, and r·out + c < rows·out ≤ y.len().
+                let store = |r: usize, c: usize, v: f32| unsafe { *y.at(r * out + c) = v };
+                match w {
+                    Weights::F32(w) => tiles(x, inp, rows, w, inp, lo..hi, inp, store),
+                    Weights::Q8(m) => DEQUANTIZED.with(|buf| {
+                        let mut buf = buf.borrow_mut();
+                        buf.resize((hi - lo) * inp, 0.0);
+                        for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
+                            m.dequantize_row(lo + i, row);
+                        }
+                        tiles(x, inp, rows, &buf, inp, 0..hi - lo, inp, |r, c, v| store(r, lo + c, v));
+                    }),
+                }
+            }
+            base += out;
+        }
+    };
+    let tasks = total.div_ceil(TASK_COLS);
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(task);
+    } else {
+        (0..tasks).for_each(task);
+    }
+}
+
+thread_local! {
+    /// A task's Q8_0 weight rows in f32, reused from task to task.
+    static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Columns `cols` of `x·Wᵀ` for every row, handed to `store(row, col, value)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tiles(
+    x: &[f32],
+    ldx: usize,
+    rows: usize,
+    w: &[f32],
+    ldw: usize,
+    cols: std::ops::Range<usize>,
+    k: usize,
+    mut store: impl FnMut(usize, usize, f32),
+) {
+    if rows == 0 || cols.is_empty() {
+        return;
+    }
+    assert!(x.len() >= (rows - 1) * ldx + k && w.len() >= (cols.end - 1) * ldw + k);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above) and
+            // every row read lies inside `x` and `w` (asserted above).
+            unsafe { avx2::tiles(x.as_ptr(), ldx, rows, w.as_ptr(), ldw, cols, k, &mut store) };
+            return;
+        }
+    }
+    for r in 0..rows {
+        for c in cols.clone() {
+            store(r, c, dot_portable(&w[c * ldw..c * ldw + k], &x[r * ldx..r * ldx + k]));
+        }
+    }
+}
+
+/// Input rows per L2 block: about 128 KB of them.
+fn block_rows(k: usize) -> usize {
+    ((32 * 1024 / k.max(1)) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS)
+}
+
+/// The dot product of the portable path: eight lanes of separate multiply
+/// and add over 8-float steps, summed as the AVX2 tree, then the tail.
+pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let full = n / 8 * 8;
+    let mut acc = [0f32; 8];
+    for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let four: [f32; 4] = std::array::from_fn(|j| acc[j] + acc[j + 4]);
+    let two = [four[0] + four[2], four[1] + four[3]];
+    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
+    (two[0] + two[1]) + tail
+}
+
+/// The best single dot product this CPU supports (the same bits as a tile's output).
+pub fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return |a, b| unsafe { avx2::dot(a, b) };
+        }
+    }
+    dot_portable
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{block_rows, TILE_COLS, TILE_ROWS};
+
+    /// The end of every dot product: the eight lanes summed as a tree in
+    /// registers (halves, then pairs, then the last two), plus the tail
+    /// past the last 8-float step (`n` floats from `w` and `x`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn finish(lanes: __m256, w: *const f32, x: *const f32, n: usize) -> f32 {
+        let four = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        let one = _mm_add_ss(two, _mm_movehdup_ps(two));
+        let mut tail = 0f32;
+        for i in 0..n {
+            tail += *w.add(i) * *x.add(i);
+        }
+        _mm_cvtss_f32(one) + tail
+    }
+
+    /// `R` × `C` dot products of length `k`: input rows at `x + r·ldx`,
+    /// weight rows at `w + c·ldw`. Indexed loops over the register arrays
+    /// keep everything in registers once unrolled.
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fixed<const R: usize, const C: usize>(
+        x: *const f32,
+        ldx: usize,
+        w: *const f32,
+        ldw: usize,
+        k: usize,
+    ) -> [[f32; C]; R] {
+        let full = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut wv = [_mm256_setzero_ps(); C];
+        let mut i = 0;
+        while i < full {
+            for c in 0..C {
+                wv[c] = _mm256_loadu_ps(w.add(c * ldw + i));
+            }
+            for r in 0..R {
+                let xv = _mm256_loadu_ps(x.add(r * ldx + i));
+                for c in 0..C {
+                    acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0f32; C]; R];
+        for r in 0..R {
+            for c in 0..C {
+                out[r][c] = finish(acc[r][c], w.add(c * ldw + full), x.add(r * ldx + full), k - full);
+            }
+        }
+        out
+    }
+
+    /// Hands a tile's outputs to `store`.
+    #[inline]
+    fn emit<const R: usize, const C: usize>(
+        out: [[f32; C]; R],
+        r: usize,
+        c: usize,
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
+        for (i, row) in out.iter().enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                store(r + i, c + j, v);
+            }
+        }
+    }
+
+    /// [`super::tiles`] on AVX2; the caller checked the bounds.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn tiles(
+        x: *const f32,
+        ldx: usize,
+        rows: usize,
+        w: *const f32,
+        ldw: usize,
+        cols: std::ops::Range<usize>,
+        k: usize,
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
+        // Up to four rows (decoding): one strip of tiles as wide as the
+        // registers allow, each weight row read once.
+        macro_rules! strip {
+            ($r:literal, $c:literal) => {{
+                let mut c = cols.start;
+                while c + $c <= cols.end {
+                    emit(fixed::<$r, $c>(x, ldx, w.add(c * ldw), ldw, k), 0, c, store);
+                    c += $c;
+                }
+                while c < cols.end {
+                    emit(fixed::<$r, 1>(x, ldx, w.add(c * ldw), ldw, k), 0, c, store);
+                    c += 1;
+                }
+            }};
+        }
+        match rows {
+            1 => return strip!(1, 8),
+            2 => return strip!(2, 6),
+            3 => return strip!(3, 4),
+            _ => {}
+        }
+        let block = block_rows(k);
+        for r0 in (0..rows).step_by(block) {
+            let r1 = (r0 + block).min(rows);
+            for c in cols.clone().step_by(TILE_COLS) {
+                let cn = TILE_COLS.min(cols.end - c);
+                let wt = w.add(c * ldw);
+                for r in (r0..r1).step_by(TILE_ROWS) {
+                    let rn = TILE_ROWS.min(r1 - r);
+                    let xt = x.add(r * ldx);
+                    macro_rules! run {
+                        ($r:literal, $c:literal) => {
+                            emit(fixed::<$r, $c>(xt, ldx, wt, ldw, k), r, c, store)
+                        };
+                    }
+                    match (rn, cn) {
+                        (4, 3) => run!(4, 3),
+                        (4, 2) => run!(4, 2),
+                        (4, 1) => run!(4, 1),
+                        (3, 3) => run!(3, 3),
+                        (3, 2) => run!(3, 2),
+                        (3, 1) => run!(3, 1),
+                        (2, 3) => run!(2, 3),
+                        (2, 2) => run!(2, 2),
+                        (2, 1) => run!(2, 1),
+                        (1, 3) => run!(1, 3),
+                        (1, 2) => run!(1, 2),
+                        _ => run!(1, 1),
+                    }
+                }
+            }
+        }
+    }
+
+    /// One dot product (the 1 × 1 tile).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        // SAFETY: both rows hold at least `n` floats.
+        unsafe { fixed::<1, 1>(b.as_ptr(), 0, a.as_ptr(), 0, n)[0][0] }
+    }
+}
+
+/// The output buffer, shared by the tasks that each write disjoint cells.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the tasks write disjoint cells (see `gemm_multi`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// The cell at `i`; the caller guarantees exclusivity and bounds.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::matvec::matvec;
+
+    fn random(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_output_has_the_bits_of_the_single_dot_product() {
+        let dot = dot_kernel();
+        for &(rows, cols, k) in &[
+            (1, 1, 1),
+            (1, 20, 40),
+            (2, 13, 100),
+            (3, 11, 77),
+            (5, 7, 15),
+            (4, 3, 16),
+            (17, 10, 33),
+            (9, 50, 384),
+            (33, 5, 1030),
+        ] {
+            let (ldx, ldw, ldy) = (k + 3, k + 1, cols + 2);
+            let x = random(rows * ldx, 1);
+            let w = random(cols * ldw, 2);
+            let mut y = vec![f32::NAN; rows * ldy];
+            gemm_nt(&x, ldx, rows, &w, ldw, cols, k, &mut y, ldy);
+            for r in 0..rows {
+                for c in 0..cols {
+                    let want = dot(&w[c * ldw..c * ldw + k], &x[r * ldx..r * ldx + k]);
+                    assert_eq!(
+                        y[r * ldy + c].to_bits(),
+                        want.to_bits(),
+                        "{rows}x{cols}x{k} at ({r},{c})"
+                    );
+                }
+                assert!(y[r * ldy + cols].is_nan(), "wrote past the columns");
+            }
+        }
+    }
+
+    #[test]
+    fn multi_equals_matvec_bit_for_bit_for_f32_and_q8_weights() {
+        let (rows, inp) = (37, 384);
+        let x = random(rows * inp, 3);
+        let wq = random(130 * inp, 4);
+        let wk = random(65 * inp, 5);
+        let q8 = crate::model::quant::Q8Matrix::quantize(&wk, 65, inp).unwrap();
+        let wk8 = q8.dequantize();
+        for threads in [1, 2, 3] {
+            let (mut yq, mut yk) = (vec![0f32; rows * 130], vec![0f32; rows * 65]);
+            let mut ps = [
+                Projection {
+                    w: Weights::F32(&wq),
+                    out: 130,
+                    y: &mut yq,
+                },
+                Projection {
+                    w: Weights::Q8(&q8),
+                    out: 65,
+                    y: &mut yk,
+                },
+            ];
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| gemm_multi(&x, rows, inp, &mut ps, threads));
+            assert_eq!(yq, matvec(&x, &wq, rows, inp, 130, 1), "f32, {threads} threads");
+            assert_eq!(yk, matvec(&x, &wk8, rows, inp, 65, 1), "q8_0, {threads} threads");
+        }
+    }
+}

@@ -22,6 +22,7 @@ use rayon::prelude::*;
 use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::gemm::{gemm_multi, gemm_nt};
+use super::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values};
 use super::linear::Linear;
 use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
 use super::quant::Q8Matrix;
@@ -154,60 +155,6 @@ fn multiply(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_
         matvec_multi(x, rows, inp, projections, threads);
     } else {
         gemm_multi(x, rows, inp, projections, threads);
-    }
-}
-
-/// Adds `b` to every `b.len()`-wide row of `y`.
-fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
-    if let Some(b) = b {
-        for row in y.chunks_exact_mut(b.len()) {
-            for (o, bias) in row.iter_mut().zip(b) {
-                *o += bias;
-            }
-        }
-    }
-}
-
-/// RMSNorm of each `dim`-wide row of `x` into `y`, as candle computes it.
-fn rms_norm(x: &[f32], w: &[f32], eps: f32, dim: usize, y: &mut [f32]) {
-    for (src, dst) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
-        let sum2: f32 = src.iter().map(|v| v * v).sum();
-        let m = (sum2 / dim as f32 + eps).sqrt();
-        for ((d, s), a) in dst.iter_mut().zip(src).zip(w) {
-            *d = *s / m * *a;
-        }
-    }
-}
-
-/// Rotates each `hd`-wide head of `x` for position `pos` (halves rotated, as HF's `rotate_half`).
-fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], hd: usize, pos: usize) {
-    let half = hd / 2;
-    let (cos, sin) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
-    for head in x.chunks_exact_mut(hd) {
-        let (a, b) = head.split_at_mut(half);
-        for i in 0..half {
-            let (x1, x2) = (a[i], b[i]);
-            a[i] = x1 * cos[i] - x2 * sin[i];
-            b[i] = x2 * cos[i] + x1 * sin[i];
-        }
-    }
-}
-
-/// Softmax of `scores` (one query's scores over its visible keys, in
-/// order) applied to the value rows `v` (`[len, hd]`), written to `out`.
-fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut [f32]) {
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
-    for score in scores.iter_mut() {
-        *score = (*score - max).exp();
-        sum += *score;
-    }
-    out.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        let p = p / sum;
-        for (o, vv) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
-            *o += p * vv;
-        }
     }
 }
 
@@ -454,8 +401,13 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
                 ],
                 threads,
             );
-            for (gi, ui) in g.iter_mut().zip(u.iter()) {
-                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            if rows > MAX_ROWS && threads > 1 {
+                let chunk = MAX_ROWS * l.ffn;
+                g.par_chunks_mut(chunk)
+                    .zip(u.par_chunks(chunk))
+                    .for_each(|(g, u)| silu_mul(g, u));
+            } else {
+                silu_mul(g, u);
             }
             multiply(
                 g,

@@ -10,6 +10,7 @@ mod fused;
 pub mod gemm;
 pub mod gguf_load;
 pub mod gguf_names;
+mod host_ops;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;

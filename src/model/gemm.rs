@@ -174,6 +174,9 @@ mod avx2 {
 
     use super::{block_rows, TILE_COLS, TILE_ROWS};
 
+    /// Input rows up to which tiles prefetch their weights (batched decoding).
+    const MAX_FEW_ROWS: usize = 16;
+
     /// The end of every dot product: the eight lanes summed as a tree in
     /// registers (halves, then pairs, then the last two), plus the tail
     /// past the last 8-float step (`n` floats from `w` and `x`).
@@ -203,11 +206,34 @@ mod avx2 {
         ldw: usize,
         k: usize,
     ) -> [[f32; C]; R] {
+        fixed_ahead::<R, C, false>(x, ldx, w, ldw, k, 0)
+    }
+
+    /// [`fixed`], and when `AHEAD` also a software prefetch of the weights
+    /// `ahead` floats past each weight row, one cache line per 16 floats:
+    /// with few input rows a tile is computed once per weight load, and
+    /// without it the FMAs wait on memory in turns with the loads.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn fixed_ahead<const R: usize, const C: usize, const AHEAD: bool>(
+        x: *const f32,
+        ldx: usize,
+        w: *const f32,
+        ldw: usize,
+        k: usize,
+        ahead: usize,
+    ) -> [[f32; C]; R] {
         let full = k / 8 * 8;
         let mut acc = [[_mm256_setzero_ps(); C]; R];
         let mut wv = [_mm256_setzero_ps(); C];
         let mut i = 0;
         while i < full {
+            if AHEAD && i % 16 == 0 {
+                for c in 0..C {
+                    _mm_prefetch::<_MM_HINT_T0>(w.add(c * ldw + i + ahead) as *const i8);
+                }
+            }
             for c in 0..C {
                 wv[c] = _mm256_loadu_ps(w.add(c * ldw + i));
             }
@@ -290,6 +316,14 @@ mod avx2 {
                         ($r:literal, $c:literal) => {
                             emit(fixed::<$r, $c>(xt, ldx, wt, ldw, k), r, c, store)
                         };
+                    }
+                    // The first row tile of a few rows fetches the weight
+                    // tile two tiles on (the prefetch stays inside `w`: the
+                    // weights of rows past `cols` are still `w`'s, or it is skipped).
+                    let ahead = 2 * TILE_COLS * ldw;
+                    if rows <= MAX_FEW_ROWS && r == r0 && cn == TILE_COLS && c + 3 * TILE_COLS <= cols.end {
+                        emit(fixed_ahead::<4, 3, true>(xt, ldx, wt, ldw, k, ahead), r, c, store);
+                        continue;
                     }
                     match (rn, cn) {
                         (4, 3) => run!(4, 3),

@@ -1,12 +1,16 @@
 //! Memory bandwidth of the decode kernel: `matvec` over weights the size of
 //! a whole model (so they stream from DRAM, not cache), in tiny-coder's row
-//! lengths, at 1 and 2 threads and 1–8 rows. `cargo bench --bench matvec`.
+//! lengths, at 1 and 2 threads and 1–8 rows. `cargo bench --bench matvec`;
+//! with `MODEL_SHAPED=1`, one decode step's 49 products instead.
 
 use std::time::Instant;
 
 use greencode::model::matvec::matvec_into;
 
 fn main() {
+    if std::env::var_os("MODEL_SHAPED").is_some() {
+        return model_shaped();
+    }
     let total = 25_000_000usize; // ≈ tiny-coder's 25 M parameters, 100 MB in f32
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     for inp in [384usize, 1024] {
@@ -31,5 +35,127 @@ fn main() {
                 );
             }
         }
+    }
+}
+
+/// One decode step's products as the fused step calls them: tiny-coder's 12
+/// layers of q+k+v, o, gate+up and down (each its own allocation) and the
+/// 16,384-row head, one input row, through `matvec_multi` on a 2-thread pool
+/// entered once (as the step is). Compare its GB/s with the one-matrix
+/// figures above: the difference is what 49 calls a token cost.
+/// `MODEL_SHAPED=1 cargo bench --bench matvec`.
+fn model_shaped() {
+    use greencode::model::matvec::{matvec_multi, Projection, Weights};
+    let (hs, ffn, vocab) = (384usize, 1024usize, 16384usize);
+    let mat =
+        |out: usize, inp: usize| -> Vec<f32> { (0..out * inp).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect() };
+    let layers: Vec<[Vec<f32>; 6]> = (0..12)
+        .map(|_| {
+            [
+                mat(384, hs),
+                mat(128, hs),
+                mat(128, hs),
+                mat(hs, 384),
+                mat(ffn, hs),
+                mat(ffn, hs),
+            ]
+        })
+        .collect();
+    let downs: Vec<Vec<f32>> = (0..12).map(|_| mat(hs, ffn)).collect();
+    let head = mat(vocab, hs);
+    let bytes = 4 * (12 * (384 * hs + 2 * 128 * hs + hs * 384 + 3 * ffn * hs) + vocab * hs);
+    let x = vec![0.5f32; ffn];
+    let (mut a, mut b, mut c) = (vec![0f32; 384], vec![0f32; 128], vec![0f32; 128]);
+    let (mut g, mut u, mut o) = (vec![0f32; ffn], vec![0f32; ffn], vec![0f32; vocab]);
+    for threads in [1usize, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut best = f64::INFINITY;
+        pool.install(|| {
+            for _ in 0..20 {
+                let t = Instant::now();
+                for (l, down) in layers.iter().zip(&downs) {
+                    matvec_multi(
+                        &x,
+                        1,
+                        hs,
+                        &mut [
+                            Projection {
+                                w: Weights::F32(&l[0]),
+                                out: 384,
+                                y: &mut a,
+                            },
+                            Projection {
+                                w: Weights::F32(&l[1]),
+                                out: 128,
+                                y: &mut b,
+                            },
+                            Projection {
+                                w: Weights::F32(&l[2]),
+                                out: 128,
+                                y: &mut c,
+                            },
+                        ],
+                        threads,
+                    );
+                    matvec_multi(
+                        &x,
+                        1,
+                        384,
+                        &mut [Projection {
+                            w: Weights::F32(&l[3]),
+                            out: hs,
+                            y: &mut a,
+                        }],
+                        threads,
+                    );
+                    matvec_multi(
+                        &x,
+                        1,
+                        hs,
+                        &mut [
+                            Projection {
+                                w: Weights::F32(&l[4]),
+                                out: ffn,
+                                y: &mut g,
+                            },
+                            Projection {
+                                w: Weights::F32(&l[5]),
+                                out: ffn,
+                                y: &mut u,
+                            },
+                        ],
+                        threads,
+                    );
+                    matvec_multi(
+                        &x,
+                        1,
+                        ffn,
+                        &mut [Projection {
+                            w: Weights::F32(down),
+                            out: hs,
+                            y: &mut a,
+                        }],
+                        threads,
+                    );
+                }
+                matvec_multi(
+                    &x,
+                    1,
+                    hs,
+                    &mut [Projection {
+                        w: Weights::F32(&head),
+                        out: vocab,
+                        y: &mut o,
+                    }],
+                    threads,
+                );
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        });
+        println!(
+            "decode-step shapes (49 calls) threads {threads}: {:.1} GB/s of weights ({:.2} ms a token)",
+            bytes as f64 / best / 1e9,
+            best * 1e3
+        );
     }
 }

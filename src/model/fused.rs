@@ -110,7 +110,28 @@ struct LayerView<'a> {
     ffn: usize,
 }
 
-/// Buffers reused across steps (one set per thread that decodes).
+impl<'a> LayerView<'a> {
+    fn of(l: &'a super::qwen2::DecoderLayer) -> Result<Self> {
+        let a = &l.self_attn;
+        Ok(Self {
+            ln1: host(l.input_layernorm.weight())?,
+            ln2: host(l.post_attention_layernorm.weight())?,
+            wq: weights(&a.q_proj)?,
+            wk: weights(&a.k_proj)?,
+            wv: weights(&a.v_proj)?,
+            wo: weights(&a.o_proj)?,
+            bq: a.q_proj.bias().map(host).transpose()?,
+            bk: a.k_proj.bias().map(host).transpose()?,
+            bv: a.v_proj.bias().map(host).transpose()?,
+            wg: weights(&l.mlp.gate_proj)?,
+            wu: weights(&l.mlp.up_proj)?,
+            wd: weights(&l.mlp.down_proj)?,
+            ffn: l.mlp.width(),
+        })
+    }
+}
+
+/// Buffers reused across steps (one set per thread that runs steps).
 #[derive(Default)]
 struct Scratch {
     x: Vec<f32>,
@@ -174,6 +195,104 @@ struct AttentionItem {
     rows: usize,
 }
 
+/// Attention of every work item of layer `li`: scores of a block's query
+/// rows against the keys up to its last row (tiled kernel), then each
+/// row's softmax over the keys it may see, times the values, into `att`
+/// (`[rows, qw]`). `q` holds the step's queries, `[rows, qw]`, already
+/// rotated and scaled; the caches already hold this step's keys and values.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    seqs: &mut [SeqStep<'_>],
+    li: usize,
+    items: &[AttentionItem],
+    row_pos: &[usize],
+    q: &[f32],
+    att: &mut [f32],
+    (qw, group, hd): (usize, usize, usize),
+    parallel: bool,
+) {
+    let caches: Vec<(&[f32], &[f32], usize)> = seqs
+        .iter_mut()
+        .map(|seq| {
+            let cap = seq.cache.capacity();
+            let (kc, vc) = seq.cache.host_layer_mut(li).expect("the step checked for host caches");
+            (&*kc, &*vc, cap)
+        })
+        .collect();
+    let out = SharedOut(att.as_mut_ptr());
+    let one = |item: &AttentionItem| {
+        let (kc, vc, cap) = caches[item.seq];
+        let base = item.head / group * cap * hd;
+        let (kc, vc) = (&kc[base..], &vc[base..]);
+        // SAFETY: each item alone writes head `item.head` of its rows.
+        let out_row = |r: usize| unsafe { out.slice(r * qw + item.head * hd, hd) };
+        let last = row_pos[item.row + item.rows - 1] + 1;
+        SCORES.with(|sc| {
+            let mut sc = sc.borrow_mut();
+            let block = sized(&mut sc, item.rows * last);
+            let queries = &q[item.row * qw + item.head * hd..];
+            gemm_nt(queries, qw, item.rows, kc, hd, last, hd, block, last);
+            for i in 0..item.rows {
+                let r = item.row + i;
+                let visible = row_pos[r] + 1;
+                softmax_values(&mut block[i * last..i * last + visible], vc, hd, out_row(r));
+            }
+        });
+    };
+    if parallel {
+        items.par_iter().for_each(one);
+    } else {
+        items.iter().for_each(one);
+    }
+}
+
+/// Where the rows of a step come from and how its attention is cut up.
+struct StepRows {
+    /// Row r belongs to sequence `seq[r]`, at position `pos[r]`.
+    seq: Vec<usize>,
+    pos: Vec<usize>,
+    /// Each sequence's first row.
+    first: Vec<usize>,
+    /// Attention work: every (sequence, query block, head).
+    items: Vec<AttentionItem>,
+    /// Causal attention scores of the whole step (all heads), for the
+    /// parallel split and the FLOP probe.
+    scores: usize,
+}
+
+impl StepRows {
+    fn of(seqs: &[SeqStep<'_>], nh: usize) -> Self {
+        let (mut seq, mut pos, mut first) = (Vec::new(), Vec::new(), Vec::with_capacity(seqs.len()));
+        let mut items = Vec::new();
+        for (si, s) in seqs.iter().enumerate() {
+            let t = s.tokens.len();
+            first.push(seq.len());
+            for j in 0..t {
+                seq.push(si);
+                pos.push(s.cache.len() + j);
+            }
+            for r0 in (0..t).step_by(QUERY_BLOCK) {
+                for head in 0..nh {
+                    items.push(AttentionItem {
+                        seq: si,
+                        head,
+                        row: first[si] + r0,
+                        rows: QUERY_BLOCK.min(t - r0),
+                    });
+                }
+            }
+        }
+        let scores = pos.iter().map(|p| p + 1).sum::<usize>() * nh;
+        Self {
+            seq,
+            pos,
+            first,
+            items,
+            scores,
+        }
+    }
+}
+
 /// One step for sequences that each add one or more tokens (the caller
 /// checked [`eligible`]); returns each sequence's logits (`[n, vocab]`, `n`
 /// = 1 for [`LogitsFor::Last`]).
@@ -205,57 +324,18 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
     let embed = weights(model.embed_tokens())?;
     let (cos, sin) = model.rope_tables();
     let (cos, sin) = (host(cos)?, host(sin)?);
-    let layers = model
-        .layers
-        .iter()
-        .map(|l| {
-            let a = &l.self_attn;
-            Ok(LayerView {
-                ln1: host(l.input_layernorm.weight())?,
-                ln2: host(l.post_attention_layernorm.weight())?,
-                wq: weights(&a.q_proj)?,
-                wk: weights(&a.k_proj)?,
-                wv: weights(&a.v_proj)?,
-                wo: weights(&a.o_proj)?,
-                bq: a.q_proj.bias().map(host).transpose()?,
-                bk: a.k_proj.bias().map(host).transpose()?,
-                bv: a.v_proj.bias().map(host).transpose()?,
-                wg: weights(&l.mlp.gate_proj)?,
-                wu: weights(&l.mlp.up_proj)?,
-                wd: weights(&l.mlp.down_proj)?,
-                ffn: l.mlp.width(),
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let layers = model.layers.iter().map(LayerView::of).collect::<Result<Vec<_>>>()?;
     let eps = c.rms_norm_eps as f32;
     let max_ffn = layers.iter().map(|l| l.ffn).max().unwrap_or(0);
-    // Row r of the step belongs to sequence row_seq[r] at position row_pos[r].
-    let (mut row_seq, mut row_pos, mut first_row) = (Vec::new(), Vec::new(), Vec::with_capacity(seqs.len()));
-    for (si, seq) in seqs.iter().enumerate() {
-        first_row.push(row_seq.len());
-        for j in 0..seq.tokens.len() {
-            row_seq.push(si);
-            row_pos.push(seq.cache.len() + j);
-        }
-    }
+    let StepRows {
+        seq: row_seq,
+        pos: row_pos,
+        first: first_row,
+        items,
+        scores,
+    } = StepRows::of(seqs, nh);
     let rows = row_seq.len();
     let capacities: Vec<usize> = seqs.iter().map(|s| s.cache.capacity()).collect();
-    let mut items = Vec::new();
-    for (si, seq) in seqs.iter().enumerate() {
-        let t = seq.tokens.len();
-        for r0 in (0..t).step_by(QUERY_BLOCK) {
-            for head in 0..nh {
-                items.push(AttentionItem {
-                    seq: si,
-                    head,
-                    row: first_row[si] + r0,
-                    rows: QUERY_BLOCK.min(t - r0),
-                });
-            }
-        }
-    }
-    // Scores of the whole step, for the parallel split and the FLOP probe.
-    let scores: usize = row_pos.iter().map(|p| p + 1).sum::<usize>() * nh;
 
     // The buffers are taken out of the thread-local for the step: while this
     // thread waits in a parallel loop, the pool may run another step on it.
@@ -325,48 +405,8 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
                 }
             }
             flop_probe::add(4 * (scores * hd) as u64);
-            let caches: Vec<(&[f32], &[f32])> = seqs
-                .iter_mut()
-                .map(|seq| {
-                    let (kc, vc) = seq.cache.host_layer_mut(li).expect("checked above");
-                    (&*kc, &*vc)
-                })
-                .collect();
-            let out = SharedOut(att.as_mut_ptr());
-            let q = &*q;
-            let attend = |item: &AttentionItem| {
-                let (kc, vc) = caches[item.seq];
-                let base = item.head / group * capacities[item.seq] * hd;
-                let (kc, vc) = (&kc[base..], &vc[base..]);
-                // SAFETY: each item alone writes head `item.head` of its rows.
-                let out_row = |r: usize| unsafe { out.slice(r * qw + item.head * hd, hd) };
-                let last = row_pos[item.row + item.rows - 1] + 1;
-                SCORES.with(|sc| {
-                    let mut sc = sc.borrow_mut();
-                    let block = sized(&mut sc, item.rows * last);
-                    gemm_nt(
-                        &q[item.row * qw + item.head * hd..],
-                        qw,
-                        item.rows,
-                        kc,
-                        hd,
-                        last,
-                        hd,
-                        block,
-                        last,
-                    );
-                    for i in 0..item.rows {
-                        let r = item.row + i;
-                        let visible = row_pos[r] + 1;
-                        softmax_values(&mut block[i * last..i * last + visible], vc, hd, out_row(r));
-                    }
-                });
-            };
-            if threads > 1 && scores * hd >= PARALLEL_MIN_WEIGHTS / 16 {
-                items.par_iter().for_each(attend);
-            } else {
-                items.iter().for_each(attend);
-            }
+            let parallel = threads > 1 && scores * hd >= PARALLEL_MIN_WEIGHTS / 16;
+            attend(seqs, li, &items, &row_pos, q, att, (qw, group, hd), parallel);
             multiply(
                 att,
                 rows,

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 
 use super::error::{ModelError, Result};
 use super::flop_probe;
-use super::gemm::{gemm_multi, gemm_nt};
+use super::gemm::{gemm_multi, gemm_nt, SharedOut};
 use super::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values};
 use super::linear::Linear;
 use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
@@ -513,21 +513,4 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
     })();
     SCRATCH.with(|cell| *cell.borrow_mut() = scratch);
     result
-}
-
-/// The attention output buffer, shared by the work items that each write
-/// their own head of their own rows.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: the items write disjoint cells (see `step_in_pool`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// `len` cells from `at`; the caller guarantees exclusivity and bounds.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(at), len)
-    }
 }

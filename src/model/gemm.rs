@@ -353,18 +353,26 @@ mod avx2 {
     }
 }
 
-/// The output buffer, shared by the tasks that each write disjoint cells.
+/// An output buffer shared by parallel tasks that each write their own
+/// cells (here, in `matvec` and in the fused step).
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 
-// SAFETY: the tasks write disjoint cells (see `gemm_multi`).
+// SAFETY: every user writes disjoint cells from its tasks and keeps the
+// buffer alive and unborrowed for the length of the parallel loop.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     /// The cell at `i`; the caller guarantees exclusivity and bounds.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
         self.0.add(i)
+    }
+
+    /// `len` cells from `at`; the caller guarantees exclusivity and bounds.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
     }
 }
 

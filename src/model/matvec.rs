@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 use rayon::prelude::*;
 
+use super::gemm::SharedOut;
+
 /// Most input rows for which the matrix-vector path is used.
 pub const MAX_ROWS: usize = 16;
 
@@ -133,21 +135,6 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
         (0..chunks).into_par_iter().for_each(work);
     } else {
         (0..chunks).for_each(work);
-    }
-}
-
-/// The output buffer, shared by the threads that each write disjoint cells.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-
-// SAFETY: the threads write disjoint cells (see `matvec_into`).
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    /// The cell at `i`; the caller guarantees exclusivity and bounds.
-    unsafe fn at(self, i: usize) -> *mut f32 {
-        self.0.add(i)
     }
 }
 

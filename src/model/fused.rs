@@ -179,16 +179,19 @@ fn multiply(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_
     }
 }
 
-/// Query rows of a prompt attended together: their scores against every
-/// key up to the block's last row come from one tiled product (a decoding
-/// sequence's block is its one row).
+/// Query rows of a prompt attended together, with all the query heads of a
+/// key/value head: their scores against every key up to the block's last
+/// row come from one tiled product (a decoding sequence's block is its one
+/// row).
 const QUERY_BLOCK: usize = 16;
 
-/// One unit of attention work: a query head of a block of a sequence's rows.
+/// One unit of attention work: the query heads of one key/value head, for
+/// a block of a sequence's rows.
 #[derive(Clone, Copy)]
 struct AttentionItem {
     seq: usize,
-    head: usize,
+    /// The key/value head; the item covers all its query heads.
+    kv_head: usize,
     /// First row of the block, as an index into the step's rows.
     row: usize,
     /// Rows in the block.
@@ -196,7 +199,8 @@ struct AttentionItem {
 }
 
 /// Attention of every work item of layer `li`: scores of a block's query
-/// rows against the keys up to its last row (tiled kernel), then each
+/// rows (all heads of one key/value head) against the keys up to its last
+/// row (tiled kernel), then each
 /// row's softmax over the keys it may see, times the values, into `att`
 /// (`[rows, qw]`). `q` holds the step's queries, `[rows, qw]`, already
 /// rotated and scaled; the caches already hold this step's keys and values.
@@ -222,20 +226,28 @@ fn attend(
     let out = SharedOut(att.as_mut_ptr());
     let one = |item: &AttentionItem| {
         let (kc, vc, cap) = caches[item.seq];
-        let base = item.head / group * cap * hd;
+        let base = item.kv_head * cap * hd;
         let (kc, vc) = (&kc[base..], &vc[base..]);
-        // SAFETY: each item alone writes head `item.head` of its rows.
-        let out_row = |r: usize| unsafe { out.slice(r * qw + item.head * hd, hd) };
+        let first_head = item.kv_head * group;
+        // SAFETY: each item alone writes the heads of its key/value head in its rows.
+        let out_row = |r: usize, j: usize| unsafe { out.slice(r * qw + (first_head + j) * hd, hd) };
         let last = row_pos[item.row + item.rows - 1] + 1;
+        let n = item.rows * group;
         SCORES.with(|sc| {
             let mut sc = sc.borrow_mut();
-            let block = sized(&mut sc, item.rows * last);
-            let queries = &q[item.row * qw + item.head * hd..];
-            gemm_nt(queries, qw, item.rows, kc, hd, last, hd, block, last);
-            for i in 0..item.rows {
+            let (queries, block) = sized(&mut sc, n * hd + n * last).split_at_mut(n * hd);
+            // The group's query heads of every row side by side: one product
+            // reads each key once for all of them.
+            for (i, dst) in queries.chunks_exact_mut(group * hd).enumerate() {
+                let at = (item.row + i) * qw + first_head * hd;
+                dst.copy_from_slice(&q[at..at + group * hd]);
+            }
+            gemm_nt(queries, hd, n, kc, hd, last, hd, block, last);
+            for (qi, scores) in block.chunks_exact_mut(last).enumerate() {
+                let (i, j) = (qi / group, qi % group);
                 let r = item.row + i;
                 let visible = row_pos[r] + 1;
-                softmax_values(&mut block[i * last..i * last + visible], vc, hd, out_row(r));
+                softmax_values(&mut scores[..visible], vc, hd, out_row(r, j));
             }
         });
     };
@@ -253,7 +265,7 @@ struct StepRows {
     pos: Vec<usize>,
     /// Each sequence's first row.
     first: Vec<usize>,
-    /// Attention work: every (sequence, query block, head).
+    /// Attention work: every (sequence, query block, key/value head).
     items: Vec<AttentionItem>,
     /// Causal attention scores of the whole step (all heads), for the
     /// parallel split and the FLOP probe.
@@ -261,7 +273,7 @@ struct StepRows {
 }
 
 impl StepRows {
-    fn of(seqs: &[SeqStep<'_>], nh: usize) -> Self {
+    fn of(seqs: &[SeqStep<'_>], nh: usize, nkv: usize) -> Self {
         let (mut seq, mut pos, mut first) = (Vec::new(), Vec::new(), Vec::with_capacity(seqs.len()));
         let mut items = Vec::new();
         for (si, s) in seqs.iter().enumerate() {
@@ -272,10 +284,10 @@ impl StepRows {
                 pos.push(s.cache.len() + j);
             }
             for r0 in (0..t).step_by(QUERY_BLOCK) {
-                for head in 0..nh {
+                for kv_head in 0..nkv {
                     items.push(AttentionItem {
                         seq: si,
-                        head,
+                        kv_head,
                         row: first[si] + r0,
                         rows: QUERY_BLOCK.min(t - r0),
                     });
@@ -333,7 +345,7 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
         first: first_row,
         items,
         scores,
-    } = StepRows::of(seqs, nh);
+    } = StepRows::of(seqs, nh, nkv);
     let rows = row_seq.len();
     let capacities: Vec<usize> = seqs.iter().map(|s| s.cache.capacity()).collect();
 

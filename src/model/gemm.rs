@@ -56,44 +56,94 @@ pub fn gemm_nt(
 /// features of all matrices together are cut into tasks of [`TASK_COLS`].
 /// Q8_0 weights are dequantized a task's rows at a time.
 pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
+    split_columns(
+        x,
+        rows,
+        inp,
+        projections,
+        TASK_COLS,
+        threads > 1,
+        |w, cols, y| match w {
+            // SAFETY (both stores): this task alone writes these columns.
+            Weights::F32(w) => tiles(x, inp, rows, w, inp, cols, inp, |r, c, v| unsafe { y.store(r, c, v) }),
+            Weights::Q8(m) => DEQUANTIZED.with(|buf| {
+                let mut buf = buf.borrow_mut();
+                buf.resize(cols.len() * inp, 0.0);
+                for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
+                    m.dequantize_row(cols.start + i, row);
+                }
+                let lo = cols.start;
+                tiles(x, inp, rows, &buf, inp, 0..cols.len(), inp, |r, c, v| unsafe {
+                    y.store(r, lo + c, v)
+                });
+            }),
+        },
+    );
+}
+
+/// One projection's `[rows, out]` output, written by parallel tasks that
+/// each own some of its columns.
+#[derive(Clone, Copy)]
+pub(crate) struct ColumnsOut {
+    y: SharedOut,
+    out: usize,
+}
+
+impl ColumnsOut {
+    /// Writes `v` at row `r`, column `c`; the caller owns column `c`, and
+    /// `r` < rows, `c` < out (checked by [`split_columns`] for the buffer).
+    #[inline]
+    pub(crate) unsafe fn store(self, r: usize, c: usize, v: f32) {
+        *self.y.at(r * self.out + c) = v;
+    }
+}
+
+/// Checks the shapes of several products of `x` (`[rows, inp]`), counts
+/// their output features across all matrices in order, cuts them into
+/// chunks of `chunk`, and calls `body(weights, columns, output)` for each
+/// projection's part of each chunk, in parallel when `parallel`.
+pub(crate) fn split_columns(
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    projections: &mut [Projection<'_>],
+    chunk: usize,
+    parallel: bool,
+    body: impl Fn(Weights<'_>, std::ops::Range<usize>, ColumnsOut) + Sync,
+) {
     assert!(x.len() >= rows * inp);
     for p in projections.iter() {
         assert!(p.w.covers(p.out, inp) && p.y.len() >= rows * p.out);
     }
     let total: usize = projections.iter().map(|p| p.out).sum();
-    let targets: Vec<(Weights<'_>, usize, SharedOut)> = projections
+    let chunk = chunk.max(1);
+    let targets: Vec<(Weights<'_>, ColumnsOut)> = projections
         .iter_mut()
-        .map(|p| (p.w, p.out, SharedOut(p.y.as_mut_ptr())))
+        .map(|p| {
+            let y = ColumnsOut {
+                y: SharedOut(p.y.as_mut_ptr()),
+                out: p.out,
+            };
+            (p.w, y)
+        })
         .collect();
-    let task = |ti: usize| {
-        let (g0, g1) = (ti * TASK_COLS, ((ti + 1) * TASK_COLS).min(total));
+    let one = |ci: usize| {
+        // The global feature index runs over the matrices in order.
+        let (g0, g1) = (ci * chunk, ((ci + 1) * chunk).min(total));
         let mut base = 0;
-        for &(w, out, y) in &targets {
-            let (lo, hi) = (g0.max(base) - base, g1.min(base + out).saturating_sub(base));
-            if lo < hi {
-                // SAFETY: task `ti` alone writes columns lo..hi of this
-                // projection, and r·out + c < rows·out ≤ y.len().
-                let store = |r: usize, c: usize, v: f32| unsafe { *y.at(r * out + c) = v };
-                match w {
-                    Weights::F32(w) => tiles(x, inp, rows, w, inp, lo..hi, inp, store),
-                    Weights::Q8(m) => DEQUANTIZED.with(|buf| {
-                        let mut buf = buf.borrow_mut();
-                        buf.resize((hi - lo) * inp, 0.0);
-                        for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
-                            m.dequantize_row(lo + i, row);
-                        }
-                        tiles(x, inp, rows, &buf, inp, 0..hi - lo, inp, |r, c, v| store(r, lo + c, v));
-                    }),
-                }
+        for &(w, y) in &targets {
+            let cols = g0.max(base) - base..g1.min(base + y.out).saturating_sub(base);
+            if !cols.is_empty() {
+                body(w, cols, y);
             }
-            base += out;
+            base += y.out;
         }
     };
-    let tasks = total.div_ceil(TASK_COLS);
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
+    let chunks = total.div_ceil(chunk);
+    if parallel && chunks > 1 {
+        (0..chunks).into_par_iter().for_each(one);
     } else {
-        (0..tasks).for_each(task);
+        (0..chunks).for_each(one);
     }
 }
 

@@ -11,10 +11,8 @@
 //! input row streams 100 MB of weights at 15–17 GB/s on one thread and
 //! 24–31 GB/s on two, the machine's bandwidth.
 
+use super::gemm::{split_columns, tiles};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
-use rayon::prelude::*;
-
-use super::gemm::SharedOut;
 
 /// Most input rows for which the matrix-vector path is used.
 pub const MAX_ROWS: usize = 16;
@@ -82,10 +80,6 @@ impl Weights<'_> {
 /// all matrices together are split evenly over `threads`, so the threads
 /// meet once instead of once per matrix.
 pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
-    assert!(x.len() >= rows * inp);
-    for p in projections.iter() {
-        assert!(p.w.covers(p.out, inp) && p.y.len() >= rows * p.out);
-    }
     let dot_q8 = super::quant::dot_q8_kernel();
     let total: usize = projections.iter().map(|p| p.out).sum();
     let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
@@ -93,49 +87,20 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
     } else {
         threads.max(1)
     };
-    let chunk = total.div_ceil(threads).max(1);
-    let targets: Vec<(Weights<'_>, usize, SharedOut)> = projections
-        .iter_mut()
-        .map(|p| (p.w, p.out, SharedOut(p.y.as_mut_ptr())))
-        .collect();
-    let work = |ci: usize| {
-        // Global feature index g runs over the matrices in order.
-        let (g0, g1) = (ci * chunk, ((ci + 1) * chunk).min(total));
-        let mut base = 0;
-        for &(w, out, y) in &targets {
-            let (lo, hi) = (g0.max(base), g1.min(base + out));
-            let xr = |r: usize| &x[r * inp..(r + 1) * inp];
-            let w = match w {
-                Weights::F32(w) => w,
-                Weights::Q8(m) => {
-                    for o in lo.saturating_sub(base)..hi.saturating_sub(base) {
-                        let (q, d) = m.row(o);
-                        for r in 0..rows {
-                            // SAFETY: chunk `ci` alone writes its features' cells, and
-                            // r * out + o < rows * out ≤ y.len().
-                            unsafe { *y.at(r * out + o) = dot_q8(q, d, xr(r)) };
-                        }
-                    }
-                    base += out;
-                    continue;
+    let chunk = total.div_ceil(threads);
+    split_columns(x, rows, inp, projections, chunk, threads > 1, |w, cols, y| match w {
+        // SAFETY (both stores): this chunk alone writes these columns.
+        Weights::F32(w) => tiles(x, inp, rows, w, inp, cols, inp, |r, c, v| unsafe { y.store(r, c, v) }),
+        Weights::Q8(m) => {
+            for o in cols {
+                let (q, d) = m.row(o);
+                for r in 0..rows {
+                    // SAFETY: as above.
+                    unsafe { y.store(r, o, dot_q8(q, d, &x[r * inp..(r + 1) * inp])) };
                 }
-            };
-            // SAFETY: chunk `ci` alone writes its features' cells, and
-            // r * out + c < rows * out ≤ y.len().
-            let store = |r: usize, c: usize, v: f32| unsafe { *y.at(r * out + c) = v };
-            let cols = lo.saturating_sub(base)..hi.saturating_sub(base);
-            if !cols.is_empty() {
-                super::gemm::tiles(x, inp, rows, w, inp, cols, inp, store);
             }
-            base += out;
         }
-    };
-    let chunks = total.div_ceil(chunk);
-    if threads > 1 {
-        (0..chunks).into_par_iter().for_each(work);
-    } else {
-        (0..chunks).for_each(work);
-    }
+    });
 }
 
 /// candle op: `x [rows, in]` × `w [out, in]`ᵀ → `[rows, out]`, f32 on the CPU.

@@ -347,7 +347,6 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
         scores,
     } = StepRows::of(seqs, nh, nkv);
     let rows = row_seq.len();
-    let capacities: Vec<usize> = seqs.iter().map(|s| s.cache.capacity()).collect();
 
     // The buffers are taken out of the thread-local for the step: while this
     // thread waits in a parallel loop, the pool may run another step on it.
@@ -398,7 +397,7 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
             add_bias(v, l.bv.as_ref().map(HostSlice::get));
             for r in 0..rows {
                 let (si, pos) = (row_seq[r], row_pos[r]);
-                let cap = capacities[si];
+                let cap = seqs[si].cache.capacity();
                 let qs = &mut q[r * qw..(r + 1) * qw];
                 let ks = &mut k[r * kvw..(r + 1) * kvw];
                 rope(qs, cos.get(), sin.get(), hd, pos);

@@ -206,8 +206,10 @@ pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     (two[0] + two[1]) + tail
 }
 
-/// The best single dot product this CPU supports (the same bits as a tile's output).
-pub fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
+/// The best single dot product this CPU supports: the reference every
+/// tile's output is tested against (the runtime only calls the tiles).
+#[cfg(test)]
+fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
@@ -395,6 +397,7 @@ mod avx2 {
     }
 
     /// One dot product (the 1 × 1 tile).
+    #[cfg(test)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());

@@ -1,4 +1,6 @@
-//! One thread count for all CPU compute, set once at start-up.
+//! One thread count for all CPU compute, set once at start-up: the fused
+//! step's compute team and rayon's pool (candle's ops, training, pruning)
+//! get the same size; only one of them is busy at a time.
 //!
 //! candle asks for its thread count on every matmul and, when unset, parses
 //! /proc/cpuinfo each time (REFERENCE.md: about 30% of decode). Setting
@@ -24,6 +26,7 @@ pub fn init(threads: usize) {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    crate::model::team::set_size(n);
     // An already-built pool (a second call) is not an error worth reporting.
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }

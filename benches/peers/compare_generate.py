@@ -5,6 +5,11 @@ run one after the other in one session. Prints a markdown table of
 min / median / max prompt and decode tokens/s, and each engine's ratio to
 llama.cpp's median. Engines that are not available are skipped with a note.
 
+llama-bench's `tg128` decodes from an empty context, while greencode and
+transformers decode after the 256-token prompt; llama-bench also runs at
+`-d 256` (decode after 256 tokens of context, the same work), shown as its
+own row, and the last column gives each engine's decode against it.
+
 usage: compare_generate.py [--threads 2] [--passes 5] [--gguf F32.gguf]
 env:   LLAMA_CPP_DIR (llama.cpp build dir), GREENCODE (binary, default target/release/greencode)
 """
@@ -38,11 +43,13 @@ def llama_cpp(threads, passes, gguf):
     if not os.environ.get("LLAMA_CPP_DIR") or not gguf:
         return None
     env = dict(os.environ, THREADS=str(threads), REPS=str(passes))
-    out = subprocess.run([str(HERE / "llama_cpp.sh"), gguf], check=True, capture_output=True,
-                         text=True, env=env).stdout
+    out = subprocess.run([str(HERE / "llama_cpp.sh"), gguf, "-d", "0,256"], check=True,
+                         capture_output=True, text=True, env=env).stdout
     rows = json.loads(out)
-    pick = lambda key: next(r["samples_ts"] for r in rows if r[key] > 0)
-    return {"prompt": spread(pick("n_prompt")), "decode": spread(pick("n_gen"))}
+    pick = lambda key, depth: spread(next(r["samples_ts"] for r in rows
+                                          if r[key] > 0 and r.get("n_depth", 0) == depth))
+    return ({"prompt": pick("n_prompt", 0), "decode": pick("n_gen", 0)},
+            {"prompt": pick("n_prompt", 256), "decode": pick("n_gen", 256)})
 
 
 def transformers(threads, passes):
@@ -63,22 +70,26 @@ def main():
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--gguf", default=os.environ.get("GGUF"))
     a = ap.parse_args()
+    llama = llama_cpp(a.threads, a.passes, a.gguf)
     results = {
         "greencode": greencode(a.threads, a.passes),
-        "llama.cpp": llama_cpp(a.threads, a.passes, a.gguf),
+        "llama.cpp": llama[0] if llama else None,
+        "llama.cpp -d 256": llama[1] if llama else None,
         "transformers": transformers(a.threads, a.passes),
     }
     print(json.dumps(results), file=sys.stderr)
-    ref = results["llama.cpp"]
+    ref, deep = results["llama.cpp"], results["llama.cpp -d 256"]
     fmt = lambda s: f"{s['min']:.0f} / {s['median']:.0f} / {s['max']:.0f}"
-    print(f"| engine ({a.threads} threads) | prompt tok/s min / median / max | decode tok/s min / median / max | prompt × llama.cpp | decode × llama.cpp |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| engine ({a.threads} threads) | prompt tok/s min / median / max | decode tok/s min / median / max"
+          " | prompt × llama.cpp | decode × llama.cpp | decode × llama.cpp -d 256 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, r in results.items():
         if r is None:
-            print(f"| {name} | not available | | | |")
+            print(f"| {name} | not available | | | | |")
             continue
-        ratio = lambda k: f"{r[k]['median'] / ref[k]['median']:.2f}" if ref else "–"
-        print(f"| {name} | {fmt(r['prompt'])} | {fmt(r['decode'])} | {ratio('prompt')} | {ratio('decode')} |")
+        ratio = lambda k, base: f"{r[k]['median'] / base[k]['median']:.2f}" if base else "–"
+        print(f"| {name} | {fmt(r['prompt'])} | {fmt(r['decode'])} | {ratio('prompt', ref)}"
+              f" | {ratio('decode', ref)} | {ratio('decode', deep)} |")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
-use rayon::prelude::*;
 
 use super::error::{ModelError, Result};
 use super::flop_probe;
@@ -27,6 +26,7 @@ use super::linear::Linear;
 use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
 use super::quant::Q8Matrix;
 use super::qwen2::{LogitsFor, Qwen2, SeqStep};
+use super::team;
 
 /// Read access to an f32 tensor's host memory for the length of a step.
 struct HostSlice<'a> {
@@ -252,7 +252,7 @@ fn attend(
         });
     };
     if parallel {
-        items.par_iter().for_each(one);
+        team::for_each(items.len(), |i| one(&items[i]));
     } else {
         items.iter().for_each(one);
     }
@@ -309,18 +309,10 @@ impl StepRows {
 /// checked [`eligible`]); returns each sequence's logits (`[n, vocab]`, `n`
 /// = 1 for [`LogitsFor::Last`]).
 ///
-/// The whole step runs on a compute-pool thread: its parallel loops then
-/// fork and join inside the pool (a few µs) instead of each being injected
-/// from outside and waited for on a lock (tens of µs, 80+ times a step).
+/// The step runs on the calling thread; its parallel loops (about 50 a
+/// decoded token) run on the compute [`team`], whose helpers spin between
+/// them.
 pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
-    if rayon::current_thread_index().is_some() {
-        step_in_pool(model, seqs)
-    } else {
-        rayon::scope(|_| step_in_pool(model, seqs))
-    }
-}
-
-fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
     let c = model.config();
     let (hs, nh, nkv, hd, vocab) = (
         c.hidden_size,
@@ -331,7 +323,7 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
     );
     let group = nh / nkv;
     let (qw, kvw) = (nh * hd, nkv * hd);
-    let threads = rayon::current_num_threads();
+    let threads = team::size();
     let scale = 1.0 / (hd as f32).sqrt();
     let embed = weights(model.embed_tokens())?;
     let (cos, sin) = model.rope_tables();
@@ -348,8 +340,8 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
     } = StepRows::of(seqs, nh, nkv);
     let rows = row_seq.len();
 
-    // The buffers are taken out of the thread-local for the step: while this
-    // thread waits in a parallel loop, the pool may run another step on it.
+    // The buffers are taken out of the thread-local for the step (and put
+    // back after it), so nothing of theirs is borrowed across the step.
     let mut scratch = SCRATCH.with(RefCell::take);
     let result = (|| -> Result<Vec<Tensor>> {
         let s = &mut scratch;
@@ -454,9 +446,14 @@ fn step_in_pool(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> 
             );
             if rows > MAX_ROWS && threads > 1 {
                 let chunk = MAX_ROWS * l.ffn;
-                g.par_chunks_mut(chunk)
-                    .zip(u.par_chunks(chunk))
-                    .for_each(|(g, u)| silu_mul(g, u));
+                let gp = SharedOut(g.as_mut_ptr());
+                let ups: &[f32] = u;
+                team::for_each(rows.div_ceil(MAX_ROWS), |i| {
+                    let at = i * chunk;
+                    let n = chunk.min(ups.len() - at);
+                    // SAFETY: chunk i alone writes g[at..at + n], inside g (as long as u).
+                    silu_mul(unsafe { gp.slice(at, n) }, &ups[at..at + n]);
+                });
             } else {
                 silu_mul(g, u);
             }

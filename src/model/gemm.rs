@@ -12,8 +12,6 @@
 //! a token's activations have the same bits whether it is decoded alone, in
 //! a batch, or inside a prompt chunk of any length.
 
-use rayon::prelude::*;
-
 use super::matvec::{Projection, Weights};
 
 /// Input rows per register tile.
@@ -141,7 +139,7 @@ pub(crate) fn split_columns(
     };
     let chunks = total.div_ceil(chunk);
     if parallel && chunks > 1 {
-        (0..chunks).into_par_iter().for_each(one);
+        super::team::for_each(chunks, one);
     } else {
         (0..chunks).for_each(one);
     }
@@ -264,7 +262,9 @@ mod avx2 {
     /// [`fixed`], and when `AHEAD` also a software prefetch of the weights
     /// `ahead` floats past each weight row, one cache line per 16 floats:
     /// with few input rows a tile is computed once per weight load, and
-    /// without it the FMAs wait on memory in turns with the loads.
+    /// without it the FMAs wait on memory in turns with the loads. The
+    /// address may lie past the weights (a prefetch never faults; it is
+    /// computed with wrapping arithmetic).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)]
@@ -283,7 +283,7 @@ mod avx2 {
         while i < full {
             if AHEAD && i % 16 == 0 {
                 for c in 0..C {
-                    _mm_prefetch::<_MM_HINT_T0>(w.add(c * ldw + i + ahead) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * ldw + i + ahead) as *const i8);
                 }
             }
             for c in 0..C {
@@ -334,13 +334,20 @@ mod avx2 {
         k: usize,
         store: &mut impl FnMut(usize, usize, f32),
     ) {
-        // Up to four rows (decoding): one strip of tiles as wide as the
-        // registers allow, each weight row read once.
+        // Up to three rows (decoding): one strip of tiles as wide as the
+        // registers allow, each weight row read once, the next tile's
+        // weights prefetched while this one is computed (+2–4% decode).
         macro_rules! strip {
             ($r:literal, $c:literal) => {{
                 let mut c = cols.start;
                 while c + $c <= cols.end {
-                    emit(fixed::<$r, $c>(x, ldx, w.add(c * ldw), ldw, k), 0, c, store);
+                    let wt = w.add(c * ldw);
+                    emit(
+                        fixed_ahead::<$r, $c, true>(x, ldx, wt, ldw, k, $c * ldw),
+                        0,
+                        c,
+                        store,
+                    );
                     c += $c;
                 }
                 while c < cols.end {

@@ -20,6 +20,7 @@ pub mod params;
 pub mod quant;
 pub mod qwen2;
 pub mod synth;
+pub mod team;
 
 pub use config::Qwen2Config;
 pub use error::ModelError;

@@ -1,15 +1,19 @@
 //! The compute team of the fused CPU step: the calling thread plus
 //! `threads − 1` helper threads that wait for work by spinning (then,
 //! after a bounded while, by parking). A parallel loop hands out its items
-//! through one atomic counter and ends when every helper has checked in,
-//! so a fork-join costs a few cache-line transfers (≈ 1 µs) instead of a
+//! through one atomic counter and ends when every item is done, so a
+//! fork-join costs a few cache-line transfers (≈ 1 µs) instead of a
 //! work-stealing pool's wake-up. A decode step runs about 50 of them a
 //! token (llama.cpp's threads meet the same way, at barriers).
 //!
-//! Spinning is bounded ([`SPIN`]): a helper that has seen no work for that
-//! long yields its core, then parks, so an idle server or a competing
-//! process is not starved. A loop started while the team is busy (another
-//! thread's step, or a loop inside a loop) runs on its caller alone.
+//! A loop never waits for a helper that has not taken an item: when
+//! another process holds a helper's core, the caller takes the items it
+//! would have run and goes on (a barrier of all threads, as llama.cpp's,
+//! waits for the descheduled one). Spinning is bounded ([`SPIN`]): a
+//! helper that has seen no work for that long yields its core, then parks,
+//! so an idle server or a competing process is not starved. A loop started
+//! while the team is busy (another thread's step, or a loop inside a loop)
+//! runs on its caller alone.
 
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -61,16 +65,18 @@ fn team() -> &'static Team {
 type Job = *const (dyn Fn(usize) + Sync);
 
 struct Shared {
-    /// Bumped once per loop; helpers run a loop when it changes.
+    /// Bumped once per loop: helpers wake up and look for items when it changes.
     epoch: AtomicU64,
-    /// The current loop's body (written by the caller before the epoch bump).
+    /// The current loop's items (high 32 bits) and the next one to hand out
+    /// (low 32 bits): one word, so a claim is valid for the loop it was
+    /// made in even if the claiming helper slept through several loops.
+    work: AtomicU64,
+    /// Items of the current loop finished.
+    done: AtomicUsize,
+    /// The current loop's body (written by the caller before it publishes
+    /// the loop's `work`).
     job: UnsafeCell<Option<Job>>,
-    /// Items of the current loop, and the next one to hand out.
-    items: AtomicUsize,
-    next: AtomicUsize,
-    /// Helpers still inside the current loop.
-    pending: AtomicUsize,
-    /// A helper's body panicked in the current loop.
+    /// An item panicked in the current loop.
     panicked: AtomicBool,
     /// Per helper: parked (or about to be), so the caller must unpark it.
     asleep: Vec<AtomicBool>,
@@ -78,10 +84,11 @@ struct Shared {
     quit: AtomicBool,
 }
 
-// SAFETY: `job` is written only by the thread holding `Team::busy`, while no
-// helper reads it (before the epoch bump that publishes it, after every
-// helper of the previous loop checked in); helpers read it only between
-// seeing the bump and checking in. The body it points to is `Sync`.
+// SAFETY: `job` is written only by the thread holding `Team::busy`, when no
+// item is claimed and not done (before it publishes the loop's `work`, and
+// after the previous loop's items are all done); a helper reads it only
+// between claiming an item and counting it done, so the body it points to
+// is alive, and `Sync`.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -98,10 +105,9 @@ impl Team {
         let n = threads.saturating_sub(1);
         let shared = Arc::new(Shared {
             epoch: AtomicU64::new(0),
+            work: AtomicU64::new(0),
+            done: AtomicUsize::new(0),
             job: UnsafeCell::new(None),
-            items: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             asleep: (0..n).map(|_| AtomicBool::new(false)).collect(),
             quit: AtomicBool::new(false),
@@ -132,7 +138,8 @@ impl Team {
 
     /// [`for_each`] on this team.
     fn for_each(&self, items: usize, body: &(dyn Fn(usize) + Sync)) {
-        if items <= 1 || self.helpers.is_empty() || self.busy.swap(true, Ordering::Acquire) {
+        let fits = u32::try_from(items).is_ok();
+        if items <= 1 || !fits || self.helpers.is_empty() || self.busy.swap(true, Ordering::Acquire) {
             (0..items).for_each(body);
             return;
         }
@@ -154,34 +161,34 @@ impl Team {
         }
     }
 
-    /// One loop on the caller and every helper; the caller holds `busy`.
+    /// One loop on the caller and every helper; the caller holds `busy`
+    /// and `items` fits in 32 bits.
     fn run(&self, items: usize, body: &(dyn Fn(usize) + Sync)) -> std::thread::Result<()> {
         let s = &*self.shared;
         // SAFETY: see `Shared`; the erased lifetime ends before we return,
-        // because we wait below until no helper can still call it.
+        // because we wait below until every item is done.
         unsafe {
             let job: Job = std::mem::transmute::<&(dyn Fn(usize) + Sync), &'static (dyn Fn(usize) + Sync)>(body);
             *s.job.get() = Some(job);
         }
-        s.items.store(items, Ordering::Relaxed);
-        s.next.store(0, Ordering::Relaxed);
+        s.done.store(0, Ordering::Relaxed);
         s.panicked.store(false, Ordering::Relaxed);
-        s.pending.store(self.helpers.len(), Ordering::Relaxed);
+        s.work.store((items as u64) << 32, Ordering::Release);
         self.publish();
-        let mine = catch_unwind(AssertUnwindSafe(|| take_items(s, body)));
+        run_items(s);
         let mut spins = 0u32;
-        while s.pending.load(Ordering::Acquire) != 0 {
+        while s.done.load(Ordering::Acquire) != items {
             spins += 1;
             if spins < 1 << 12 {
                 std::hint::spin_loop();
             } else {
-                // A helper lost its core: let it have ours.
+                // A helper lost its core in the middle of an item: let it
+                // have ours.
                 std::thread::yield_now();
             }
         }
-        mine?;
         if s.panicked.load(Ordering::Relaxed) {
-            return Err(Box::new("a compute-team helper panicked"));
+            return Err(Box::new("an item of a compute-team loop panicked"));
         }
         Ok(())
     }
@@ -197,19 +204,27 @@ impl Drop for Team {
     }
 }
 
-/// Runs items of the current loop until none is left.
-fn take_items(s: &Shared, body: &(dyn Fn(usize) + Sync)) {
-    let items = s.items.load(Ordering::Relaxed);
+/// Claims and runs items of the current loop until none is left.
+fn run_items(s: &Shared) {
     loop {
-        let i = s.next.fetch_add(1, Ordering::Relaxed);
+        // A claim past the end changes nothing that matters: the next
+        // loop's `work` overwrites the word.
+        let claimed = s.work.fetch_add(1, Ordering::Acquire);
+        let (items, i) = (claimed >> 32, claimed & u64::from(u32::MAX));
         if i >= items {
             return;
         }
-        body(i);
+        // SAFETY: see `Shared`: the loop we claimed in published its body
+        // first and cannot end before we count the item done.
+        let body = unsafe { &*(*s.job.get()).expect("a published loop has a body") };
+        if catch_unwind(AssertUnwindSafe(|| body(i as usize))).is_err() {
+            s.panicked.store(true, Ordering::Relaxed);
+        }
+        s.done.fetch_add(1, Ordering::Release);
     }
 }
 
-/// A helper's life: wait for a new epoch, run its items, check in.
+/// A helper's life: wait for a new epoch, run what is left of its loop.
 fn helper(s: &Shared, index: usize) {
     // The epoch the team started at: a loop published before this thread
     // first ran is still seen as new.
@@ -219,14 +234,7 @@ fn helper(s: &Shared, index: usize) {
         if s.quit.load(Ordering::SeqCst) {
             return;
         }
-        // SAFETY: see `Shared`: published before the epoch we just saw.
-        let job = unsafe { (*s.job.get()).expect("a published loop has a body") };
-        // SAFETY: the caller keeps the body alive until we check in below.
-        let body = unsafe { &*job };
-        if catch_unwind(AssertUnwindSafe(|| take_items(s, body))).is_err() {
-            s.panicked.store(true, Ordering::Relaxed);
-        }
-        s.pending.fetch_sub(1, Ordering::Release);
+        run_items(s);
     }
 }
 

@@ -23,6 +23,7 @@ fn main() {
     for threads in [1usize, 2] {
         // candle reads its thread count from the environment once per process;
         // run the bench twice with CANDLE_NUM_THREADS=1 / 2 to compare at each.
+        // Ours runs on the compute team (the cores available) when `threads` > 1.
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         for (name, k, n) in [
             ("q+k+v", 384usize, 640usize),

@@ -12,7 +12,6 @@ fn main() {
         return model_shaped();
     }
     let total = 25_000_000usize; // ≈ tiny-coder's 25 M parameters, 100 MB in f32
-    let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();
     for inp in [384usize, 1024] {
         let out = total / inp;
         let w: Vec<f32> = (0..out * inp).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
@@ -21,13 +20,12 @@ fn main() {
                 let x: Vec<f32> = (0..rows * inp).map(|i| (i % 13) as f32 / 13.0).collect();
                 let mut y = vec![0f32; rows * out];
                 let mut best = f64::INFINITY;
-                pool(threads).install(|| {
-                    for _ in 0..5 {
-                        let t = Instant::now();
-                        matvec_into(&x, &w, rows, inp, out, threads, &mut y);
-                        best = best.min(t.elapsed().as_secs_f64());
-                    }
-                });
+                // Two threads: the caller and the compute team's helper.
+                for _ in 0..5 {
+                    let t = Instant::now();
+                    matvec_into(&x, &w, rows, inp, out, threads, &mut y);
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
                 println!(
                     "in {inp:5} out {out:6} rows {rows} threads {threads}: {:.1} GB/s of weights ({:.2} ms)",
                     (out * inp * 4) as f64 / best / 1e9,
@@ -40,8 +38,8 @@ fn main() {
 
 /// One decode step's products as the fused step calls them: tiny-coder's 12
 /// layers of q+k+v, o, gate+up and down (each its own allocation) and the
-/// 16,384-row head, one input row, through `matvec_multi` on a 2-thread pool
-/// entered once (as the step is). Compare its GB/s with the one-matrix
+/// 16,384-row head, one input row, through `matvec_multi` on the compute
+/// team (as the step calls it). Compare its GB/s with the one-matrix
 /// figures above: the difference is what 49 calls a token cost.
 /// `MODEL_SHAPED=1 cargo bench --bench matvec`.
 fn model_shaped() {
@@ -68,90 +66,87 @@ fn model_shaped() {
     let (mut a, mut b, mut c) = (vec![0f32; 384], vec![0f32; 128], vec![0f32; 128]);
     let (mut g, mut u, mut o) = (vec![0f32; ffn], vec![0f32; ffn], vec![0f32; vocab]);
     for threads in [1usize, 2] {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         let mut best = f64::INFINITY;
-        pool.install(|| {
-            for _ in 0..20 {
-                let t = Instant::now();
-                for (l, down) in layers.iter().zip(&downs) {
-                    matvec_multi(
-                        &x,
-                        1,
-                        hs,
-                        &mut [
-                            Projection {
-                                w: Weights::F32(&l[0]),
-                                out: 384,
-                                y: &mut a,
-                            },
-                            Projection {
-                                w: Weights::F32(&l[1]),
-                                out: 128,
-                                y: &mut b,
-                            },
-                            Projection {
-                                w: Weights::F32(&l[2]),
-                                out: 128,
-                                y: &mut c,
-                            },
-                        ],
-                        threads,
-                    );
-                    matvec_multi(
-                        &x,
-                        1,
-                        384,
-                        &mut [Projection {
-                            w: Weights::F32(&l[3]),
-                            out: hs,
-                            y: &mut a,
-                        }],
-                        threads,
-                    );
-                    matvec_multi(
-                        &x,
-                        1,
-                        hs,
-                        &mut [
-                            Projection {
-                                w: Weights::F32(&l[4]),
-                                out: ffn,
-                                y: &mut g,
-                            },
-                            Projection {
-                                w: Weights::F32(&l[5]),
-                                out: ffn,
-                                y: &mut u,
-                            },
-                        ],
-                        threads,
-                    );
-                    matvec_multi(
-                        &x,
-                        1,
-                        ffn,
-                        &mut [Projection {
-                            w: Weights::F32(down),
-                            out: hs,
-                            y: &mut a,
-                        }],
-                        threads,
-                    );
-                }
+        for _ in 0..20 {
+            let t = Instant::now();
+            for (l, down) in layers.iter().zip(&downs) {
                 matvec_multi(
                     &x,
                     1,
                     hs,
+                    &mut [
+                        Projection {
+                            w: Weights::F32(&l[0]),
+                            out: 384,
+                            y: &mut a,
+                        },
+                        Projection {
+                            w: Weights::F32(&l[1]),
+                            out: 128,
+                            y: &mut b,
+                        },
+                        Projection {
+                            w: Weights::F32(&l[2]),
+                            out: 128,
+                            y: &mut c,
+                        },
+                    ],
+                    threads,
+                );
+                matvec_multi(
+                    &x,
+                    1,
+                    384,
                     &mut [Projection {
-                        w: Weights::F32(&head),
-                        out: vocab,
-                        y: &mut o,
+                        w: Weights::F32(&l[3]),
+                        out: hs,
+                        y: &mut a,
                     }],
                     threads,
                 );
-                best = best.min(t.elapsed().as_secs_f64());
+                matvec_multi(
+                    &x,
+                    1,
+                    hs,
+                    &mut [
+                        Projection {
+                            w: Weights::F32(&l[4]),
+                            out: ffn,
+                            y: &mut g,
+                        },
+                        Projection {
+                            w: Weights::F32(&l[5]),
+                            out: ffn,
+                            y: &mut u,
+                        },
+                    ],
+                    threads,
+                );
+                matvec_multi(
+                    &x,
+                    1,
+                    ffn,
+                    &mut [Projection {
+                        w: Weights::F32(down),
+                        out: hs,
+                        y: &mut a,
+                    }],
+                    threads,
+                );
             }
-        });
+            matvec_multi(
+                &x,
+                1,
+                hs,
+                &mut [Projection {
+                    w: Weights::F32(&head),
+                    out: vocab,
+                    y: &mut o,
+                }],
+                threads,
+            );
+            best = best.min(t.elapsed().as_secs_f64());
+        }
         println!(
             "decode-step shapes (49 calls) threads {threads}: {:.1} GB/s of weights ({:.2} ms a token)",
             bytes as f64 / best / 1e9,

@@ -506,11 +506,8 @@ mod tests {
                     y: &mut yk,
                 },
             ];
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| gemm_multi(&x, rows, inp, &mut ps, threads));
+            // More than one thread runs the tasks on the compute team.
+            gemm_multi(&x, rows, inp, &mut ps, threads);
             assert_eq!(yq, matvec(&x, &wq, rows, inp, 130, 1), "f32, {threads} threads");
             assert_eq!(yk, matvec(&x, &wk8, rows, inp, 65, 1), "q8_0, {threads} threads");
         }

@@ -60,8 +60,8 @@ fn team() -> &'static Team {
     })
 }
 
-/// A loop body with its lifetime erased: valid from the epoch that
-/// publishes it until every helper has checked in.
+/// A loop body with its lifetime erased: valid from the loop's
+/// publication until all of its items are done.
 type Job = *const (dyn Fn(usize) + Sync);
 
 struct Shared {

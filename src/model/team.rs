@@ -19,7 +19,7 @@ use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::{JoinHandle, Thread};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a helper spins for the next loop before it yields, then parks.
@@ -94,8 +94,8 @@ unsafe impl Send for Shared {}
 
 struct Team {
     shared: Arc<Shared>,
-    helpers: Vec<Thread>,
-    handles: Vec<JoinHandle<()>>,
+    /// The helper threads (their `Thread` handles unpark them).
+    helpers: Vec<JoinHandle<()>>,
     /// Held by the thread whose loop the team is running.
     busy: AtomicBool,
 }
@@ -112,17 +112,14 @@ impl Team {
             asleep: (0..n).map(|_| AtomicBool::new(false)).collect(),
             quit: AtomicBool::new(false),
         });
-        let (mut helpers, mut handles) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut helpers = Vec::with_capacity(n);
         for i in 0..n {
             let shared = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()
                 .name(format!("greencode-team-{}", i + 1))
                 .spawn(move || helper(&shared, i));
             match spawned {
-                Ok(handle) => {
-                    helpers.push(handle.thread().clone());
-                    handles.push(handle);
-                }
+                Ok(handle) => helpers.push(handle),
                 // A team smaller than asked computes the same results; the
                 // caller waits only for the helpers that started.
                 Err(_) => break,
@@ -131,7 +128,6 @@ impl Team {
         Self {
             shared,
             helpers,
-            handles,
             busy: AtomicBool::new(false),
         }
     }
@@ -154,9 +150,9 @@ impl Team {
     fn publish(&self) {
         let s = &*self.shared;
         s.epoch.fetch_add(1, Ordering::SeqCst);
-        for (flag, thread) in s.asleep.iter().zip(&self.helpers) {
+        for (flag, helper) in s.asleep.iter().zip(&self.helpers) {
             if flag.swap(false, Ordering::SeqCst) {
-                thread.unpark();
+                helper.thread().unpark();
             }
         }
     }
@@ -198,7 +194,7 @@ impl Drop for Team {
     fn drop(&mut self) {
         self.shared.quit.store(true, Ordering::SeqCst);
         self.publish();
-        for handle in self.handles.drain(..) {
+        for handle in self.helpers.drain(..) {
             let _ = handle.join();
         }
     }

@@ -120,8 +120,8 @@ impl Team {
                 .spawn(move || helper(&shared, i));
             match spawned {
                 Ok(handle) => helpers.push(handle),
-                // A team smaller than asked computes the same results; the
-                // caller waits only for the helpers that started.
+                // A team smaller than asked computes the same results (a
+                // loop waits for its items, not for particular helpers).
                 Err(_) => break,
             }
         }

@@ -444,19 +444,17 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
                 ],
                 threads,
             );
-            if rows > MAX_ROWS && threads > 1 {
-                let chunk = MAX_ROWS * l.ffn;
-                let gp = SharedOut(g.as_mut_ptr());
-                let ups: &[f32] = u;
-                team::for_each(rows.div_ceil(MAX_ROWS), |i| {
-                    let at = i * chunk;
-                    let n = chunk.min(ups.len() - at);
-                    // SAFETY: chunk i alone writes g[at..at + n], inside g (as long as u).
-                    silu_mul(unsafe { gp.slice(at, n) }, &ups[at..at + n]);
-                });
-            } else {
-                silu_mul(g, u);
-            }
+            // Prompts: blocks of MAX_ROWS rows on the team (up to MAX_ROWS
+            // rows are one block, on this thread).
+            let chunk = MAX_ROWS * l.ffn;
+            let gp = SharedOut(g.as_mut_ptr());
+            let ups: &[f32] = u;
+            team::for_each(rows.div_ceil(MAX_ROWS), |i| {
+                let at = i * chunk;
+                let n = chunk.min(ups.len() - at);
+                // SAFETY: chunk i alone writes g[at..at + n], inside g (as long as u).
+                silu_mul(unsafe { gp.slice(at, n) }, &ups[at..at + n]);
+            });
             multiply(
                 g,
                 rows,

@@ -223,9 +223,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{block_rows, TILE_COLS, TILE_ROWS};
-
-    /// Input rows up to which tiles prefetch their weights (batched decoding).
-    const MAX_FEW_ROWS: usize = 16;
+    // Batched decoding (up to `MAX_ROWS` rows, the matrix × vector path):
+    // its weights come from memory, so its tiles prefetch them.
+    use crate::model::matvec::MAX_ROWS;
 
     /// The end of every dot product: the eight lanes summed as a tree in
     /// registers (halves, then pairs, then the last two), plus the tail
@@ -379,11 +379,12 @@ mod avx2 {
                     // With few rows every row tile fetches the weight tile
                     // two tiles on: the weights come from memory, and
                     // prefetching from the first row tile alone left the
-                    // memory idle while the others ran (8 rows from DRAM:
-                    // +15–20%, `cargo bench --bench matvec`).
+                    // memory idle while the others ran (8 rows over a
+                    // 100 MB matrix: +15–20%; decode step at 8 sequences:
+                    // +10–13%, BENCHMARKS.md).
                     let ahead = 2 * TILE_COLS * ldw;
                     let full = rn == TILE_ROWS && cn == TILE_COLS;
-                    if rows <= MAX_FEW_ROWS && full && c + 3 * TILE_COLS <= cols.end {
+                    if rows <= MAX_ROWS && full && c + 3 * TILE_COLS <= cols.end {
                         emit(fixed_ahead::<4, 3, true>(xt, ldx, wt, ldw, k, ahead), r, c, store);
                         continue;
                     }

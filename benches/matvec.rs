@@ -93,17 +93,7 @@ fn model_shaped() {
                     ],
                     threads,
                 );
-                matvec_multi(
-                    &x,
-                    1,
-                    384,
-                    &mut [Projection {
-                        w: Weights::F32(&l[3]),
-                        out: hs,
-                        y: &mut a,
-                    }],
-                    threads,
-                );
+                matvec_into(&x, &l[3], 1, 384, hs, threads, &mut a);
                 matvec_multi(
                     &x,
                     1,
@@ -122,29 +112,9 @@ fn model_shaped() {
                     ],
                     threads,
                 );
-                matvec_multi(
-                    &x,
-                    1,
-                    ffn,
-                    &mut [Projection {
-                        w: Weights::F32(down),
-                        out: hs,
-                        y: &mut a,
-                    }],
-                    threads,
-                );
+                matvec_into(&x, down, 1, ffn, hs, threads, &mut a);
             }
-            matvec_multi(
-                &x,
-                1,
-                hs,
-                &mut [Projection {
-                    w: Weights::F32(&head),
-                    out: vocab,
-                    y: &mut o,
-                }],
-                threads,
-            );
+            matvec_into(&x, &head, 1, hs, vocab, threads, &mut o);
             best = best.min(t.elapsed().as_secs_f64());
         }
         println!(

@@ -70,9 +70,10 @@ def main():
     ap.add_argument("--passes", type=int, default=5)
     ap.add_argument("--gguf", default=os.environ.get("GGUF"))
     a = ap.parse_args()
+    ours = greencode(a.threads, a.passes)
     llama = llama_cpp(a.threads, a.passes, a.gguf)
     results = {
-        "greencode": greencode(a.threads, a.passes),
+        "greencode": ours,
         "llama.cpp": llama[0] if llama else None,
         "llama.cpp -d 256": llama[1] if llama else None,
         "transformers": transformers(a.threads, a.passes),

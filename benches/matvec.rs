@@ -1,11 +1,13 @@
 //! Memory bandwidth of the decode kernel: `matvec` over weights the size of
 //! a whole model (so they stream from DRAM, not cache), in tiny-coder's row
-//! lengths, at 1 and 2 threads and 1–8 rows. `cargo bench --bench matvec`;
+//! lengths, at 1 and 2 threads and 1–8 rows, held in f32 and in bf16.
+//! `cargo bench --bench matvec`;
 //! with `MODEL_SHAPED=1`, one decode step's 49 products instead.
 
 use std::time::Instant;
 
-use greencode::model::matvec::matvec_into;
+use greencode::model::bf16::Bf16Matrix;
+use greencode::model::matvec::{matvec_into, matvec_multi, Projection, Weights};
 
 fn main() {
     if std::env::var_os("MODEL_SHAPED").is_some() {
@@ -14,23 +16,34 @@ fn main() {
     let total = 25_000_000usize; // ≈ tiny-coder's 25 M parameters, 100 MB in f32
     for inp in [384usize, 1024] {
         let out = total / inp;
-        let w: Vec<f32> = (0..out * inp).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
+        // bf16 values, so the same matrix can also be held in bf16.
+        let w: Vec<f32> = (0..out * inp)
+            .map(|i| half::bf16::from_f32(((i % 97) as f32 - 48.0) / 97.0).to_f32())
+            .collect();
+        let w16 = Bf16Matrix::from_f32_exact(&w, out, inp).expect("bf16 values");
         for threads in [1usize, 2] {
             for rows in [1usize, 2, 4, 8] {
                 let x: Vec<f32> = (0..rows * inp).map(|i| (i % 13) as f32 / 13.0).collect();
                 let mut y = vec![0f32; rows * out];
-                let mut best = f64::INFINITY;
-                // Two threads: the caller and the compute team's helper.
-                for _ in 0..5 {
-                    let t = Instant::now();
-                    matvec_into(&x, &w, rows, inp, out, threads, &mut y);
-                    best = best.min(t.elapsed().as_secs_f64());
+                for (name, weights, bytes) in [("f32 ", Weights::F32(&w), 4), ("bf16", Weights::Bf16(&w16), 2)] {
+                    let mut best = f64::INFINITY;
+                    // Two threads: the caller and the compute team's helper.
+                    for _ in 0..5 {
+                        let t = Instant::now();
+                        let mut p = [Projection {
+                            w: weights,
+                            out,
+                            y: &mut y,
+                        }];
+                        matvec_multi(&x, rows, inp, &mut p, threads);
+                        best = best.min(t.elapsed().as_secs_f64());
+                    }
+                    println!(
+                        "in {inp:5} out {out:6} rows {rows} threads {threads} {name}: {:.1} GB/s of weights ({:.2} ms)",
+                        (out * inp * bytes) as f64 / best / 1e9,
+                        best * 1e3
+                    );
                 }
-                println!(
-                    "in {inp:5} out {out:6} rows {rows} threads {threads}: {:.1} GB/s of weights ({:.2} ms)",
-                    (out * inp * 4) as f64 / best / 1e9,
-                    best * 1e3
-                );
             }
         }
     }
@@ -43,7 +56,6 @@ fn main() {
 /// figures above: the difference is what 49 calls a token cost.
 /// `MODEL_SHAPED=1 cargo bench --bench matvec`.
 fn model_shaped() {
-    use greencode::model::matvec::{matvec_multi, Projection, Weights};
     let (hs, ffn, vocab) = (384usize, 1024usize, 16384usize);
     let mat =
         |out: usize, inp: usize| -> Vec<f32> { (0..out * inp).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect() };

@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::Tensor;
-use greencode::model::qwen2::LogitsFor;
+use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::LayerMask;
 use greencode::pipeline::Pipeline;
 
@@ -318,7 +318,9 @@ fn quantizing_at_load_keeps_only_q8_0_blocks_and_equals_quantizing_after() {
     let at_load = Pipeline::load_with(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, true).unwrap();
     // Resident weights: 36 of every 128 f32 bytes (Q8_0 values, f32 scales) plus
     // norms and biases; no full-precision copy of any matrix is kept.
-    let (full, q8) = (f32_model.model.weight_bytes(), at_load.model.weight_bytes());
+    let mut f32_held = f32_model.model.clone();
+    f32_held.hold_dense().unwrap();
+    let (full, q8) = (f32_held.weight_bytes(), at_load.model.weight_bytes());
     assert!((q8 as f64) < 0.3 * full as f64, "{q8} bytes resident vs {full} in f32");
     assert_eq!(q8, after.model.weight_bytes());
     for l in &at_load.model.layers {
@@ -341,4 +343,66 @@ fn quantizing_at_load_keeps_only_q8_0_blocks_and_equals_quantizing_after() {
         &next(&after, ids[0], &mut c2, LogitsFor::Last),
     );
     assert_eq!(d, 0.0);
+}
+
+#[test]
+fn a_bf16_checkpoint_is_held_in_bf16_with_the_bits_of_f32_weights() {
+    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let held = &p.model;
+    assert_eq!(held.weight_format(), "bf16", "tiny-coder's checkpoint is bf16");
+    assert!(held.layers.iter().all(|l| l.mlp.down_proj.bf16().is_some()));
+    assert!(held.lm_head().bf16().is_some() && held.embed_tokens().dense().is_none());
+    let mut dense = held.clone();
+    dense.hold_dense().unwrap();
+    assert_eq!(dense.weight_format(), "f32");
+    // Half the bytes (norms and biases stay f32).
+    let (b16, b32) = (held.weight_bytes(), dense.weight_bytes());
+    assert!((b16 as f64) < 0.51 * b32 as f64, "{b16} bytes held vs {b32} in f32");
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    // Tensor path (full forward).
+    let ids = prompt_ids(&p);
+    let x = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    assert_eq!(
+        bits(&held.logits(&x, None).unwrap()),
+        bits(&dense.logits(&x, None).unwrap())
+    );
+    // Fused step: a prompt (tiled kernel on widened rows), then decoding
+    // (matrix × vector widening in registers), alone and three at a time.
+    let (mut c16, mut c32) = (held.new_cache(128).unwrap(), dense.new_cache(128).unwrap());
+    let a = held.forward_cached(&ids, &mut c16, LogitsFor::All).unwrap();
+    let b = dense.forward_cached(&ids, &mut c32, LogitsFor::All).unwrap();
+    assert_eq!(bits(&a), bits(&b), "prompt logits");
+    let mut id = ids[0];
+    for step in 0..6 {
+        let a = held.forward_cached(&[id], &mut c16, LogitsFor::Last).unwrap();
+        let b = dense.forward_cached(&[id], &mut c32, LogitsFor::Last).unwrap();
+        assert_eq!(bits(&a), bits(&b), "decode step {step}");
+        id = a.flatten_all().unwrap().argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    }
+    let run = |m: &greencode::model::Qwen2| -> Vec<Vec<u32>> {
+        let mut caches: Vec<_> = (0..3).map(|_| m.new_cache(64).unwrap()).collect();
+        let chunks = [&ids[..1], &ids[1..4], &ids[4..]];
+        let mut steps: Vec<SeqStep> = caches
+            .iter_mut()
+            .zip(chunks)
+            .map(|(cache, tokens)| SeqStep {
+                cache,
+                tokens,
+                logits: LogitsFor::All,
+            })
+            .collect();
+        m.step(&mut steps).unwrap().iter().map(bits).collect()
+    };
+    assert_eq!(run(held), run(&dense), "a ragged batch");
 }

@@ -18,6 +18,7 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
 
+use super::bf16::Bf16Matrix;
 use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::gemm::{gemm_multi, gemm_nt, SharedOut};
@@ -61,10 +62,11 @@ fn host(t: &Tensor) -> Result<HostSlice<'_>> {
 }
 
 /// A projection's weights as the kernels read them: Q8_0 blocks when the
-/// layer was quantized, else its f32 tensor.
+/// layer was quantized, bf16 values when held so, else its f32 tensor.
 enum WeightView<'a> {
     F32(HostSlice<'a>),
     Q8(&'a Q8Matrix),
+    Bf16(&'a Bf16Matrix),
 }
 
 impl WeightView<'_> {
@@ -72,25 +74,24 @@ impl WeightView<'_> {
         match self {
             Self::F32(h) => Weights::F32(h.get()),
             Self::Q8(q) => Weights::Q8(q),
+            Self::Bf16(m) => Weights::Bf16(m),
         }
     }
 }
 
-/// The Q8_0 blocks when quantized, else the f32 tensor.
+/// The weight as held: Q8_0 blocks, bf16 values or the f32 tensor.
 fn weights(l: &Linear) -> Result<WeightView<'_>> {
-    Ok(match (l.q8(), l.dense()) {
-        (Some(q), _) => WeightView::Q8(q),
-        (None, Some(w)) => WeightView::F32(host(w)?),
-        (None, None) => unreachable!("a projection holds either Q8_0 blocks or a tensor"),
+    Ok(match (l.q8(), l.bf16(), l.dense()) {
+        (Some(q), ..) => WeightView::Q8(q),
+        (_, Some(m), _) => WeightView::Bf16(m),
+        (.., Some(w)) => WeightView::F32(host(w)?),
+        (None, None, None) => unreachable!("a projection holds Q8_0 blocks, bf16 values or a tensor"),
     })
 }
 
-/// Row `id` of an embedding matrix into `row` (dequantized when Q8_0).
-fn embedding_row(embed: &WeightView<'_>, id: usize, hs: usize, row: &mut [f32]) {
-    match embed {
-        WeightView::F32(h) => row.copy_from_slice(&h.get()[id * hs..(id + 1) * hs]),
-        WeightView::Q8(q) => q.dequantize_row(id, row),
-    }
+/// Row `id` of an embedding matrix into `row` (in f32).
+fn embedding_row(embed: &WeightView<'_>, id: usize, row: &mut [f32]) {
+    embed.get().row_to_f32(id, row);
 }
 
 /// Host views of one decoder layer's weights.
@@ -349,7 +350,7 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
         for (row, (&si, &pos)) in x.chunks_exact_mut(hs).zip(row_seq.iter().zip(&row_pos)) {
             let seq = &seqs[si];
             let id = seq.tokens[pos - seq.cache.len()] as usize;
-            embedding_row(&embed, id, hs, row);
+            embedding_row(&embed, id, row);
         }
         let xn = sized(&mut s.xn, rows * hs);
         let q = sized(&mut s.q, rows * qw);

@@ -1,6 +1,7 @@
 //! The f32 product kernel of the CPU runtime: `y = x·Wᵀ` with `x`
 //! `[rows, k]` and `W` `[cols, k]`, both read along `k`, so weights stay in
-//! their checkpoint layout and nothing is packed. Register tiles of 4 input
+//! their checkpoint layout and nothing is packed. Weights are f32 or bf16
+//! (widened exactly in registers as they are loaded, [`WeightElem`]). Register tiles of 4 input
 //! rows × 3 weight rows share every load (12 independent FMA chains, 7
 //! loads per 12 FMAs); row blocks of about 128 KB stay in L2 while a task's
 //! columns pass over them.
@@ -22,6 +23,51 @@ const TILE_COLS: usize = 3;
 /// enough that a thread slowed by another process leaves its share to the
 /// others, large enough that each task reuses its row block many times.
 const TASK_COLS: usize = 48;
+
+/// A weight element the tiles read: f32 as it is, or bf16 widened exactly
+/// to f32 (see [`super::bf16`]), so both give the same bits.
+pub(crate) trait WeightElem: Copy + Send + Sync {
+    /// Values per 64-byte cache line (one prefetch each).
+    const PER_LINE: usize = 64 / std::mem::size_of::<Self>();
+
+    /// The value as an f32 (exact).
+    fn to_f32(self) -> f32;
+
+    /// Eight values from `p` as f32 lanes; `p..p + 8` must be readable and
+    /// the CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl WeightElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl WeightElem for half::bf16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        let halves = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    }
+}
 
 /// `y[r·ldy + c] = Σᵢ x[r·ldx + i] · w[c·ldw + i]` for `r < rows`,
 /// `c < cols`, `i < k`, on the calling thread.
@@ -52,7 +98,7 @@ pub fn gemm_nt(
 /// Several products of the same `x` (`[rows, inp]`), e.g. the query, key
 /// and value projections, in one parallel pass over `threads`: the output
 /// features of all matrices together are cut into tasks of [`TASK_COLS`].
-/// Q8_0 weights are dequantized a task's rows at a time.
+/// Q8_0 and bf16 weights are turned into f32 a task's rows at a time.
 pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
     split_columns(
         x,
@@ -64,11 +110,14 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
         |w, cols, y| match w {
             // SAFETY (both stores): this task alone writes these columns.
             Weights::F32(w) => tiles(x, inp, rows, w, inp, cols, inp, |r, c, v| unsafe { y.store(r, c, v) }),
-            Weights::Q8(m) => DEQUANTIZED.with(|buf| {
+            // The task's weight rows in f32 first: the tiles then run the
+            // f32 arithmetic at full speed (bf16 widens exactly, so its bits
+            // equal matvec's, which widens in registers).
+            Weights::Q8(_) | Weights::Bf16(_) => DEQUANTIZED.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.resize(cols.len() * inp, 0.0);
                 for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
-                    m.dequantize_row(cols.start + i, row);
+                    w.row_to_f32(cols.start + i, row);
                 }
                 let lo = cols.start;
                 tiles(x, inp, rows, &buf, inp, 0..cols.len(), inp, |r, c, v| unsafe {
@@ -146,17 +195,17 @@ pub(crate) fn split_columns(
 }
 
 thread_local! {
-    /// A task's Q8_0 weight rows in f32, reused from task to task.
+    /// A task's Q8_0 or bf16 weight rows in f32, reused from task to task.
     static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Columns `cols` of `x·Wᵀ` for every row, handed to `store(row, col, value)`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn tiles(
+pub(crate) fn tiles<W: WeightElem>(
     x: &[f32],
     ldx: usize,
     rows: usize,
-    w: &[f32],
+    w: &[W],
     ldw: usize,
     cols: std::ops::Range<usize>,
     k: usize,
@@ -189,18 +238,18 @@ fn block_rows(k: usize) -> usize {
 
 /// The dot product of the portable path: eight lanes of separate multiply
 /// and add over 8-float steps, summed as the AVX2 tree, then the tail.
-pub(crate) fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_portable<W: WeightElem>(a: &[W], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let full = n / 8 * 8;
     let mut acc = [0f32; 8];
     for (x, y) in a[..full].chunks_exact(8).zip(b[..full].chunks_exact(8)) {
         for j in 0..8 {
-            acc[j] += x[j] * y[j];
+            acc[j] += x[j].to_f32() * y[j];
         }
     }
     let four: [f32; 4] = std::array::from_fn(|j| acc[j] + acc[j + 4]);
     let two = [four[0] + four[2], four[1] + four[3]];
-    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a[full..n].iter().zip(&b[full..n]).map(|(x, y)| x.to_f32() * y).sum();
     (two[0] + two[1]) + tail
 }
 
@@ -215,14 +264,14 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
             return |a, b| unsafe { avx2::dot(a, b) };
         }
     }
-    dot_portable
+    dot_portable::<f32>
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{block_rows, TILE_COLS, TILE_ROWS};
+    use super::{block_rows, WeightElem, TILE_COLS, TILE_ROWS};
     // Batched decoding (up to `MAX_ROWS` rows, the matrix × vector path):
     // its weights come from memory, so its tiles prefetch them.
     use crate::model::matvec::MAX_ROWS;
@@ -232,13 +281,13 @@ mod avx2 {
     /// past the last 8-float step (`n` floats from `w` and `x`).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn finish(lanes: __m256, w: *const f32, x: *const f32, n: usize) -> f32 {
+    unsafe fn finish<W: WeightElem>(lanes: __m256, w: *const W, x: *const f32, n: usize) -> f32 {
         let four = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
         let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
         let one = _mm_add_ss(two, _mm_movehdup_ps(two));
         let mut tail = 0f32;
         for i in 0..n {
-            tail += *w.add(i) * *x.add(i);
+            tail += (*w.add(i)).to_f32() * *x.add(i);
         }
         _mm_cvtss_f32(one) + tail
     }
@@ -249,14 +298,14 @@ mod avx2 {
     #[inline]
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn fixed<const R: usize, const C: usize>(
+    unsafe fn fixed<W: WeightElem, const R: usize, const C: usize>(
         x: *const f32,
         ldx: usize,
-        w: *const f32,
+        w: *const W,
         ldw: usize,
         k: usize,
     ) -> [[f32; C]; R] {
-        fixed_ahead::<R, C, false>(x, ldx, w, ldw, k, 0)
+        fixed_ahead::<W, R, C, false>(x, ldx, w, ldw, k, 0)
     }
 
     /// [`fixed`], and when `AHEAD` also a software prefetch of the weights
@@ -268,10 +317,10 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn fixed_ahead<const R: usize, const C: usize, const AHEAD: bool>(
+    unsafe fn fixed_ahead<W: WeightElem, const R: usize, const C: usize, const AHEAD: bool>(
         x: *const f32,
         ldx: usize,
-        w: *const f32,
+        w: *const W,
         ldw: usize,
         k: usize,
         ahead: usize,
@@ -281,13 +330,14 @@ mod avx2 {
         let mut wv = [_mm256_setzero_ps(); C];
         let mut i = 0;
         while i < full {
-            if AHEAD && i % 16 == 0 {
+            // One prefetch per 64-byte line of each weight row.
+            if AHEAD && i % W::PER_LINE == 0 {
                 for c in 0..C {
                     _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c * ldw + i + ahead) as *const i8);
                 }
             }
             for c in 0..C {
-                wv[c] = _mm256_loadu_ps(w.add(c * ldw + i));
+                wv[c] = W::load8(w.add(c * ldw + i));
             }
             for r in 0..R {
                 let xv = _mm256_loadu_ps(x.add(r * ldx + i));
@@ -324,11 +374,11 @@ mod avx2 {
     /// [`super::tiles`] on AVX2; the caller checked the bounds.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn tiles(
+    pub(super) unsafe fn tiles<W: WeightElem>(
         x: *const f32,
         ldx: usize,
         rows: usize,
-        w: *const f32,
+        w: *const W,
         ldw: usize,
         cols: std::ops::Range<usize>,
         k: usize,
@@ -343,7 +393,7 @@ mod avx2 {
                 while c + $c <= cols.end {
                     let wt = w.add(c * ldw);
                     emit(
-                        fixed_ahead::<$r, $c, true>(x, ldx, wt, ldw, k, $c * ldw),
+                        fixed_ahead::<W, $r, $c, true>(x, ldx, wt, ldw, k, $c * ldw),
                         0,
                         c,
                         store,
@@ -351,17 +401,33 @@ mod avx2 {
                     c += $c;
                 }
                 while c < cols.end {
-                    emit(fixed::<$r, 1>(x, ldx, w.add(c * ldw), ldw, k), 0, c, store);
+                    emit(fixed::<W, $r, 1>(x, ldx, w.add(c * ldw), ldw, k), 0, c, store);
                     c += 1;
                 }
             }};
         }
         match rows {
-            1 => return strip!(1, 8),
-            2 => return strip!(2, 6),
-            3 => return strip!(3, 4),
-            _ => {}
+            1 => strip!(1, 8),
+            2 => strip!(2, 6),
+            3 => strip!(3, 4),
+            _ => row_tiles(x, ldx, rows, w, ldw, cols, k, store),
         }
+    }
+
+    /// Four or more rows: row blocks of about 128 KB, and within a block
+    /// every weight tile of 3 rows against every input tile of 4.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_tiles<W: WeightElem>(
+        x: *const f32,
+        ldx: usize,
+        rows: usize,
+        w: *const W,
+        ldw: usize,
+        cols: std::ops::Range<usize>,
+        k: usize,
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
         let block = block_rows(k);
         for r0 in (0..rows).step_by(block) {
             let r1 = (r0 + block).min(rows);
@@ -373,7 +439,7 @@ mod avx2 {
                     let xt = x.add(r * ldx);
                     macro_rules! run {
                         ($r:literal, $c:literal) => {
-                            emit(fixed::<$r, $c>(xt, ldx, wt, ldw, k), r, c, store)
+                            emit(fixed::<W, $r, $c>(xt, ldx, wt, ldw, k), r, c, store)
                         };
                     }
                     // With few rows every row tile fetches the weight tile
@@ -385,7 +451,7 @@ mod avx2 {
                     let ahead = 2 * TILE_COLS * ldw;
                     let full = rn == TILE_ROWS && cn == TILE_COLS;
                     if rows <= MAX_ROWS && full && c + 3 * TILE_COLS <= cols.end {
-                        emit(fixed_ahead::<4, 3, true>(xt, ldx, wt, ldw, k, ahead), r, c, store);
+                        emit(fixed_ahead::<W, 4, 3, true>(xt, ldx, wt, ldw, k, ahead), r, c, store);
                         continue;
                     }
                     match (rn, cn) {
@@ -413,7 +479,7 @@ mod avx2 {
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: both rows hold at least `n` floats.
-        unsafe { fixed::<1, 1>(b.as_ptr(), 0, a.as_ptr(), 0, n)[0][0] }
+        unsafe { fixed::<f32, 1, 1>(b.as_ptr(), 0, a.as_ptr(), 0, n)[0][0] }
     }
 }
 
@@ -484,6 +550,38 @@ mod tests {
                     );
                 }
                 assert!(y[r * ldy + cols].is_nan(), "wrote past the columns");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_give_the_bits_of_their_f32_values_in_every_path() {
+        use crate::model::bf16::Bf16Matrix;
+        use crate::model::matvec::matvec_multi;
+        // Odd lengths exercise the tails past the last 8-value step.
+        for &(out, inp) in &[(70usize, 384usize), (33, 45)] {
+            let values: Vec<f32> = random(out * inp, 7)
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            let m = Bf16Matrix::from_f32_exact(&values, out, inp).unwrap();
+            for rows in [1, 2, 3, 5, 16, 37] {
+                let x = random(rows * inp, 8);
+                let want = matvec(&x, &values, rows, inp, out, 1);
+                for threads in [1, 2] {
+                    let mut y = vec![0f32; rows * out];
+                    let mut p = [Projection {
+                        w: Weights::Bf16(&m),
+                        out,
+                        y: &mut y,
+                    }];
+                    if rows <= crate::model::matvec::MAX_ROWS {
+                        matvec_multi(&x, rows, inp, &mut p, threads);
+                    } else {
+                        gemm_multi(&x, rows, inp, &mut p, threads);
+                    }
+                    assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
+                }
             }
         }
     }

@@ -1,14 +1,16 @@
 //! A projection `y = x·Wᵀ + b` that flattens leading dimensions so the
 //! matrix multiply is always one 2-D product (the fast path on every
-//! backend). The weight is held either in full precision or, after
-//! quantization, as Q8_0 blocks only: decode-sized products read the blocks
-//! directly and prompt-sized ones dequantize one matrix at a time, so a
-//! quantized model never holds its full-precision weights.
+//! backend). The weight is held in the compute dtype, or on the CPU in a
+//! compact form only: bf16 when every value is one (exact, half the bytes
+//! of f32) or Q8_0 blocks after quantization. Decode-sized products read
+//! the compact form directly and prompt-sized ones turn one matrix at a
+//! time into f32, so the full-precision weights are never all held.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::bf16::Bf16Matrix;
 use super::lora::{frozen_matmul, SharedAdapter};
 use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
 use super::quant::Q8Matrix;
@@ -20,6 +22,8 @@ enum Stored {
     Dense(Tensor),
     /// Q8_0 blocks (CPU, f32 compute).
     Q8(Arc<Q8Matrix>),
+    /// bf16 values (CPU, f32 compute; exact).
+    Bf16(Arc<Bf16Matrix>),
 }
 
 /// A linear layer with an optional bias; weights are `[out, in]` as in HF.
@@ -44,15 +48,12 @@ impl Linear {
     /// drops the full-precision tensor. Returns false (and changes nothing)
     /// when rows are not a multiple of 32 or the weight is not on the CPU.
     pub fn quantize_q8(&mut self) -> Result<bool> {
-        let w = match &self.weight {
+        let (values, (rows, cols)) = match &self.weight {
             Stored::Q8(_) => return Ok(true),
-            Stored::Dense(w) => w,
+            Stored::Bf16(m) => (m.to_f32(), (m.rows(), m.cols())),
+            Stored::Dense(w) if !w.device().is_cpu() => return Ok(false),
+            Stored::Dense(w) => (w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, w.dims2()?),
         };
-        if !w.device().is_cpu() {
-            return Ok(false);
-        }
-        let (rows, cols) = w.dims2()?;
-        let values: Vec<f32> = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let Some(q) = Q8Matrix::quantize(&values, rows, cols) else {
             return Ok(false);
         };
@@ -60,28 +61,77 @@ impl Linear {
         Ok(true)
     }
 
+    /// Holds an f32 CPU weight in bf16 when every value is exactly a bf16
+    /// (a bf16 checkpoint loaded in f32): the same values in half the
+    /// bytes. Returns whether the weight is held in bf16 now; anything else
+    /// (another dtype or device, a value bf16 cannot hold) is left as it is.
+    pub fn compact_bf16(&mut self) -> Result<bool> {
+        let w = match &self.weight {
+            Stored::Bf16(_) => return Ok(true),
+            Stored::Q8(_) => return Ok(false),
+            Stored::Dense(w) => w,
+        };
+        if !w.device().is_cpu() || w.dtype() != DType::F32 {
+            return Ok(false);
+        }
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let Some(m) = Bf16Matrix::from_f32_exact(&values, rows, cols) else {
+            return Ok(false);
+        };
+        self.weight = Stored::Bf16(Arc::new(m));
+        Ok(true)
+    }
+
+    /// Holds a bf16-held weight as an f32 tensor again (same values);
+    /// any other form is left as it is.
+    pub fn hold_dense(&mut self) -> Result<()> {
+        if let Stored::Bf16(_) = self.weight {
+            self.weight = Stored::Dense(self.weight()?);
+        }
+        Ok(())
+    }
+
     /// The Q8_0 blocks, when quantized.
     pub fn q8(&self) -> Option<&Q8Matrix> {
         match &self.weight {
             Stored::Q8(q) => Some(q),
-            Stored::Dense(_) => None,
+            _ => None,
         }
     }
 
-    /// The full-precision weight tensor, when not quantized.
+    /// The bf16 values, when held in bf16.
+    pub fn bf16(&self) -> Option<&Bf16Matrix> {
+        match &self.weight {
+            Stored::Bf16(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The weight tensor, when held as one (not in a compact form).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {
             Stored::Dense(w) => Some(w),
-            Stored::Q8(_) => None,
+            _ => None,
         }
     }
 
-    /// The `[out, in]` weight as a tensor: the held one, or the Q8_0
-    /// blocks' exact values (a new f32 CPU tensor) when quantized.
+    /// The compact form as the CPU kernels read it (Q8_0 or bf16).
+    fn compact(&self) -> Option<Weights<'_>> {
+        match &self.weight {
+            Stored::Dense(_) => None,
+            Stored::Q8(q) => Some(Weights::Q8(q)),
+            Stored::Bf16(m) => Some(Weights::Bf16(m)),
+        }
+    }
+
+    /// The `[out, in]` weight as a tensor: the held one, or the compact
+    /// form's exact values (a new f32 CPU tensor).
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => Ok(w.clone()),
             Stored::Q8(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
+            Stored::Bf16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
         }
     }
 
@@ -90,6 +140,7 @@ impl Linear {
         match &self.weight {
             Stored::Dense(w) => w.dims2().unwrap_or((0, 0)),
             Stored::Q8(q) => (q.rows(), q.cols()),
+            Stored::Bf16(m) => (m.rows(), m.cols()),
         }
     }
 
@@ -97,12 +148,16 @@ impl Linear {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => w.index_select(ids, 0),
-            Stored::Q8(q) => {
+            Stored::Q8(_) | Stored::Bf16(_) => {
+                let compact = self.compact().expect("a compact weight");
                 let ids: Vec<u32> = ids.to_vec1()?;
-                let cols = q.cols();
+                let (rows, cols) = self.dims();
                 let mut out = vec![0f32; ids.len() * cols];
                 for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(cols.max(1))) {
-                    q.dequantize_row(id as usize, dst);
+                    if id as usize >= rows {
+                        return Err(candle_core::Error::Msg(format!("row {id} of a {rows}-row embedding")));
+                    }
+                    compact.row_to_f32(id as usize, dst);
                 }
                 Tensor::from_vec(out, (ids.len(), cols), &Device::Cpu)
             }
@@ -114,6 +169,7 @@ impl Linear {
         match &self.weight {
             Stored::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Stored::Q8(q) => q.bytes(),
+            Stored::Bf16(m) => m.bytes(),
         }
     }
 
@@ -176,7 +232,7 @@ impl Linear {
             }
             Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
             Stored::Dense(w) => x2.matmul(&w.t()?)?,
-            Stored::Q8(q) if decode_shape => {
+            Stored::Q8(_) | Stored::Bf16(_) if decode_shape => {
                 let xs: Vec<f32> = x2.flatten_all()?.to_vec1()?;
                 let mut ys = vec![0f32; rows * out];
                 matvec_multi(
@@ -184,7 +240,7 @@ impl Linear {
                     rows,
                     in_features,
                     &mut [Projection {
-                        w: Weights::Q8(q),
+                        w: self.compact().expect("a compact weight"),
                         out,
                         y: &mut ys,
                     }],
@@ -193,7 +249,7 @@ impl Linear {
                 Tensor::from_vec(ys, (rows, out), x2.device())?
             }
             // Prompt-sized products: this one matrix in f32 for the GEMM, then freed.
-            Stored::Q8(_) => {
+            Stored::Q8(_) | Stored::Bf16(_) => {
                 let w = self.weight()?.to_dtype(x2.dtype())?;
                 if differentiable {
                     frozen_matmul(&x2, &w).map_err(candle_core::Error::wrap)?

@@ -1,6 +1,7 @@
 //! The model runtime every other part uses: configuration, loading, the
 //! Qwen2 forward passes and the KV cache.
 
+pub mod bf16;
 pub mod config;
 pub mod decode_attention;
 mod decode_cuda;

@@ -452,7 +452,9 @@ impl Qwen2 {
 
     /// As [`Qwen2::from_store`]; with `quantize_q8` each matrix becomes
     /// Q8_0 as soon as it is taken, so the full-precision weights are never
-    /// all in memory (see [`Qwen2::quantize_q8`]).
+    /// all in memory (see [`Qwen2::quantize_q8`]). Otherwise an f32 CPU
+    /// model holds every matrix whose values are all bf16 (a bf16
+    /// checkpoint) in bf16, exactly (see [`Linear::compact_bf16`]).
     pub fn build(config: Qwen2Config, store: &mut WeightStore, quantize_q8: bool) -> Result<Self> {
         let h = config.hidden_size;
         let (nh, nkv, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
@@ -461,9 +463,17 @@ impl Qwen2 {
         let device = embed_tokens.device().clone();
         let dtype = embed_tokens.dtype();
         let mut embed_tokens = Linear::new(embed_tokens, None);
-        if quantize_q8 {
-            embed_tokens.quantize_q8()?;
-        }
+        let compact_bf16 = !quantize_q8 && device.is_cpu() && dtype == DType::F32;
+        // Each matrix in its held form as soon as it is taken.
+        let hold = |lin: &mut Linear| -> Result<()> {
+            if quantize_q8 {
+                lin.quantize_q8()?;
+            } else if compact_bf16 {
+                lin.compact_bf16()?;
+            }
+            Ok(())
+        };
+        hold(&mut embed_tokens)?;
         let eps = config.rms_norm_eps as f32;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -515,11 +525,9 @@ impl Qwen2 {
                 input_layernorm: norm(store, "input_layernorm")?,
                 post_attention_layernorm: norm(store, "post_attention_layernorm")?,
             };
-            if quantize_q8 {
-                // Before the next layer is read: one layer in full precision at a time.
-                for lin in layer.projections_mut() {
-                    lin.quantize_q8()?;
-                }
+            // Before the next layer is read: one layer in full precision at a time.
+            for lin in layer.projections_mut() {
+                hold(lin)?;
             }
             layers.push(layer);
         }
@@ -531,9 +539,7 @@ impl Qwen2 {
             embed_tokens.clone()
         } else {
             let mut head = Linear::new(store.take("lm_head.weight", &[Some(v), Some(h)])?, None);
-            if quantize_q8 {
-                head.quantize_q8()?;
-            }
+            hold(&mut head)?;
             head
         };
         let rope = RotaryEmbedding::new(&config, dtype, &device)?;
@@ -864,6 +870,35 @@ impl Qwen2 {
             "q8_0"
         } else {
             "none"
+        }
+    }
+
+    /// Holds every bf16-held matrix as an f32 tensor again (the layout a
+    /// bf16 checkpoint had before [`Linear::compact_bf16`]): the same
+    /// values, twice the bytes; for comparisons of the two layouts.
+    pub fn hold_dense(&mut self) -> Result<()> {
+        for (_, _, lin) in self.projections_mut() {
+            lin.hold_dense()?;
+        }
+        self.embed_tokens.hold_dense()?;
+        if self.config.tie_word_embeddings {
+            self.lm_head = self.embed_tokens.clone();
+        } else {
+            self.lm_head.hold_dense()?;
+        }
+        Ok(())
+    }
+
+    /// How the weights are held: `q8_0`, `bf16` (exact values of a bf16
+    /// checkpoint) or the compute dtype (`f32`, `bf16`, `f16`).
+    pub fn weight_format(&self) -> String {
+        let q = &self.layers.first().map_or(&self.lm_head, |l| &l.self_attn.q_proj);
+        if q.q8().is_some() {
+            "q8_0".to_owned()
+        } else if q.bf16().is_some() {
+            "bf16".to_owned()
+        } else {
+            format!("{:?}", self.dtype).to_lowercase()
         }
     }
 

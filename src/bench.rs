@@ -78,6 +78,8 @@ pub struct BenchReport {
     pub new_tokens: usize,
     /// Compute threads.
     pub threads: usize,
+    /// How the weights are held (`bf16`, `f32`, `q8_0`; see [`Qwen2::weight_format`]).
+    pub weights: String,
     /// Every pass.
     pub passes: Vec<BenchPass>,
     /// Time to first token over passes, ms.
@@ -160,6 +162,7 @@ pub fn bench_generate(
         prompt_tokens: cfg.prompt_tokens,
         new_tokens: cfg.new_tokens,
         threads,
+        weights: model.weight_format(),
         ttft_ms: Spread::of(passes.iter().map(|p| p.ttft_ms).collect()),
         prompt_tokens_per_second: Spread::of(passes.iter().map(|p| p.prompt_tokens_per_second).collect()),
         decode_tokens_per_second: Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect()),

@@ -54,6 +54,8 @@ pub struct BatchBenchReport {
     pub device: String,
     /// Compute dtype.
     pub dtype: String,
+    /// How the weights are held (`bf16`, `f32`, `q8_0`; see [`Qwen2::weight_format`]).
+    pub weights: String,
     /// Sequences decoded together.
     pub batch: usize,
     /// Prompt length per sequence.
@@ -249,6 +251,7 @@ pub fn bench_batch(
         model: name.to_owned(),
         device: device_name(model.device()),
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
+        weights: model.weight_format(),
         batch: cfg.batch,
         prompt_tokens: cfg.prompt_tokens,
         new_tokens: cfg.new_tokens,

@@ -217,8 +217,8 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
 fn print_batch_report(r: &BatchBenchReport) {
     let s = |x: &greencode::bench::Spread| format!("{:.1} / {:.1} / {:.1}", x.min, x.median, x.max);
     println!(
-        "{} on {} ({}), batch {}, prompt {} + {} new tokens (min / median / max)",
-        r.model, r.device, r.dtype, r.batch, r.prompt_tokens, r.new_tokens
+        "{} on {} ({}, {} weights), batch {}, prompt {} + {} new tokens (min / median / max)",
+        r.model, r.device, r.dtype, r.weights, r.batch, r.prompt_tokens, r.new_tokens
     );
     println!("time to first token (ms): {}", s(&r.ttft_ms));
     println!("decode tokens/s:          {}", s(&r.decode_tokens_per_second));

@@ -1098,8 +1098,8 @@ fn run_bench_generate(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             let model = p.name();
             let s = |x: &greencode::bench::Spread| format!("{:.1} / {:.1} / {:.1}", x.min, x.median, x.max);
             println!(
-                "model {model}, prompt {} + {} new tokens, {} threads (min / median / max)",
-                a.prompt_tokens, a.new_tokens, threads
+                "model {model} ({} weights), prompt {} + {} new tokens, {} threads (min / median / max)",
+                report.weights, a.prompt_tokens, a.new_tokens, threads
             );
             println!("time to first token (ms): {}", s(&report.ttft_ms));
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));

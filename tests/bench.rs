@@ -38,6 +38,8 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
         assert!(min > 0.0 && min <= median && median <= max, "{key}: {s}");
     }
     assert!(["nvml", "rapl", "estimated"].contains(&r["energy_source"].as_str().unwrap()));
+    // tiny-coder's checkpoint is bf16: held as such, not widened to f32.
+    assert_eq!(r["weights"], "bf16");
 }
 
 #[test]

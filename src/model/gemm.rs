@@ -29,6 +29,9 @@ const TASK_COLS: usize = 48;
 pub(crate) trait WeightElem: Copy + Send + Sync {
     /// Values per 64-byte cache line (one prefetch each).
     const PER_LINE: usize = 64 / std::mem::size_of::<Self>();
+    /// Narrower than f32: widening costs instructions in every tile that
+    /// loads the value, so products of 8 or more rows widen once per block.
+    const NARROW: bool = std::mem::size_of::<Self>() < 4;
 
     /// The value as an f32 (exact).
     fn to_f32(self) -> f32;
@@ -194,7 +197,13 @@ pub(crate) fn split_columns(
     }
 }
 
+/// Weight rows a few-row product of bf16 weights widens together: the
+/// block stays in L1/L2 while every 4-row tile reads it.
+const WIDEN_COLS: usize = 12;
+
 thread_local! {
+    /// A few-row product's block of bf16 weight rows in f32.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A task's Q8_0 or bf16 weight rows in f32, reused from task to task.
     static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -271,7 +280,7 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{block_rows, WeightElem, TILE_COLS, TILE_ROWS};
+    use super::{block_rows, WeightElem, TILE_COLS, TILE_ROWS, WIDEN_COLS};
     // Batched decoding (up to `MAX_ROWS` rows, the matrix × vector path):
     // its weights come from memory, so its tiles prefetch them.
     use crate::model::matvec::MAX_ROWS;
@@ -410,6 +419,7 @@ mod avx2 {
             1 => strip!(1, 8),
             2 => strip!(2, 6),
             3 => strip!(3, 4),
+            _ if W::NARROW && rows >= 8 => widened_tiles(x, ldx, rows, w, ldw, cols, k, store),
             _ => row_tiles(x, ldx, rows, w, ldw, cols, k, store),
         }
     }
@@ -471,6 +481,57 @@ mod avx2 {
                 }
             }
         }
+    }
+
+    /// Narrow weights (bf16) for 8 or more rows: blocks of [`WIDEN_COLS`]
+    /// weight rows are widened to f32 once, the next block prefetched
+    /// meanwhile, and the f32 tiles run over every input row. Widening
+    /// inside the tiles repeats it for every 4-row tile; at 16 rows this is
+    /// 6–8% faster per decode step (paired runs, BENCHMARKS.md), at 4 rows
+    /// slower. Same values, hence the same bits.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn widened_tiles<W: WeightElem>(
+        x: *const f32,
+        ldx: usize,
+        rows: usize,
+        w: *const W,
+        ldw: usize,
+        cols: std::ops::Range<usize>,
+        k: usize,
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
+        super::WIDENED.with(|buf| {
+            let mut buf = buf.borrow_mut();
+            let mut c0 = cols.start;
+            while c0 < cols.end {
+                let n = WIDEN_COLS.min(cols.end - c0);
+                if buf.len() < n * k {
+                    buf.resize(n * k, 0.0);
+                }
+                for i in 0..n {
+                    let src = w.add((c0 + i) * ldw);
+                    let dst = buf.as_mut_ptr().add(i * k);
+                    let mut j = 0;
+                    while j + 8 <= k {
+                        if j % W::PER_LINE == 0 {
+                            // The same row of the next block.
+                            _mm_prefetch::<_MM_HINT_T0>(src.wrapping_add(WIDEN_COLS * ldw + j) as *const i8);
+                        }
+                        _mm256_storeu_ps(dst.add(j), W::load8(src.add(j)));
+                        j += 8;
+                    }
+                    while j < k {
+                        *dst.add(j) = (*src.add(j)).to_f32();
+                        j += 1;
+                    }
+                }
+                row_tiles(x, ldx, rows, buf.as_ptr(), k, 0..n, k, &mut |r, c, v| {
+                    store(r, c0 + c, v)
+                });
+                c0 += n;
+            }
+        });
     }
 
     /// One dot product (the 1 × 1 tile).
@@ -565,7 +626,7 @@ mod tests {
                 .map(|&v| half::bf16::from_f32(v).to_f32())
                 .collect();
             let m = Bf16Matrix::from_f32_exact(&values, out, inp).unwrap();
-            for rows in [1, 2, 3, 5, 16, 37] {
+            for rows in [1, 2, 3, 5, 8, 16, 37] {
                 let x = random(rows * inp, 8);
                 let want = matvec(&x, &values, rows, inp, out, 1);
                 for threads in [1, 2] {

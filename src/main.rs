@@ -214,9 +214,10 @@ struct ServeArgs {
     /// Most sequences decoded together in one engine step.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Most prompt tokens processed per engine step (long prompts are chunked
-    /// so running requests keep decoding).
-    #[arg(long, default_value_t = 512)]
+    /// Most prompt tokens processed per engine step while other requests
+    /// decode (long prompts are chunked so they keep decoding); a step with
+    /// nothing decoding takes up to 512.
+    #[arg(long, default_value_t = 128)]
     prefill_chunk: usize,
     /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
     #[arg(long, default_value_t = 16)]

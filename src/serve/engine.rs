@@ -211,8 +211,10 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Most sequences in one step.
     pub max_batch: usize,
-    /// Most prompt tokens processed in one step (over all prefilling slots),
-    /// so long prompts do not stall the others' decoding.
+    /// Most prompt tokens processed in one step (over all prefilling slots)
+    /// while any sequence is decoding, so long prompts stall the others'
+    /// decoding for one short step at a time; with none decoding a step
+    /// takes up to [`SOLO_PREFILL`] (or this, if larger).
     pub prefill_chunk: usize,
     /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
     pub prefix_cache: usize,
@@ -223,7 +225,7 @@ impl Default for EngineConfig {
         Self {
             max_queue: 128,
             max_batch: 16,
-            prefill_chunk: 512,
+            prefill_chunk: 128,
             prefix_cache: 16,
         }
     }
@@ -272,6 +274,11 @@ pub fn spawn<M: EngineModel>(
         .expect("spawning a thread");
     (handle, thread)
 }
+
+/// Prompt tokens a step may take when no sequence is decoding: nobody waits
+/// on the step, and one long step computes a prompt faster than several
+/// short ones (each reads all the weights).
+pub const SOLO_PREFILL: usize = 512;
 
 /// Fewest shared leading tokens worth reusing a cached prefix for.
 const MIN_PREFIX_REUSE: usize = 8;
@@ -509,8 +516,12 @@ impl<M: EngineModel> Engine<'_, M> {
             }
         }
         self.finish_cancelled();
-        // Inputs: a decode token, or the next prompt chunk within the budget.
-        let mut budget = self.config.prefill_chunk.max(1);
+        // Inputs: a decode token, or the next prompt chunk within the budget
+        // (small while someone decodes, so their next token is not held up
+        // by a whole prompt).
+        let decoding = self.slots.iter().any(|s| s.state == SlotState::Decode);
+        let chunk = self.config.prefill_chunk.max(1);
+        let mut budget = if decoding { chunk } else { chunk.max(SOLO_PREFILL) };
         let mut inputs: Vec<(usize, Vec<u32>, LogitsFor, bool)> = Vec::new(); // slot, tokens, logits, completes prompt
         for (i, slot) in self.slots.iter_mut().enumerate() {
             match slot.state {

@@ -35,7 +35,7 @@ pub struct ServeConfig {
     pub max_queue: usize,
     /// Most sequences per engine step.
     pub max_batch: usize,
-    /// Most prompt tokens per engine step.
+    /// Most prompt tokens per engine step while others decode.
     pub prefill_chunk: usize,
     /// Finished requests' caches kept for prefix reuse.
     pub prefix_cache: usize,

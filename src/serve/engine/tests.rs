@@ -225,3 +225,39 @@ fn prefix_reuse_hits_and_least_recently_used_is_evicted() {
     let (_, d) = collect(f.submit(prompt_b, 2));
     assert_eq!(d.cached_tokens, 0, "an evicted prefix was reused");
 }
+
+#[test]
+fn prompts_are_chunked_only_while_others_decode() {
+    let mut cfg = config(4, 16, 0);
+    cfg.prefill_chunk = 4;
+    let f = start(cfg, Duration::from_millis(1));
+    // Alone: the 20-token prompt runs in one step.
+    let (text, _) = collect(f.submit((1..=20).collect(), 1));
+    assert_eq!(text, "<21>");
+    assert!(f.log.lock().unwrap().iter().flatten().any(|&(t, n)| t == 1 && n == 20));
+    // With a sequence decoding: at most 4 prompt tokens a step, and the
+    // decoding sequence gets a token in every step of the prompt.
+    let mut long = f.submit(vec![200], 100);
+    assert!(matches!(long.blocking_recv(), Some(Event::Text { .. })));
+    let (text, _) = collect(f.submit((100..120).collect(), 1));
+    assert_eq!(text, "<120>");
+    drop(long);
+    let log = f.log.lock().unwrap();
+    let prompt_steps: Vec<&Vec<(u32, usize)>> = log
+        .iter()
+        .filter(|step| step.iter().any(|&(t, _)| (100..120).contains(&t)))
+        .collect();
+    assert_eq!(prompt_steps.len(), 5, "20 tokens in chunks of 4: {prompt_steps:?}");
+    for step in prompt_steps {
+        let prompt: usize = step
+            .iter()
+            .filter(|&&(t, _)| (100..120).contains(&t))
+            .map(|&(_, n)| n)
+            .sum();
+        assert!(prompt <= 4, "{step:?}");
+        assert!(
+            step.iter().any(|&(t, n)| t >= 200 && n == 1),
+            "the decoding sequence waited: {step:?}"
+        );
+    }
+}

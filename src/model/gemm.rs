@@ -227,9 +227,17 @@ pub(crate) fn tiles<W: WeightElem>(
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            let op = avx2::Operands {
+                x: x.as_ptr(),
+                ldx,
+                rows,
+                w: w.as_ptr(),
+                ldw,
+                k,
+            };
             // SAFETY: the CPU supports AVX2 and FMA (checked just above) and
             // every row read lies inside `x` and `w` (asserted above).
-            unsafe { avx2::tiles(x.as_ptr(), ldx, rows, w.as_ptr(), ldw, cols, k, &mut store) };
+            unsafe { avx2::tiles(op, cols, &mut store) };
             return;
         }
     }
@@ -380,19 +388,54 @@ mod avx2 {
         }
     }
 
+    /// A product's operands: `rows` input rows at `x + r·ldx`, weight rows
+    /// at `w + c·ldw`, dot products of length `k`.
+    pub(super) struct Operands<W> {
+        pub(super) x: *const f32,
+        pub(super) ldx: usize,
+        pub(super) rows: usize,
+        pub(super) w: *const W,
+        pub(super) ldw: usize,
+        pub(super) k: usize,
+    }
+
+    impl<W> Clone for Operands<W> {
+        fn clone(&self) -> Self {
+            *self
+        }
+    }
+
+    impl<W> Copy for Operands<W> {}
+
+    impl<W> Operands<W> {
+        /// The same inputs against other weights.
+        fn with_weights<V>(self, w: *const V, ldw: usize) -> Operands<V> {
+            Operands {
+                x: self.x,
+                ldx: self.ldx,
+                rows: self.rows,
+                w,
+                ldw,
+                k: self.k,
+            }
+        }
+    }
+
     /// [`super::tiles`] on AVX2; the caller checked the bounds.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tiles<W: WeightElem>(
-        x: *const f32,
-        ldx: usize,
-        rows: usize,
-        w: *const W,
-        ldw: usize,
+        op: Operands<W>,
         cols: std::ops::Range<usize>,
-        k: usize,
         store: &mut impl FnMut(usize, usize, f32),
     ) {
+        let Operands {
+            x,
+            ldx,
+            rows,
+            w,
+            ldw,
+            k,
+        } = op;
         // Up to three rows (decoding): one strip of tiles as wide as the
         // registers allow, each weight row read once, the next tile's
         // weights prefetched while this one is computed (+2–4% decode).
@@ -419,25 +462,27 @@ mod avx2 {
             1 => strip!(1, 8),
             2 => strip!(2, 6),
             3 => strip!(3, 4),
-            _ if W::NARROW && rows >= 8 => widened_tiles(x, ldx, rows, w, ldw, cols, k, store),
-            _ => row_tiles(x, ldx, rows, w, ldw, cols, k, store),
+            _ if W::NARROW && rows >= 8 => widened_tiles(op, cols, store),
+            _ => row_tiles(op, cols, store),
         }
     }
 
     /// Four or more rows: row blocks of about 128 KB, and within a block
     /// every weight tile of 3 rows against every input tile of 4.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_tiles<W: WeightElem>(
-        x: *const f32,
-        ldx: usize,
-        rows: usize,
-        w: *const W,
-        ldw: usize,
+        op: Operands<W>,
         cols: std::ops::Range<usize>,
-        k: usize,
         store: &mut impl FnMut(usize, usize, f32),
     ) {
+        let Operands {
+            x,
+            ldx,
+            rows,
+            w,
+            ldw,
+            k,
+        } = op;
         let block = block_rows(k);
         for r0 in (0..rows).step_by(block) {
             let r1 = (r0 + block).min(rows);
@@ -489,18 +534,13 @@ mod avx2 {
     /// inside the tiles repeats it for every 4-row tile; at 16 rows this is
     /// 6–8% faster per decode step (paired runs, BENCHMARKS.md), at 4 rows
     /// slower. Same values, hence the same bits.
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn widened_tiles<W: WeightElem>(
-        x: *const f32,
-        ldx: usize,
-        rows: usize,
-        w: *const W,
-        ldw: usize,
+        op: Operands<W>,
         cols: std::ops::Range<usize>,
-        k: usize,
         store: &mut impl FnMut(usize, usize, f32),
     ) {
+        let (w, ldw, k) = (op.w, op.ldw, op.k);
         super::WIDENED.with(|buf| {
             let mut buf = buf.borrow_mut();
             let mut c0 = cols.start;
@@ -526,7 +566,7 @@ mod avx2 {
                         j += 1;
                     }
                 }
-                row_tiles(x, ldx, rows, buf.as_ptr(), k, 0..n, k, &mut |r, c, v| {
+                row_tiles(op.with_weights(buf.as_ptr(), k), 0..n, &mut |r, c, v| {
                     store(r, c0 + c, v)
                 });
                 c0 += n;

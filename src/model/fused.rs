@@ -10,7 +10,8 @@
 //! come from the tiled kernel, and every intermediate lives in buffers
 //! reused from step to step.
 //!
-//! It runs for f32 models on the CPU; `Qwen2::step` sends everything else
+//! It runs for f32 models on the CPU (weights held in f32, bf16 or Q8_0,
+//! see `Linear`); `Qwen2::step` sends everything else
 //! (other devices and dtypes, models with LoRA adapters) through the tensor
 //! path.
 

@@ -890,15 +890,30 @@ impl Qwen2 {
     }
 
     /// How the weights are held: `q8_0`, `bf16` (exact values of a bf16
-    /// checkpoint) or the compute dtype (`f32`, `bf16`, `f16`).
+    /// checkpoint) or the compute dtype (`f32`, `bf16`, `f16`); `mixed`
+    /// when the matrices differ (some matrices of a checkpoint bf16-exact,
+    /// others not; rows Q8_0 cannot block).
     pub fn weight_format(&self) -> String {
-        let q = &self.layers.first().map_or(&self.lm_head, |l| &l.self_attn.q_proj);
-        if q.q8().is_some() {
-            "q8_0".to_owned()
-        } else if q.bf16().is_some() {
-            "bf16".to_owned()
+        let form = |l: &Linear| {
+            if l.q8().is_some() {
+                "q8_0".to_owned()
+            } else if l.bf16().is_some() {
+                "bf16".to_owned()
+            } else {
+                format!("{:?}", self.dtype).to_lowercase()
+            }
+        };
+        let mut forms = self
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .chain([&self.lm_head])
+            .map(form);
+        let first = forms.next().unwrap_or_default();
+        if forms.all(|f| f == first) {
+            first
         } else {
-            format!("{:?}", self.dtype).to_lowercase()
+            "mixed".to_owned()
         }
     }
 

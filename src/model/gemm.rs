@@ -1,10 +1,10 @@
 //! The f32 product kernel of the CPU runtime: `y = x·Wᵀ` with `x`
 //! `[rows, k]` and `W` `[cols, k]`, both read along `k`, so weights stay in
 //! their checkpoint layout and nothing is packed. Weights are f32 or bf16
-//! (widened exactly in registers as they are loaded, [`WeightElem`]). Register tiles of 4 input
-//! rows × 3 weight rows share every load (12 independent FMA chains, 7
-//! loads per 12 FMAs); row blocks of about 128 KB stay in L2 while a task's
-//! columns pass over them.
+//! (widened exactly in registers as they are loaded, [`WeightElem`]).
+//! Register tiles of 4 input rows × 3 weight rows share every load (12
+//! independent FMA chains, 7 loads per 12 FMAs); in a prompt an input tile
+//! stays in L1 while a block of about 192 KB of weight rows passes from L2.
 //!
 //! Every output, whatever the tile, is the same arithmetic: one 8-lane
 //! accumulator over 8-float steps (AVX2 FMA when the CPU has it, detected
@@ -248,9 +248,10 @@ pub(crate) fn tiles<W: WeightElem>(
     }
 }
 
-/// Input rows per L2 block: about 128 KB of them.
-fn block_rows(k: usize) -> usize {
-    ((32 * 1024 / k.max(1)) / TILE_ROWS * TILE_ROWS).max(TILE_ROWS)
+/// Weight rows per L2 block of a prompt product: about 192 KB of f32
+/// values (a multiple of [`TILE_COLS`]).
+fn weight_block_cols(k: usize) -> usize {
+    ((48 * 1024 / k.max(1)) / TILE_COLS * TILE_COLS).max(TILE_COLS)
 }
 
 /// The dot product of the portable path: eight lanes of separate multiply
@@ -288,7 +289,7 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{block_rows, WeightElem, TILE_COLS, TILE_ROWS, WIDEN_COLS};
+    use super::{weight_block_cols, WeightElem, TILE_COLS, TILE_ROWS, WIDEN_COLS};
     // Batched decoding (up to `MAX_ROWS` rows, the matrix × vector path):
     // its weights come from memory, so its tiles prefetch them.
     use crate::model::matvec::MAX_ROWS;
@@ -467,64 +468,82 @@ mod avx2 {
         }
     }
 
-    /// Four or more rows: row blocks of about 128 KB, and within a block
-    /// every weight tile of 3 rows against every input tile of 4.
+    /// Four or more rows, in 4 × 3 register tiles. Up to [`MAX_ROWS`]
+    /// (batched decoding; the weights come from memory): each weight tile
+    /// against every input tile, prefetching the weight tile two on. More
+    /// (prompts; compute-bound): each input tile stays in L1 while a block
+    /// of weight rows ([`weight_block_cols`], ≈ 192 KB) passes from L2, so a
+    /// tile's step loads 3 vectors from L2 instead of 4 (+5–8% a core on
+    /// tiny-coder's prompt products, `cargo bench --bench gemm`).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_tiles<W: WeightElem>(
         op: Operands<W>,
         cols: std::ops::Range<usize>,
         store: &mut impl FnMut(usize, usize, f32),
     ) {
-        let Operands {
-            x,
-            ldx,
-            rows,
-            w,
-            ldw,
-            k,
-        } = op;
-        let block = block_rows(k);
-        for r0 in (0..rows).step_by(block) {
-            let r1 = (r0 + block).min(rows);
-            for c in cols.clone().step_by(TILE_COLS) {
-                let cn = TILE_COLS.min(cols.end - c);
-                let wt = w.add(c * ldw);
-                for r in (r0..r1).step_by(TILE_ROWS) {
-                    let rn = TILE_ROWS.min(r1 - r);
-                    let xt = x.add(r * ldx);
-                    macro_rules! run {
-                        ($r:literal, $c:literal) => {
-                            emit(fixed::<W, $r, $c>(xt, ldx, wt, ldw, k), r, c, store)
-                        };
-                    }
-                    // With few rows every row tile fetches the weight tile
-                    // two tiles on: the weights come from memory, and
-                    // prefetching from the first row tile alone left the
-                    // memory idle while the others ran (8 rows over a
-                    // 100 MB matrix: +15–20%; decode step at 8 sequences:
-                    // +10–13%, BENCHMARKS.md).
-                    let ahead = 2 * TILE_COLS * ldw;
-                    let full = rn == TILE_ROWS && cn == TILE_COLS;
-                    if rows <= MAX_ROWS && full && c + 3 * TILE_COLS <= cols.end {
-                        emit(fixed_ahead::<W, 4, 3, true>(xt, ldx, wt, ldw, k, ahead), r, c, store);
-                        continue;
-                    }
-                    match (rn, cn) {
-                        (4, 3) => run!(4, 3),
-                        (4, 2) => run!(4, 2),
-                        (4, 1) => run!(4, 1),
-                        (3, 3) => run!(3, 3),
-                        (3, 2) => run!(3, 2),
-                        (3, 1) => run!(3, 1),
-                        (2, 3) => run!(2, 3),
-                        (2, 2) => run!(2, 2),
-                        (2, 1) => run!(2, 1),
-                        (1, 3) => run!(1, 3),
-                        (1, 2) => run!(1, 2),
-                        _ => run!(1, 1),
+        let (rows, ldw, k) = (op.rows, op.ldw, op.k);
+        if rows > MAX_ROWS {
+            let block = weight_block_cols(k);
+            for c0 in cols.clone().step_by(block) {
+                let c1 = (c0 + block).min(cols.end);
+                for r in (0..rows).step_by(TILE_ROWS) {
+                    for c in (c0..c1).step_by(TILE_COLS) {
+                        tile(op, r, c, c1, store);
                     }
                 }
             }
+            return;
+        }
+        for c in cols.clone().step_by(TILE_COLS) {
+            for r in (0..rows).step_by(TILE_ROWS) {
+                // Every row tile fetches the weight tile two tiles on:
+                // prefetching from the first row tile alone left the memory
+                // idle while the others ran (8 rows over a 100 MB matrix:
+                // +15–20%; decode step at 8 sequences: +10–13%,
+                // BENCHMARKS.md).
+                let full = r + TILE_ROWS <= rows && c + 3 * TILE_COLS <= cols.end;
+                if full {
+                    let (xt, wt) = (op.x.add(r * op.ldx), op.w.add(c * ldw));
+                    let ahead = 2 * TILE_COLS * ldw;
+                    emit(fixed_ahead::<W, 4, 3, true>(xt, op.ldx, wt, ldw, k, ahead), r, c, store);
+                } else {
+                    tile(op, r, c, cols.end, store);
+                }
+            }
+        }
+    }
+
+    /// The tile of up to 4 input rows from `r` and 3 weight rows from `c`
+    /// (fewer at the ends: rows below `op.rows`, columns below `end`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<W: WeightElem>(
+        op: Operands<W>,
+        r: usize,
+        c: usize,
+        end: usize,
+        store: &mut impl FnMut(usize, usize, f32),
+    ) {
+        let (rn, cn) = (TILE_ROWS.min(op.rows - r), TILE_COLS.min(end - c));
+        let (xt, wt) = (op.x.add(r * op.ldx), op.w.add(c * op.ldw));
+        macro_rules! run {
+            ($r:literal, $c:literal) => {
+                emit(fixed::<W, $r, $c>(xt, op.ldx, wt, op.ldw, op.k), r, c, store)
+            };
+        }
+        match (rn, cn) {
+            (4, 3) => run!(4, 3),
+            (4, 2) => run!(4, 2),
+            (4, 1) => run!(4, 1),
+            (3, 3) => run!(3, 3),
+            (3, 2) => run!(3, 2),
+            (3, 1) => run!(3, 1),
+            (2, 3) => run!(2, 3),
+            (2, 2) => run!(2, 2),
+            (2, 1) => run!(2, 1),
+            (1, 3) => run!(1, 3),
+            (1, 2) => run!(1, 2),
+            _ => run!(1, 1),
         }
     }
 

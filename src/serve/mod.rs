@@ -129,6 +129,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                     }
                     None => load_model_with(&dir, &device, dtype, quantize_q8),
                 })
+                .inspect(|m| {
+                    let mib = m.weight_bytes() as f64 / (1 << 20) as f64;
+                    eprintln!("greencode: weights held as {} ({mib:.1} MiB)", m.weight_format());
+                })
                 .map(engine::ServedModel::new)
                 .map_err(|e| {
                     let _ = load_tx.send(e.to_string());

@@ -751,17 +751,22 @@ impl Qwen2 {
     /// `lm_head`'s blocks, as in a Q8_0 GGUF. Returns how many matrices were
     /// quantized (rows that are not a multiple of 32 stay as they are).
     pub fn quantize_q8(&mut self) -> Result<usize> {
+        self.change_matrices(Linear::quantize_q8)
+    }
+
+    /// Applies `change` to every matrix (layer projections, embeddings, an
+    /// untied `lm_head`; a tied one shares the embeddings' result) and
+    /// counts those it reports changed.
+    fn change_matrices(&mut self, mut change: impl FnMut(&mut Linear) -> candle_core::Result<bool>) -> Result<usize> {
         let mut n = 0;
         for (_, _, lin) in self.projections_mut() {
-            n += usize::from(lin.quantize_q8()?);
+            n += usize::from(change(lin)?);
         }
-        if self.embed_tokens.quantize_q8()? {
-            n += 1;
-        }
+        n += usize::from(change(&mut self.embed_tokens)?);
         if self.config.tie_word_embeddings {
             self.lm_head = self.embed_tokens.clone();
         } else {
-            n += usize::from(self.lm_head.quantize_q8()?);
+            n += usize::from(change(&mut self.lm_head)?);
         }
         Ok(n)
     }
@@ -877,15 +882,7 @@ impl Qwen2 {
     /// bf16 checkpoint had before [`Linear::compact_bf16`]): the same
     /// values, twice the bytes; for comparisons of the two layouts.
     pub fn hold_dense(&mut self) -> Result<()> {
-        for (_, _, lin) in self.projections_mut() {
-            lin.hold_dense()?;
-        }
-        self.embed_tokens.hold_dense()?;
-        if self.config.tie_word_embeddings {
-            self.lm_head = self.embed_tokens.clone();
-        } else {
-            self.lm_head.hold_dense()?;
-        }
+        self.change_matrices(|lin| lin.hold_dense().map(|()| true))?;
         Ok(())
     }
 

@@ -21,7 +21,8 @@ const TILE_ROWS: usize = 4;
 const TILE_COLS: usize = 3;
 /// Output features per parallel task (a multiple of [`TILE_COLS`]): small
 /// enough that a thread slowed by another process leaves its share to the
-/// others, large enough that each task reuses its row block many times.
+/// others, large enough that each of a prompt's input tiles is reused
+/// against many weight rows.
 const TASK_COLS: usize = 48;
 
 /// A weight element the tiles read: f32 as it is, or bf16 widened exactly
@@ -473,7 +474,7 @@ mod avx2 {
     /// against every input tile, prefetching the weight tile two on. More
     /// (prompts; compute-bound): each input tile stays in L1 while a block
     /// of weight rows ([`weight_block_cols`], ≈ 192 KB) passes from L2, so a
-    /// tile's step loads 3 vectors from L2 instead of 4 (+5–8% a core on
+    /// tile's step loads 3 vectors from L2 instead of 4 (+6–11% on
     /// tiny-coder's prompt products, `cargo bench --bench gemm`).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn row_tiles<W: WeightElem>(

@@ -270,8 +270,7 @@ fn prompt_chunking_does_not_change_a_single_bit() {
         let mut bits = Vec::new();
         for chunk in ids.chunks(cut) {
             let logits = p.model.forward_cached(chunk, &mut cache, LogitsFor::All).unwrap();
-            let v: Vec<f32> = logits.flatten_all().unwrap().to_vec1().unwrap();
-            bits.extend(v.iter().map(|x| x.to_bits()));
+            bits.extend(common::bits(&logits));
         }
         bits
     };
@@ -361,15 +360,7 @@ fn a_bf16_checkpoint_is_held_in_bf16_with_the_bits_of_f32_weights() {
     // Half the bytes (norms and biases stay f32).
     let (b16, b32) = (held.weight_bytes(), dense.weight_bytes());
     assert!((b16 as f64) < 0.51 * b32 as f64, "{b16} bytes held vs {b32} in f32");
-    let bits = |t: &Tensor| -> Vec<u32> {
-        t.flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect()
-    };
+    let bits = common::bits;
     // Tensor path (full forward).
     let ids = prompt_ids(&p);
     let x = Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)

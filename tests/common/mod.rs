@@ -67,6 +67,12 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .unwrap()
 }
 
+/// The bits of every value of an f32 tensor, in order (for bit-for-bit comparisons).
+pub fn bits(t: &candle_core::Tensor) -> Vec<u32> {
+    let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// A temporary copy of tiny-coder: weight files are symlinked, small files copied,
 /// so a test can break one file without touching the original.
 pub fn model_copy() -> tempfile::TempDir {

@@ -48,14 +48,18 @@ impl Bf16Matrix {
 
     /// The matrix in f32 (exact), row-major.
     pub fn to_f32(&self) -> Vec<f32> {
-        self.values.iter().map(|v| v.to_f32()).collect()
+        let mut out = vec![0f32; self.values.len()];
+        for (o, v) in out.iter_mut().zip(&self.values) {
+            *o = widen(*v);
+        }
+        out
     }
 
     /// Row `r` in f32 (exact) into `out` (`cols` values).
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let row = &self.values[r * self.cols..(r + 1) * self.cols];
         for (o, v) in out.iter_mut().zip(row) {
-            *o = v.to_f32();
+            *o = widen(*v);
         }
     }
 
@@ -63,6 +67,14 @@ impl Bf16Matrix {
     pub fn bytes(&self) -> usize {
         2 * self.values.len()
     }
+}
+
+/// A bf16 value's bits shifted up into an f32, as the kernels widen them in
+/// registers: a shift the compiler vectorizes (`bf16::to_f32` also quiets
+/// signalling NaNs, which keeps it scalar; +1–2% prompt tokens/s).
+#[inline]
+fn widen(v: bf16) -> f32 {
+    f32::from_bits(u32::from(v.to_bits()) << 16)
 }
 
 #[cfg(test)]

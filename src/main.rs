@@ -17,6 +17,7 @@ use greencode::generate::{generate, Flow, GenerationRequest};
 use greencode::locate;
 use greencode::pipeline::Pipeline;
 use greencode::sampling::SamplingParams;
+use greencode::serve::engine::EngineConfig;
 use greencode::threads;
 use greencode::tokenizer::TextStream;
 
@@ -209,18 +210,18 @@ struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Most requests queued or running; more are refused with 429.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = EngineConfig::default().max_queue)]
     max_queue: usize,
     /// Most sequences decoded together in one engine step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = EngineConfig::default().max_batch)]
     max_batch: usize,
     /// Most prompt tokens processed per engine step while other requests
     /// decode (long prompts are chunked so they keep decoding); a step with
     /// nothing decoding takes up to 512.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = EngineConfig::default().prefill_chunk)]
     prefill_chunk: usize,
     /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = EngineConfig::default().prefix_cache)]
     prefix_cache: usize,
     /// Require `Authorization: Bearer KEY` on API routes.
     #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]

@@ -225,7 +225,7 @@ impl Default for EngineConfig {
         Self {
             max_queue: 128,
             max_batch: 16,
-            prefill_chunk: 128,
+            prefill_chunk: 64,
             prefix_cache: 16,
         }
     }

@@ -17,7 +17,7 @@ use super::{model_dir, Format, ModelArg};
 /// `--device`: where the model computes.
 #[derive(Args, Clone, Copy)]
 pub struct DeviceArg {
-    /// Device: `cpu` (f32) or `cuda[:N]` (bf16; needs a `--features cuda` build).
+    /// Device: `cpu` (f32 arithmetic; bf16 checkpoints stay bf16 in memory) or `cuda[:N]` (bf16; needs a `--features cuda` build).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
 }

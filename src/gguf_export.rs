@@ -319,7 +319,15 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         path: out.to_path_buf(),
         source,
     };
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    // The temporary file's name would only confuse: name the folder, or the
+    // output with the OS reason.
+    if !dir.is_dir() {
+        return Err(ExportError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+        });
+    }
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io(std::io::Error::from(e.kind())))?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;

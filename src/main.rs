@@ -210,15 +210,15 @@ struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Most requests queued or running; more are refused with 429.
-    #[arg(long, default_value_t = EngineConfig::default().max_queue)]
+    #[arg(long, default_value_t = EngineConfig::default().max_queue, value_parser = at_least_one)]
     max_queue: usize,
     /// Most sequences decoded together in one engine step.
-    #[arg(long, default_value_t = EngineConfig::default().max_batch)]
+    #[arg(long, default_value_t = EngineConfig::default().max_batch, value_parser = at_least_one)]
     max_batch: usize,
     /// Most prompt tokens processed per engine step while other requests
     /// decode (long prompts are chunked so they keep decoding); a step with
     /// nothing decoding takes up to 512.
-    #[arg(long, default_value_t = EngineConfig::default().prefill_chunk)]
+    #[arg(long, default_value_t = EngineConfig::default().prefill_chunk, value_parser = at_least_one)]
     prefill_chunk: usize,
     /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
     #[arg(long, default_value_t = EngineConfig::default().prefix_cache)]
@@ -267,6 +267,9 @@ struct QuantizeArgs {
     /// The GGUF file to write.
     #[arg(long)]
     out: PathBuf,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    force: bool,
     /// Output format of the report.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
@@ -346,7 +349,7 @@ struct InfillArgs {
     #[arg(long, default_value = "stdlib")]
     corpus: String,
     /// Held-out files the lines come from (the first in byte order of their names).
-    #[arg(long, default_value_t = corpus::EVAL_FILES)]
+    #[arg(long, default_value_t = corpus::EVAL_FILES, value_parser = at_least_one)]
     files: usize,
     /// Items scored, spread evenly over the full set (0: all).
     #[arg(long, default_value_t = 200)]
@@ -504,17 +507,17 @@ struct GenerateArgs {
     /// Text after the cursor: generate the middle (fill-in-the-middle).
     #[arg(long)]
     suffix: Option<String>,
-    /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    /// Most tokens to generate (1 up to the model's context length).
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
     /// Nucleus sampling mass.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Sample among the k most likely tokens (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
     /// Random seed (same seed, same output).
     #[arg(long)]
@@ -534,13 +537,16 @@ struct HeldOutArgs {
     #[arg(long, default_value_t = corpus::EVAL_FILES)]
     files: usize,
     /// Tokens scored per file (its first ones).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
     window: usize,
 }
 
 impl HeldOutArgs {
     /// The corpus folder and the files to read from it.
     fn resolve(&self) -> Result<(PathBuf, Vec<PathBuf>)> {
+        if self.files == 0 {
+            bail!("--files must be at least 1");
+        }
         let dir = corpus::resolve(&self.corpus)?;
         let files = corpus::eval_files(&dir, self.files)?;
         Ok((dir, files))
@@ -605,9 +611,39 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, `a: b: c`, each cause said once: our
+/// errors put their source in their own message (`path: OS error`), and
+/// candle's carry a backtrace when `RUST_BACKTRACE` is set, which is left out.
+fn describe(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<candle_core::Error>() {
+            Some(c) => greencode::model::error::candle_reason(c),
+            None => cause.to_string(),
+        };
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
+
+/// A count that must be at least 1 (clap names the flag in its error).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -837,7 +873,18 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", a.top_p);
     }
+    if a.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
     let p = cli_gpu::open_model_on(&a.model, a.device.device, a.run_quant.q8())?;
+    let context = p.model.config().max_position_embeddings;
+    if a.max_tokens > context {
+        // As the server answers a request asking for more.
+        bail!(
+            "--max-tokens {} exceeds the model's context length {context}",
+            a.max_tokens
+        );
+    }
     let tok = &p.tokenizer;
     let mut stop_ids = tok.eos_ids().to_vec();
     let prompt_ids = match &a.suffix {
@@ -1322,6 +1369,15 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
         QuantTypeArg::Q8_0 => WeightType::Q8_0,
         QuantTypeArg::Q4K => WeightType::Q4K,
     };
+    if a.out.is_dir() {
+        bail!(
+            "--out {} is a folder; give the path of the .gguf file to write",
+            a.out.display()
+        );
+    }
+    if a.out.exists() && !a.force {
+        bail!("{} already exists (pass --force to replace it)", a.out.display());
+    }
     let dir = model_dir(&a.model)?;
     let report = export(&dir, &a.out, ty)?;
     match a.format {

@@ -192,3 +192,85 @@ fn bad_sampling_values_and_missing_corpus() {
     ]);
     assert_clean_error(&out, &["corpus folder /nonexistent/corpus does not exist"]);
 }
+
+#[test]
+fn a_file_for_the_model_folder_and_a_bad_gguf_are_named_as_such() {
+    let model = common::tiny_coder();
+    let config = model.join("config.json");
+    assert_clean_error(
+        &generate_with(&config, "x"),
+        &["config.json is a file, not a model folder"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("model.gguf");
+    std::fs::write(&bad, "garbage, not a GGUF header").unwrap();
+    assert_clean_error(
+        &generate_with(&bad, "x"),
+        &["model.gguf: not a valid GGUF file", "unknown magic"],
+    );
+}
+
+/// A clap usage error: failure, no panic, the first line names `flag` and
+/// says what is wrong with its value.
+fn assert_flag_error(out: &std::process::Output, flag: &str, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let first = stderr.lines().next().unwrap_or("");
+    assert!(
+        first.starts_with("error: ") && first.contains(flag) && first.contains(what),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn counts_and_negative_numbers_are_refused_naming_their_flag() {
+    let model = common::tiny_coder();
+    let m = model.to_str().unwrap();
+    let gen = |extra: &[&str]| {
+        let mut args = vec!["generate", "--model", m, "--prompt", "x"];
+        args.extend_from_slice(extra);
+        greencode(&args)
+    };
+    assert_flag_error(&gen(&["--max-tokens", "-1"]), "--max-tokens", "invalid");
+    assert_clean_error(&gen(&["--temperature", "-1"]), &["--temperature must be a number ≥ 0"]);
+    assert_clean_error(&gen(&["--max-tokens", "0"]), &["--max-tokens must be at least 1"]);
+    assert_clean_error(
+        &gen(&["--max-tokens", "5000"]),
+        &["--max-tokens 5000 exceeds the model's context length 1024"],
+    );
+    let out = greencode(&["eval", "ppl", "--model", m, "--files", "0"]);
+    assert_clean_error(&out, &["--files must be at least 1"]);
+    let out = greencode(&["eval", "ppl", "--model", m, "--window", "0"]);
+    assert_flag_error(&out, "--window", "must be at least 1");
+    let out = greencode(&["serve", "--model", m, "--max-batch", "0"]);
+    assert_flag_error(&out, "--max-batch", "must be at least 1");
+}
+
+#[test]
+fn quantize_keeps_an_existing_file_and_refuses_a_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("kept.gguf");
+    std::fs::write(&existing, "someone's file").unwrap();
+    let out = greencode(&["quantize", "--type", "q8_0", "--out", existing.to_str().unwrap()]);
+    assert_clean_error(&out, &["kept.gguf already exists (pass --force to replace it)"]);
+    assert_eq!(std::fs::read_to_string(&existing).unwrap(), "someone's file");
+    let out = greencode(&["quantize", "--type", "q8_0", "--out", dir.path().to_str().unwrap()]);
+    assert_clean_error(&out, &["is a folder; give the path of the .gguf file to write"]);
+}
+
+#[test]
+fn prune_checks_its_sizes_before_calibrating() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = dir.path().join("pruned");
+    let out = out_dir.to_str().unwrap();
+    for (flag, value, says) in [
+        ("--drop-layers", "20", "cannot remove 20 of 12 layers"),
+        ("--ffn-keep", "5000", "--ffn-keep 5000 exceeds the FFN width 1024"),
+    ] {
+        let run = greencode(&["prune", "--out", out, flag, value]);
+        // One line: nothing was calibrated (or warned about) first.
+        assert_clean_error(&run, &[says]);
+        assert!(!out_dir.exists());
+    }
+}

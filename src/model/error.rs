@@ -9,6 +9,9 @@ pub enum ModelError {
     /// The model folder does not exist.
     #[error("model folder {0} does not exist")]
     MissingFolder(PathBuf),
+    /// A file was given where a model folder (or a `.gguf` file) belongs.
+    #[error("{0} is a file, not a model folder (give the folder holding config.json, or a .gguf file)")]
+    NotAFolder(PathBuf),
     /// A file the model needs is absent.
     #[error("{path}: file not found ({what})")]
     MissingFile {
@@ -43,11 +46,13 @@ pub enum ModelError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A safetensors file is malformed or truncated.
-    #[error("{path}: not a valid safetensors file: {reason}")]
-    Safetensors {
+    /// A weight file (safetensors or GGUF) is malformed or truncated.
+    #[error("{path}: not a valid {format} file: {reason}")]
+    WeightFile {
         /// The file.
         path: PathBuf,
+        /// Its format: `safetensors` or `GGUF`.
+        format: &'static str,
         /// The parser's error.
         reason: String,
     },
@@ -75,8 +80,17 @@ pub enum ModelError {
     #[error("{0}")]
     Input(String),
     /// A tensor operation failed (a bug or an exhausted resource, not input).
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", candle_reason(.0))]
     Candle(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle appends when
+/// `RUST_BACKTRACE` is set (the user needs the line, not the frames).
+pub fn candle_reason(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        other => other.to_string(),
+    }
 }
 
 /// Result alias for the model runtime.

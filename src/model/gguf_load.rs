@@ -13,7 +13,7 @@ use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::config::Qwen2Config;
-use super::error::{ModelError, Result};
+use super::error::{candle_reason, ModelError, Result};
 use super::gguf_names::hf_name;
 use super::load::WeightStore;
 use super::qwen2::Qwen2;
@@ -27,8 +27,9 @@ pub struct GgufModel {
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> ModelError {
-    ModelError::Safetensors {
+    ModelError::WeightFile {
         path: path.to_path_buf(),
+        format: "GGUF",
         reason: reason.into(),
     }
 }
@@ -41,15 +42,20 @@ fn meta<'a>(c: &'a Content, path: &Path, key: &str) -> Result<&'a Value> {
 
 fn meta_u64(c: &Content, path: &Path, key: &str) -> Result<u64> {
     let v = meta(c, path, key)?;
-    v.to_u64().map_err(|e| bad(path, format!("`{key}`: {e}")))
+    v.to_u64()
+        .map_err(|e| bad(path, format!("`{key}`: {}", candle_reason(&e))))
 }
 
 fn meta_strings(c: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
     let arr = meta(c, path, key)?
         .to_vec()
-        .map_err(|e| bad(path, format!("`{key}`: {e}")))?;
+        .map_err(|e| bad(path, format!("`{key}`: {}", candle_reason(&e))))?;
     arr.iter()
-        .map(|v| v.to_string().cloned().map_err(|e| bad(path, format!("`{key}`: {e}"))))
+        .map(|v| {
+            v.to_string()
+                .cloned()
+                .map_err(|e| bad(path, format!("`{key}`: {}", candle_reason(&e))))
+        })
         .collect()
 }
 
@@ -57,11 +63,14 @@ fn meta_strings(c: &Content, path: &Path, key: &str) -> Result<Vec<String>> {
 /// file with `quantize_q8`, gives a Q8_0 model; each matrix is dequantized
 /// only while it is being turned into the model's own blocks.
 pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<GgufModel> {
-    let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
-    let content = Content::read(&mut file).map_err(|e| bad(path, e.to_string()))?;
+    let mut file = std::fs::File::open(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let content = Content::read(&mut file).map_err(|e| bad(path, candle_reason(&e)))?;
     let arch = meta(&content, path, "general.architecture")?
         .to_string()
-        .map_err(|e| bad(path, e.to_string()))?;
+        .map_err(|e| bad(path, candle_reason(&e)))?;
     if arch != "qwen2" {
         return Err(bad(
             path,
@@ -77,7 +86,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) 
         meta(&content, path, key)?
             .to_f32()
             .map(f64::from)
-            .map_err(|e| bad(path, format!("`{key}`: {e}")))
+            .map_err(|e| bad(path, format!("`{key}`: {}", candle_reason(&e))))
     };
     let eos = meta_u64(&content, path, "tokenizer.ggml.eos_token_id").unwrap_or(0);
     let config = json!({
@@ -103,7 +112,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) 
         let hf = hf_name(&name).ok_or_else(|| bad(path, format!("unexpected tensor `{name}`")))?;
         let q = content
             .tensor(&mut file, &name, device)
-            .map_err(|e| bad(path, format!("{name}: {e}")))?;
+            .map_err(|e| bad(path, format!("{name}: {}", candle_reason(&e))))?;
         if q.shape().rank() == 2 && q.dtype() != GgmlDType::Q8_0 {
             all_q8 = false;
         }
@@ -120,7 +129,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) 
                 .remove(hf)
                 .ok_or_else(|| bad(&file_path, format!("tensor {hf} read twice")))?;
             q.dequantize(&device)
-                .map_err(|e| bad(&file_path, format!("{name}: {e}")))
+                .map_err(|e| bad(&file_path, format!("{name}: {}", candle_reason(&e))))
         }),
     );
     // ggml's Q8_0 of Q8_0 values is the identity: a Q8_0 file's blocks are kept as they are.
@@ -133,7 +142,7 @@ pub fn load_gguf(path: &Path, device: &Device, dtype: DType, quantize_q8: bool) 
 fn tokenizer_from_meta(c: &Content, path: &Path, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
     let model = meta(c, path, "tokenizer.ggml.model")?
         .to_string()
-        .map_err(|e| bad(path, e.to_string()))?;
+        .map_err(|e| bad(path, candle_reason(&e)))?;
     if model != "gpt2" {
         return Err(bad(
             path,
@@ -143,7 +152,7 @@ fn tokenizer_from_meta(c: &Content, path: &Path, tokens: &[String]) -> Result<to
     let merges = meta_strings(c, path, "tokenizer.ggml.merges")?;
     let types: Vec<i32> = meta(c, path, "tokenizer.ggml.token_type")?
         .to_vec()
-        .map_err(|e| bad(path, e.to_string()))?
+        .map_err(|e| bad(path, candle_reason(&e)))?
         .iter()
         .map(|v| v.to_i32().unwrap_or(1))
         .collect();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::Qwen2Config;
-use super::error::{ModelError, Result};
+use super::error::{candle_reason, ModelError, Result};
 use super::qwen2::Qwen2;
 
 /// Loads the model in `folder` onto `device`, computing in `dtype`.
@@ -20,6 +20,9 @@ pub fn load_model(folder: &Path, device: &Device, dtype: DType) -> Result<Qwen2>
 /// As [`load_model`]; with `quantize_q8` every matrix becomes Q8_0 as soon
 /// as it is read, so the full-precision weights are never all in memory.
 pub fn load_model_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Qwen2> {
+    if folder.is_file() {
+        return Err(ModelError::NotAFolder(folder.to_path_buf()));
+    }
     if !folder.is_dir() {
         return Err(ModelError::MissingFolder(folder.to_path_buf()));
     }
@@ -63,9 +66,10 @@ impl WeightStore {
             // load; like every safetensors reader we assume nobody rewrites
             // them meanwhile.
             let one = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }.map_err(|e| {
-                ModelError::Safetensors {
+                ModelError::WeightFile {
                     path: file.clone(),
-                    reason: e.to_string(),
+                    format: "safetensors",
+                    reason: candle_reason(&e),
                 }
             })?;
             for (name, _) in one.tensors() {
@@ -78,9 +82,10 @@ impl WeightStore {
         let load: TensorLoader = Box::new(move |name| {
             // `take` asks only for names it listed, so the index has them.
             let (path, file) = &mapped[index[name]];
-            file.load(name, &device).map_err(|e| ModelError::Safetensors {
+            file.load(name, &device).map_err(|e| ModelError::WeightFile {
                 path: path.clone(),
-                reason: format!("{name}: {e}"),
+                format: "safetensors",
+                reason: format!("{name}: {}", candle_reason(&e)),
             })
         });
         Ok(Self {

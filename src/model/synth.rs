@@ -335,9 +335,9 @@ pub fn write_synth_folder(
             tensors.insert(name.clone(), t);
         }
         let path = out.join(file_name(k));
-        candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Safetensors {
+        candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Io {
             path: path.clone(),
-            reason: e.to_string(),
+            source: std::io::Error::other(crate::model::error::candle_reason(&e)),
         })?;
         // The writer creates the file private (0600); a model folder is shared data.
         #[cfg(unix)]

@@ -185,6 +185,26 @@ pub struct PruneReport {
 /// Calibration batch size (windows per forward pass).
 const BATCH: usize = 4;
 
+/// `--drop-layers` and `--ffn-keep` against the model, before the
+/// calibration work (seconds to minutes) that would otherwise come first.
+fn check_sizes(cfg: &PruneConfig, model: &Qwen2) -> Result<(), PruneError> {
+    let total = model.num_layers();
+    if cfg.target.is_none() && cfg.drop_layers >= total {
+        return Err(PruneError::Target(format!(
+            "--drop-layers {}: cannot remove {} of {total} layers (at least one must remain)",
+            cfg.drop_layers, cfg.drop_layers
+        )));
+    }
+    let width = model.ffn_widths().into_iter().max().unwrap_or(0);
+    match cfg.ffn_keep {
+        Some(0) => Err(PruneError::Target("--ffn-keep must be at least 1".into())),
+        Some(keep) if keep > width => Err(PruneError::Target(format!(
+            "--ffn-keep {keep} exceeds the FFN width {width}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// Runs the whole pruning pipeline and writes the output folder.
 pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
     let t0 = Instant::now();
@@ -208,6 +228,7 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
         }
     }
     let source = Pipeline::load_cpu(&cfg.model_dir)?;
+    check_sizes(cfg, &source.model)?;
     let tok_path = cfg.model_dir.join("tokenizer.json");
     let tok_json: Value = serde_json::from_str(
         &std::fs::read_to_string(&tok_path)
@@ -328,11 +349,8 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Some(per_layer)
-    } else if ffn_width > width {
-        return Err(PruneError::Target(format!(
-            "--ffn-keep {ffn_width} exceeds the FFN width {width}"
-        )));
     } else {
+        // Wider than the model was refused by `check_sizes`.
         None
     };
     lap("ffn", &mut seconds);

@@ -118,6 +118,9 @@ pub fn greencode(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_greencode"))
         .args(args)
         .env_remove("GREENCODE_MODEL")
+        // candle appends a backtrace to its errors when this is set: error
+        // lines must stay one line anyway.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .expect("the greencode binary runs")
 }

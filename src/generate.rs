@@ -55,25 +55,43 @@ pub struct TokenLogprob {
     pub logprob: f32,
     /// The most likely tokens and their log-probabilities, best first.
     pub top: Vec<(u32, f32)>,
+    /// Leading bytes of this token and of every `top` token that the prompt
+    /// already holds (token healing backed them off): the text is the rest.
+    pub healed_bytes: usize,
 }
 
 /// Log-softmax of `logits`, then the entry for `id` and the `k` best.
 pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = logits.iter().map(|&l| ((l - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let all: Vec<u32> = (0..logits.len() as u32).collect();
+    logprob_among(logits, &all, id, k, 0)
+}
+
+/// A healed token's log-probabilities: the softmax over `allowed` alone
+/// (the tokens that start with the `healed_bytes` the prompt already holds),
+/// i.e. the probability of each continuation given the prompt's text, and
+/// the `k` best of them.
+pub fn healed_token_logprob(logits: &[f32], allowed: &[u32], id: u32, k: usize, healed_bytes: usize) -> TokenLogprob {
+    logprob_among(logits, allowed, id, k, healed_bytes)
+}
+
+fn logprob_among(logits: &[f32], among: &[u32], id: u32, k: usize, healed_bytes: usize) -> TokenLogprob {
+    let logit = |i: u32| logits.get(i as usize).copied().unwrap_or(f32::NEG_INFINITY);
+    let max = among.iter().map(|&i| logit(i)).fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = among.iter().map(|&i| ((logit(i) - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
     let mut top = Vec::new();
-    if k > 0 {
-        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+    if k > 0 && !among.is_empty() {
+        let mut order = among.to_vec();
         let k = k.min(order.len());
-        order.select_nth_unstable_by(k - 1, |&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+        order.select_nth_unstable_by(k - 1, |&a, &b| logit(b).total_cmp(&logit(a)));
         order.truncate(k);
-        order.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
-        top = order.into_iter().map(|i| (i, logits[i as usize] - log_sum)).collect();
+        order.sort_by(|&a, &b| logit(b).total_cmp(&logit(a)).then(a.cmp(&b)));
+        top = order.into_iter().map(|i| (i, logit(i) - log_sum)).collect();
     }
     TokenLogprob {
         id,
-        logprob: logits.get(id as usize).map_or(f32::NEG_INFINITY, |&l| l - log_sum),
+        logprob: logit(id) - log_sum,
         top,
+        healed_bytes,
     }
 }
 

@@ -131,6 +131,39 @@ fn token_healing_completes_a_partial_identifier() {
         &json!({"prompt": "def f(x):\n    retu", "max_tokens": 4, "temperature": 0, "token_healing": false}),
     );
     assert!(!text_of(&v).starts_with("rn"), "{v}");
+    // With logprobs, the healed token is the text the client got ("rn"), its
+    // alternatives are tokens that start with the backed-off "retu" (shown
+    // past it), and at temperature 0 it is the best of them.
+    for stream in [false, true] {
+        let body = json!({"prompt": "def f(x):\n    retu", "max_tokens": 3, "temperature": 0,
+                          "logprobs": 3, "stream": stream});
+        let (text, lps): (String, Vec<Value>) = if stream {
+            let events = s.stream("/v1/completions", &body);
+            let lps = events
+                .iter()
+                .filter_map(|(_, data)| serde_json::from_str::<Value>(data).ok())
+                .map(|e| e["choices"][0]["logprobs"].clone())
+                .filter(Value::is_object)
+                .collect();
+            (common::stream_text(&events), lps)
+        } else {
+            let (_, v) = s.post("/v1/completions", &body);
+            (text_of(&v).to_owned(), vec![v["choices"][0]["logprobs"].clone()])
+        };
+        let tokens: Vec<&str> = lps
+            .iter()
+            .flat_map(|l| l["tokens"].as_array().unwrap())
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.concat(), text, "{lps:?}");
+        assert_eq!(tokens[0], "rn", "{lps:?}");
+        let chosen = lps[0]["token_logprobs"][0].as_f64().unwrap();
+        let top = lps[0]["top_logprobs"][0].as_object().unwrap();
+        assert!(top.contains_key("rn"), "{top:?}");
+        assert!(top.values().all(|l| l.as_f64().unwrap() <= chosen), "{top:?}");
+        // A distribution over the tokens it could be: at most 1 in all.
+        assert!(top.values().map(|l| l.as_f64().unwrap().exp()).sum::<f64>() <= 1.0 + 1e-4);
+    }
 }
 
 #[test]

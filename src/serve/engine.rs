@@ -18,7 +18,7 @@ use super::detok::Detokenizer;
 use super::error::ApiError;
 use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
-use crate::generate::{token_logprob, FinishReason, TokenLogprob};
+use crate::generate::{healed_token_logprob, token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::model::qwen2::{LogitsFor, SeqStep};
 use crate::model::KvCache;
@@ -651,7 +651,10 @@ impl<M: EngineModel> Engine<'_, M> {
             return;
         }
         if let Some(k) = req.logprobs {
-            slot.pending_logprobs.push(token_logprob(raw, id, k));
+            slot.pending_logprobs.push(match (allowed, &req.healing) {
+                (Some(allowed), Some(h)) => healed_token_logprob(raw, allowed, id, k, h.prefix_len),
+                _ => token_logprob(raw, id, k),
+            });
         }
         let piece = slot.detok.push(id);
         let (text, stopped) = match slot.stops.push(&piece) {
@@ -711,7 +714,6 @@ impl<M: EngineModel> Engine<'_, M> {
     fn close(&mut self, mut slot: Slot, finish: Option<FinishReason>) {
         let metrics = self.metrics;
         let label = [metrics.model()];
-        metrics.running.with_label_values(&label).dec();
         let seconds = slot.start.elapsed().as_secs_f64();
         metrics.e2e.with_label_values(&label).observe(seconds);
         let generated = slot.generated.len();
@@ -767,6 +769,9 @@ impl<M: EngineModel> Engine<'_, M> {
             })
         );
         metrics.requests.with_label_values(&[metrics.model(), reason]).inc();
+        // Last: a scrape that sees the request gone from `running` also sees
+        // it counted, with its tokens and energy.
+        metrics.running.with_label_values(&label).dec();
         let Some(mut finish_reason) = finish else { return };
         // Text held back for a stop string that never came is released now.
         let tail = slot.detok.flush();

@@ -249,9 +249,19 @@ fn logprobs_object(
     generated: &[TokenLogprob],
     start_offset: usize,
 ) -> CompletionLogprobs {
-    let text_of =
-        |id: u32| String::from_utf8_lossy(state.info.token_bytes.get(id as usize).map_or(&[][..], |b| b)).into_owned();
-    let top = |lp: &TokenLogprob| -> HashMap<String, f32> { lp.top.iter().map(|&(id, l)| (text_of(id), l)).collect() };
+    // A healed token's text leaves out the bytes the prompt already holds,
+    // so the tokens join to the completion's text.
+    let text_from = |id: u32, skip: usize| {
+        let bytes = state.info.token_bytes.get(id as usize).map_or(&[][..], |b| b);
+        String::from_utf8_lossy(bytes.get(skip..).unwrap_or_default()).into_owned()
+    };
+    let text_of = |id: u32| text_from(id, 0);
+    let top = |lp: &TokenLogprob| -> HashMap<String, f32> {
+        lp.top
+            .iter()
+            .map(|&(id, l)| (text_from(id, lp.healed_bytes), l))
+            .collect()
+    };
     let mut out = CompletionLogprobs::default();
     let mut offset = start_offset;
     let mut push = |out: &mut CompletionLogprobs, text: String, lp: Option<f32>, tops: Option<HashMap<String, f32>>| {
@@ -270,7 +280,12 @@ fn logprobs_object(
         }
     }
     for lp in generated {
-        push(&mut out, text_of(lp.id), Some(lp.logprob), Some(top(lp)));
+        push(
+            &mut out,
+            text_from(lp.id, lp.healed_bytes),
+            Some(lp.logprob),
+            Some(top(lp)),
+        );
     }
     out
 }

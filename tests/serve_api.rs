@@ -13,6 +13,9 @@ fn text_of(v: &Value) -> &str {
 #[test]
 fn greedy_completion_matches_golden_and_reports_usage() {
     let s = Server::start(&[]);
+    // The startup log says which folder was loaded and how its weights are held.
+    let loaded = format!("loaded {}: weights held as bf16", common::tiny_coder().display());
+    assert!(s.log().iter().any(|l| l.contains(&loaded)), "{:?}", s.log());
     let g = golden();
     let case = &g["cases"][0];
     let (status, v) = s.post(

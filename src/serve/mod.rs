@@ -131,7 +131,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 })
                 .inspect(|m| {
                     let mib = m.weight_bytes() as f64 / (1 << 20) as f64;
-                    eprintln!("greencode: weights held as {} ({mib:.1} MiB)", m.weight_format());
+                    eprintln!(
+                        "greencode: loaded {}: weights held as {} ({mib:.1} MiB)",
+                        dir.display(),
+                        m.weight_format()
+                    );
                 })
                 .map(engine::ServedModel::new)
                 .map_err(|e| {

@@ -23,7 +23,7 @@ use super::bf16::Bf16Matrix;
 use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::gemm::{gemm_multi, gemm_nt, SharedOut};
-use super::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values};
+use super::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
 use super::linear::Linear;
 use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
 use super::quant::Q8Matrix;
@@ -232,7 +232,7 @@ fn attend(
         let (kc, vc) = (&kc[base..], &vc[base..]);
         let first_head = item.kv_head * group;
         // SAFETY: each item alone writes the heads of its key/value head in its rows.
-        let out_row = |r: usize, j: usize| unsafe { out.slice(r * qw + (first_head + j) * hd, hd) };
+        let out_heads = |r: usize| unsafe { out.slice(r * qw + first_head * hd, group * hd) };
         let last = row_pos[item.row + item.rows - 1] + 1;
         let n = item.rows * group;
         SCORES.with(|sc| {
@@ -245,11 +245,12 @@ fn attend(
                 dst.copy_from_slice(&q[at..at + group * hd]);
             }
             gemm_nt(queries, hd, n, kc, hd, last, hd, block, last);
-            for (qi, scores) in block.chunks_exact_mut(last).enumerate() {
-                let (i, j) = (qi / group, qi % group);
+            // Each row's heads see the same keys: one pass over the values
+            // serves them all.
+            for (i, scores) in block.chunks_exact_mut(group * last).enumerate() {
                 let r = item.row + i;
                 let visible = row_pos[r] + 1;
-                softmax_values(&mut scores[..visible], vc, hd, out_row(r, j));
+                softmax_values_heads(scores, last, group, visible, vc, hd, out_heads(r));
             }
         });
     };

@@ -86,6 +86,41 @@ pub(crate) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut
     }
 }
 
+/// [`softmax_values`] for `heads` query heads that share one key/value head
+/// (grouped-query attention): head `h`'s scores are
+/// `scores[h·stride..h·stride + len]`, its output `out[h·hd..(h + 1)·hd]`.
+/// The value rows are read once for all the heads instead of once per head;
+/// every output has the bits [`softmax_values`] gives it (same sums, same
+/// order).
+pub(crate) fn softmax_values_heads(
+    scores: &mut [f32],
+    stride: usize,
+    heads: usize,
+    len: usize,
+    v: &[f32],
+    hd: usize,
+    out: &mut [f32],
+) {
+    assert!(heads > 0 && len <= stride && scores.len() >= (heads - 1) * stride + len);
+    assert!(v.len() >= len * hd && out.len() >= heads * hd);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() && hd.is_multiple_of(8) && hd <= 256 {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above);
+            // the lengths were asserted above.
+            return unsafe { avx2::softmax_values_heads(scores, stride, heads, len, v, hd, out) };
+        }
+    }
+    for h in 0..heads {
+        softmax_values(
+            &mut scores[h * stride..h * stride + len],
+            v,
+            hd,
+            &mut out[h * hd..(h + 1) * hd],
+        );
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
@@ -171,10 +206,70 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut [f32]) {
         let len = scores.len();
+        softmax_values_heads(scores, len, 1, len, v, hd, out);
+    }
+
+    /// See [`super::softmax_values_heads`]; `hd` is a multiple of 8, at most 256.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn softmax_values_heads(
+        scores: &mut [f32],
+        stride: usize,
+        heads: usize,
+        len: usize,
+        v: &[f32],
+        hd: usize,
+        out: &mut [f32],
+    ) {
+        let mut sums = [0f32; 3];
+        let mut h0 = 0;
+        while h0 < heads {
+            let n = (heads - h0).min(3);
+            for (i, sum) in sums.iter_mut().enumerate().take(n) {
+                let at = (h0 + i) * stride;
+                *sum = exponentiate(&mut scores[at..at + len]);
+            }
+            let (scores_at, out_at) = (scores.as_ptr(), out.as_mut_ptr());
+            let p = |i: usize| scores_at.wrapping_add((h0 + i.min(n - 1)) * stride);
+            let o = |i: usize| out_at.wrapping_add((h0 + i.min(n - 1)) * hd);
+            // Up to three heads × 32 columns: 12 accumulators, each value
+            // vector loaded once for the three.
+            let mut col = 0;
+            while col < hd {
+                let wide = col + 32 <= hd;
+                // SAFETY: every head's scores hold `len` floats, `v` holds
+                // `len · hd` and each output `hd` (asserted by the caller);
+                // `col + 32 ≤ hd` (or `+ 8` for the narrow tile).
+                unsafe {
+                    match (n, wide) {
+                        (3, true) => {
+                            weigh_values::<3, 4>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
+                        }
+                        (2, true) => {
+                            weigh_values::<2, 4>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
+                        }
+                        (1, true) => weigh_values::<1, 4>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
+                        (3, false) => {
+                            weigh_values::<3, 1>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
+                        }
+                        (2, false) => {
+                            weigh_values::<2, 1>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
+                        }
+                        _ => weigh_values::<1, 1>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
+                    }
+                }
+                col += if wide { 32 } else { 8 };
+            }
+            h0 += n;
+        }
+    }
+
+    /// Softmax numerators of one row of scores, in place (`e^(s − max)`),
+    /// and their sum.
+    #[target_feature(enable = "avx2,fma")]
+    fn exponentiate(scores: &mut [f32]) -> f32 {
+        let len = scores.len();
         let full = len / 8 * 8;
-        // SAFETY (all loads and stores below): offsets stay inside `scores`
-        // (below `full` or `len`), `v` (`len · hd` floats, asserted by the
-        // caller) and `out` (`hd` floats).
+        // SAFETY (all loads and stores below): offsets stay below `full`.
         unsafe {
             let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
             let mut i = 0;
@@ -202,19 +297,48 @@ mod avx2 {
                 *s = super::exp_scalar(*s - max);
                 sum += *s;
             }
-            // Σ_j p_j · v_j, eight output lanes per register, rows in order.
-            let mut acc = [_mm256_setzero_ps(); 32];
-            let blocks = hd / 8;
-            for (j, p) in scores.iter().enumerate() {
-                let p = _mm256_set1_ps(*p);
-                let row = v.as_ptr().add(j * hd);
-                for (b, a) in acc.iter_mut().enumerate().take(blocks) {
-                    *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(row.add(b * 8)), *a);
+            sum
+        }
+    }
+
+    /// `out[h][col..col + 8·B] = Σ_j p[h][j] · v[j][col..col + 8·B] / sum[h]`
+    /// for `H` heads: the rows in order, one FMA per row and lane, so every
+    /// lane has the same bits whatever `H` and `B` are.
+    ///
+    /// # Safety
+    /// `p[h]` holds `len` floats, `v` `len · hd`, `out[h]` `hd`, and
+    /// `col + 8·B ≤ hd`.
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn weigh_values<const H: usize, const B: usize>(
+        p: [*const f32; H],
+        len: usize,
+        v: &[f32],
+        hd: usize,
+        col: usize,
+        out: [*mut f32; H],
+        sum: [f32; H],
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); B]; H];
+        let base = v.as_ptr().add(col);
+        for j in 0..len {
+            let mut w = [_mm256_setzero_ps(); H];
+            for h in 0..H {
+                w[h] = _mm256_set1_ps(*p[h].add(j));
+            }
+            let row = base.add(j * hd);
+            for b in 0..B {
+                let x = _mm256_loadu_ps(row.add(b * 8));
+                for h in 0..H {
+                    acc[h][b] = _mm256_fmadd_ps(w[h], x, acc[h][b]);
                 }
             }
-            let inv = _mm256_set1_ps(1.0 / sum);
-            for (b, a) in acc.iter().enumerate().take(blocks) {
-                _mm256_storeu_ps(out.as_mut_ptr().add(b * 8), _mm256_mul_ps(*a, inv));
+        }
+        for h in 0..H {
+            let inv = _mm256_set1_ps(1.0 / sum[h]);
+            for b in 0..B {
+                _mm256_storeu_ps(out[h].add(col + b * 8), _mm256_mul_ps(acc[h][b], inv));
             }
         }
     }
@@ -248,6 +372,35 @@ mod tests {
         for ((y, g), u) in got.iter().zip(&g).zip(&u) {
             let want = g / (1.0 + exp_scalar(-g)) * u;
             assert_eq!(y.to_bits(), want.to_bits(), "silu({g}) · {u}");
+        }
+    }
+
+    #[test]
+    fn heads_sharing_values_get_the_bits_of_one_head_at_a_time() {
+        for (heads, len, stride, hd) in [
+            (1, 9, 9, 64),
+            (2, 33, 40, 64),
+            (3, 130, 131, 64),
+            (7, 17, 20, 128),
+            (4, 5, 8, 40),
+            (3, 1, 1, 8),
+        ] {
+            let scores: Vec<f32> = (0..heads * stride)
+                .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.31)
+                .collect();
+            let v: Vec<f32> = (0..len * hd).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
+            let mut together = vec![0f32; heads * hd];
+            softmax_values_heads(&mut scores.clone(), stride, heads, len, &v, hd, &mut together);
+            for h in 0..heads {
+                let mut alone = vec![0f32; hd];
+                softmax_values(&mut scores[h * stride..h * stride + len].to_vec(), &v, hd, &mut alone);
+                let bits = |x: &[f32]| x.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&together[h * hd..(h + 1) * hd]),
+                    bits(&alone),
+                    "heads {heads} len {len} hd {hd} head {h}"
+                );
+            }
         }
     }
 

@@ -217,3 +217,29 @@ pub fn generate(
         prompt_logprobs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_healed_token_is_weighed_among_the_tokens_it_could_be() {
+        let logits = [2.0f32, 1.0, 0.5, 3.0, -1.0];
+        let allowed = [1u32, 2, 4];
+        let full = token_logprob(&logits, 1, 5);
+        let healed = healed_token_logprob(&logits, &allowed, 1, 5, 3);
+        assert_eq!(healed.healed_bytes, 3);
+        // Only the allowed tokens, best first, summing to one.
+        assert_eq!(healed.top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 4]);
+        let total: f64 = healed.top.iter().map(|t| (t.1 as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        // Renormalised: each is more likely than under the full softmax,
+        // by the same factor.
+        let full_of = |id: u32| full.top.iter().find(|t| t.0 == id).unwrap().1;
+        let shift = healed.logprob - full.logprob;
+        assert!(shift > 0.0);
+        for &(id, l) in &healed.top {
+            assert!((l - full_of(id) - shift).abs() < 1e-5);
+        }
+    }
+}

@@ -59,7 +59,7 @@ pub enum ExportError {
     #[error(transparent)]
     Model(#[from] ModelError),
     /// A tensor operation or the GGUF writer failed.
-    #[error("GGUF: {0}")]
+    #[error("GGUF: {}", crate::model::error::candle_reason(.0))]
     Candle(#[from] candle_core::Error),
     /// tokenizer.json lacks something llama.cpp needs.
     #[error("{path}: {message}")]
@@ -327,7 +327,10 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
         });
     }
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| io(std::io::Error::from(e.kind())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        io(e.raw_os_error()
+            .map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error))
+    })?;
     {
         let mut w = std::io::BufWriter::new(tmp.as_file_mut());
         gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;

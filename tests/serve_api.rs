@@ -167,6 +167,32 @@ fn token_healing_completes_a_partial_identifier() {
         // A distribution over the tokens it could be: at most 1 in all.
         assert!(top.values().map(|l| l.as_f64().unwrap().exp()).sum::<f64>() <= 1.0 + 1e-4);
     }
+    // Echoed, the prompt's tokens stop before the backed-off ones and the
+    // healed token is whole: all of them join to the prompt and completion.
+    let (_, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "def f(x):\n    retu", "max_tokens": 3, "temperature": 0, "logprobs": 1, "echo": true}),
+    );
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(text_of(&v).starts_with("def f(x):\n    return"), "{v}");
+    assert_eq!(tokens.concat(), text_of(&v), "{v}");
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    let mut at = 0;
+    for (t, o) in tokens.iter().zip(&offsets) {
+        assert_eq!(*o, at, "{v}");
+        at += t.chars().count() as u64;
+    }
 }
 
 #[test]

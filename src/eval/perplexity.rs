@@ -27,7 +27,7 @@ pub enum EvalError {
     #[error(transparent)]
     Model(#[from] ModelError),
     /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", crate::model::error::candle_reason(.0))]
     Candle(#[from] candle_core::Error),
     /// Two models' vocabularies cannot be compared.
     #[error("{0}")]

@@ -87,8 +87,12 @@ pub enum ModelError {
 /// A candle error's message without the backtrace candle appends when
 /// `RUST_BACKTRACE` is set (the user needs the line, not the frames).
 pub fn candle_reason(e: &candle_core::Error) -> String {
+    use candle_core::Error;
     match e {
-        candle_core::Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        Error::WithBacktrace { inner, .. } => candle_reason(inner),
+        // As candle words these two, with the inner error cleaned.
+        Error::WithPath { inner, path } => format!("path: {path:?} {}", candle_reason(inner)),
+        Error::Context { inner, context } => format!("{context}\n{}", candle_reason(inner)),
         other => other.to_string(),
     }
 }

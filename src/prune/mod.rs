@@ -56,7 +56,7 @@ pub enum PruneError {
     #[error("{0}")]
     Output(String),
     /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", crate::model::error::candle_reason(.0))]
     Candle(#[from] candle_core::Error),
 }
 

@@ -113,7 +113,7 @@ pub enum RecoverError {
     #[error(transparent)]
     Output(#[from] OutDirError),
     /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
+    #[error("tensor operation failed: {}", crate::model::error::candle_reason(.0))]
     Candle(#[from] candle_core::Error),
     /// Interrupted; the checkpoint holds every completed step.
     #[error("interrupted after step {step} of {total}; the checkpoint {} holds it: run the same command with --resume to continue", checkpoint.display())]

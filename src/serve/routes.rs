@@ -250,17 +250,18 @@ fn logprobs_object(
     start_offset: usize,
 ) -> CompletionLogprobs {
     // A healed token's text leaves out the bytes the prompt already holds,
-    // so the tokens join to the completion's text.
+    // so the tokens join to the completion's text; after echoed prompt
+    // tokens (which stop before the backed-off ones) it is whole, so all
+    // the tokens join to the echoed prompt and the completion.
+    let echoed = prompt.is_some();
+    let skip = |lp: &TokenLogprob| if echoed { 0 } else { lp.healed_bytes };
     let text_from = |id: u32, skip: usize| {
         let bytes = state.info.token_bytes.get(id as usize).map_or(&[][..], |b| b);
         String::from_utf8_lossy(bytes.get(skip..).unwrap_or_default()).into_owned()
     };
     let text_of = |id: u32| text_from(id, 0);
     let top = |lp: &TokenLogprob| -> HashMap<String, f32> {
-        lp.top
-            .iter()
-            .map(|&(id, l)| (text_from(id, lp.healed_bytes), l))
-            .collect()
+        lp.top.iter().map(|&(id, l)| (text_from(id, skip(lp)), l)).collect()
     };
     let mut out = CompletionLogprobs::default();
     let mut offset = start_offset;
@@ -280,12 +281,7 @@ fn logprobs_object(
         }
     }
     for lp in generated {
-        push(
-            &mut out,
-            text_from(lp.id, lp.healed_bytes),
-            Some(lp.logprob),
-            Some(top(lp)),
-        );
+        push(&mut out, text_from(lp.id, skip(lp)), Some(lp.logprob), Some(top(lp)));
     }
     out
 }

@@ -488,8 +488,18 @@ mod avx2 {
             for c0 in cols.clone().step_by(block) {
                 let c1 = (c0 + block).min(cols.end);
                 for r in (0..rows).step_by(TILE_ROWS) {
-                    for c in (c0..c1).step_by(TILE_COLS) {
+                    let mut c = c0;
+                    if r + TILE_ROWS <= rows {
+                        // Full tiles straight to the 4 × 3 kernel.
+                        let xt = op.x.add(r * op.ldx);
+                        while c + TILE_COLS <= c1 {
+                            emit(fixed::<W, 4, 3>(xt, op.ldx, op.w.add(c * ldw), ldw, k), r, c, store);
+                            c += TILE_COLS;
+                        }
+                    }
+                    while c < c1 {
                         tile(op, r, c, c1, store);
+                        c += TILE_COLS;
                     }
                 }
             }

@@ -261,6 +261,23 @@ fn attend(
     }
 }
 
+/// [`rms_norm`] of every `dim`-wide row of `x` into `y`; prompts in blocks
+/// of [`MAX_ROWS`] rows on the team (each row as alone, so the same bits).
+fn norm_rows(x: &[f32], w: &[f32], eps: f32, dim: usize, y: &mut [f32]) {
+    let rows = x.len() / dim;
+    if rows <= MAX_ROWS {
+        return rms_norm(x, w, eps, dim, y);
+    }
+    let block = MAX_ROWS * dim;
+    let out = SharedOut(y.as_mut_ptr());
+    team::for_each(rows.div_ceil(MAX_ROWS), |i| {
+        let at = i * block;
+        let n = block.min(x.len() - at);
+        // SAFETY: block i alone writes y[at..at + n], inside y (as long as x).
+        rms_norm(&x[at..at + n], w, eps, dim, unsafe { out.slice(at, n) });
+    });
+}
+
 /// Where the rows of a step come from and how its attention is cut up.
 struct StepRows {
     /// Row r belongs to sequence `seq[r]`, at position `pos[r]`.
@@ -363,7 +380,7 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
         let gate = sized(&mut s.gate, rows * max_ffn);
         let up = sized(&mut s.up, rows * max_ffn);
         for (li, l) in layers.iter().enumerate() {
-            rms_norm(x, l.ln1.get(), eps, hs, xn);
+            norm_rows(x, l.ln1.get(), eps, hs, xn);
             multiply(
                 xn,
                 rows,
@@ -427,7 +444,7 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
             for (xi, pi) in x.iter_mut().zip(proj.iter()) {
                 *xi += pi;
             }
-            rms_norm(x, l.ln2.get(), eps, hs, xn);
+            norm_rows(x, l.ln2.get(), eps, hs, xn);
             let (g, u) = (&mut gate[..rows * l.ffn], &mut up[..rows * l.ffn]);
             multiply(
                 xn,

@@ -261,6 +261,42 @@ fn attend(
     }
 }
 
+/// RoPE on every row's query and key heads at the row's position, and the
+/// queries scaled for attention; prompts in blocks of [`MAX_ROWS`] rows on
+/// the team (each row as alone, so the same bits).
+fn rotate_rows(
+    q: &mut [f32],
+    k: &mut [f32],
+    row_pos: &[usize],
+    (cos, sin): (&[f32], &[f32]),
+    (qw, kvw, hd): (usize, usize, usize),
+    scale: f32,
+) {
+    let one = |qs: &mut [f32], ks: &mut [f32], pos: usize| {
+        rope(qs, cos, sin, hd, pos);
+        rope(ks, cos, sin, hd, pos);
+        for qv in qs.iter_mut() {
+            *qv *= scale;
+        }
+    };
+    let rows = row_pos.len();
+    if rows <= MAX_ROWS {
+        for (r, &pos) in row_pos.iter().enumerate() {
+            one(&mut q[r * qw..(r + 1) * qw], &mut k[r * kvw..(r + 1) * kvw], pos);
+        }
+        return;
+    }
+    let (qp, kp) = (SharedOut(q.as_mut_ptr()), SharedOut(k.as_mut_ptr()));
+    team::for_each(rows.div_ceil(MAX_ROWS), |i| {
+        for (r, &pos) in row_pos.iter().enumerate().skip(i * MAX_ROWS).take(MAX_ROWS) {
+            // SAFETY: block i alone touches rows i·MAX_ROWS.. of q and k,
+            // each inside its buffer (`rows` rows of `qw` and `kvw`).
+            let (qs, ks) = unsafe { (qp.slice(r * qw, qw), kp.slice(r * kvw, kvw)) };
+            one(qs, ks, pos);
+        }
+    });
+}
+
 /// [`rms_norm`] of every `dim`-wide row of `x` into `y`; prompts in blocks
 /// of [`MAX_ROWS`] rows on the team (each row as alone, so the same bits).
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, dim: usize, y: &mut [f32]) {
@@ -407,16 +443,11 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
             add_bias(q, l.bq.as_ref().map(HostSlice::get));
             add_bias(k, l.bk.as_ref().map(HostSlice::get));
             add_bias(v, l.bv.as_ref().map(HostSlice::get));
+            rotate_rows(q, k, &row_pos, (cos.get(), sin.get()), (qw, kvw, hd), scale);
             for r in 0..rows {
                 let (si, pos) = (row_seq[r], row_pos[r]);
                 let cap = seqs[si].cache.capacity();
-                let qs = &mut q[r * qw..(r + 1) * qw];
-                let ks = &mut k[r * kvw..(r + 1) * kvw];
-                rope(qs, cos.get(), sin.get(), hd, pos);
-                rope(ks, cos.get(), sin.get(), hd, pos);
-                for qv in qs.iter_mut() {
-                    *qv *= scale;
-                }
+                let ks = &k[r * kvw..(r + 1) * kvw];
                 let (kc, vc) = seqs[si]
                     .cache
                     .host_layer_mut(li)

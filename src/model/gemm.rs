@@ -60,7 +60,7 @@ impl WeightElem for f32 {
 impl WeightElem for half::bf16 {
     #[inline]
     fn to_f32(self) -> f32 {
-        f32::from_bits((self.to_bits() as u32) << 16)
+        super::bf16::widen(self)
     }
 
     #[cfg(target_arch = "x86_64")]

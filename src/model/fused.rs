@@ -261,9 +261,18 @@ fn attend(
     }
 }
 
+/// `body(rows)` for consecutive blocks of up to [`MAX_ROWS`] of `rows` rows
+/// on the team; a single block (a decode step's rows) runs on this thread.
+fn row_blocks(rows: usize, body: impl Fn(std::ops::Range<usize>) + Sync) {
+    team::for_each(rows.div_ceil(MAX_ROWS), |i| {
+        let first = i * MAX_ROWS;
+        body(first..(first + MAX_ROWS).min(rows));
+    });
+}
+
 /// RoPE on every row's query and key heads at the row's position, and the
-/// queries scaled for attention; prompts in blocks of [`MAX_ROWS`] rows on
-/// the team (each row as alone, so the same bits).
+/// queries scaled for attention, in row blocks (each row as alone, so the
+/// same bits).
 fn rotate_rows(
     q: &mut [f32],
     k: &mut [f32],
@@ -272,44 +281,28 @@ fn rotate_rows(
     (qw, kvw, hd): (usize, usize, usize),
     scale: f32,
 ) {
-    let one = |qs: &mut [f32], ks: &mut [f32], pos: usize| {
-        rope(qs, cos, sin, hd, pos);
-        rope(ks, cos, sin, hd, pos);
-        for qv in qs.iter_mut() {
-            *qv *= scale;
-        }
-    };
-    let rows = row_pos.len();
-    if rows <= MAX_ROWS {
-        for (r, &pos) in row_pos.iter().enumerate() {
-            one(&mut q[r * qw..(r + 1) * qw], &mut k[r * kvw..(r + 1) * kvw], pos);
-        }
-        return;
-    }
     let (qp, kp) = (SharedOut(q.as_mut_ptr()), SharedOut(k.as_mut_ptr()));
-    team::for_each(rows.div_ceil(MAX_ROWS), |i| {
-        for (r, &pos) in row_pos.iter().enumerate().skip(i * MAX_ROWS).take(MAX_ROWS) {
-            // SAFETY: block i alone touches rows i·MAX_ROWS.. of q and k,
-            // each inside its buffer (`rows` rows of `qw` and `kvw`).
+    row_blocks(row_pos.len(), |block| {
+        for (r, &pos) in row_pos.iter().enumerate().take(block.end).skip(block.start) {
+            // SAFETY: each block alone touches its rows of q and k, each
+            // inside its buffer (`row_pos.len()` rows of `qw` and `kvw`).
             let (qs, ks) = unsafe { (qp.slice(r * qw, qw), kp.slice(r * kvw, kvw)) };
-            one(qs, ks, pos);
+            rope(qs, cos, sin, hd, pos);
+            rope(ks, cos, sin, hd, pos);
+            for qv in qs.iter_mut() {
+                *qv *= scale;
+            }
         }
     });
 }
 
-/// [`rms_norm`] of every `dim`-wide row of `x` into `y`; prompts in blocks
-/// of [`MAX_ROWS`] rows on the team (each row as alone, so the same bits).
+/// [`rms_norm`] of every `dim`-wide row of `x` into `y`, in row blocks
+/// (each row as alone, so the same bits).
 fn norm_rows(x: &[f32], w: &[f32], eps: f32, dim: usize, y: &mut [f32]) {
-    let rows = x.len() / dim;
-    if rows <= MAX_ROWS {
-        return rms_norm(x, w, eps, dim, y);
-    }
-    let block = MAX_ROWS * dim;
     let out = SharedOut(y.as_mut_ptr());
-    team::for_each(rows.div_ceil(MAX_ROWS), |i| {
-        let at = i * block;
-        let n = block.min(x.len() - at);
-        // SAFETY: block i alone writes y[at..at + n], inside y (as long as x).
+    row_blocks(x.len() / dim, |block| {
+        let (at, n) = (block.start * dim, block.len() * dim);
+        // SAFETY: each block alone writes y[at..at + n], inside y (as long as x).
         rms_norm(&x[at..at + n], w, eps, dim, unsafe { out.slice(at, n) });
     });
 }
@@ -495,15 +488,10 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
                 ],
                 threads,
             );
-            // Prompts: blocks of MAX_ROWS rows on the team (up to MAX_ROWS
-            // rows are one block, on this thread).
-            let chunk = MAX_ROWS * l.ffn;
-            let gp = SharedOut(g.as_mut_ptr());
-            let ups: &[f32] = u;
-            team::for_each(rows.div_ceil(MAX_ROWS), |i| {
-                let at = i * chunk;
-                let n = chunk.min(ups.len() - at);
-                // SAFETY: chunk i alone writes g[at..at + n], inside g (as long as u).
+            let (gp, ups, ffn) = (SharedOut(g.as_mut_ptr()), &*u, l.ffn);
+            row_blocks(rows, |block| {
+                let (at, n) = (block.start * ffn, block.len() * ffn);
+                // SAFETY: each block alone writes g[at..at + n], inside g (as long as u).
                 silu_mul(unsafe { gp.slice(at, n) }, &ups[at..at + n]);
             });
             multiply(

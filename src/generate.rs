@@ -62,8 +62,7 @@ pub struct TokenLogprob {
 
 /// Log-softmax of `logits`, then the entry for `id` and the `k` best.
 pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
-    let all: Vec<u32> = (0..logits.len() as u32).collect();
-    logprob_among(logits, &all, id, k, 0)
+    logprob_among(logits, 0..logits.len() as u32, id, k, 0)
 }
 
 /// A healed token's log-probabilities: the softmax over `allowed` alone
@@ -71,16 +70,24 @@ pub fn token_logprob(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
 /// i.e. the probability of each continuation given the prompt's text, and
 /// the `k` best of them.
 pub fn healed_token_logprob(logits: &[f32], allowed: &[u32], id: u32, k: usize, healed_bytes: usize) -> TokenLogprob {
-    logprob_among(logits, allowed, id, k, healed_bytes)
+    logprob_among(logits, allowed.iter().copied(), id, k, healed_bytes)
 }
 
-fn logprob_among(logits: &[f32], among: &[u32], id: u32, k: usize, healed_bytes: usize) -> TokenLogprob {
+/// Log-softmax over the tokens `among`, then the entry for `id` and the `k`
+/// best of them.
+fn logprob_among(
+    logits: &[f32],
+    among: impl Iterator<Item = u32> + Clone,
+    id: u32,
+    k: usize,
+    healed_bytes: usize,
+) -> TokenLogprob {
     let logit = |i: u32| logits.get(i as usize).copied().unwrap_or(f32::NEG_INFINITY);
-    let max = among.iter().map(|&i| logit(i)).fold(f32::NEG_INFINITY, f32::max);
-    let log_sum = among.iter().map(|&i| ((logit(i) - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
+    let max = among.clone().map(logit).fold(f32::NEG_INFINITY, f32::max);
+    let log_sum = among.clone().map(|i| ((logit(i) - max) as f64).exp()).sum::<f64>().ln() as f32 + max;
     let mut top = Vec::new();
-    if k > 0 && !among.is_empty() {
-        let mut order = among.to_vec();
+    let mut order: Vec<u32> = if k > 0 { among.collect() } else { Vec::new() };
+    if !order.is_empty() {
         let k = k.min(order.len());
         order.select_nth_unstable_by(k - 1, |&a, &b| logit(b).total_cmp(&logit(a)));
         order.truncate(k);

@@ -229,8 +229,9 @@ mod avx2 {
                 *sum = exponentiate(&mut scores[at..at + len]);
             }
             let (scores_at, out_at) = (scores.as_ptr(), out.as_mut_ptr());
-            let p = |i: usize| scores_at.wrapping_add((h0 + i.min(n - 1)) * stride);
-            let o = |i: usize| out_at.wrapping_add((h0 + i.min(n - 1)) * hd);
+            // Head h0 + i, i < n (each arm below asks only for those).
+            let p = |i: usize| scores_at.wrapping_add((h0 + i) * stride);
+            let o = |i: usize| out_at.wrapping_add((h0 + i) * hd);
             // Up to three heads × 32 columns: 12 accumulators, each value
             // vector loaded once for the three.
             let mut col = 0;

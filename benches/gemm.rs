@@ -5,8 +5,8 @@
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use greencode::model::gemm::gemm_multi;
-use greencode::model::matvec::{Projection, Weights};
+use greencode::cpu::gemm::gemm_multi;
+use greencode::cpu::matvec::{Projection, Weights};
 
 fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
     let mut best = f64::INFINITY;

@@ -6,8 +6,8 @@
 
 use std::time::Instant;
 
-use greencode::model::bf16::Bf16Matrix;
-use greencode::model::matvec::{matvec_into, matvec_multi, Projection, Weights};
+use greencode::cpu::bf16::Bf16Matrix;
+use greencode::cpu::matvec::{matvec_into, matvec_multi, Projection, Weights};
 
 fn main() {
     if std::env::var_os("MODEL_SHAPED").is_some() {

@@ -24,7 +24,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn main() {
-    greencode::threads::init(greencode::threads::default_threads());
+    greencode::cpu::threads::init(greencode::cpu::threads::default_threads());
     let t0 = Instant::now();
     let src = Pipeline::load_cpu(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder")).unwrap();
     let m = &src.model;

@@ -10,7 +10,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use crate::model::decode_attention::decode_attention;
+use crate::cuda::decode_attention::decode_attention;
 use crate::model::error::Result;
 use crate::model::qwen2::{attend, Kernels};
 

@@ -179,7 +179,7 @@ pub fn run_batch_bench(model_arg: &ModelArg, b: &BenchBatchArgs, shape: BenchSha
     }
     let mut meter = open_meter(
         MeterChoice::Auto,
-        PowerModel::default_for(greencode::threads::default_threads()),
+        PowerModel::default_for(greencode::cpu::threads::default_threads()),
     )
     .ok();
     for batch in batches {

@@ -7,6 +7,8 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod cpu;
+pub mod cuda;
 pub mod bench_batch;
 pub mod bench_kernels;
 pub mod bench_serve;
@@ -28,5 +30,4 @@ pub mod recover;
 pub mod sampling;
 pub mod serve;
 pub mod stop;
-pub mod threads;
 pub mod tokenizer;

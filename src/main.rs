@@ -18,7 +18,7 @@ use greencode::locate;
 use greencode::pipeline::Pipeline;
 use greencode::sampling::SamplingParams;
 use greencode::serve::engine::EngineConfig;
-use greencode::threads;
+use greencode::cpu::threads;
 use greencode::tokenizer::TextStream;
 
 mod cli_gpu;

@@ -28,9 +28,9 @@ pub(crate) fn eligible(model: &Qwen2, seqs: &[SeqStep<'_>]) -> bool {
         && model.device().is_cuda()
         && matches!(model.dtype(), DType::BF16 | DType::F32)
         && hd.is_multiple_of(32)
-        && hd <= super::decode_attention::MAX_HEAD_DIM
+        && hd <= crate::cuda::decode_attention::MAX_HEAD_DIM
         && seqs.iter().all(|s| s.tokens.len() == 1 && !s.cache.is_host())
-        && !super::decode_attention::kernels_disabled()
+        && !crate::cuda::decode_attention::kernels_disabled()
 }
 
 /// Runs the step (the inputs were checked by `Qwen2::step` and [`eligible`]);
@@ -61,7 +61,7 @@ mod gpu {
     use super::super::error::{ModelError, Result};
     use super::super::qwen2::{Qwen2, SeqStep};
 
-    use super::super::decode_attention::{MODULE, PTX};
+    use crate::cuda::decode_attention::{MODULE, PTX};
 
     /// Warps per attention block (`WARPS` in the .cu file).
     const WARPS: u32 = 16;

@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::bf16::Bf16Matrix;
+use crate::cpu::bf16::Bf16Matrix;
 use super::lora::{frozen_matmul, SharedAdapter};
-use super::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
-use super::quant::Q8Matrix;
+use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
+use crate::cpu::quant::Q8Matrix;
 
 /// How a projection's weight is held.
 #[derive(Debug, Clone)]
@@ -228,7 +228,7 @@ impl Linear {
             // Decoding shapes stream the weights with our threaded
             // matrix-vector kernel; everything else is a GEMM.
             Stored::Dense(w) if decode_shape && w.dtype() == DType::F32 && w.is_contiguous() => {
-                x2.contiguous()?.apply_op2_no_bwd(w, &super::matvec::MatVecOp)?
+                x2.contiguous()?.apply_op2_no_bwd(w, &crate::cpu::matvec::MatVecOp)?
             }
             Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
             Stored::Dense(w) => x2.matmul(&w.t()?)?,

@@ -1,27 +1,20 @@
 //! The model runtime every other part uses: configuration, loading, the
 //! Qwen2 forward passes and the KV cache.
 
-pub mod bf16;
 pub mod config;
-pub mod decode_attention;
 mod decode_cuda;
 pub mod error;
 pub mod flop_probe;
 mod fused;
-pub mod gemm;
 pub mod gguf_load;
 pub mod gguf_names;
-mod host_ops;
 pub mod kv_cache;
 pub mod linear;
 pub mod load;
 pub mod lora;
-pub mod matvec;
 pub mod params;
-pub mod quant;
 pub mod qwen2;
 pub mod synth;
-pub mod team;
 
 pub use config::Qwen2Config;
 pub use error::ModelError;

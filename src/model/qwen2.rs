@@ -207,8 +207,10 @@ impl Attention {
             let v = split(&v_all, nkv)?.contiguous()?;
             let (k, v) = seq.cache.append(layer, &k, &v)?;
             // One decode token on a GPU: the fused kernel reads the cache in place.
-            let y = if t == 1 && super::decode_attention::applies(&q) {
-                super::decode_attention::decode_attention(&q, &k, &v)?
+            let y = if t == 1 && crate::cuda::decode_attention::applies(&q) {
+                // QKᵀ and PV: 2 FLOPs per multiply-add each, as `attend` counts.
+                super::flop_probe::add(4 * (nh * k.dim(2)? * hd) as u64);
+                crate::cuda::decode_attention::decode_attention(&q, &k, &v)?
             } else {
                 attend(&q, &k, &v, offset, nkv, Kernels::Fused)?
             };

@@ -4,7 +4,8 @@
 //! the narrowed cache is read in place, not copied); on the CPU the op runs
 //! the same arithmetic in plain loops, which tests compare with both the
 //! candle path and the GPU kernel. The model uses it on CUDA only
-//! ([`applies`]); everywhere else the candle path in `qwen2::attend` runs.
+//! ([`applies`]); everywhere else the candle path in the model's `attention::attend` runs. The
+//! caller counts the op's FLOPs (`model::flop_probe`).
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -270,9 +271,6 @@ pub fn applies(q: &Tensor) -> bool {
 pub fn decode_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let hd = q.dim(3)?;
     let q = q.contiguous()?;
-    let (nh, l) = (q.dim(1)?, k.dim(2)?);
-    // QKᵀ and PV: 2 FLOPs per multiply-add each, as `qwen2::attend` counts.
-    super::flop_probe::add(4 * (nh * l * hd) as u64);
     q.apply_op3_no_bwd(
         k,
         v,

@@ -26,7 +26,7 @@ pub fn init(threads: usize) {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    crate::model::team::set_size(n);
+    crate::cpu::team::set_size(n);
     // An already-built pool (a second call) is not an error worth reporting.
     let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
 }

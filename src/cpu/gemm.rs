@@ -293,7 +293,7 @@ mod avx2 {
     use super::{weight_block_cols, WeightElem, TILE_COLS, TILE_ROWS, WIDEN_COLS};
     // Batched decoding (up to `MAX_ROWS` rows, the matrix × vector path):
     // its weights come from memory, so its tiles prefetch them.
-    use crate::model::matvec::MAX_ROWS;
+    use crate::cpu::matvec::MAX_ROWS;
 
     /// The end of every dot product: the eight lanes summed as a tree in
     /// registers (halves, then pairs, then the last two), plus the tail
@@ -640,7 +640,7 @@ impl SharedOut {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::matvec::matvec;
+    use crate::cpu::matvec::matvec;
 
     fn random(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -687,8 +687,8 @@ mod tests {
 
     #[test]
     fn bf16_weights_give_the_bits_of_their_f32_values_in_every_path() {
-        use crate::model::bf16::Bf16Matrix;
-        use crate::model::matvec::matvec_multi;
+        use crate::cpu::bf16::Bf16Matrix;
+        use crate::cpu::matvec::matvec_multi;
         // Odd lengths exercise the tails past the last 8-value step.
         for &(out, inp) in &[(70usize, 384usize), (33, 45)] {
             let values: Vec<f32> = random(out * inp, 7)
@@ -706,7 +706,7 @@ mod tests {
                         out,
                         y: &mut y,
                     }];
-                    if rows <= crate::model::matvec::MAX_ROWS {
+                    if rows <= crate::cpu::matvec::MAX_ROWS {
                         matvec_multi(&x, rows, inp, &mut p, threads);
                     } else {
                         gemm_multi(&x, rows, inp, &mut p, threads);
@@ -723,7 +723,7 @@ mod tests {
         let x = random(rows * inp, 3);
         let wq = random(130 * inp, 4);
         let wk = random(65 * inp, 5);
-        let q8 = crate::model::quant::Q8Matrix::quantize(&wk, 65, inp).unwrap();
+        let q8 = crate::cpu::quant::Q8Matrix::quantize(&wk, 65, inp).unwrap();
         let wk8 = q8.dequantize();
         for threads in [1, 2, 3] {
             let (mut yq, mut yk) = (vec![0f32; rows * 130], vec![0f32; rows * 65]);

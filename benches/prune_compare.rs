@@ -10,12 +10,12 @@
 
 use std::time::Instant;
 
-use greencode::eval::corpus;
+use greencode::data::calib;
+use greencode::data::corpus;
 use greencode::eval::kl::kl_on_files;
+use greencode::generate::loaded::LoadedModel;
 use greencode::model::LayerMask;
-use greencode::pipeline::Pipeline;
 use greencode::prune::apply::{build, count_params, PrunePlan};
-use greencode::prune::calib;
 use greencode::prune::ffn::{self, FfnScore};
 use greencode::prune::layers::{choose_layers, CalibSet, LayerMetric};
 
@@ -26,7 +26,8 @@ fn env(name: &str, default: usize) -> usize {
 fn main() {
     greencode::cpu::threads::init(greencode::cpu::threads::default_threads());
     let t0 = Instant::now();
-    let src = Pipeline::load_cpu(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder")).unwrap();
+    let src =
+        LoadedModel::load_cpu(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder")).unwrap();
     let m = &src.model;
     let texts = calib::load(None).unwrap();
     let windows = calib::windows(&src.tokenizer, &texts, env("CALIB_SAMPLES", 32), 0, 512).unwrap();

@@ -4,7 +4,7 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device};
-use greencode::bench_kernels::{check_decode_attention, check_model_path, ATTENTION_CASES};
+use greencode::bench::kernels::{check_decode_attention, check_model_path, ATTENTION_CASES};
 
 /// GPU 0, or `None` (and a note on stderr) where there is none.
 fn gpu() -> Option<Device> {

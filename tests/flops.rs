@@ -5,13 +5,13 @@
 mod common;
 
 use greencode::energy::FlopCounter;
+use greencode::generate::loaded::LoadedModel;
+use greencode::generate::sampling::SamplingParams;
 use greencode::generate::{generate, Flow, GenerationRequest};
 use greencode::model::flop_probe;
 use greencode::model::qwen2::LogitsFor;
 use greencode::model::Qwen2;
-use greencode::pipeline::Pipeline;
 use greencode::prune::apply::{build, PrunePlan};
-use greencode::sampling::SamplingParams;
 
 fn check(model: &Qwen2, prompt: &[u32]) {
     let counter = FlopCounter::new(model);
@@ -47,7 +47,7 @@ fn check(model: &Qwen2, prompt: &[u32]) {
 
 #[test]
 fn analytic_flops_equal_executed_flops_on_original_and_pruned_models() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let text = std::fs::read_to_string(common::tiny_coder().join("MODEL_CARD.md")).unwrap();
     let long: Vec<u32> = p.tokenizer.encode(&text).unwrap().into_iter().take(300).collect();
     assert_eq!(long.len(), 300, "a prompt longer than two query blocks");

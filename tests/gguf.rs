@@ -9,7 +9,7 @@ use std::process::Command;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device};
-use greencode::pipeline::Pipeline;
+use greencode::generate::loaded::LoadedModel;
 use serde_json::Value;
 
 fn quantize(model: &Path, ty: &str, out: &Path) -> Value {
@@ -134,7 +134,7 @@ fn tiny_coder_gguf_has_llama_cpp_metadata_names_and_types() {
 #[test]
 fn weights_read_back_f16_exactly_and_q8_0_as_quantized() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let originals: std::collections::HashMap<String, candle_core::Tensor> =
         p.model.named_tensors().unwrap().into_iter().collect();
     for ty in ["f16", "q8_0"] {
@@ -174,7 +174,7 @@ fn weights_read_back_f16_exactly_and_q8_0_as_quantized() {
 fn pruned_and_uneven_models_keep_their_shapes() {
     use greencode::prune::apply::{pruned_tensors, PrunePlan};
     let dir = tempfile::tempdir().unwrap();
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     // Vocabulary cut to 12,000 tokens, layer 2 dropped, FFN widths differing per layer.
     let vocab: Vec<u32> = (0..12000).collect();
     let kept: Vec<usize> = (0..12).filter(|&i| i != 2).collect();
@@ -251,7 +251,7 @@ fn bad_input_fails_cleanly_and_leaves_no_file() {
     );
 }
 
-fn logits_of(p: &Pipeline, text: &str) -> candle_core::Tensor {
+fn logits_of(p: &LoadedModel, text: &str) -> candle_core::Tensor {
     let ids = p.tokenizer.encode(text).unwrap();
     let x = candle_core::Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
@@ -263,7 +263,7 @@ fn logits_of(p: &Pipeline, text: &str) -> candle_core::Tensor {
 #[test]
 fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
     let dir = tempfile::tempdir().unwrap();
-    let hf = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let hf = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let texts = [
         "def fibonacci(n):\n    if n < 2:\n        return n\n",
         "<|fim_prefix|>x = <|fim_suffix|>\n<|fim_middle|>",
@@ -274,7 +274,7 @@ fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
     for ty in ["f32", "q8_0", "f16"] {
         let out = dir.path().join(format!("tiny-{ty}.gguf"));
         quantize(&common::tiny_coder(), ty, &out);
-        let g = Pipeline::load_cpu(&out).unwrap();
+        let g = LoadedModel::load_cpu(&out).unwrap();
         for t in texts {
             assert_eq!(
                 g.tokenizer.encode(t).unwrap(),
@@ -294,7 +294,7 @@ fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
             "f32" => common::max_abs_diff(&got, &logits_of(&hf, text)),
             "q8_0" => {
                 // The same weights as quantizing in-process, and decoding reads Q8_0.
-                let mut q = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+                let mut q = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
                 q.model.quantize_q8().unwrap();
                 assert_eq!(g.model.quantization(), "q8_0");
                 common::max_abs_diff(&got, &logits_of(&q, text))

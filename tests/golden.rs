@@ -3,14 +3,14 @@
 mod common;
 
 use candle_core::Tensor;
+use greencode::generate::loaded::LoadedModel;
+use greencode::generate::sampling::SamplingParams;
 use greencode::generate::{generate, Flow, GenerationRequest};
 use greencode::model::qwen2::sum_nll;
-use greencode::pipeline::Pipeline;
-use greencode::sampling::SamplingParams;
 
 #[test]
 fn every_golden_case_matches_pytorch() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let golden = common::golden();
     let cases = golden["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);

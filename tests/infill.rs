@@ -4,7 +4,8 @@
 
 mod common;
 
-use greencode::eval::{corpus, infill};
+use greencode::data::corpus;
+use greencode::eval::infill;
 
 /// Hash and size of the full set from python 3.11's first 40 stdlib files.
 const PINNED_HASH: &str = "28a00f50ef931886";

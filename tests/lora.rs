@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use greencode::generate::loaded::LoadedModel;
 use greencode::model::lora::{LoraConfig, LoraTarget};
 use greencode::model::{Kernels, Qwen2, Qwen2Config, WeightStore};
-use greencode::pipeline::Pipeline;
 use greencode::recover::loss;
 
-fn ids(p: &Pipeline) -> Tensor {
+fn ids(p: &LoadedModel) -> Tensor {
     let ids = p
         .tokenizer
         .encode(
@@ -34,7 +34,7 @@ fn all_targets(rank: usize) -> LoraConfig {
 
 #[test]
 fn zero_adapters_leave_the_logits_bit_identical() {
-    let mut p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let mut p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let x = ids(&p);
     for kernels in [Kernels::Fused, Kernels::Differentiable] {
         let mut base = p.model.clone();
@@ -54,7 +54,7 @@ fn zero_adapters_leave_the_logits_bit_identical() {
 
 #[test]
 fn differentiable_kernels_match_the_fused_forward() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let x = ids(&p);
     let fused = p.model.logits(&x, None).unwrap();
     let mut slow = p.model.clone();
@@ -65,7 +65,7 @@ fn differentiable_kernels_match_the_fused_forward() {
 
 #[test]
 fn merged_adapters_equal_the_unmerged_forward() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let x = ids(&p);
     let mut adapted = p.model.clone();
     for (_, a) in adapted.attach_lora(&all_targets(8)).unwrap() {
@@ -98,7 +98,7 @@ fn merged_adapters_equal_the_unmerged_forward() {
 
 #[test]
 fn lm_head_adapters_are_refused_on_tied_embeddings() {
-    let mut p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let mut p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let cfg = LoraConfig {
         targets: vec![LoraTarget::Q, LoraTarget::LmHead],
         ..all_targets(4)

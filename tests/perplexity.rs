@@ -2,8 +2,9 @@
 
 mod common;
 
-use greencode::eval::{corpus, perplexity::perplexity};
-use greencode::pipeline::Pipeline;
+use greencode::data::corpus;
+use greencode::eval::perplexity::perplexity;
+use greencode::generate::loaded::LoadedModel;
 
 #[test]
 fn stdlib_perplexity_matches_golden() {
@@ -29,7 +30,7 @@ fn stdlib_perplexity_matches_golden() {
         );
         return;
     }
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let report = perplexity(&p.model, &p.tokenizer, &files, 1024, |_, _| {}).unwrap();
     assert_eq!(report.files, want_files);
     assert_eq!(report.tokens as u64, eval["tokens"].as_u64().unwrap());

@@ -8,9 +8,9 @@ use common::prune_tiny as prune;
 use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
-use greencode::eval::corpus;
+use greencode::data::corpus;
+use greencode::generate::loaded::LoadedModel;
 use greencode::model::LayerMask;
-use greencode::pipeline::Pipeline;
 use greencode::prune::apply::{build, PrunePlan};
 use serde_json::Value;
 
@@ -32,7 +32,7 @@ fn ok(out: &std::process::Output) {
     );
 }
 
-fn logits(p: &Pipeline, ids: &[u32], mask: Option<&LayerMask>) -> Tensor {
+fn logits(p: &LoadedModel, ids: &[u32], mask: Option<&LayerMask>) -> Tensor {
     let x = Tensor::new(ids, p.model.device()).unwrap().unsqueeze(0).unwrap();
     p.model.logits(&x, mask).unwrap().squeeze(0).unwrap()
 }
@@ -56,7 +56,7 @@ fn calibration_and_held_out_files_never_overlap() {
     let all = corpus::python_files(&stdlib).unwrap();
     assert_eq!(eval.len() + calib.len(), all.len());
     // The default calibration corpus is exactly that split.
-    let texts = greencode::prune::calib::load(None).unwrap();
+    let texts = greencode::data::calib::load(None).unwrap();
     assert_eq!(texts.len(), calib.len());
     for t in &texts {
         assert!(!eval.iter().any(|e| e.display().to_string() == t.name), "{}", t.name);
@@ -69,8 +69,8 @@ fn pruning_nothing_gives_identical_logits() {
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("same");
     ok(&prune(calib.path(), &dest, &["--vocab-min-count", "0"]));
-    let a = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
-    let b = Pipeline::load_cpu(&dest).unwrap();
+    let a = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let b = LoadedModel::load_cpu(&dest).unwrap();
     let ids = a.tokenizer.encode(PROMPT).unwrap();
     assert_eq!(b.tokenizer.encode(PROMPT).unwrap(), ids);
     assert_eq!(
@@ -97,8 +97,8 @@ fn vocabulary_pruning_keeps_logits_of_kept_tokens() {
     for id in 0..6 {
         assert!(kept.contains(&id));
     }
-    let a = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
-    let b = Pipeline::load_cpu(&dest).unwrap();
+    let a = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let b = LoadedModel::load_cpu(&dest).unwrap();
     assert_eq!(b.model.vocab_size(), kept.len());
     assert_eq!(b.model.config().pruned_from.as_deref(), Some("tiny-coder"));
     // A prompt made of kept tokens: same logits restricted to the kept ids.
@@ -184,8 +184,8 @@ fn removing_layers_equals_masking_them_and_ffn_keep_all_is_identity() {
     assert_eq!(steps.len(), 2);
     assert_eq!(steps[0]["candidates"].as_array().unwrap().len(), 12);
     assert_eq!(steps[1]["candidates"].as_array().unwrap().len(), 11);
-    let a = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
-    let b = Pipeline::load_cpu(&dest).unwrap();
+    let a = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let b = LoadedModel::load_cpu(&dest).unwrap();
     assert_eq!(b.model.num_layers(), 10);
     let ids = a.tokenizer.encode(PROMPT).unwrap();
     let masked = logits(&a, &ids, Some(&LayerMask::without(12, &removed)));
@@ -228,7 +228,7 @@ fn ffn_pruning_by_each_score_writes_a_working_folder() {
                 "bi",
             ],
         ));
-        let b = Pipeline::load_cpu(&dest).unwrap();
+        let b = LoadedModel::load_cpu(&dest).unwrap();
         assert_eq!(b.model.ffn_widths(), vec![768; 11]);
         let cfg: Value = serde_json::from_str(&std::fs::read_to_string(dest.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["intermediate_size"], 768);
@@ -295,7 +295,7 @@ fn target_mode_reaches_the_ratio_and_reports_held_out_quality() {
     assert!(after > before, "pruning should cost some quality: {before} → {after}");
     assert!(r["held_out_kl"]["kl"].as_f64().unwrap() > 0.0);
     let after_params = r["params_after"]["total"].as_u64().unwrap();
-    let b = Pipeline::load_cpu(&dest).unwrap();
+    let b = LoadedModel::load_cpu(&dest).unwrap();
     assert_eq!(
         greencode::prune::apply::count_params(&b.model).total as u64,
         after_params
@@ -344,7 +344,7 @@ fn pruned_tokenizer_loads_in_python_tokenizers_and_round_trips_held_out_code() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Same ids as our own tokenizer.
-    let b = Pipeline::load_cpu(&dest).unwrap();
+    let b = LoadedModel::load_cpu(&dest).unwrap();
     let ours = b.tokenizer.encode(&std::fs::read_to_string(file).unwrap()).unwrap();
     let printed = String::from_utf8_lossy(&o.stdout);
     assert_eq!(printed.split_whitespace().next().unwrap(), ours.len().to_string());

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use candle_core::Device;
-use greencode::eval::corpus;
+use greencode::data::corpus;
 use serde_json::Value;
 
 /// Shared fixtures: a small calibration folder and a pruned student (vocabulary

@@ -3,31 +3,31 @@
 mod common;
 
 use candle_core::Tensor;
+use greencode::generate::loaded::LoadedModel;
 use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::LayerMask;
-use greencode::pipeline::Pipeline;
 
-fn prompt_ids(p: &Pipeline) -> Vec<u32> {
+fn prompt_ids(p: &LoadedModel) -> Vec<u32> {
     p.tokenizer
         .encode("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        self.items.append(item)\n")
         .unwrap()
 }
 
 /// A 128-position cache holding `ids`.
-fn prefilled(p: &Pipeline, ids: &[u32]) -> greencode::model::KvCache {
+fn prefilled(p: &LoadedModel, ids: &[u32]) -> greencode::model::KvCache {
     let mut cache = p.model.new_cache(128).unwrap();
     p.model.forward_cached(ids, &mut cache, LogitsFor::Last).unwrap();
     cache
 }
 
 /// Logits of one more token `id` after `cache`.
-fn next(p: &Pipeline, id: u32, cache: &mut greencode::model::KvCache, which: LogitsFor) -> Tensor {
+fn next(p: &LoadedModel, id: u32, cache: &mut greencode::model::KvCache, which: LogitsFor) -> Tensor {
     p.model.forward_cached(&[id], cache, which).unwrap()
 }
 
 #[test]
 fn full_layer_mask_equals_plain_forward_and_masking_changes_output() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let input = Tensor::new(ids.as_slice(), p.model.device())
         .unwrap()
@@ -51,7 +51,7 @@ fn full_layer_mask_equals_plain_forward_and_masking_changes_output() {
 
 #[test]
 fn kv_cached_decoding_equals_full_forward() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let input = Tensor::new(ids.as_slice(), p.model.device())
         .unwrap()
@@ -77,7 +77,7 @@ fn kv_cached_decoding_equals_full_forward() {
 
 #[test]
 fn batched_rows_equal_single_rows() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let a = &ids[..16];
     let b = &ids[4..20];
@@ -97,7 +97,7 @@ fn batched_rows_equal_single_rows() {
 
 #[test]
 fn out_of_vocabulary_and_over_context_inputs_are_errors() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let bad = Tensor::new(&[[1u32, 99_999]], p.model.device()).unwrap();
     let e = p.model.logits(&bad, None).unwrap_err();
     assert!(
@@ -115,7 +115,7 @@ fn out_of_vocabulary_and_over_context_inputs_are_errors() {
 #[test]
 fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
     use greencode::prune::apply::{pruned_tensors, PrunePlan};
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     // Different FFN widths per layer, written as a single model.safetensors, untied.
     let widths: Vec<usize> = (0..12).map(|i| 1024 - 64 * (i % 4)).collect();
     let plan = PrunePlan {
@@ -135,7 +135,7 @@ fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
         dir.path().join("tokenizer.json"),
     )
     .unwrap();
-    let q = Pipeline::load_cpu(dir.path()).unwrap();
+    let q = LoadedModel::load_cpu(dir.path()).unwrap();
     assert_eq!(q.model.ffn_widths(), widths);
     assert!(!q.model.config().tie_word_embeddings);
     // Halving lm_head halves the logits.
@@ -150,16 +150,16 @@ fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
     // An untied config without lm_head.weight names the tensor.
     tensors.remove("lm_head.weight");
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
-    let e = Pipeline::load_cpu(dir.path()).unwrap_err();
+    let e = LoadedModel::load_cpu(dir.path()).unwrap_err();
     assert!(e.to_string().contains("tensor `lm_head.weight` not found"), "{e}");
 }
 
 #[test]
 fn ragged_batch_steps_equal_sequences_run_alone() {
+    use greencode::generate::sampling::{argmax, SamplingParams};
     use greencode::generate::{generate, Flow, GenerationRequest};
     use greencode::model::qwen2::SeqStep;
-    use greencode::sampling::{argmax, SamplingParams};
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let snippets = [
         "def fibonacci(n):\n",
         "import os\nimport sys\n",
@@ -235,7 +235,7 @@ fn ragged_batch_steps_equal_sequences_run_alone() {
 #[test]
 fn fused_step_equals_the_tensor_path_for_prompts_and_decoding() {
     use greencode::model::qwen2::SeqStep;
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let split = ids.len() / 2;
     let (mut fused_cache, mut tensor_cache) = (p.model.new_cache(256).unwrap(), p.model.new_cache(256).unwrap());
@@ -263,7 +263,7 @@ fn prompt_chunking_does_not_change_a_single_bit() {
     // Projections (matrix × vector or tiled), attention blocks and the
     // decode path share one arithmetic per output: the logits of every
     // position are bit-identical however the prompt is cut.
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids: Vec<u32> = prompt_ids(&p).into_iter().cycle().take(70).collect();
     let run = |cut: usize| -> Vec<u32> {
         let mut cache = p.model.new_cache(256).unwrap();
@@ -282,8 +282,8 @@ fn prompt_chunking_does_not_change_a_single_bit() {
 
 #[test]
 fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
-    let f32_model = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
-    let mut p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let f32_model = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let mut p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     assert_eq!(
         p.model.quantize_q8().unwrap(),
         12 * 7 + 1,
@@ -311,10 +311,10 @@ fn q8_0_model_decodes_like_its_dequantized_weights_and_stays_close_to_f32() {
 #[test]
 fn quantizing_at_load_keeps_only_q8_0_blocks_and_equals_quantizing_after() {
     let dir = common::tiny_coder();
-    let f32_model = Pipeline::load_cpu(&dir).unwrap();
-    let mut after = Pipeline::load_cpu(&dir).unwrap();
+    let f32_model = LoadedModel::load_cpu(&dir).unwrap();
+    let mut after = LoadedModel::load_cpu(&dir).unwrap();
     after.model.quantize_q8().unwrap();
-    let at_load = Pipeline::load_with(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, true).unwrap();
+    let at_load = LoadedModel::load_with(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, true).unwrap();
     // Resident weights: 36 of every 128 f32 bytes (Q8_0 values, f32 scales) plus
     // norms and biases; no full-precision copy of any matrix is kept.
     let mut f32_held = f32_model.model.clone();
@@ -346,7 +346,7 @@ fn quantizing_at_load_keeps_only_q8_0_blocks_and_equals_quantizing_after() {
 
 #[test]
 fn a_bf16_checkpoint_is_held_in_bf16_with_the_bits_of_f32_weights() {
-    let p = Pipeline::load_cpu(&common::tiny_coder()).unwrap();
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let held = &p.model;
     assert_eq!(held.weight_format(), "bf16", "tiny-coder's checkpoint is bf16");
     assert!(held.layers.iter().all(|l| l.mlp.down_proj.bf16().is_some()));

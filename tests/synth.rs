@@ -5,10 +5,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use greencode::bench_kernels::{check_decode_attention, check_model_path, rel_err, ATTENTION_CASES};
+use greencode::bench::kernels::{check_decode_attention, check_model_path, rel_err, ATTENTION_CASES};
+use greencode::generate::loaded::LoadedModel;
 use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::synth::{synth_model, SynthShape};
-use greencode::pipeline::Pipeline;
 
 const SEED: u64 = 11;
 
@@ -33,7 +33,7 @@ fn synth_folder_loads_generates_and_equals_the_in_memory_model() {
     assert_eq!(g["completion_tokens"], 8);
 
     // The folder holds exactly what synth_model builds on the CPU.
-    let loaded = Pipeline::load_cpu(&out).unwrap();
+    let loaded = LoadedModel::load_cpu(&out).unwrap();
     let built = synth_model(SynthShape::Tiny, &Device::Cpu, DType::F32, SEED).unwrap();
     let ids = Tensor::new(&[[1u32, 200, 3000, 16383]], &Device::Cpu).unwrap();
     let a = loaded.model.logits(&ids, None).unwrap();

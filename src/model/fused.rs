@@ -19,15 +19,15 @@ use std::cell::RefCell;
 
 use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
 
-use crate::cpu::bf16::Bf16Matrix;
 use super::error::{ModelError, Result};
 use super::flop_probe;
+use super::linear::Linear;
+use super::qwen2::{LogitsFor, Qwen2, SeqStep};
+use crate::cpu::bf16::Bf16Matrix;
 use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
-use super::linear::Linear;
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
 use crate::cpu::quant::Q8Matrix;
-use super::qwen2::{LogitsFor, Qwen2, SeqStep};
 use crate::cpu::team;
 
 /// Read access to an f32 tensor's host memory for the length of a step.

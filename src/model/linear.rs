@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use crate::cpu::bf16::Bf16Matrix;
 use super::lora::{frozen_matmul, SharedAdapter};
+use crate::cpu::bf16::Bf16Matrix;
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
 use crate::cpu::quant::Q8Matrix;
 

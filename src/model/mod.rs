@@ -3,6 +3,7 @@
 
 pub mod config;
 mod decode_cuda;
+pub mod device;
 pub mod error;
 pub mod flop_probe;
 mod fused;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -116,13 +116,4 @@ pub fn build(model: &Qwen2, plan: &PrunePlan) -> Result<Qwen2, PruneError> {
     let cfg = Qwen2Config::from_json_str(&config.to_string(), Path::new("<pruned config.json>"))?;
     let mut store = WeightStore::from_tensors(Path::new("<pruned>"), model.dtype(), tensors);
     Ok(Qwen2::from_store(cfg, &mut store)?)
-}
-
-/// The dtype the source checkpoint stored (`torch_dtype`), for writing.
-pub fn storage_dtype(cfg: &Qwen2Config) -> DType {
-    match cfg.raw.get("torch_dtype").and_then(Value::as_str) {
-        Some("bfloat16") => DType::BF16,
-        Some("float16") => DType::F16,
-        _ => DType::F32,
-    }
 }

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::PruneError;
 use crate::model::{LayerMask, Qwen2};
-use crate::progress::Progress;
+use crate::output::progress::Progress;
 
 /// How neurons are chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

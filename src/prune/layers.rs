@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::PruneError;
 use crate::model::{LayerMask, Qwen2};
-use crate::progress::Progress;
+use crate::output::progress::Progress;
 
 /// How layers are scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

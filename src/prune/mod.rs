@@ -4,27 +4,26 @@
 //! complete, with `prune_report.json` beside the weights.
 
 pub mod apply;
-pub mod calib;
 pub mod ffn;
 pub mod layers;
 pub mod vocab;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::Tensor;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::eval::corpus::{self, CorpusError};
+use crate::data::corpus::{self, CorpusError};
+use crate::data::{calib, DataError};
 use crate::eval::kl::{kl_on_files, KlReport};
 use crate::eval::perplexity::{perplexity, EvalError, PerplexityReport};
+use crate::generate::loaded::{LoadError, LoadedModel};
 use crate::model::{LayerMask, ModelError, Qwen2};
-use crate::out_dir::{self, OutDirError};
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::output::hf_folder::{self, ModelFiles};
+use crate::output::out_dir::{self, OutDirError};
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
-use apply::{build, count_params, pruned_tensors, storage_dtype, ParamCount, PrunePlan};
+use apply::{build, count_params, pruned_tensors, ParamCount, PrunePlan};
 use ffn::FfnScore;
 use layers::{CalibSet, LayerMetric, LayerStep};
 
@@ -33,7 +32,7 @@ use layers::{CalibSet, LayerMetric, LayerStep};
 pub enum PruneError {
     /// The source model failed to load.
     #[error(transparent)]
-    Pipeline(#[from] PipelineError),
+    Load(#[from] LoadError),
     /// A model operation failed.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -47,8 +46,8 @@ pub enum PruneError {
     #[error(transparent)]
     Eval(#[from] EvalError),
     /// The calibration data is missing or unusable.
-    #[error("{0}")]
-    Calib(String),
+    #[error(transparent)]
+    Data(#[from] DataError),
     /// The requested target cannot be met.
     #[error("{0}")]
     Target(String),
@@ -227,7 +226,7 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
             return Err(PruneError::Target(format!("--target must be in (0, 1), got {t}")));
         }
     }
-    let source = Pipeline::load_cpu(&cfg.model_dir)?;
+    let source = LoadedModel::load_cpu(&cfg.model_dir)?;
     check_sizes(cfg, &source.model)?;
     let tok_path = cfg.model_dir.join("tokenizer.json");
     let tok_json: Value = serde_json::from_str(
@@ -556,14 +555,14 @@ fn tokenizer_from_json(json: &Value, folder: &Path, model: &Qwen2) -> Result<Cod
 /// Writes the folder under a temporary name, then renames it into place.
 fn write_folder(
     cfg: &PruneConfig,
-    source: &Pipeline,
+    source: &LoadedModel,
     plan: &PrunePlan,
     tok_json: Option<&Value>,
     report: &PruneReport,
 ) -> Result<(), PruneError> {
     out_dir::write_dir(&cfg.out_dir, |tmp| -> Result<(), PruneError> {
         let (mut config, tensors) = pruned_tensors(&source.model, plan)?;
-        config["pruned_from"] = Value::from(crate::locate::model_name(&cfg.model_dir));
+        config["pruned_from"] = Value::from(crate::generate::locate::model_name(&cfg.model_dir));
         config["greencode_prune"] = serde_json::json!({
             "kept_layers": report.kept_layers,
             "ffn_widths": report.ffn_widths,
@@ -574,43 +573,17 @@ fn write_folder(
             "params_before": report.params_before.total,
             "params_after": report.params_after.total,
         });
-        let dtype = storage_dtype(source.model.config());
-        let tensors: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
-            .collect::<Result<_, candle_core::Error>>()?;
-        out_dir::write_json(&tmp.join("config.json"), &config)?;
-        out_dir::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
-        match tok_json {
-            Some(j) => out_dir::write_json(&tmp.join("tokenizer.json"), j)?,
-            None => out_dir::copy_file(&cfg.model_dir, tmp, "tokenizer.json")?,
-        }
-        copy_side_files(&cfg.model_dir, tmp, &config)?;
+        hf_folder::write_model_files(
+            tmp,
+            ModelFiles {
+                source: &cfg.model_dir,
+                config: &config,
+                tensors,
+                dtype: source.model.config().storage_dtype(),
+                tokenizer: tok_json,
+            },
+        )?;
         out_dir::write_json(&tmp.join("prune_report.json"), report)?;
         Ok(())
     })
-}
-
-/// Copies the tokenizer's side files and `generation_config.json` (with the
-/// special token ids of `config`) from `model_dir` into `dest`.
-pub(crate) fn copy_side_files(model_dir: &Path, dest: &Path, config: &Value) -> Result<(), OutDirError> {
-    for extra in ["tokenizer_config.json", "special_tokens_map.json"] {
-        if model_dir.join(extra).is_file() {
-            out_dir::copy_file(model_dir, dest, extra)?;
-        }
-    }
-    let gen_path = model_dir.join("generation_config.json");
-    if let Ok(text) = std::fs::read_to_string(&gen_path) {
-        if let Ok(mut g) = serde_json::from_str::<Value>(&text) {
-            for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
-                if let Some(v) = config.get(key) {
-                    if g.get(key).is_some() {
-                        g[key] = v.clone();
-                    }
-                }
-            }
-            out_dir::write_json(&dest.join("generation_config.json"), &g)?;
-        }
-    }
-    Ok(())
 }

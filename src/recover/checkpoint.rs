@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::optim::Param;
-use crate::out_dir::{self, OutDirError};
+use crate::output::out_dir::{self, OutDirError};
 
 /// Training progress saved in `state.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,7 +5,7 @@
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::prune::calib::CalibText;
+use crate::data::calib::CalibText;
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
 /// One training sequence.

@@ -9,8 +9,8 @@ use serde::Serialize;
 use super::{RecoverConfig, RecoverError};
 use crate::eval::kl::kl_on_files;
 use crate::eval::perplexity::perplexity;
+use crate::generate::loaded::LoadedModel;
 use crate::model::Qwen2;
-use crate::pipeline::Pipeline;
 use crate::tokenizer::CodeTokenizer;
 
 /// Held-out quality of the student.
@@ -36,7 +36,11 @@ pub(super) struct HeldOut<'a> {
 
 impl<'a> HeldOut<'a> {
     /// Scores the teacher once, for the gap.
-    pub(super) fn new(cfg: &'a RecoverConfig, teacher: &Pipeline, student: &Pipeline) -> Result<Self, RecoverError> {
+    pub(super) fn new(
+        cfg: &'a RecoverConfig,
+        teacher: &LoadedModel,
+        student: &LoadedModel,
+    ) -> Result<Self, RecoverError> {
         let window = cfg
             .eval_window
             .min(teacher.model.context_len())

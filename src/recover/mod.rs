@@ -24,10 +24,11 @@ use serde_json::{json, Value};
 
 use crate::eval::kl::id_map;
 use crate::eval::perplexity::EvalError;
+use crate::generate::loaded::{LoadError, LoadedModel};
 use crate::model::lora::{LoraConfig, SharedAdapter};
 use crate::model::{Kernels, ModelError, Qwen2, WeightStore};
-use crate::out_dir::{self, OutDirError};
-use crate::pipeline::{Pipeline, PipelineError};
+use crate::output::hf_folder::{self, ModelFiles};
+use crate::output::out_dir::{self, OutDirError};
 use crate::tokenizer::CodeTokenizer;
 use checkpoint::{LogPoint, TrainState};
 use data::TrainSet;
@@ -96,7 +97,7 @@ pub enum RecoverError {
     Usage(String),
     /// A model failed to load.
     #[error(transparent)]
-    Pipeline(#[from] PipelineError),
+    Load(#[from] LoadError),
     /// A model operation failed.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -193,8 +194,8 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
         }
         _ => {}
     }
-    let teacher = Pipeline::load_cpu(&cfg.teacher)?;
-    let mut student = Pipeline::load_cpu(&cfg.student)?;
+    let teacher = LoadedModel::load_cpu(&cfg.teacher)?;
+    let mut student = LoadedModel::load_cpu(&cfg.student)?;
     if student.model.context_len() < cfg.seq_len {
         return Err(RecoverError::Usage(format!(
             "--seq-len {} exceeds the student's context length {}",
@@ -266,7 +267,7 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
     // What a merged folder holds: adapters folded in, rounded to the storage dtype.
     student.model.set_kernels(Kernels::Fused);
     let merged = student.model.merged_lora()?;
-    let stored = rounded(&merged, storage_dtype(&student))?;
+    let stored = rounded(&merged, student.model.config().storage_dtype())?;
     let after = held_out.score(&teacher.model, &stored, &student.tokenizer, to_teacher.as_deref())?;
     let gap_closed = match (&before, &after, held_out.teacher_bpb) {
         (Some(b), Some(a), Some(t)) if b.bits_per_byte - t > 0.0 => {
@@ -301,7 +302,7 @@ pub fn run(cfg: &RecoverConfig) -> Result<RecoverReport, RecoverError> {
 /// The training windows: `--data` (default the stdlib calibration split)
 /// without any held-out evaluation file.
 fn training_set(cfg: &RecoverConfig, tok: &CodeTokenizer) -> Result<TrainSet, RecoverError> {
-    let mut texts = crate::prune::calib::load(cfg.data.as_deref()).map_err(|e| RecoverError::Data(e.to_string()))?;
+    let mut texts = crate::data::calib::load(cfg.data.as_deref()).map_err(|e| RecoverError::Data(e.to_string()))?;
     let held_out_names: Vec<String> = cfg.held_out.iter().map(|p| p.display().to_string()).collect();
     let before_filter = texts.len();
     texts.retain(|t| !held_out_names.contains(&t.name));
@@ -439,11 +440,6 @@ fn check_same_spec(saved: &Value, now: &Value, dir: &Path) -> Result<(), Recover
     Ok(())
 }
 
-/// The dtype the student's checkpoint is stored in.
-fn storage_dtype(student: &Pipeline) -> DType {
-    crate::prune::apply::storage_dtype(student.model.config())
-}
-
 /// `model` with every weight rounded to `dtype` (and computed in f32 again).
 fn rounded(model: &Qwen2, dtype: DType) -> Result<Qwen2, RecoverError> {
     let tensors = model
@@ -459,7 +455,7 @@ fn rounded(model: &Qwen2, dtype: DType) -> Result<Qwen2, RecoverError> {
 /// Hugging Face folder with the adapter under `adapter/`.
 fn write_output(
     cfg: &RecoverConfig,
-    student: &Pipeline,
+    student: &LoadedModel,
     adapters: &[(String, SharedAdapter)],
     merged: &Qwen2,
     report: &RecoverReport,
@@ -477,12 +473,6 @@ fn write_output(
         let adapter_dir = tmp.join("adapter");
         std::fs::create_dir(&adapter_dir).map_err(|e| OutDirError::new(&adapter_dir, e))?;
         peft::write(&adapter_dir, &base, &cfg.lora, adapters)?;
-        let dtype = storage_dtype(student);
-        let tensors = merged
-            .named_tensors()?
-            .into_iter()
-            .map(|(k, t)| Ok((k, t.to_dtype(dtype)?)))
-            .collect::<Result<_, candle_core::Error>>()?;
         let mut config = Value::Object(student.model.config().raw.clone());
         config["greencode_recover"] = json!({
             "adapter": "adapter",
@@ -490,10 +480,16 @@ fn write_output(
             "rank": cfg.lora.rank,
             "alpha": cfg.lora.alpha,
         });
-        out_dir::write_json(&tmp.join("config.json"), &config)?;
-        out_dir::write_safetensors(&tmp.join("model.safetensors"), &tensors)?;
-        out_dir::copy_file(&cfg.student, tmp, "tokenizer.json")?;
-        crate::prune::copy_side_files(&cfg.student, tmp, &config)?;
+        hf_folder::write_model_files(
+            tmp,
+            ModelFiles {
+                source: &cfg.student,
+                config: &config,
+                tensors: merged.named_tensors()?.into_iter().collect(),
+                dtype: student.model.config().storage_dtype(),
+                tokenizer: None,
+            },
+        )?;
         Ok(())
     })
 }

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor};
 use serde_json::{json, Value};
 
 use crate::model::lora::{LoraConfig, SharedAdapter};
-use crate::out_dir::{self, OutDirError};
+use crate::output::out_dir::{self, OutDirError};
 
 /// The adapter's configuration file.
 pub const CONFIG_FILE: &str = "adapter_config.json";

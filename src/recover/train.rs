@@ -44,7 +44,7 @@ impl Trainer<'_> {
             Budget::Minutes(_) if state.total_steps == 0 => TIMING_STEPS,
             _ => state.total_steps,
         };
-        let mut progress = crate::progress::Progress::new("recover", planned(state));
+        let mut progress = crate::output::progress::Progress::new("recover", planned(state));
         let session_start = Instant::now();
         let session_base_seconds = state.train_seconds;
         let session_first_step = state.step;

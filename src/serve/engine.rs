@@ -85,8 +85,8 @@ pub struct TokenTables {
     /// Whether each id is a special token (never shown).
     pub special: Arc<Vec<bool>>,
 }
-use crate::sampling::Sampler;
-use crate::stop::{StopMatcher, StopOutcome};
+use crate::generate::sampling::Sampler;
+use crate::generate::stop::{StopMatcher, StopOutcome};
 
 /// What the engine tells a handler about one job.
 #[derive(Debug)]

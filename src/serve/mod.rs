@@ -54,7 +54,7 @@ pub struct ServeConfig {
     /// Quantize the weights to Q8_0 at load.
     pub quantize_q8: bool,
     /// Device the model computes on (f32 on the CPU, bf16 on a GPU).
-    pub device: crate::device::DeviceSpec,
+    pub device: crate::model::device::DeviceSpec,
     /// Serve random weights of this shape and seed, built on the device
     /// (`model_dir` then only supplies the tokenizer).
     pub synth: Option<(crate::model::synth::SynthShape, u64)>,
@@ -88,7 +88,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     };
     let name = cfg.served_model_name.clone().unwrap_or_else(|| match cfg.synth {
         Some((shape, _)) => shape.name().to_owned(),
-        None => crate::locate::model_name(&cfg.model_dir),
+        None => crate::generate::locate::model_name(&cfg.model_dir),
     });
     let info = Arc::new(validate::ModelInfo::new(
         name.clone(),

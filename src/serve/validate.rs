@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::openai::CommonParams;
-use crate::sampling::SamplingParams;
+use crate::generate::sampling::SamplingParams;
 use crate::tokenizer::CodeTokenizer;
 
 /// What the handlers know about the served model.

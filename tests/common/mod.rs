@@ -163,12 +163,12 @@ pub fn assert_fails_with(out: &Output, needles: &[&str]) {
     }
 }
 
-/// A `greencode serve` process on a free loopback port, killed on drop.
+/// A `greencode serve` process on a free loopback port, killed on drop
+/// (started by the library's `bench::server`, as `bench serve` starts one).
 pub struct Server {
-    child: std::process::Child,
+    process: greencode::bench::server::ServerProcess,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
-    stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -179,7 +179,6 @@ impl Server {
 
     /// As [`Server::start`], with environment variables set.
     pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
-        use std::io::BufRead;
         let model = tiny_coder();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_greencode"));
         cmd.args([
@@ -193,44 +192,19 @@ impl Server {
         ])
         .args(extra)
         .env_remove("GREENCODE_MODEL")
-        .env_remove("GREENCODE_API_KEY")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped());
+        .env_remove("GREENCODE_API_KEY");
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("greencode serve starts");
-        let stderr = child.stderr.take().unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = std::sync::Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("on http://").nth(1) {
-                    let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = rx
-            .recv_timeout(std::time::Duration::from_secs(30))
-            .unwrap_or_else(|_| panic!("server did not start: {:?}", lines.lock().unwrap()));
-        let server = Self {
-            child,
-            base: format!("http://{addr}"),
-            stderr_lines: lines,
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while server.get("/health").0 != 200 {
-            assert!(std::time::Instant::now() < deadline, "server never became healthy");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        server
+        let process = greencode::bench::server::ServerProcess::start(cmd, std::time::Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let base = process.url().to_owned();
+        Self { process, base }
     }
 
     /// Lines the server wrote to stderr so far.
     pub fn log(&self) -> Vec<String> {
-        self.stderr_lines.lock().unwrap().clone()
+        self.process.log()
     }
 
     /// The log once at least `n` lines contain `needle` (a request's log
@@ -249,7 +223,7 @@ impl Server {
 
     /// The child process.
     pub fn child(&mut self) -> &mut std::process::Child {
-        &mut self.child
+        self.process.child()
     }
 
     /// GET → (status, body).
@@ -314,13 +288,6 @@ impl Server {
             }
         }
         out
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

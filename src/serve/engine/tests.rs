@@ -9,7 +9,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::*;
 use crate::energy::meter::FakeMeter;
-use crate::sampling::SamplingParams;
+use crate::generate::sampling::SamplingParams;
 
 /// One sequence's part of one step: its first input token and how many tokens it ran.
 type StepLog = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;

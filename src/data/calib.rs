@@ -1,12 +1,11 @@
-//! Calibration data for pruning: a folder of source files, a glob, a JSONL
-//! file (`text`, or `prompt` + `completion`), or by default python3's
+//! Calibration (and training) text for pruning and recovery: a folder of
+//! source files, a glob, a JSONL file (`text`, or `prompt` + `completion`), or by default python3's
 //! standard library files after the held-out evaluation files, so that the
 //! two never overlap.
 
 use std::path::{Path, PathBuf};
 
-use super::PruneError;
-use crate::eval::corpus;
+use super::{corpus, DataError};
 use crate::tokenizer::CodeTokenizer;
 
 /// Source file extensions read from a calibration folder.
@@ -28,7 +27,7 @@ pub struct CalibText {
 
 /// Reads the calibration corpus named by `--calib` (default: the stdlib
 /// files after the first [`corpus::EVAL_FILES`]).
-pub fn load(arg: Option<&str>) -> Result<Vec<CalibText>, PruneError> {
+pub fn load(arg: Option<&str>) -> Result<Vec<CalibText>, DataError> {
     let texts = match arg {
         None | Some("stdlib") => {
             let dir = corpus::stdlib_dir()?;
@@ -37,7 +36,7 @@ pub fn load(arg: Option<&str>) -> Result<Vec<CalibText>, PruneError> {
         Some(a) if a.ends_with(".jsonl") => read_jsonl(Path::new(a))?,
         Some(a) if a.contains(['*', '?', '[']) => {
             let mut files: Vec<PathBuf> = glob::glob(a)
-                .map_err(|e| PruneError::Calib(format!("--calib {a}: invalid glob: {e}")))?
+                .map_err(|e| DataError::Unusable(format!("--calib {a}: invalid glob: {e}")))?
                 .filter_map(Result::ok)
                 .filter(|p| p.is_file())
                 .collect();
@@ -47,7 +46,7 @@ pub fn load(arg: Option<&str>) -> Result<Vec<CalibText>, PruneError> {
         Some(a) => {
             let dir = Path::new(a);
             if !dir.exists() {
-                return Err(PruneError::Calib(format!("--calib {a}: no such file or folder")));
+                return Err(DataError::Unusable(format!("--calib {a}: no such file or folder")));
             }
             if dir.is_file() {
                 read_files(&[dir.to_path_buf()])?
@@ -61,7 +60,7 @@ pub fn load(arg: Option<&str>) -> Result<Vec<CalibText>, PruneError> {
     };
     let texts: Vec<CalibText> = texts.into_iter().filter(|t| !t.text.trim().is_empty()).collect();
     if texts.is_empty() {
-        return Err(PruneError::Calib(format!(
+        return Err(DataError::Unusable(format!(
             "the calibration corpus ({}) holds no text",
             arg.unwrap_or("stdlib")
         )));
@@ -89,7 +88,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-fn read_files(files: &[PathBuf]) -> Result<Vec<CalibText>, PruneError> {
+fn read_files(files: &[PathBuf]) -> Result<Vec<CalibText>, DataError> {
     files
         .iter()
         .map(|f| {
@@ -101,9 +100,9 @@ fn read_files(files: &[PathBuf]) -> Result<Vec<CalibText>, PruneError> {
         .collect()
 }
 
-fn read_jsonl(path: &Path) -> Result<Vec<CalibText>, PruneError> {
+fn read_jsonl(path: &Path) -> Result<Vec<CalibText>, DataError> {
     let text =
-        std::fs::read_to_string(path).map_err(|e| PruneError::Calib(format!("--calib {}: {e}", path.display())))?;
+        std::fs::read_to_string(path).map_err(|e| DataError::Unusable(format!("--calib {}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -111,13 +110,13 @@ fn read_jsonl(path: &Path) -> Result<Vec<CalibText>, PruneError> {
         }
         let where_ = format!("{}:{}", path.display(), i + 1);
         let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| PruneError::Calib(format!("{where_}: invalid JSON: {e}")))?;
+            serde_json::from_str(line).map_err(|e| DataError::Unusable(format!("{where_}: invalid JSON: {e}")))?;
         let field = |k: &str| v.get(k).and_then(|x| x.as_str());
         let text = match (field("text"), field("prompt"), field("completion")) {
             (Some(t), _, _) => t.to_owned(),
             (None, Some(p), Some(c)) => format!("{p}{c}"),
             _ => {
-                return Err(PruneError::Calib(format!(
+                return Err(DataError::Unusable(format!(
                     "{where_}: expected a `text` field, or `prompt` and `completion`"
                 )))
             }
@@ -144,7 +143,7 @@ pub fn windows(
     samples: usize,
     validation: usize,
     len: usize,
-) -> Result<Windows, PruneError> {
+) -> Result<Windows, DataError> {
     let sep = tok.eos_ids().first().copied();
     let mut stream = Vec::new();
     for t in texts {
@@ -154,7 +153,7 @@ pub fn windows(
     let want = samples + validation;
     let available = stream.len() / len;
     if available < 2 || available < validation + 1 {
-        return Err(PruneError::Calib(format!(
+        return Err(DataError::Unusable(format!(
             "the calibration corpus has {} tokens: too few for windows of {len} tokens",
             stream.len()
         )));

@@ -173,7 +173,7 @@ fn one_pass(
     let ttft = start.elapsed().as_secs_f64();
     let e1 = read(meter);
     let mut peak = mem(meter);
-    let mut peak_device = crate::device::gpu_memory_used(model.device());
+    let mut peak_device = crate::model::device::gpu_memory_used(model.device());
     let decode_start = std::time::Instant::now();
     for _ in 1..new_tokens {
         let ids: Vec<[u32; 1]> = next.iter().map(|&id| [id]).collect();
@@ -191,7 +191,7 @@ fn one_pass(
     let decode = decode_start.elapsed().as_secs_f64();
     let e2 = read(meter);
     peak = peak.max(mem(meter));
-    peak_device = peak_device.max(crate::device::gpu_memory_used(model.device()));
+    peak_device = peak_device.max(crate::model::device::gpu_memory_used(model.device()));
     Ok(PassTimes {
         ttft,
         decode,

@@ -9,7 +9,7 @@ use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
 /// Why a model folder could not be opened.
 #[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
+pub enum LoadError {
     /// The weights or config failed to load.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -30,7 +30,7 @@ pub enum PipelineError {
 
 /// A model, its tokenizer and where they came from.
 #[derive(Debug)]
-pub struct Pipeline {
+pub struct LoadedModel {
     /// The network.
     pub model: Qwen2,
     /// Its tokenizer.
@@ -39,21 +39,21 @@ pub struct Pipeline {
     pub folder: PathBuf,
 }
 
-impl Pipeline {
+impl LoadedModel {
     /// Loads the folder on the CPU in f32 (candle converts bf16 at every CPU
     /// matmul otherwise, which is slower).
-    pub fn load_cpu(folder: &Path) -> Result<Self, PipelineError> {
+    pub fn load_cpu(folder: &Path) -> Result<Self, LoadError> {
         Self::load(folder, &Device::Cpu, DType::F32)
     }
 
     /// Loads the folder (or a `.gguf` file) on `device`, computing in `dtype`.
-    pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, PipelineError> {
+    pub fn load(folder: &Path, device: &Device, dtype: DType) -> Result<Self, LoadError> {
         Self::load_with(folder, device, dtype, false)
     }
 
-    /// As [`Pipeline::load`]; with `quantize_q8` every matrix becomes Q8_0 as
+    /// As [`LoadedModel::load`]; with `quantize_q8` every matrix becomes Q8_0 as
     /// it is read, so the full-precision weights are never all in memory.
-    pub fn load_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Self, PipelineError> {
+    pub fn load_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Self, LoadError> {
         if folder.extension().is_some_and(|e| e == "gguf") && folder.is_file() {
             let g = crate::model::gguf_load::load_gguf(folder, device, dtype, quantize_q8)?;
             let tokenizer = CodeTokenizer::new(g.tokenizer, folder.to_path_buf(), &g.model.config().eos_token_ids);
@@ -66,7 +66,7 @@ impl Pipeline {
         let model = load_model_with(folder, device, dtype, quantize_q8)?;
         let tokenizer = CodeTokenizer::from_folder(folder, &model.config().eos_token_ids)?;
         if tokenizer.vocab_size() > model.vocab_size() {
-            return Err(PipelineError::VocabMismatch {
+            return Err(LoadError::VocabMismatch {
                 path: tokenizer.path().to_path_buf(),
                 tokenizer: tokenizer.vocab_size(),
                 model: model.vocab_size(),
@@ -81,6 +81,6 @@ impl Pipeline {
 
     /// A short name for the model: its folder's name.
     pub fn name(&self) -> String {
-        crate::locate::model_name(&self.folder)
+        crate::generate::locate::model_name(&self.folder)
     }
 }

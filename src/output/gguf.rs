@@ -264,7 +264,7 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
     } else {
         gguf_file::Value::Array(ffn.iter().map(|&w| gguf_file::Value::U32(w as u32)).collect())
     };
-    let name = crate::locate::model_name(folder);
+    let name = crate::generate::locate::model_name(folder);
     let s = |v: &str| gguf_file::Value::String(v.to_owned());
     let u = |v: usize| gguf_file::Value::U32(v as u32);
     let eos = cfg.eos_token_ids.first().copied().unwrap_or(0) as usize;

@@ -1,0 +1,16 @@
+//! The benchmarks and load generators behind `greencode bench`: one
+//! sequence end to end (`generate`), sequences decoded together through the
+//! serving step (`batch`), concurrent streaming clients against a server
+//! (`serve`), many short and abandoned requests (`soak`), the custom
+//! kernels against the candle path (`kernels`), and the `greencode serve`
+//! child process the load generators start (`server`, shared with the
+//! integration tests).
+
+pub mod batch;
+pub mod generate;
+pub mod kernels;
+pub mod serve;
+pub mod server;
+pub mod soak;
+
+pub use generate::{bench_generate, bench_prompt, check_fits, BenchConfig, BenchReport, Spread};

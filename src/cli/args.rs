@@ -1,0 +1,127 @@
+//! Arguments several commands share (`--model`, `--quantize`, `--device`,
+//! `--format`, the held-out corpus flags) and how they resolve into the
+//! values the library takes.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use greencode::data::corpus;
+use greencode::generate::locate;
+use greencode::generate::LoadedModel;
+use greencode::model::device::DeviceSpec;
+
+#[derive(Args)]
+pub struct ModelArg {
+    /// Model folder (default: $GREENCODE_MODEL, else the embedded models/tiny-coder).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+/// Weight format to run in (quantized at load, from the full-precision folder).
+#[derive(Args)]
+pub struct RunQuantArg {
+    /// Quantize the weights at load: `q8_0` (decode reads a quarter of the bytes).
+    #[arg(long, value_enum)]
+    pub quantize: Option<RunQuant>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum RunQuant {
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+impl RunQuantArg {
+    /// Whether Q8_0 was asked for.
+    pub fn q8(&self) -> bool {
+        self.quantize == Some(RunQuant::Q8_0)
+    }
+
+    /// Loads the model on the CPU, quantizing each matrix as it is read when asked.
+    pub fn open(&self, model: &ModelArg) -> Result<LoadedModel> {
+        Ok(LoadedModel::load_with(
+            &model_dir(model)?,
+            &Device::Cpu,
+            DType::F32,
+            self.q8(),
+        )?)
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// `--device`: where the model computes.
+#[derive(Args, Clone, Copy)]
+pub struct DeviceArg {
+    /// Device: `cpu` (f32 arithmetic; bf16 checkpoints stay bf16 in memory) or `cuda[:N]` (bf16; needs a `--features cuda` build).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
+}
+
+/// Which held-out files an evaluation reads.
+#[derive(Args)]
+pub struct HeldOutArgs {
+    /// Folder of *.py files, or `stdlib` for python3's standard library.
+    #[arg(long, default_value = "stdlib")]
+    pub corpus: String,
+    /// Number of files (the first in byte order of their names).
+    #[arg(long, default_value_t = corpus::EVAL_FILES)]
+    pub files: usize,
+    /// Tokens scored per file (its first ones).
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
+    pub window: usize,
+}
+
+impl HeldOutArgs {
+    /// The corpus folder and the files to read from it.
+    pub fn resolve(&self) -> Result<(PathBuf, Vec<PathBuf>)> {
+        if self.files == 0 {
+            bail!("--files must be at least 1");
+        }
+        let dir = corpus::resolve(&self.corpus)?;
+        let files = corpus::eval_files(&dir, self.files)?;
+        Ok((dir, files))
+    }
+}
+
+/// A count that must be at least 1 (clap names the flag in its error).
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The model folder `--model` names, else the default one (see `generate::locate`).
+pub fn model_dir(arg: &ModelArg) -> Result<PathBuf> {
+    let Some(dir) = locate::model_dir(arg.model.as_deref()) else {
+        bail!(
+            "no model given and the embedded model was not found (looked in {}); pass --model DIR or set {}",
+            locate::default_candidates()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            locate::MODEL_ENV
+        );
+    };
+    Ok(dir)
+}
+
+/// Loads the model folder of `arg` on `device` in that device's dtype.
+pub fn open_model_on(arg: &ModelArg, device: DeviceSpec, quantize_q8: bool) -> Result<LoadedModel> {
+    let dir = model_dir(arg)?;
+    Ok(LoadedModel::load_with(
+        &dir,
+        &device.open()?,
+        device.dtype(),
+        quantize_q8,
+    )?)
+}

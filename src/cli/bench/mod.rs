@@ -1,0 +1,44 @@
+//! `greencode bench`: one file per benchmark (`generate`, with its batched
+//! mode; `serve` and `soak` against a server; `kernels`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use greencode::bench::server::ServerProcess;
+
+mod generate;
+mod kernels;
+mod serve;
+mod soak;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time to first token and decode tokens/s at batch 1.
+    Generate(generate::BenchGenerateArgs),
+    /// Load an OpenAI-compatible server with concurrent streaming clients.
+    Serve(serve::BenchServeArgs),
+    /// Many short requests, some abandoned part-way: errors and memory growth.
+    Soak(soak::SoakArgs),
+    /// Check greencode's GPU kernels against the candle path and time both.
+    Kernels(kernels::BenchKernelsArgs),
+}
+
+/// Runs one `bench` subcommand with `threads` compute threads.
+pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
+    match command {
+        BenchCommand::Generate(a) => generate::run(a, threads),
+        BenchCommand::Serve(a) => serve::run(a, threads),
+        BenchCommand::Soak(a) => soak::run(a, threads),
+        BenchCommand::Kernels(a) => kernels::run(a),
+    }
+}
+
+/// Starts `greencode serve` (this executable) on `model` on a free port.
+fn start_server(model: &Path, threads: usize) -> Result<ServerProcess> {
+    let mut cmd = std::process::Command::new(std::env::current_exe().context("finding this executable")?);
+    cmd.args(["--threads", &threads.to_string(), "serve", "--port", "0", "--model"])
+        .arg(model);
+    Ok(ServerProcess::start(cmd, Duration::from_secs(120))?)
+}

@@ -1,0 +1,73 @@
+//! `greencode quantize`: a model folder written as one GGUF file that
+//! llama.cpp loads.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use greencode::output::gguf::{export, WeightType};
+
+use super::args::{model_dir, Format, ModelArg};
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    /// Weight type of the 2-D tensors (norms and biases stay f32).
+    #[arg(long = "type", value_enum)]
+    weight_type: QuantTypeArg,
+    /// The GGUF file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace `--out` if it exists.
+    #[arg(long)]
+    force: bool,
+    /// Output format of the report.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum QuantTypeArg {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_k")]
+    Q4K,
+}
+
+pub fn run(a: QuantizeArgs) -> Result<()> {
+    let ty = match a.weight_type {
+        QuantTypeArg::F32 => WeightType::F32,
+        QuantTypeArg::F16 => WeightType::F16,
+        QuantTypeArg::Q8_0 => WeightType::Q8_0,
+        QuantTypeArg::Q4K => WeightType::Q4K,
+    };
+    if a.out.is_dir() {
+        bail!(
+            "--out {} is a folder; give the path of the .gguf file to write",
+            a.out.display()
+        );
+    }
+    if a.out.exists() && !a.force {
+        bail!("{} already exists (pass --force to replace it)", a.out.display());
+    }
+    let dir = model_dir(&a.model)?;
+    let report = export(&dir, &a.out, ty)?;
+    match a.format {
+        Format::Json => println!("{}", serde_json::to_string(&report)?),
+        Format::Text => {
+            println!(
+                "wrote {} ({} tensors, {} bytes)",
+                report.path.display(),
+                report.tensors,
+                report.file_bytes
+            );
+            for (ty, bytes) in &report.bytes_by_type {
+                println!("  {ty:6} {bytes} bytes");
+            }
+        }
+    }
+    Ok(())
+}

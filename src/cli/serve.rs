@@ -1,0 +1,136 @@
+//! `greencode serve`: the OpenAI-compatible completion server.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use greencode::cpu::threads;
+use greencode::energy::{meter::PowerModel, Carbon, MeterChoice};
+use greencode::model::synth::SynthShape;
+use greencode::serve::engine::EngineConfig;
+
+use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    model: ModelArg,
+    #[command(flatten)]
+    gpu: ServeDeviceArgs,
+    #[command(flatten)]
+    run_quant: RunQuantArg,
+    /// Address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to bind (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Most requests queued or running; more are refused with 429.
+    #[arg(long, default_value_t = EngineConfig::default().max_queue, value_parser = at_least_one)]
+    max_queue: usize,
+    /// Most sequences decoded together in one engine step.
+    #[arg(long, default_value_t = EngineConfig::default().max_batch, value_parser = at_least_one)]
+    max_batch: usize,
+    /// Most prompt tokens processed per engine step while other requests
+    /// decode (long prompts are chunked so they keep decoding); a step with
+    /// nothing decoding takes up to 512.
+    #[arg(long, default_value_t = EngineConfig::default().prefill_chunk, value_parser = at_least_one)]
+    prefill_chunk: usize,
+    /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
+    #[arg(long, default_value_t = EngineConfig::default().prefix_cache)]
+    prefix_cache: usize,
+    /// Require `Authorization: Bearer KEY` on API routes.
+    #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Model name clients send (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, default_value_t = 30)]
+    shutdown_grace: u64,
+    /// Energy meter: the first that works (NVML, RAPL, estimate), or one in particular.
+    #[arg(long, value_enum, default_value_t = EnergyArg::Auto)]
+    energy: EnergyArg,
+    /// Estimated meter: watts per fully busy core (default: 85 W TDP over the cores).
+    #[arg(long)]
+    cpu_watts: Option<f64>,
+    /// Estimated meter: watts drawn regardless of load.
+    #[arg(long)]
+    idle_watts: Option<f64>,
+    /// Grid carbon intensity, gCO2e per kWh (CodeCarbon's world average).
+    #[arg(long, default_value_t = 475.0, allow_negative_numbers = true)]
+    grid_intensity: f64,
+    /// Data-centre power usage effectiveness (≥ 1).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pue: f64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum EnergyArg {
+    Auto,
+    Nvml,
+    Rapl,
+    Estimated,
+}
+
+/// `serve`'s device and synthetic-weight options.
+#[derive(Args)]
+pub struct ServeDeviceArgs {
+    #[command(flatten)]
+    pub device: DeviceArg,
+    /// Serve random weights of a real shape built on the device (benchmarks;
+    /// the tokenizer comes from --model, default the embedded tiny-coder).
+    #[arg(long)]
+    synth: Option<String>,
+    /// Seed of the synthetic weights.
+    #[arg(long, default_value_t = 0, requires = "synth")]
+    synth_seed: u64,
+}
+
+impl ServeDeviceArgs {
+    /// The synthetic shape and seed, when `--synth` was given.
+    pub fn synth(&self) -> Result<Option<(SynthShape, u64)>> {
+        Ok(match &self.synth {
+            Some(name) => Some((SynthShape::from_name(name)?, self.synth_seed)),
+            None => None,
+        })
+    }
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let carbon = Carbon::new(a.grid_intensity, a.pue).map_err(anyhow::Error::msg)?;
+    let mut power_model = PowerModel::default_for(threads::default_threads());
+    if let Some(w) = a.cpu_watts {
+        if !(w.is_finite() && w > 0.0) {
+            bail!("--cpu-watts must be a number > 0, got {w}");
+        }
+        power_model.busy_watts_per_core = w;
+    }
+    if let Some(w) = a.idle_watts {
+        if !(w.is_finite() && w >= 0.0) {
+            bail!("--idle-watts must be a number ≥ 0, got {w}");
+        }
+        power_model.idle_watts = w;
+    }
+    greencode::serve::run(greencode::serve::ServeConfig {
+        model_dir: model_dir(&a.model)?,
+        host: a.host,
+        port: a.port,
+        max_queue: a.max_queue,
+        max_batch: a.max_batch,
+        prefill_chunk: a.prefill_chunk,
+        prefix_cache: a.prefix_cache,
+        api_key: a.api_key,
+        served_model_name: a.served_model_name,
+        shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
+        energy: match a.energy {
+            EnergyArg::Auto => MeterChoice::Auto,
+            EnergyArg::Nvml => MeterChoice::Nvml,
+            EnergyArg::Rapl => MeterChoice::Rapl,
+            EnergyArg::Estimated => MeterChoice::Estimated,
+        },
+        power_model,
+        carbon,
+        quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
+        device: a.gpu.device.device,
+        synth: a.gpu.synth()?,
+    })
+}

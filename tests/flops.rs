@@ -9,7 +9,7 @@ use greencode::generate::loaded::LoadedModel;
 use greencode::generate::sampling::SamplingParams;
 use greencode::generate::{generate, Flow, GenerationRequest};
 use greencode::model::flop_probe;
-use greencode::model::qwen2::LogitsFor;
+use greencode::model::LogitsFor;
 use greencode::model::Qwen2;
 use greencode::prune::apply::{build, PrunePlan};
 

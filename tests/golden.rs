@@ -3,10 +3,10 @@
 mod common;
 
 use candle_core::Tensor;
+use greencode::eval::perplexity::sum_nll;
 use greencode::generate::loaded::LoadedModel;
 use greencode::generate::sampling::SamplingParams;
 use greencode::generate::{generate, Flow, GenerationRequest};
-use greencode::model::qwen2::sum_nll;
 
 #[test]
 fn every_golden_case_matches_pytorch() {

@@ -87,11 +87,11 @@ fn merged_adapters_equal_the_unmerged_forward() {
     let mut cache = merged.new_cache(64).unwrap();
     let ids: Vec<u32> = x.squeeze(0).unwrap().to_vec1().unwrap();
     let via_step = merged
-        .forward_cached(&ids, &mut cache, greencode::model::qwen2::LogitsFor::Last)
+        .forward_cached(&ids, &mut cache, greencode::model::LogitsFor::Last)
         .unwrap();
     let mut cache = adapted.new_cache(64).unwrap();
     let via_adapters = adapted
-        .forward_cached(&ids, &mut cache, greencode::model::qwen2::LogitsFor::Last)
+        .forward_cached(&ids, &mut cache, greencode::model::LogitsFor::Last)
         .unwrap();
     assert!(common::max_abs_diff(&via_step, &via_adapters) < 1e-3);
 }

@@ -4,8 +4,8 @@ mod common;
 
 use candle_core::Tensor;
 use greencode::generate::loaded::LoadedModel;
-use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::LayerMask;
+use greencode::model::{LogitsFor, SeqStep};
 
 fn prompt_ids(p: &LoadedModel) -> Vec<u32> {
     p.tokenizer
@@ -158,7 +158,7 @@ fn untied_lm_head_and_per_layer_ffn_widths_load_from_a_folder() {
 fn ragged_batch_steps_equal_sequences_run_alone() {
     use greencode::generate::sampling::{argmax, SamplingParams};
     use greencode::generate::{generate, Flow, GenerationRequest};
-    use greencode::model::qwen2::SeqStep;
+    use greencode::model::SeqStep;
     let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let snippets = [
         "def fibonacci(n):\n",
@@ -218,7 +218,7 @@ fn ragged_batch_steps_equal_sequences_run_alone() {
             batch.push(SeqStep {
                 cache,
                 tokens,
-                logits: greencode::model::qwen2::LogitsFor::Last,
+                logits: greencode::model::LogitsFor::Last,
             });
         }
         let logits = p.model.step(&mut batch).unwrap();
@@ -234,7 +234,7 @@ fn ragged_batch_steps_equal_sequences_run_alone() {
 
 #[test]
 fn fused_step_equals_the_tensor_path_for_prompts_and_decoding() {
-    use greencode::model::qwen2::SeqStep;
+    use greencode::model::SeqStep;
     let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let ids = prompt_ids(&p);
     let split = ids.len() / 2;

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use greencode::bench::kernels::{check_decode_attention, check_model_path, rel_err, ATTENTION_CASES};
 use greencode::generate::loaded::LoadedModel;
-use greencode::model::qwen2::{LogitsFor, SeqStep};
 use greencode::model::synth::{synth_model, SynthShape};
+use greencode::model::{LogitsFor, SeqStep};
 
 const SEED: u64 = 11;
 

@@ -12,8 +12,8 @@ use serde::Serialize;
 use crate::bench::Spread;
 use crate::energy::meter::Meter;
 use crate::model::error::{ModelError, Result};
-use crate::model::qwen2::{LogitsFor, SeqStep};
 use crate::model::{KvCache, Qwen2};
+use crate::model::{LogitsFor, SeqStep};
 
 /// Settings of a batched benchmark.
 #[derive(Debug, Clone)]

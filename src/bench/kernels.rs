@@ -11,8 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::cuda::decode_attention::decode_attention;
+use crate::model::attention::attend;
 use crate::model::error::Result;
-use crate::model::qwen2::{attend, Kernels};
+use crate::model::Kernels;
 
 /// One decode-attention problem: one query token over `len` cached positions.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -216,8 +217,8 @@ pub struct ModelPathCheck {
 /// the CPU and on `device` in f32 through prefill and 12 decode steps (the
 /// fused decode attention on CUDA), feeding both the CPU's greedy tokens.
 pub fn check_model_path(device: &Device) -> Result<ModelPathCheck> {
-    use crate::model::qwen2::LogitsFor;
     use crate::model::synth::{synth_model, SynthShape};
+    use crate::model::LogitsFor;
     let cpu = synth_model(SynthShape::Tiny, &Device::Cpu, DType::F32, 5)?;
     let tensors = cpu
         .named_tensors()?

@@ -60,7 +60,7 @@ pub fn complete_greedy(
 /// `context`: the tokens of the joint text past the longest common token
 /// prefix with the context alone are scored.
 pub fn continuation_nll(p: &LoadedModel, context: &str, continuation: &str) -> Result<f64, EvalError> {
-    use crate::model::qwen2::sum_nll;
+    use crate::eval::perplexity::sum_nll;
     let tok = &p.tokenizer;
     let context_ids = tok.encode(context)?;
     let mut ids = tok.encode(&format!("{context}{continuation}"))?;

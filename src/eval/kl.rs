@@ -100,7 +100,7 @@ pub fn kl_on_files(
         agree += ap.iter().zip(&aq).filter(|(a, b)| a == b).count();
         n += ids.len();
         if ids.len() > 1 {
-            nll += crate::model::qwen2::sum_nll(&q.narrow(0, 0, ids.len() - 1)?, &ids[1..])?;
+            nll += crate::eval::perplexity::sum_nll(&q.narrow(0, 0, ids.len() - 1)?, &ids[1..])?;
             predicted += ids.len() - 1;
             bytes += tok.decode(&ids[1..], false)?.len();
         }

@@ -5,12 +5,11 @@
 
 use std::path::PathBuf;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, D};
 use serde::Serialize;
 
 use crate::data::corpus::{self, CorpusError};
 use crate::model::error::ModelError;
-use crate::model::qwen2::sum_nll;
 use crate::model::Qwen2;
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 
@@ -104,4 +103,14 @@ pub fn perplexity(
         bytes,
         files: names,
     })
+}
+
+/// Summed negative log-likelihood (nats) of the next tokens under `logits`
+/// (`[t, vocab]`, position i predicting `targets[i]`).
+pub fn sum_nll(logits: &Tensor, targets: &[u32]) -> candle_core::Result<f64> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
+    let picked = logp.gather(&idx, 1)?.squeeze(1)?;
+    let v: Vec<f32> = picked.to_vec1()?;
+    Ok(-v.iter().map(|&x| x as f64).sum::<f64>())
 }

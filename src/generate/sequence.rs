@@ -10,7 +10,7 @@ use candle_core::DType;
 use super::logprobs::{token_logprob, TokenLogprob};
 use super::sampling::{Sampler, SamplingParams};
 use crate::model::error::{ModelError, Result};
-use crate::model::qwen2::LogitsFor;
+use crate::model::LogitsFor;
 use crate::model::Qwen2;
 
 /// What to generate.

@@ -16,7 +16,8 @@
 use candle_core::{DType, Tensor};
 
 use super::error::Result;
-use super::qwen2::{Qwen2, SeqStep};
+use super::qwen2::Qwen2;
+use super::step::SeqStep;
 
 /// Whether the fused CUDA step serves this batch: a CUDA model in bf16 or
 /// f32, a head width the kernels handle, one new token per sequence, and
@@ -59,7 +60,8 @@ mod gpu {
     use candle_core::{CudaStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
     use super::super::error::{ModelError, Result};
-    use super::super::qwen2::{Qwen2, SeqStep};
+    use super::super::qwen2::Qwen2;
+    use super::super::step::SeqStep;
 
     use crate::cuda::decode_attention::{MODULE, PTX};
 

@@ -22,7 +22,8 @@ use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
 use super::error::{ModelError, Result};
 use super::flop_probe;
 use super::linear::Linear;
-use super::qwen2::{LogitsFor, Qwen2, SeqStep};
+use super::qwen2::Qwen2;
+use super::step::{LogitsFor, SeqStep};
 use crate::cpu::bf16::Bf16Matrix;
 use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
@@ -113,7 +114,7 @@ struct LayerView<'a> {
 }
 
 impl<'a> LayerView<'a> {
-    fn of(l: &'a super::qwen2::DecoderLayer) -> Result<Self> {
+    fn of(l: &'a super::layers::DecoderLayer) -> Result<Self> {
         let a = &l.self_attn;
         Ok(Self {
             ln1: host(l.input_layernorm.weight())?,

@@ -8,6 +8,8 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, V
 use rand::{Rng, SeedableRng};
 
 use super::error::{ModelError, Result};
+use super::layers::Kernels;
+use super::qwen2::Qwen2;
 
 /// A projection LoRA can adapt, named as PEFT's `target_modules`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -191,5 +193,57 @@ impl CustomOp1 for FrozenMatmul {
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+impl Qwen2 {
+    /// Attaches fresh LoRA adapters (`B` = 0, so outputs are unchanged) to
+    /// `cfg.targets` in every layer, replacing any attached before. Returns
+    /// them by PEFT module path, in layer order. `lm_head` is refused on a
+    /// model with tied embeddings (an adapter there would untie them).
+    pub fn attach_lora(&mut self, cfg: &LoraConfig) -> Result<Vec<(String, SharedAdapter)>> {
+        if cfg.targets.contains(&LoraTarget::LmHead) && self.config.tie_word_embeddings {
+            return Err(ModelError::Input(
+                "LoRA on lm_head needs untied embeddings; this model ties lm_head to embed_tokens (an adapter would untie them)".into(),
+            ));
+        }
+        let (dtype, device) = (self.dtype, self.device().clone());
+        let mut rng = init_rng(cfg.seed);
+        let mut out = Vec::new();
+        for (path, target, lin) in self.projections_mut() {
+            if cfg.targets.contains(&target) {
+                let (rows, cols) = lin.dims();
+                let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
+                lin.set_lora(adapter.clone());
+                out.push((path, adapter));
+            }
+        }
+        if cfg.targets.contains(&LoraTarget::LmHead) {
+            let (rows, cols) = self.lm_head.dims();
+            let adapter = std::sync::Arc::new(LoraAdapter::new(rows, cols, cfg, &mut rng, dtype, &device)?);
+            self.lm_head.set_lora(adapter.clone());
+            out.push(("lm_head".to_owned(), adapter));
+        }
+        Ok(out)
+    }
+
+    /// Whether any LoRA adapter is attached.
+    pub fn has_lora(&self) -> bool {
+        self.lm_head.lora().is_some()
+            || self
+                .layers
+                .iter()
+                .any(|l| l.projections().iter().any(|lin| lin.lora().is_some()))
+    }
+
+    /// A copy with every adapter folded into its weight (`W + scale·B·A`).
+    pub fn merged_lora(&self) -> Result<Qwen2> {
+        let mut out = self.clone();
+        for (_, _, lin) in out.projections_mut() {
+            *lin = lin.merged()?;
+        }
+        out.lm_head = out.lm_head.merged()?;
+        out.kernels = Kernels::Fused;
+        Ok(out)
     }
 }

@@ -1,6 +1,7 @@
 //! The model runtime every other part uses: configuration, loading, the
 //! Qwen2 forward passes and the KV cache.
 
+pub mod attention;
 pub mod config;
 mod decode_cuda;
 pub mod device;
@@ -10,15 +11,20 @@ mod fused;
 pub mod gguf_load;
 pub mod gguf_names;
 pub mod kv_cache;
+pub mod layers;
 pub mod linear;
 pub mod load;
 pub mod lora;
 pub mod params;
 pub mod qwen2;
+pub mod step;
 pub mod synth;
+mod weight_forms;
 
 pub use config::Qwen2Config;
 pub use error::ModelError;
 pub use kv_cache::KvCache;
+pub use layers::{Kernels, LayerMask};
 pub use load::{load_model, load_model_with, WeightStore};
-pub use qwen2::{Kernels, LayerMask, Qwen2};
+pub use qwen2::Qwen2;
+pub use step::{LogitsFor, SeqStep};

@@ -4,7 +4,7 @@
 use candle_core::{Tensor, D};
 
 use super::data::{Example, TrainSet};
-use crate::model::qwen2::LogitsFor;
+use crate::model::LogitsFor;
 use crate::model::{ModelError, Qwen2};
 
 /// What the rewrite found.

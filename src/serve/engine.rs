@@ -20,9 +20,9 @@ use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
 use crate::generate::{healed_token_logprob, token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
-use crate::model::qwen2::{LogitsFor, SeqStep};
 use crate::model::KvCache;
 use crate::model::Qwen2;
+use crate::model::{LogitsFor, SeqStep};
 
 /// What the engine needs from a model: per-sequence caches, one ragged step,
 /// and its cost and description for the metrics. The server runs a

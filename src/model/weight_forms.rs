@@ -1,0 +1,103 @@
+//! How a model's matrices are held: f32 or the compute dtype, bf16 values
+//! of a bf16 checkpoint kept as bf16, or Q8_0 blocks after quantization;
+//! switching between them, and what they occupy.
+
+use candle_core::Tensor;
+
+use super::error::Result;
+use super::linear::Linear;
+use super::qwen2::Qwen2;
+
+impl Qwen2 {
+    /// Quantizes every projection, the `lm_head` and the embeddings to
+    /// Q8_0 in place (see [`Linear::quantize_q8`]), dropping the
+    /// full-precision matrices as it goes; tied embeddings share the
+    /// `lm_head`'s blocks, as in a Q8_0 GGUF. Returns how many matrices were
+    /// quantized (rows that are not a multiple of 32 stay as they are).
+    pub fn quantize_q8(&mut self) -> Result<usize> {
+        self.change_matrices(Linear::quantize_q8)
+    }
+
+    /// Applies `change` to every matrix (layer projections, embeddings, an
+    /// untied `lm_head`; a tied one shares the embeddings' result) and
+    /// counts those it reports changed.
+    fn change_matrices(&mut self, mut change: impl FnMut(&mut Linear) -> candle_core::Result<bool>) -> Result<usize> {
+        let mut n = 0;
+        for (_, _, lin) in self.projections_mut() {
+            n += usize::from(change(lin)?);
+        }
+        n += usize::from(change(&mut self.embed_tokens)?);
+        if self.config.tie_word_embeddings {
+            self.lm_head = self.embed_tokens.clone();
+        } else {
+            n += usize::from(change(&mut self.lm_head)?);
+        }
+        Ok(n)
+    }
+
+    /// Bytes the weights occupy as held (quantized matrices count their blocks).
+    pub fn weight_bytes(&self) -> usize {
+        let dense = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = self.embed_tokens.weight_bytes() + dense(self.norm.weight());
+        if !self.config.tie_word_embeddings {
+            n += self.lm_head.weight_bytes();
+        }
+        for l in &self.layers {
+            for lin in l.projections() {
+                n += lin.weight_bytes() + lin.bias().map_or(0, dense);
+            }
+            n += dense(l.input_layernorm.weight()) + dense(l.post_attention_layernorm.weight());
+        }
+        n
+    }
+
+    /// The weight format decode runs on: `q8_0` after [`Qwen2::quantize_q8`], else `none`.
+    pub fn quantization(&self) -> &'static str {
+        let any_q8 = self.lm_head.q8().is_some()
+            || self
+                .layers
+                .iter()
+                .any(|l| l.mlp.down_proj.q8().is_some() || l.self_attn.q_proj.q8().is_some());
+        if any_q8 {
+            "q8_0"
+        } else {
+            "none"
+        }
+    }
+
+    /// Holds every bf16-held matrix as an f32 tensor again (the layout a
+    /// bf16 checkpoint had before [`Linear::compact_bf16`]): the same
+    /// values, twice the bytes; for comparisons of the two layouts.
+    pub fn hold_dense(&mut self) -> Result<()> {
+        self.change_matrices(|lin| lin.hold_dense().map(|()| true))?;
+        Ok(())
+    }
+
+    /// How the weights are held: `q8_0`, `bf16` (exact values of a bf16
+    /// checkpoint) or the compute dtype (`f32`, `bf16`, `f16`); `mixed`
+    /// when the matrices differ (some matrices of a checkpoint bf16-exact,
+    /// others not; rows Q8_0 cannot block).
+    pub fn weight_format(&self) -> String {
+        let form = |l: &Linear| {
+            if l.q8().is_some() {
+                "q8_0".to_owned()
+            } else if l.bf16().is_some() {
+                "bf16".to_owned()
+            } else {
+                format!("{:?}", self.dtype).to_lowercase()
+            }
+        };
+        let mut forms = self
+            .layers
+            .iter()
+            .flat_map(|l| l.projections())
+            .chain([&self.lm_head])
+            .map(form);
+        let first = forms.next().unwrap_or_default();
+        if forms.all(|f| f == first) {
+            first
+        } else {
+            "mixed".to_owned()
+        }
+    }
+}

@@ -6,8 +6,6 @@ use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::model::Qwen2;
-
 /// Latency buckets (seconds): vLLM's time-to-first-token buckets with finer
 /// steps below 5 ms, where CPU decode steps fall.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -21,6 +19,20 @@ pub const ENERGY_PER_TOKEN_BUCKETS: &[f64] = &[
     0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0,
     100.0,
 ];
+
+/// What the metrics say about the served model: plain numbers and labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelFacts {
+    /// Parameters by component (`embeddings`, `attention`, `mlp`, `norms`,
+    /// `lm_head`, `total`).
+    pub parameters: [(&'static str, usize); 6],
+    /// The model it was pruned from (empty when none).
+    pub pruned_from: String,
+    /// The weight format decode runs on (`q8_0` or `none`).
+    pub quantization: &'static str,
+    /// Parameters before pruning, when pruned.
+    pub params_before_pruning: Option<u64>,
+}
 
 /// The server's metrics and the registry that renders them.
 #[derive(Clone)]
@@ -196,27 +208,18 @@ impl Metrics {
     }
 
     /// Publishes the served model's parameter counts and identity.
-    pub fn set_model_parameters(&self, model: &Qwen2) {
-        let c = crate::model::params::count_params(model);
-        for (component, n) in [
-            ("embeddings", c.embeddings),
-            ("attention", c.attention),
-            ("mlp", c.mlp),
-            ("norms", c.norms),
-            ("lm_head", c.lm_head),
-            ("total", c.total),
-        ] {
+    pub fn set_model_facts(&self, facts: &ModelFacts) {
+        for (component, n) in facts.parameters {
             self.model_parameters
                 .with_label_values(&[&self.model, component])
                 .set(n as f64);
         }
-        let pruned_from = model.config().pruned_from.clone().unwrap_or_default();
         self.model_info
-            .with_label_values(&[&self.model, &pruned_from, model.quantization()])
+            .with_label_values(&[&self.model, &facts.pruned_from, facts.quantization])
             .set(1.0);
-        if let Some(before) = model.config().params_before_pruning {
+        if let Some(before) = facts.params_before_pruning {
             self.pruned_from_parameters
-                .with_label_values(&[&self.model, &pruned_from])
+                .with_label_values(&[&self.model, &facts.pruned_from])
                 .set(before as f64);
         }
     }

@@ -90,15 +90,31 @@ fn edit_config_fresh(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, 
 fn tensor_shape_mismatch_names_tensor_and_file() {
     let dir = model_copy();
     edit_config(dir.path(), |c| {
-        c.insert("vocab_size".into(), 16000.into());
+        c.insert("num_key_value_heads".into(), 3.into());
     });
     assert_clean_error(
         &generate_with(dir.path(), "x"),
         &[
-            "model-00001-of-00004.safetensors",
-            "`model.embed_tokens.weight` has shape [16384, 384], expected [16000, 384]",
+            "model-00002-of-00004.safetensors",
+            "`model.layers.0.self_attn.k_proj.weight` has shape [128, 384], expected [192, 384]",
         ],
     );
+}
+
+#[test]
+fn a_vocabulary_smaller_than_the_tokenizer_is_refused_by_every_command() {
+    let dir = model_copy();
+    edit_config(dir.path(), |c| {
+        c.insert("vocab_size".into(), 16000.into());
+    });
+    let needles = [
+        "tokenizer.json",
+        "the tokenizer has 16384 tokens but the model's vocabulary (`vocab_size`) has only 16000",
+    ];
+    assert_clean_error(&generate_with(dir.path(), "x"), &needles);
+    // The server loads by the same path (it had no such check before).
+    let out = greencode(&["serve", "--model", dir.path().to_str().unwrap(), "--port", "0"]);
+    assert_clean_error(&out, &needles);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use greencode::model::Qwen2;
 use greencode::prune::apply::{build, PrunePlan};
 
 fn check(model: &Qwen2, prompt: &[u32]) {
-    let counter = FlopCounter::new(model);
+    let counter = FlopCounter::new(&model.shapes());
     // Generation: prefill + decode steps.
     for (max_tokens, prompt_logprobs) in [(1usize, None), (9, None), (5, Some(2))] {
         let mut req = GenerationRequest::new(prompt.to_vec(), max_tokens, SamplingParams::greedy());
@@ -69,7 +69,7 @@ fn analytic_flops_equal_executed_flops_on_original_and_pruned_models() {
     let map = |ids: &[u32]| -> Vec<u32> { ids.iter().map(|id| kept.binary_search(id).unwrap() as u32).collect() };
     check(&pruned, &map(&short));
     check(&pruned, &map(&long));
-    let full = FlopCounter::new(&p.model).forward(100, 0, 1);
-    let smaller = FlopCounter::new(&pruned).forward(100, 0, 1);
+    let full = FlopCounter::new(&p.model.shapes()).forward(100, 0, 1);
+    let smaller = FlopCounter::new(&pruned.shapes()).forward(100, 0, 1);
     assert!(smaller < full * 8 / 10, "{smaller} vs {full}");
 }

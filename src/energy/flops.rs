@@ -5,7 +5,7 @@
 //! each cost 2 × heads × head_dim per score. The model's forward passes
 //! count the same (`model::flop_probe`), whatever blocks they compute in.
 
-use crate::model::Qwen2;
+use crate::model::params::{causal_scores, ModelShapes};
 
 /// FLOPs per forward for one model.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,27 +21,19 @@ pub struct FlopCounter {
 }
 
 impl FlopCounter {
-    /// Reads the shapes of `model`.
-    pub fn new(model: &Qwen2) -> Self {
-        let cfg = model.config();
-        let mut layer_macs = 0u64;
-        for l in &model.layers {
-            for w in l.projections() {
-                let (out, inp) = w.dims();
-                layer_macs += (out * inp) as u64;
-            }
-        }
+    /// The FLOP model of a model with `shapes` (see `Qwen2::shapes`).
+    pub fn new(shapes: &ModelShapes) -> Self {
         Self {
-            layer_macs,
-            layers: model.layers.len() as u64,
-            attn_width: (cfg.num_attention_heads * cfg.head_dim) as u64,
-            head_macs: (cfg.hidden_size * cfg.vocab_size) as u64,
+            layer_macs: shapes.layer_matmul_params,
+            layers: shapes.layers as u64,
+            attn_width: shapes.attention_width as u64,
+            head_macs: (shapes.hidden * shapes.vocab) as u64,
         }
     }
 
     /// Scores computed when `t` new tokens attend at cache offset `offset`.
     pub fn attention_scores(t: usize, offset: usize) -> u64 {
-        crate::model::flop_probe::causal_scores(t, offset)
+        causal_scores(t, offset)
     }
 
     /// FLOPs of appending `t` tokens at `offset` with logits for `logits_rows` positions.

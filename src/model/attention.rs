@@ -112,7 +112,7 @@ pub(crate) fn attend(
     let (b, nh, t, hd) = q.dims4()?;
     // QKᵀ and PV over the causal scores, 2 FLOPs per multiply-add each (the
     // masked part of a block is not counted: see `energy::flops`).
-    super::flop_probe::add(4 * (b * nh * hd) as u64 * super::flop_probe::causal_scores(t, offset));
+    super::flop_probe::add(4 * (b * nh * hd) as u64 * super::params::causal_scores(t, offset));
     if t <= QUERY_BLOCK {
         return attend_block(q, k, v, offset, nkv, kernels);
     }

@@ -16,9 +16,3 @@ pub fn add(flops: u64) {
 pub fn take() -> u64 {
     EXECUTED.swap(0, Ordering::Relaxed)
 }
-
-/// Attention scores when `t` new tokens attend causally at cache offset
-/// `offset`: each query against itself and every earlier position.
-pub fn causal_scores(t: usize, offset: usize) -> u64 {
-    (t * offset + t * (t + 1) / 2) as u64
-}

@@ -8,7 +8,7 @@ pub mod device;
 pub mod error;
 pub mod flop_probe;
 mod fused;
-pub mod gguf_load;
+pub mod gguf;
 pub mod gguf_names;
 pub mod kv_cache;
 pub mod layers;

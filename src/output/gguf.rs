@@ -11,12 +11,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device};
 use serde::Serialize;
 use serde_json::Value as Json;
 
+use crate::generate::loaded::{LoadError, LoadedModel};
 use crate::model::gguf_names::gguf_name;
-use crate::model::{load_model, ModelError};
+use crate::model::ModelError;
+use crate::tokenizer::CodeTokenizer;
 
 /// The weight types `greencode quantize` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,9 @@ impl WeightType {
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// The model could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A model operation failed.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// A tensor operation or the GGUF writer failed.
@@ -110,15 +114,13 @@ const UNUSED: i32 = 5;
 
 use crate::tokenizer::QWEN2_SPLIT;
 
-fn read_vocab(path: &Path, rows: usize) -> Result<GgufVocab, ExportError> {
+fn read_vocab(tokenizer: &CodeTokenizer, rows: usize) -> Result<GgufVocab, ExportError> {
+    let path = tokenizer.path();
     let err = |message: String| ExportError::Tokenizer {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|source| ExportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = tokenizer.inner().to_string(false).map_err(|e| err(e.to_string()))?;
     let json: Json = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
     let model = &json["model"];
     if model["type"] != "BPE" {
@@ -228,11 +230,12 @@ fn storage_type(asked: GgmlDType, cols: usize) -> (GgmlDType, Option<String>) {
     (ty, why)
 }
 
-/// Writes the model in `folder` to `out` as GGUF with weights of type `ty`.
+/// Writes the model in `folder` (a Hugging Face folder, or a GGUF file to
+/// convert) to `out` as GGUF with weights of type `ty`.
 pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport, ExportError> {
-    let model = load_model(folder, &Device::Cpu, DType::F32)?;
+    let LoadedModel { model, tokenizer, .. } = LoadedModel::load_cpu(folder)?;
     let cfg = model.config();
-    let vocab = read_vocab(&folder.join("tokenizer.json"), model.vocab_size())?;
+    let vocab = read_vocab(&tokenizer, model.vocab_size())?;
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut report = ExportReport {
         path: out.to_path_buf(),

@@ -19,7 +19,7 @@ use super::error::ApiError;
 use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter, StepShare};
 use crate::generate::{healed_token_logprob, token_logprob, FinishReason, TokenLogprob};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelFacts};
 use crate::model::KvCache;
 use crate::model::Qwen2;
 use crate::model::{LogitsFor, SeqStep};
@@ -50,7 +50,7 @@ pub struct ServedModel {
 impl ServedModel {
     /// Wraps a loaded model.
     pub fn new(model: Qwen2) -> Self {
-        let flops = FlopCounter::new(&model);
+        let flops = FlopCounter::new(&model.shapes());
         Self { model, flops }
     }
 }
@@ -73,7 +73,21 @@ impl EngineModel for ServedModel {
     }
 
     fn describe(&self, metrics: &Metrics) {
-        metrics.set_model_parameters(&self.model);
+        let c = crate::model::params::count_params(&self.model);
+        let config = self.model.config();
+        metrics.set_model_facts(&ModelFacts {
+            parameters: [
+                ("embeddings", c.embeddings),
+                ("attention", c.attention),
+                ("mlp", c.mlp),
+                ("norms", c.norms),
+                ("lm_head", c.lm_head),
+                ("total", c.total),
+            ],
+            pruned_from: config.pruned_from.clone().unwrap_or_default(),
+            quantization: self.model.quantization(),
+            params_before_pruning: config.params_before_pruning,
+        });
     }
 }
 

@@ -18,9 +18,8 @@ use anyhow::Context;
 
 use crate::energy::meter::PowerModel;
 use crate::energy::{open_meter, Attributor, Carbon, MeterChoice};
+use crate::generate::loaded::OpenedModel;
 use crate::metrics::Metrics;
-use crate::model::{load_model_with, Qwen2Config};
-use crate::tokenizer::CodeTokenizer;
 
 /// Everything `serve` needs, resolved from the command line.
 #[derive(Debug, Clone)]
@@ -62,30 +61,20 @@ pub struct ServeConfig {
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
-    let is_gguf = cfg.model_dir.is_file() && cfg.model_dir.extension().is_some_and(|e| e == "gguf");
-    if !cfg.model_dir.is_dir() && !is_gguf {
-        anyhow::bail!("model folder {} does not exist", cfg.model_dir.display());
-    }
-    // A GGUF file carries config, weights and tokenizer together: it is read
-    // up front; a folder's weights load on the engine thread.
-    let mut preloaded = None;
+    // Configuration and tokenizer are read now; the weights load on the
+    // engine thread while `/health` answers 503.
     let device = cfg.device.open()?;
     let dtype = cfg.device.dtype();
-    let (config, tokenizer) = if let Some((shape, seed)) = cfg.synth {
-        let config = shape.config(seed)?;
-        let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
-        (config, tokenizer)
-    } else if is_gguf {
-        let g = crate::model::gguf_load::load_gguf(&cfg.model_dir, &device, dtype, cfg.quantize_q8)?;
-        let config = g.model.config().clone();
-        let tokenizer = CodeTokenizer::new(g.tokenizer, cfg.model_dir.clone(), &config.eos_token_ids);
-        preloaded = Some(g.model);
-        (config, tokenizer)
-    } else {
-        let config = Qwen2Config::from_file(&cfg.model_dir.join("config.json"))?;
-        let tokenizer = CodeTokenizer::from_folder(&cfg.model_dir, &config.eos_token_ids)?;
-        (config, tokenizer)
+    let opened = match cfg.synth {
+        Some((shape, seed)) => OpenedModel::synth(shape, seed, &cfg.model_dir, &device, dtype, cfg.quantize_q8)?,
+        None => OpenedModel::open(&cfg.model_dir, &device, dtype, cfg.quantize_q8)?,
     };
+    let OpenedModel {
+        config,
+        tokenizer,
+        path,
+        weights,
+    } = opened;
     let name = cfg.served_model_name.clone().unwrap_or_else(|| match cfg.synth {
         Some((shape, _)) => shape.name().to_owned(),
         None => crate::generate::locate::model_name(&cfg.model_dir),
@@ -110,30 +99,16 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         carbon: cfg.carbon,
     };
     let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
-    let dir = cfg.model_dir.clone();
-    let quantize_q8 = cfg.quantize_q8;
-    let synth = cfg.synth;
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
     let (engine, _thread) = engine::spawn(
         move || {
-            preloaded
-                .map(Ok)
-                .unwrap_or_else(|| match synth {
-                    Some((shape, seed)) => {
-                        crate::model::synth::synth_model(shape, &device, dtype, seed).and_then(|mut m| {
-                            if quantize_q8 {
-                                m.quantize_q8()?;
-                            }
-                            Ok(m)
-                        })
-                    }
-                    None => load_model_with(&dir, &device, dtype, quantize_q8),
-                })
+            weights
+                .load()
                 .inspect(|m| {
                     let mib = m.weight_bytes() as f64 / (1 << 20) as f64;
                     eprintln!(
                         "greencode: loaded {}: weights held as {} ({mib:.1} MiB)",
-                        dir.display(),
+                        path.display(),
                         m.weight_format()
                     );
                 })

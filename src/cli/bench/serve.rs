@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use greencode::bench::serve::{bench_serve, ServeBenchConfig};
+use greencode::generate::loaded::OpenedModel;
 
 use crate::cli::args::{model_dir, Format, ModelArg};
 
@@ -39,8 +40,8 @@ pub fn run(a: BenchServeArgs, threads: usize) -> Result<()> {
         bail!("--clients, --new-tokens and --requests-per-client must be at least 1");
     }
     let dir = model_dir(&a.model)?;
-    let config = greencode::model::Qwen2Config::from_file(&dir.join("config.json"))?;
-    let tok = greencode::tokenizer::CodeTokenizer::from_folder(&dir, &config.eos_token_ids)?;
+    // Only the tokenizer is needed here: the weights are never read.
+    let tok = OpenedModel::open(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, false)?.tokenizer;
     let prompt = tok.decode(&greencode::bench::bench_prompt(&tok, a.prompt_tokens)?, false)?;
     let (_server, url) = match &a.url {
         Some(u) => (None, u.clone()),

@@ -2,6 +2,8 @@
 //! its special tokens, and its fill-in-the-middle format, detected from the
 //! vocabulary.
 
+pub mod gguf;
+
 use std::path::{Path, PathBuf};
 
 /// Why a tokenizer could not be loaded or used.

@@ -120,68 +120,22 @@ impl ChatTemplate {
     }
 }
 
-/// Parses `messages`: a non-empty list of `{role, content}` where content is
-/// a string or a list of `{type: "text", text}` parts.
-pub fn parse_messages(v: Option<Value>) -> Result<Vec<Message>, ApiError> {
-    let bad = |i: usize, what: &str| ApiError::param(format!("messages[{i}]"), format!("`messages[{i}]`: {what}"));
-    let Some(Value::Array(items)) = v else {
-        return Err(ApiError::param("messages", "`messages` must be a non-empty list"));
-    };
-    if items.is_empty() {
-        return Err(ApiError::param("messages", "`messages` must be a non-empty list"));
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = m
-                .get("role")
-                .and_then(Value::as_str)
-                .ok_or_else(|| bad(i, "`role` must be a string"))?;
-            if !["system", "user", "assistant", "tool", "developer"].contains(&role) {
-                return Err(bad(i, &format!("unknown role `{role}`")));
-            }
-            let content = match m.get("content") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .map(|p| {
-                        match (
-                            p.get("type").and_then(Value::as_str),
-                            p.get("text").and_then(Value::as_str),
-                        ) {
-                            (Some("text"), Some(t)) => Ok(t.to_owned()),
-                            _ => Err(bad(i, "only text content parts are supported")),
-                        }
-                    })
-                    .collect::<Result<Vec<_>, _>>()?
-                    .join(""),
-                Some(Value::Null) | None => String::new(),
-                Some(_) => return Err(bad(i, "`content` must be a string or a list of text parts")),
-            };
-            Ok(Message {
-                role: if role == "developer" {
-                    "system".into()
-                } else {
-                    role.to_owned()
-                },
-                content,
-            })
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn plain_template_renders_roles() {
-        let msgs = parse_messages(Some(serde_json::json!([
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hi"}]}
-        ])))
-        .unwrap();
+        let msgs = vec![
+            Message {
+                role: "system".into(),
+                content: "Be brief.".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "Hi".into(),
+            },
+        ];
         assert_eq!(
             ChatTemplate::Plain.render(&msgs).unwrap(),
             "Be brief.\n\n### User:\nHi\n\n### Assistant:\n"
@@ -200,12 +154,5 @@ mod tests {
             content: "x".into(),
         }];
         assert_eq!(t.render(&msgs).unwrap(), "<|user|>x<|assistant|>");
-    }
-
-    #[test]
-    fn bad_messages_are_named() {
-        let e = parse_messages(Some(serde_json::json!([{"role": "wizard", "content": "x"}]))).unwrap_err();
-        assert!(e.to_string().contains("messages[0]"), "{e}");
-        assert!(parse_messages(Some(serde_json::json!([]))).is_err());
     }
 }

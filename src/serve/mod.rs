@@ -3,11 +3,11 @@
 //! thread owns the model.
 
 pub mod chat;
-pub mod detok;
 pub mod engine;
 pub mod error;
 pub mod openai;
 pub mod routes;
+pub mod sse;
 pub mod validate;
 
 use std::path::PathBuf;

@@ -1,17 +1,19 @@
-//! OpenAI wire types: the JSON the server reads and writes, and nothing else.
-//! Request fields whose type must be checked by hand (unions such as
-//! `prompt` and `stop`) arrive as raw JSON values; `validate` turns them
-//! into typed settings.
+//! OpenAI wire types (and llama.cpp's `/infill`): the JSON the server reads
+//! and writes, and nothing else. Every request body becomes one of the typed
+//! structs here (`validate::parse_request` names the field at fault);
+//! unions such as `prompt`, `stop` and message `content` are enums with
+//! their own messages. Ranges and model-dependent checks are `validate`'s.
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-/// Parameters shared by `/v1/completions` and `/v1/chat/completions`.
-/// Unknown fields are refused, as OpenAI does.
+/// Sampling and output parameters shared by `/v1/completions` and
+/// `/v1/chat/completions`, read from the same JSON object as the
+/// endpoint's own fields ([`CompletionFields`], [`ChatFields`]).
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CommonParams {
     /// Served model name.
     pub model: Option<String>,
@@ -34,7 +36,7 @@ pub struct CommonParams {
     /// `include_usage`.
     pub stream_options: Option<StreamOptions>,
     /// A string or up to 4 strings.
-    pub stop: Option<Value>,
+    pub stop: Option<Stop>,
     /// [-2, 2].
     pub presence_penalty: Option<f64>,
     /// [-2, 2].
@@ -57,6 +59,145 @@ pub struct CommonParams {
 pub struct StreamOptions {
     /// Send a final chunk with `usage`.
     pub include_usage: Option<bool>,
+}
+
+/// `stop`: one string or a list of strings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// `"stop": "x"`.
+    One(String),
+    /// `"stop": ["x", "y"]`.
+    Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bad = || D::Error::custom("must be a string or a list of strings");
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::One(s)),
+            Value::Array(items) => items
+                .into_iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s),
+                    _ => Err(bad()),
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Many),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// `prompt`: text, token ids, or a batch of either.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// One text.
+    Text(String),
+    /// Several texts, one choice set each.
+    Texts(Vec<String>),
+    /// One prompt as token ids.
+    Ids(Vec<u64>),
+    /// Several prompts as token ids.
+    IdLists(Vec<Vec<u64>>),
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let bad =
+            || D::Error::custom("must be a string, a list of strings, a list of token ids or a list of token-id lists");
+        let ids = |items: &[Value]| {
+            items
+                .iter()
+                .map(|i| i.as_u64().ok_or_else(bad))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Text(s)),
+            Value::Array(items) if items.is_empty() => Err(D::Error::custom("must not be an empty list")),
+            Value::Array(items) => match &items[0] {
+                Value::String(_) => items
+                    .into_iter()
+                    .map(|i| match i {
+                        Value::String(s) => Ok(s),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(Self::Texts),
+                Value::Number(_) => ids(&items).map(Self::Ids),
+                Value::Array(_) => items
+                    .iter()
+                    .map(|i| match i {
+                        Value::Array(inner) if !inner.is_empty() => ids(inner),
+                        _ => Err(bad()),
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(Self::IdLists),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// The fields of `/v1/completions` (and `/v1/fim/completions`) beside [`CommonParams`].
+#[derive(Debug, Default, Deserialize)]
+pub struct CompletionFields {
+    /// The prompt (may be absent when `suffix` is given).
+    pub prompt: Option<Prompt>,
+    /// Text after the cursor: fill-in-the-middle.
+    pub suffix: Option<String>,
+    /// Return the prompt before the completion.
+    pub echo: Option<bool>,
+    /// Log-probabilities of this many alternatives (0–5).
+    pub logprobs: Option<i64>,
+    /// Only 1 is supported.
+    pub best_of: Option<i64>,
+}
+
+/// The fields of `/v1/chat/completions` beside [`CommonParams`].
+#[derive(Debug, Default, Deserialize)]
+pub struct ChatFields {
+    /// The conversation.
+    pub messages: Option<Vec<ChatMessageIn>>,
+    /// Chat log-probabilities (refused: use `/v1/completions`).
+    pub logprobs: Option<bool>,
+    /// Alternatives per token with `logprobs`.
+    pub top_logprobs: Option<i64>,
+}
+
+/// One message of a chat request.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatMessageIn {
+    /// `system`, `developer`, `user`, `assistant` or `tool`.
+    pub role: String,
+    /// The text, or a list of text parts (absent or `null`: empty).
+    pub content: Option<MessageContent>,
+}
+
+/// A message's `content`: a string or a list of `{type: "text", text}` parts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessageContent(pub String);
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self(s)),
+            Value::Array(parts) => parts
+                .iter()
+                .map(|p| {
+                    match (
+                        p.get("type").and_then(Value::as_str),
+                        p.get("text").and_then(Value::as_str),
+                    ) {
+                        (Some("text"), Some(t)) => Ok(t.to_owned()),
+                        _ => Err(D::Error::custom("only text content parts are supported")),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|texts| Self(texts.join(""))),
+            _ => Err(D::Error::custom("must be a string or a list of text parts")),
+        }
+    }
 }
 
 /// Token counts of a response, and what it cost.
@@ -261,7 +402,7 @@ pub struct InfillRequest {
     /// Stream as server-sent events.
     pub stream: Option<bool>,
     /// Stop strings.
-    pub stop: Option<Value>,
+    pub stop: Option<Stop>,
     /// Seed.
     pub seed: Option<i64>,
     /// Repetition penalty.

@@ -1,15 +1,17 @@
-//! From a request body to validated generation jobs: JSON parsing with
-//! errors that name the field, range checks, tokenization, fill-in-the-middle
-//! assembly with context-aware truncation, and token healing. Nothing after
-//! this module re-checks input.
+//! From a request body to validated generation jobs: the body parsed into
+//! its typed wire struct (`openai`) with errors that name the field, range
+//! checks, tokenization, fill-in-the-middle assembly with context-aware
+//! truncation, and token healing. Nothing after this module re-checks input.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
+use super::chat::Message;
 use super::error::ApiError;
-use super::openai::CommonParams;
+use super::openai::{ChatMessageIn, CommonParams, Prompt, Stop};
 use crate::generate::sampling::SamplingParams;
 use crate::tokenizer::CodeTokenizer;
 
@@ -115,7 +117,7 @@ pub const MAX_N: usize = 16;
 pub const MAX_STOP: usize = 4;
 
 /// Parses a body as a JSON object.
-pub fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| ApiError::InvalidJson(e.to_string()))?;
     match value {
         Value::Object(map) => Ok(map),
@@ -137,50 +139,32 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Removes `key` from `map`; `null` counts as absent.
-pub fn take(map: &mut Map<String, Value>, key: &str) -> Option<Value> {
-    map.remove(key).filter(|v| !v.is_null())
-}
-
-/// Removes an optional boolean.
-pub fn take_bool(map: &mut Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
-    match take(map, key) {
-        None => Ok(None),
-        Some(Value::Bool(b)) => Ok(Some(b)),
-        Some(v) => Err(ApiError::param(
-            key,
-            format!("`{key}` must be a boolean, got {}", json_kind(&v)),
-        )),
+/// A body of an OpenAI route: the endpoint's own fields `T` and the shared
+/// [`CommonParams`], read from one JSON object. A field neither reads is
+/// refused by name, as OpenAI does; a field of the wrong type is named too.
+pub fn parse_request<T: DeserializeOwned>(body: &[u8]) -> Result<(T, CommonParams), ApiError> {
+    let map = parse_object(body)?;
+    let (own, common) = (field_names::<T>(), field_names::<CommonParams>());
+    if let Some(field) = map
+        .keys()
+        .find(|k| !own.contains(&k.as_str()) && !common.contains(&k.as_str()))
+    {
+        return Err(ApiError::param(field.clone(), format!("unknown field `{field}`")));
     }
+    let value = Value::Object(map);
+    Ok((typed(&value)?, typed(&value)?))
 }
 
-/// Removes an optional string.
-pub fn take_string(map: &mut Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
-    match take(map, key) {
-        None => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(v) => Err(ApiError::param(
-            key,
-            format!("`{key}` must be a string, got {}", json_kind(&v)),
-        )),
-    }
+/// A body read as `T`, whose unknown fields are ignored (llama.cpp's routes).
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    typed(&Value::Object(parse_object(body)?))
 }
 
-/// Removes an optional integer.
-pub fn take_int(map: &mut Map<String, Value>, key: &str) -> Result<Option<i64>, ApiError> {
-    match take(map, key) {
-        None => Ok(None),
-        Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64()),
-        Some(v) => Err(ApiError::param(key, format!("`{key}` must be an integer, got {v}"))),
-    }
-}
-
-/// Deserializes the remaining fields as [`CommonParams`], naming the field at fault.
-pub fn common_params(map: Map<String, Value>) -> Result<CommonParams, ApiError> {
-    serde_path_to_error::deserialize(Value::Object(map)).map_err(|e| {
+/// Deserializes `value` as `T`, naming the field at fault.
+fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        let inner = inner.split(" at line ").next().unwrap_or(&inner).to_owned();
         if let Some(field) = inner
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
@@ -191,6 +175,40 @@ pub fn common_params(map: Map<String, Value>) -> Result<CommonParams, ApiError> 
         let param = if path == "." { String::new() } else { path };
         ApiError::param(param.clone(), format!("`{param}`: {inner}"))
     })
+}
+
+/// The field names serde reads for the struct `T`.
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    let mut fields: &'static [&'static str] = &[];
+    // The probe only records what `T` asks for and then fails on purpose.
+    let _ = T::deserialize(FieldProbe(&mut fields));
+    fields
+}
+
+/// A deserializer that records the field list a struct asks for.
+struct FieldProbe<'a>(&'a mut &'static [&'static str]);
+
+impl<'de> serde::Deserializer<'de> for FieldProbe<'_> {
+    type Error = serde::de::value::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("field probe"))
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        *self.0 = fields;
+        Err(serde::de::Error::custom("field probe"))
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+    }
 }
 
 fn range(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f64, ApiError> {
@@ -298,16 +316,11 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
 }
 
 /// `stop`: a string or a list of up to [`MAX_STOP`] non-empty strings.
-pub fn stop_strings(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
+pub fn stop_strings(v: Option<&Stop>) -> Result<Vec<String>, ApiError> {
     let list = match v {
-        None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|i| i.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| ApiError::param("stop", "`stop` must be a string or a list of strings"))?,
-        Some(_) => return Err(ApiError::param("stop", "`stop` must be a string or a list of strings")),
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s.clone()],
+        Some(Stop::Many(list)) => list.clone(),
     };
     if list.len() > MAX_STOP {
         return Err(ApiError::param(
@@ -330,19 +343,11 @@ pub enum PromptInput {
     Ids(Vec<u32>),
 }
 
-/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
-pub fn prompts(v: Option<Value>, info: &ModelInfo, has_suffix: bool) -> Result<Vec<PromptInput>, ApiError> {
-    let bad = || {
-        ApiError::param(
-            "prompt",
-            "`prompt` must be a string, a list of strings, a list of token ids or a list of token-id lists",
-        )
-    };
-    let ids_of = |items: &[Value]| -> Result<Vec<u32>, ApiError> {
-        items
-            .iter()
-            .map(|i| {
-                let id = i.as_u64().ok_or_else(bad)?;
+/// `prompt` as the prompts to run, each id checked against the vocabulary.
+pub fn prompts(v: Option<Prompt>, info: &ModelInfo, has_suffix: bool) -> Result<Vec<PromptInput>, ApiError> {
+    let ids_of = |ids: Vec<u64>| -> Result<Vec<u32>, ApiError> {
+        ids.into_iter()
+            .map(|id| {
                 if id as usize >= info.vocab_size {
                     return Err(ApiError::param(
                         "prompt",
@@ -356,29 +361,13 @@ pub fn prompts(v: Option<Value>, info: &ModelInfo, has_suffix: bool) -> Result<V
     let list = match v {
         None if has_suffix => vec![PromptInput::Text(String::new())],
         None => return Err(ApiError::param("prompt", "`prompt` is required")),
-        Some(Value::String(s)) => vec![PromptInput::Text(s)],
-        Some(Value::Array(items)) if items.is_empty() => {
-            return Err(ApiError::param("prompt", "`prompt` must not be an empty list"))
-        }
-        Some(Value::Array(items)) => match &items[0] {
-            Value::String(_) => items
-                .into_iter()
-                .map(|i| match i {
-                    Value::String(s) => Ok(PromptInput::Text(s)),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?,
-            Value::Number(_) => vec![PromptInput::Ids(ids_of(&items)?)],
-            Value::Array(_) => items
-                .iter()
-                .map(|i| match i {
-                    Value::Array(inner) if !inner.is_empty() => Ok(PromptInput::Ids(ids_of(inner)?)),
-                    _ => Err(bad()),
-                })
-                .collect::<Result<_, _>>()?,
-            _ => return Err(bad()),
-        },
-        Some(_) => return Err(bad()),
+        Some(Prompt::Text(s)) => vec![PromptInput::Text(s)],
+        Some(Prompt::Texts(list)) => list.into_iter().map(PromptInput::Text).collect(),
+        Some(Prompt::Ids(ids)) => vec![PromptInput::Ids(ids_of(ids)?)],
+        Some(Prompt::IdLists(lists)) => lists
+            .into_iter()
+            .map(|ids| ids_of(ids).map(PromptInput::Ids))
+            .collect::<Result<_, _>>()?,
     };
     if list.len() > MAX_N {
         return Err(ApiError::param(
@@ -387,6 +376,35 @@ pub fn prompts(v: Option<Value>, info: &ModelInfo, has_suffix: bool) -> Result<V
         ));
     }
     Ok(list)
+}
+
+/// `messages` as the chat template reads them: a non-empty list with known
+/// roles (`developer` is read as `system`).
+pub fn chat_messages(v: Option<Vec<ChatMessageIn>>) -> Result<Vec<Message>, ApiError> {
+    let items = v.unwrap_or_default();
+    if items.is_empty() {
+        return Err(ApiError::param("messages", "`messages` must be a non-empty list"));
+    }
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "developer" => "system",
+                r @ ("system" | "user" | "assistant" | "tool") => r,
+                other => {
+                    return Err(ApiError::param(
+                        format!("messages[{i}]"),
+                        format!("`messages[{i}]`: unknown role `{other}`"),
+                    ))
+                }
+            };
+            Ok(Message {
+                role: role.to_owned(),
+                content: m.content.map(|c| c.0).unwrap_or_default(),
+            })
+        })
+        .collect()
 }
 
 fn encode(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -626,5 +644,87 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    fn param_of(e: &ApiError) -> String {
+        match e {
+            ApiError::InvalidParam { param, .. } => param.clone(),
+            other => panic!("not a parameter error: {other}"),
+        }
+    }
+
+    #[test]
+    fn request_bodies_are_typed_and_faults_are_named() {
+        use crate::serve::openai::{ChatFields, CompletionFields};
+        let (f, c) = parse_request::<CompletionFields>(
+            br#"{"prompt": [[1, 2], [3]], "suffix": null, "echo": true, "stop": ["a", "b"], "max_tokens": 5}"#,
+        )
+        .unwrap();
+        assert_eq!(f.prompt, Some(Prompt::IdLists(vec![vec![1, 2], vec![3]])));
+        assert_eq!(f.suffix, None);
+        assert_eq!(f.echo, Some(true));
+        assert_eq!(c.stop, Some(Stop::Many(vec!["a".into(), "b".into()])));
+        assert_eq!(c.max_tokens, Some(5));
+        // An unknown field, a field of another endpoint, a wrong type, a bad union.
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "frobnicate": 1}"#).unwrap_err();
+        assert_eq!(param_of(&e), "frobnicate");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "messages": []}"#).unwrap_err();
+        assert_eq!(param_of(&e), "messages");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "max_tokens": "ten"}"#).unwrap_err();
+        assert_eq!(param_of(&e), "max_tokens");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": [1, "a"]}"#).unwrap_err();
+        assert_eq!(param_of(&e), "prompt");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "stop": 5}"#).unwrap_err();
+        assert_eq!(param_of(&e), "stop");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "stream": true, "stream_options": {"x": 1}}"#)
+            .unwrap_err();
+        assert_eq!(param_of(&e), "x");
+        assert!(matches!(
+            parse_request::<CompletionFields>(b"[1]").unwrap_err(),
+            ApiError::InvalidJson(_)
+        ));
+        let (chat, _) = parse_request::<ChatFields>(
+            br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}"#,
+        )
+        .unwrap();
+        let msgs = chat_messages(chat.messages).unwrap();
+        assert_eq!(msgs[0].content, "ab");
+        let e = parse_request::<ChatFields>(br#"{"messages": [{"role": "user", "content": [{"type": "image"}]}]}"#)
+            .unwrap_err();
+        assert_eq!(param_of(&e), "messages[0].content");
+    }
+
+    #[test]
+    fn messages_need_known_roles_and_at_least_one_entry() {
+        let msg = |role: &str| ChatMessageIn {
+            role: role.into(),
+            content: None,
+        };
+        let e = chat_messages(Some(vec![msg("user"), msg("wizard")])).unwrap_err();
+        assert_eq!(param_of(&e), "messages[1]");
+        assert!(e.to_string().contains("unknown role `wizard`"), "{e}");
+        assert_eq!(param_of(&chat_messages(Some(vec![])).unwrap_err()), "messages");
+        assert_eq!(param_of(&chat_messages(None).unwrap_err()), "messages");
+        let m = chat_messages(Some(vec![msg("developer")])).unwrap();
+        assert_eq!((m[0].role.as_str(), m[0].content.as_str()), ("system", ""));
+    }
+
+    #[test]
+    fn prompts_check_ids_and_counts() {
+        let info = info();
+        let e = prompts(Some(Prompt::Ids(vec![1, 16384])), &info, false).unwrap_err();
+        assert!(
+            e.to_string().contains("token id 16384 is outside the vocabulary"),
+            "{e}"
+        );
+        assert!(prompts(None, &info, false).is_err());
+        assert!(matches!(
+            prompts(None, &info, true).unwrap()[..],
+            [PromptInput::Text(ref t)] if t.is_empty()
+        ));
+        let many = Prompt::Texts(vec!["a".into(); MAX_N + 1]);
+        assert!(prompts(Some(many), &info, false).is_err());
+        assert!(stop_strings(Some(&Stop::Many(vec!["a".into(); MAX_STOP + 1]))).is_err());
+        assert!(stop_strings(Some(&Stop::One(String::new()))).is_err());
     }
 }

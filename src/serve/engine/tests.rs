@@ -10,6 +10,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::*;
 use crate::energy::meter::FakeMeter;
 use crate::generate::sampling::SamplingParams;
+use crate::model::LogitsFor;
 
 /// One sequence's part of one step: its first input token and how many tokens it ran.
 type StepLog = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;

@@ -25,11 +25,6 @@ impl Detokenizer {
         }
     }
 
-    /// The text of one token on its own (for logprobs), lossy.
-    pub fn token_text(&self, id: u32) -> String {
-        String::from_utf8_lossy(self.token_bytes.get(id as usize).map_or(&[][..], |b| b)).into_owned()
-    }
-
     /// Adds a token; returns the text it completes.
     pub fn push(&mut self, id: u32) -> String {
         if self.special.get(id as usize).copied().unwrap_or(false) {

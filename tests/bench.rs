@@ -57,6 +57,27 @@ fn generate_and_bench_run_quantized_to_q8_0() {
         ],
     );
     assert!(r["completion_tokens"].as_u64().unwrap() >= 1);
+    assert_eq!(r["weights"], "q8_0", "{r}");
+    let out = common::greencode(&[
+        "bench",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--quantize",
+        "q8_0",
+        "--prompt-tokens",
+        "16",
+        "--new-tokens",
+        "4",
+        "--passes",
+        "1",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["weights"], "q8_0", "{b}");
+    assert!(b["decode_tokens_per_second"]["median"].as_f64().unwrap() > 0.0);
     let out = common::greencode(&["generate", "--quantize", "q4_0", "--prompt", "x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("q8_0"));

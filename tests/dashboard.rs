@@ -36,12 +36,10 @@ fn query(base: &str, promql: &str) -> Value {
 #[test]
 fn every_dashboard_expression_evaluates_against_real_prometheus() {
     let Ok(prom_bin) = which("prometheus") else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must install Debian's `prometheus` package (.ci/run does)"
+        return common::missing_data(
+            "every_dashboard_expression_evaluates_against_real_prometheus",
+            "no `prometheus` binary (apt-get install prometheus; .ci/run does)",
         );
-        eprintln!("SKIPPED: no `prometheus` binary (apt-get install prometheus)");
-        return;
     };
     let s = Server::start(&[]);
     let target = s.base.trim_start_matches("http://").to_owned();

@@ -197,6 +197,14 @@ fn pruned_and_uneven_models_keep_their_shapes() {
         .as_object_mut()
         .unwrap()
         .retain(|_, id| id.as_u64().unwrap() < 12000);
+    // A merge survives when both parts and the result do (or the tokenizer is invalid).
+    let kept_vocab = tok["model"]["vocab"].as_object().unwrap().clone();
+    tok["model"]["merges"].as_array_mut().unwrap().retain(|m| {
+        let (a, b) = (m[0].as_str().unwrap(), m[1].as_str().unwrap());
+        [a.to_owned(), b.to_owned(), format!("{a}{b}")]
+            .iter()
+            .all(|t| kept_vocab.contains_key(t))
+    });
     std::fs::write(folder.join("tokenizer.json"), tok.to_string()).unwrap();
 
     let out = dir.path().join("pruned-q4_k.gguf");
@@ -309,4 +317,30 @@ fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
     let from_file = common::generate_json(&f32_file, &args);
     let from_folder = common::generate_json(&common::tiny_coder(), &args);
     assert_eq!(from_file["token_ids"], from_folder["token_ids"]);
+    // A GGUF file converts like a folder: f32 GGUF → Q8_0 gives the blocks of
+    // the folder's own Q8_0 export, tokenizer and metadata included.
+    let converted = dir.path().join("converted-q8_0.gguf");
+    quantize(&f32_file, "q8_0", &converted);
+    let direct = dir.path().join("tiny-q8_0.gguf");
+    let (a, b) = (inspect(&converted), inspect(&direct));
+    assert_eq!(a["tensors"], b["tensors"]);
+    let read = |p: &Path| {
+        let mut f = std::fs::File::open(p).unwrap();
+        let c = gguf_file::Content::read(&mut f).unwrap();
+        let tokenizer: Vec<String> = [
+            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.merges",
+            "tokenizer.ggml.token_type",
+            "tokenizer.ggml.pre",
+        ]
+        .iter()
+        .map(|k| format!("{:?}", c.metadata[*k]))
+        .collect();
+        let t = c.tensor(&mut f, "blk.3.ffn_down.weight", &Device::Cpu).unwrap();
+        (tokenizer, t.data().unwrap().to_vec())
+    };
+    assert!(
+        read(&converted) == read(&direct),
+        "the converted file differs from the direct export"
+    );
 }

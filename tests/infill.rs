@@ -42,11 +42,13 @@ fn set_is_deterministic_pinned_and_disjoint_from_calibration() {
         assert!(!item.middle.contains('\n'));
     }
     if eval_names != want_files {
-        eprintln!(
-            "SKIPPED the pinned hash: this python3's stdlib ({}) has another first-40 file list than golden.json's",
-            dir.display()
+        return common::missing_data(
+            "the pinned infill set hash",
+            &format!(
+                "this python3's stdlib ({}) has another first-40 file list than golden.json's",
+                dir.display()
+            ),
         );
-        return;
     }
     assert_eq!(
         (infill::set_hash(&first).as_str(), first.len()),

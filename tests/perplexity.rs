@@ -13,10 +13,7 @@ fn stdlib_perplexity_matches_golden() {
     let want_files: Vec<String> = serde_json::from_value(eval["files"].clone()).unwrap();
     let dir = match corpus::stdlib_dir() {
         Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIPPED stdlib_perplexity_matches_golden: {e}");
-            return;
-        }
+        Err(e) => return common::missing_data("stdlib_perplexity_matches_golden", &e.to_string()),
     };
     let files = corpus::eval_files(&dir, corpus::EVAL_FILES).unwrap();
     let names: Vec<String> = files
@@ -24,11 +21,13 @@ fn stdlib_perplexity_matches_golden() {
         .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
         .collect();
     if names != want_files {
-        eprintln!(
-            "SKIPPED stdlib_perplexity_matches_golden: this python3's stdlib ({}) has a different first-40 file list than golden.json's (other Python version)",
-            dir.display()
+        return common::missing_data(
+            "stdlib_perplexity_matches_golden",
+            &format!(
+                "this python3's stdlib ({}) has a different first-40 file list than golden.json's (other Python version)",
+                dir.display()
+            ),
         );
-        return;
     }
     let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
     let report = perplexity(&p.model, &p.tokenizer, &files, 1024, |_, _| {}).unwrap();

@@ -314,19 +314,7 @@ fn pruned_tokenizer_loads_in_python_tokenizers_and_round_trips_held_out_code() {
     let out = tempfile::tempdir().unwrap();
     let dest = out.path().join("py");
     ok(&prune(calib.path(), &dest, &[]));
-    let has = || {
-        std::process::Command::new("python3")
-            .args(["-c", "import tokenizers"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has() {
-        let st = std::process::Command::new("python3")
-            .args(["-m", "pip", "install", "--quiet", "tokenizers"])
-            .status()
-            .unwrap();
-        assert!(st.success(), "pip install tokenizers failed");
-    }
+    common::ensure_python_package("tokenizers", "tokenizers");
     let held_out = corpus::eval_files(&corpus::stdlib_dir().unwrap(), 40).unwrap();
     let file = held_out
         .iter()

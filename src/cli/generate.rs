@@ -131,6 +131,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 "token_ids": out.token_ids,
                 "text": text,
                 "finish_reason": out.finish_reason.as_str(),
+                "weights": p.model.weight_format(),
                 "prompt_tokens": out.prompt_tokens,
                 "completion_tokens": out.token_ids.len(),
                 "tokens_per_second": out.decode_tokens_per_second(),

@@ -300,6 +300,17 @@ pub fn agent() -> ureq::Agent {
         .into()
 }
 
+/// A test's data is missing on this machine (another Python's standard
+/// library, no `prometheus` binary): a failure under CI (`CI` set, as
+/// `.ci/run` sets it), else the test is skipped with the reason.
+pub fn missing_data(test: &str, reason: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {reason}; CI must provide what this test reads"
+    );
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
 /// Makes `module` importable by python3, pip-installing `package` when it is missing.
 pub fn ensure_python_package(module: &str, package: &str) {
     let has = || {

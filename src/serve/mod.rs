@@ -6,6 +6,7 @@ pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod openai;
+pub mod prompt;
 pub mod routes;
 pub mod sse;
 pub mod validate;
@@ -79,7 +80,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         Some((shape, _)) => shape.name().to_owned(),
         None => crate::generate::locate::model_name(&cfg.model_dir),
     });
-    let info = Arc::new(validate::ModelInfo::new(
+    let info = Arc::new(prompt::ModelInfo::new(
         name.clone(),
         Arc::new(tokenizer),
         config.max_position_embeddings,

@@ -18,8 +18,9 @@ use crate::serve::error::ApiError;
 use crate::serve::openai::{
     ChatChoice, ChatChunk, ChatChunkChoice, ChatDelta, ChatFields, ChatMessage, ChatResponse, Usage,
 };
+use crate::serve::prompt::{self, PromptInput};
 use crate::serve::sse::{sse_json, stream_openai, SseStream, StreamShape};
-use crate::serve::validate::{self, PromptInput};
+use crate::serve::validate;
 
 /// `chat.completion.chunk` chunks.
 struct ChatShape {
@@ -100,21 +101,21 @@ pub(super) async fn chat(
         let default_max = state.info.context_len.saturating_sub(prompt_len).max(1);
         let mut settings = validate::settings(&common, &state.info, default_max)?;
         settings.stop.extend(state.chat.stop_strings());
-        let prompt = validate::plain_prompt(&PromptInput::Text(prompt_text), &state.info, settings.max_tokens, false)
+        let prompt = prompt::plain_prompt(&PromptInput::Text(prompt_text), &state.info, settings.max_tokens, false)
             .map_err(|e| match e {
-            ApiError::ContextLength {
-                prompt,
-                max_tokens,
-                context,
-                ..
-            } => ApiError::ContextLength {
-                prompt,
-                max_tokens,
-                context,
-                param: "messages",
-            },
-            other => other,
-        })?;
+                ApiError::ContextLength {
+                    prompt,
+                    max_tokens,
+                    context,
+                    ..
+                } => ApiError::ContextLength {
+                    prompt,
+                    max_tokens,
+                    context,
+                    param: "messages",
+                },
+                other => other,
+            })?;
         let plan = CompletionPlan {
             prompts: vec![prompt],
             settings,

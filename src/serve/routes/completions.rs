@@ -17,6 +17,7 @@ use crate::generate::TokenLogprob;
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
 use crate::serve::openai::{CompletionChoice, CompletionFields, CompletionLogprobs, CompletionResponse, Usage};
+use crate::serve::prompt;
 use crate::serve::sse::{sse_json, stream_openai, SseStream, StreamShape};
 use crate::serve::validate;
 
@@ -54,8 +55,8 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
     let prompts = inputs
         .iter()
         .map(|input| match &suffix {
-            Some(s) => validate::fim_prompt(input, s, &[], &state.info, settings.max_tokens, settings.token_healing),
-            None => validate::plain_prompt(input, &state.info, settings.max_tokens, settings.token_healing),
+            Some(s) => prompt::fim_prompt(input, s, &[], &state.info, settings.max_tokens, settings.token_healing),
+            None => prompt::plain_prompt(input, &state.info, settings.max_tokens, settings.token_healing),
         })
         .collect::<Result<Vec<_>, _>>()?;
     if prompts.len() * settings.n > validate::MAX_N {

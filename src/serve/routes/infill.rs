@@ -14,8 +14,9 @@ use super::{body_bytes, collect_completion, with_truncation_header, AppState, Co
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
 use crate::serve::openai::{CommonParams, InfillRequest, InfillResponse};
+use crate::serve::prompt::{self, PromptInput};
 use crate::serve::sse::{sse_error, sse_json, sse_task, SseStream};
-use crate::serve::validate::{self, PromptInput};
+use crate::serve::validate;
 
 pub(super) async fn infill(
     State(state): State<AppState>,
@@ -55,7 +56,7 @@ pub(super) async fn infill(
             .map(|e| (e.filename.clone(), e.text.clone()))
             .collect();
         let prefix = PromptInput::Text(format!("{}{}", req.input_prefix, req.prompt));
-        let prompt = validate::fim_prompt(
+        let prompt = prompt::fim_prompt(
             &prefix,
             &req.input_suffix,
             &extra,

@@ -26,7 +26,8 @@ use super::chat::ChatTemplate;
 use super::engine::{Done, EngineHandle, Event};
 use super::error::ApiError;
 use super::openai::{CompletionChoice, CompletionLogprobs, CompletionResponse, Usage};
-use super::validate::{BuiltPrompt, ModelInfo, Settings, ValidRequest};
+use super::prompt::{BuiltPrompt, ModelInfo};
+use super::validate::{Settings, ValidRequest};
 use crate::generate::TokenLogprob;
 use crate::metrics::Metrics;
 

@@ -248,10 +248,11 @@ pub fn fim_prompt(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn info() -> ModelInfo {
+    /// tiny-coder's tables with a 64-token context (shared with `validate`'s tests).
+    pub(crate) fn info() -> ModelInfo {
         let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder");
         let tok = CodeTokenizer::from_folder(&folder, &[0]).unwrap();
         ModelInfo::new("tiny-coder".into(), Arc::new(tok), 64, 16384)

@@ -343,16 +343,8 @@ pub fn chat_messages(v: Option<Vec<ChatMessageIn>>) -> Result<Vec<Message>, ApiE
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::tokenizer::CodeTokenizer;
-
-    fn info() -> ModelInfo {
-        let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-coder");
-        let tok = CodeTokenizer::from_folder(&folder, &[0]).unwrap();
-        ModelInfo::new("tiny-coder".into(), Arc::new(tok), 64, 16384)
-    }
+    use crate::serve::prompt::tests::info;
 
     fn param_of(e: &ApiError) -> String {
         match e {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc;
 
-use super::{body_bytes, collect_completion, new_id, now_secs, AppState, CompletionPlan};
+use super::{collect_completion, new_id, now_secs, AppState, CompletionPlan};
 use crate::generate::TokenLogprob;
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
@@ -80,54 +80,47 @@ impl StreamShape for ChatShape {
     }
 }
 
+/// Reads a chat body into the plan of its one prompt.
+fn plan_chat(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError> {
+    let (fields, common) = validate::parse_request::<ChatFields>(body)?;
+    let messages = validate::chat_messages(fields.messages)?;
+    if fields.logprobs.unwrap_or(false) {
+        return Err(ApiError::param(
+            "logprobs",
+            "chat `logprobs` are not supported; use /v1/completions",
+        ));
+    }
+    let prompt_text = state.chat.render(&messages)?;
+    let prompt_len = state.info.tokenizer.encode(&prompt_text).map(|v| v.len()).unwrap_or(0);
+    let default_max = state.info.context_len.saturating_sub(prompt_len).max(1);
+    let mut settings = validate::settings(&common, &state.info, default_max)?;
+    settings.stop.extend(state.chat.stop_strings());
+    let prompt = prompt::plain_prompt(&PromptInput::Text(prompt_text), &state.info, settings.max_tokens, false)
+        .map_err(|e| match e {
+            ApiError::ContextLength {
+                prompt,
+                max_tokens,
+                context,
+                ..
+            } => ApiError::ContextLength {
+                prompt,
+                max_tokens,
+                context,
+                param: "messages",
+            },
+            other => other,
+        })?;
+    Ok(CompletionPlan::single(prompt, settings))
+}
+
 pub(super) async fn chat(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        state.authorize(&headers)?;
-        let body = body_bytes(body)?;
-        let (fields, common) = validate::parse_request::<ChatFields>(&body)?;
-        let messages = validate::chat_messages(fields.messages)?;
-        if fields.logprobs.unwrap_or(false) {
-            return Err(ApiError::param(
-                "logprobs",
-                "chat `logprobs` are not supported; use /v1/completions",
-            ));
-        }
-        let prompt_text = state.chat.render(&messages)?;
-        let prompt_len = state.info.tokenizer.encode(&prompt_text).map(|v| v.len()).unwrap_or(0);
-        let default_max = state.info.context_len.saturating_sub(prompt_len).max(1);
-        let mut settings = validate::settings(&common, &state.info, default_max)?;
-        settings.stop.extend(state.chat.stop_strings());
-        let prompt = prompt::plain_prompt(&PromptInput::Text(prompt_text), &state.info, settings.max_tokens, false)
-            .map_err(|e| match e {
-                ApiError::ContextLength {
-                    prompt,
-                    max_tokens,
-                    context,
-                    ..
-                } => ApiError::ContextLength {
-                    prompt,
-                    max_tokens,
-                    context,
-                    param: "messages",
-                },
-                other => other,
-            })?;
-        let plan = CompletionPlan {
-            prompts: vec![prompt],
-            settings,
-            echo: false,
-            logprobs: None,
-        };
-        let receivers = state.engine.submit(plan.jobs())?;
-        Ok::<_, ApiError>((plan, receivers))
-    };
-    let (plan, receivers) = match run.await {
-        Ok(x) => x,
-        Err(e) => return state.reject(e),
+    let (plan, receivers) = match state.admit(&headers, body, plan_chat) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     if plan.settings.stream {
         return stream_chat(state, plan, receivers).into_response();

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc;
 
-use super::{body_bytes, collect_completion, logprobs_object, new_id, now_secs, with_truncation_header};
+use super::{collect_completion, logprobs_object, new_id, now_secs, with_truncation_header};
 use super::{AppState, CompletionPlan};
 use crate::generate::TokenLogprob;
 use crate::serve::engine::Event;
@@ -82,16 +82,9 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        state.authorize(&headers)?;
-        let body = body_bytes(body)?;
-        let plan = plan_completion(&state, &body)?;
-        let receivers = state.engine.submit(plan.jobs())?;
-        Ok::<_, ApiError>((plan, receivers))
-    };
-    let (plan, receivers) = match run.await {
-        Ok(x) => x,
-        Err(e) => return state.reject(e),
+    let (plan, receivers) = match state.admit(&headers, body, plan_completion) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let truncated = plan.truncated();
     let resp = if plan.settings.stream {

@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc;
 
-use super::{body_bytes, collect_completion, with_truncation_header, AppState, CompletionPlan};
+use super::{collect_completion, with_truncation_header, AppState, CompletionPlan};
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
 use crate::serve::openai::{CommonParams, InfillRequest, InfillResponse};
@@ -18,64 +18,57 @@ use crate::serve::prompt::{self, PromptInput};
 use crate::serve::sse::{sse_error, sse_json, sse_task, SseStream};
 use crate::serve::validate;
 
+/// Reads an `/infill` body (llama.cpp's fields) into the plan of its FIM prompt.
+fn plan_infill(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError> {
+    let req: InfillRequest = validate::parse_body(body)?;
+    let n_predict = match req.n_predict {
+        None | Some(-1) => 256.min(state.info.context_len as i64 / 2),
+        Some(n) if n >= 1 => n,
+        Some(n) => {
+            return Err(ApiError::param(
+                "n_predict",
+                format!("`n_predict` must be -1 or ≥ 1, got {n}"),
+            ))
+        }
+    };
+    let common = CommonParams {
+        max_tokens: Some(n_predict),
+        temperature: req.temperature,
+        top_k: req.top_k,
+        top_p: req.top_p,
+        min_p: req.min_p,
+        stream: req.stream,
+        stop: req.stop.clone(),
+        seed: req.seed,
+        repetition_penalty: req.repeat_penalty,
+        ..CommonParams::default()
+    };
+    let settings = validate::settings(&common, &state.info, 256)?;
+    let extra: Vec<(String, String)> = req
+        .input_extra
+        .iter()
+        .map(|e| (e.filename.clone(), e.text.clone()))
+        .collect();
+    let prefix = PromptInput::Text(format!("{}{}", req.input_prefix, req.prompt));
+    let prompt = prompt::fim_prompt(
+        &prefix,
+        &req.input_suffix,
+        &extra,
+        &state.info,
+        settings.max_tokens,
+        settings.token_healing,
+    )?;
+    Ok(CompletionPlan::single(prompt, settings))
+}
+
 pub(super) async fn infill(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let run = async {
-        state.authorize(&headers)?;
-        let body = body_bytes(body)?;
-        let req: InfillRequest = validate::parse_body(&body)?;
-        let n_predict = match req.n_predict {
-            None | Some(-1) => 256.min(state.info.context_len as i64 / 2),
-            Some(n) if n >= 1 => n,
-            Some(n) => {
-                return Err(ApiError::param(
-                    "n_predict",
-                    format!("`n_predict` must be -1 or ≥ 1, got {n}"),
-                ))
-            }
-        };
-        let common = CommonParams {
-            max_tokens: Some(n_predict),
-            temperature: req.temperature,
-            top_k: req.top_k,
-            top_p: req.top_p,
-            min_p: req.min_p,
-            stream: req.stream,
-            stop: req.stop.clone(),
-            seed: req.seed,
-            repetition_penalty: req.repeat_penalty,
-            ..CommonParams::default()
-        };
-        let settings = validate::settings(&common, &state.info, 256)?;
-        let extra: Vec<(String, String)> = req
-            .input_extra
-            .iter()
-            .map(|e| (e.filename.clone(), e.text.clone()))
-            .collect();
-        let prefix = PromptInput::Text(format!("{}{}", req.input_prefix, req.prompt));
-        let prompt = prompt::fim_prompt(
-            &prefix,
-            &req.input_suffix,
-            &extra,
-            &state.info,
-            settings.max_tokens,
-            settings.token_healing,
-        )?;
-        let plan = CompletionPlan {
-            prompts: vec![prompt],
-            settings,
-            echo: false,
-            logprobs: None,
-        };
-        let receivers = state.engine.submit(plan.jobs())?;
-        Ok::<_, ApiError>((plan, receivers))
-    };
-    let (plan, receivers) = match run.await {
-        Ok(x) => x,
-        Err(e) => return state.reject(e),
+    let (plan, receivers) = match state.admit(&headers, body, plan_infill) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let truncated = plan.truncated();
     let resp = if plan.settings.stream {

@@ -96,6 +96,24 @@ impl AppState {
         }
     }
 
+    /// Authorizes the request, reads its body, plans it with `plan` and
+    /// submits its jobs; a refusal is counted and answered as OpenAI's error.
+    pub(super) fn admit(
+        &self,
+        headers: &HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+        plan: impl FnOnce(&AppState, &[u8]) -> Result<CompletionPlan, ApiError>,
+    ) -> Result<(CompletionPlan, Vec<mpsc::UnboundedReceiver<Event>>), Box<Response>> {
+        let run = || {
+            self.authorize(headers)?;
+            let body = body_bytes(body)?;
+            let plan = plan(self, &body)?;
+            let receivers = self.engine.submit(plan.jobs())?;
+            Ok((plan, receivers))
+        };
+        run().map_err(|e| Box::new(self.reject(e)))
+    }
+
     pub(super) fn reject(&self, e: ApiError) -> Response {
         self.metrics
             .rejected
@@ -105,7 +123,7 @@ impl AppState {
     }
 }
 
-pub(super) fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge { limit: BODY_LIMIT }
@@ -124,6 +142,16 @@ pub(super) struct CompletionPlan {
 }
 
 impl CompletionPlan {
+    /// One prompt, one choice set, no echo and no logprobs (chat, infill).
+    pub(super) fn single(prompt: BuiltPrompt, settings: Settings) -> Self {
+        Self {
+            prompts: vec![prompt],
+            settings,
+            echo: false,
+            logprobs: None,
+        }
+    }
+
     pub(super) fn jobs(&self) -> Vec<ValidRequest> {
         let mut jobs = Vec::new();
         for p in &self.prompts {

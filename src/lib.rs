@@ -1,9 +1,13 @@
 //! greencode: prune code LLMs by the Flab-Pruner method and serve them with
 //! per-request energy, FLOPs and CO2 accounting.
 //!
-//! Dependencies point one way: the CLI (`main.rs`) calls the stages
-//! (`generate`, `eval`, `bench`), which use the runtime (`model`, `tokenizer`,
-//! `sampling`), which uses candle.
+//! Each module is one layer and uses only the layers below it (see
+//! ARCHITECTURE.md; `tests/layering.rs` checks it): the command line (in the
+//! binary) calls `bench`, `serve`, `prune`, `recover`; they use `eval` and
+//! `output`, which use the generation layer (`generate`) and the corpora
+//! (`data`), which use the model runtime (`model`, `tokenizer`), which uses
+//! the kernels (`cpu`, `cuda`) and candle. `energy` reads model shapes only;
+//! `metrics` takes plain numbers.
 #![warn(missing_docs)]
 
 pub mod bench;

@@ -9,7 +9,7 @@
 //! A loop never waits for a helper that has not taken an item: when
 //! another process holds a helper's core, the caller takes the items it
 //! would have run and goes on (a barrier of all threads, as llama.cpp's,
-//! waits for the descheduled one). Spinning is bounded ([`SPIN`]): a
+//! waits for the descheduled one). Spinning is bounded (`SPIN`): a
 //! helper that has seen no work for that long yields its core, then parks,
 //! so an idle server or a competing process is not starved. A loop started
 //! while the team is busy (another thread's step, or a loop inside a loop)

@@ -318,7 +318,7 @@ mod gpu {
         let mut h = model.embed_tokens().rows(&ids)?; // [n, hidden]
         let meta = meta_table(model, seqs)?;
         let (cos, sin) = model.rope_tables();
-        // QKᵀ and PV: 2 FLOPs per multiply-add each, as `qwen2::attend` counts.
+        // QKᵀ and PV: 2 FLOPs per multiply-add each, as `attention::attend` counts.
         let context: usize = seqs.iter().map(|s| s.cache.len() + 1).sum();
         for (i, layer) in model.layers.iter().enumerate() {
             let a = &layer.self_attn;

@@ -360,7 +360,7 @@ impl StepRows {
 /// = 1 for [`LogitsFor::Last`]).
 ///
 /// The step runs on the calling thread; its parallel loops (about 50 a
-/// decoded token) run on the compute [`team`], whose helpers spin between
+/// decoded token) run on the compute [`team`](crate::cpu::team), whose helpers spin between
 /// them.
 pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<Tensor>> {
     let c = model.config();

@@ -2,7 +2,7 @@
 //! step writes its positions in place instead of concatenating tensors.
 //!
 //! On the CPU in f32 the cache is plain host memory, which the fused decode
-//! path (`model::decode`) reads and writes directly; elsewhere it is a pair
+//! path (`model::fused`) reads and writes directly; elsewhere it is a pair
 //! of device tensors per layer written with `slice_set`.
 
 use candle_core::{DType, Device, Result, Tensor};

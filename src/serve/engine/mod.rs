@@ -31,7 +31,7 @@ pub trait EngineModel {
     /// An empty cache for up to `capacity` positions.
     fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache>;
     /// Appends each sequence's tokens to its cache and returns its logits
-    /// (`[n, vocab]`; `n` = 1 for [`LogitsFor::Last`]).
+    /// (`[n, vocab]`; `n` = 1 for [`LogitsFor::Last`](crate::model::LogitsFor::Last)).
     fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>>;
     /// FLOPs of a forward over `new` tokens after `offset` cached ones with `rows` logits rows.
     fn flops(&self, new: usize, offset: usize, rows: usize) -> u64;

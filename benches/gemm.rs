@@ -1,4 +1,4 @@
-//! Prompt-sized products: greencode's tiled kernel (`model::gemm`) against
+//! Prompt-sized products: greencode's tiled kernel (`cpu::gemm`) against
 //! candle's matmul (the `gemm` crate) on tiny-coder's projection shapes for
 //! a 256-token prompt, at 1 and 2 threads. `cargo bench --bench gemm`.
 

@@ -1,5 +1,5 @@
-//! `greencode quantize`: a model folder written as one GGUF file that
-//! llama.cpp loads.
+//! `greencode quantize`: a model folder (or a GGUF file, to convert)
+//! written as one GGUF file that llama.cpp loads.
 
 use std::path::PathBuf;
 

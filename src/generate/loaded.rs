@@ -31,7 +31,7 @@ pub enum LoadError {
         path: PathBuf,
         /// Tokens in the tokenizer.
         tokenizer: usize,
-        /// Rows of the embedding.
+        /// The model's `vocab_size`.
         model: usize,
     },
 }
@@ -126,7 +126,8 @@ impl OpenedModel {
                 tokens: file.strings("tokenizer.ggml.tokens")?,
                 merges: file.strings("tokenizer.ggml.merges")?,
                 token_types: file.ints("tokenizer.ggml.token_type", 1)?,
-                pre: file.string("tokenizer.ggml.pre")?,
+                // A `pre` that is not a string is read as absent (GPT-2's split), as before.
+                pre: file.string("tokenizer.ggml.pre").ok().flatten(),
             };
             let inner = from_gguf_vocab(vocab, path)?;
             let tokenizer = CodeTokenizer::new(inner, path.to_path_buf(), &config.eos_token_ids);
@@ -203,6 +204,17 @@ impl OpenedModel {
             folder: self.path,
         })
     }
+}
+
+/// The tokenizer of the folder or `.gguf` file at `path` alone (its
+/// configuration's end-of-sequence ids included), without opening weights:
+/// for clients of a server, such as `bench serve`.
+pub fn read_tokenizer(path: &Path) -> Result<CodeTokenizer, LoadError> {
+    if is_gguf(path) {
+        return Ok(OpenedModel::open(path, &Device::Cpu, DType::F32, false)?.tokenizer);
+    }
+    let config = Qwen2Config::from_file(&path.join("config.json"))?;
+    Ok(CodeTokenizer::from_folder(path, &config.eos_token_ids)?)
 }
 
 /// A model, its tokenizer and where they came from.

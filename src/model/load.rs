@@ -1,5 +1,7 @@
-//! Loading a Hugging Face model folder: `config.json` plus either one
-//! `model.safetensors` or shards listed in `model.safetensors.index.json`.
+//! The weights of a Hugging Face model folder (one `model.safetensors`, or
+//! shards listed in `model.safetensors.index.json`), or of tensors held in
+//! memory, as a store the model builder takes them from
+//! (`generate::loaded` opens folders with it).
 //! Every tensor is checked against the shape the config implies before the
 //! model is built, and every error names the file it comes from.
 
@@ -8,28 +10,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::config::Qwen2Config;
 use super::error::{candle_reason, ModelError, Result};
-use super::qwen2::Qwen2;
-
-/// Loads the model in `folder` onto `device`, computing in `dtype`.
-pub fn load_model(folder: &Path, device: &Device, dtype: DType) -> Result<Qwen2> {
-    load_model_with(folder, device, dtype, false)
-}
-
-/// As [`load_model`]; with `quantize_q8` every matrix becomes Q8_0 as soon
-/// as it is read, so the full-precision weights are never all in memory.
-pub fn load_model_with(folder: &Path, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Qwen2> {
-    if folder.is_file() {
-        return Err(ModelError::NotAFolder(folder.to_path_buf()));
-    }
-    if !folder.is_dir() {
-        return Err(ModelError::MissingFolder(folder.to_path_buf()));
-    }
-    let config = Qwen2Config::from_file(&folder.join("config.json"))?;
-    let mut store = WeightStore::open(folder, device, dtype)?;
-    Qwen2::build(config, &mut store, quantize_q8)
-}
 
 /// Reads one tensor by name, on demand.
 pub type TensorLoader = Box<dyn FnMut(&str) -> Result<Tensor> + Send>;

@@ -25,6 +25,6 @@ pub use config::Qwen2Config;
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use layers::{Kernels, LayerMask};
-pub use load::{load_model, load_model_with, WeightStore};
+pub use load::WeightStore;
 pub use qwen2::Qwen2;
 pub use step::{LogitsFor, SeqStep};

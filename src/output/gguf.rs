@@ -1,5 +1,5 @@
-//! `greencode quantize`: a Hugging Face Qwen2 folder (original or pruned)
-//! written as one GGUF file that llama.cpp loads: its `qwen2` architecture
+//! `greencode quantize`: a Hugging Face Qwen2 folder (original or pruned),
+//! or a GGUF file to convert, written as one GGUF file that llama.cpp loads: its `qwen2` architecture
 //! metadata and tensor names, the tokenizer embedded as `tokenizer.ggml.*`,
 //! per-layer FFN widths kept, and the 2-D weights stored as f32, f16, Q8_0
 //! or Q4_K (rows whose length is not a multiple of Q4_K's 256-wide blocks

@@ -165,13 +165,32 @@ pub struct ChatFields {
     pub top_logprobs: Option<i64>,
 }
 
-/// One message of a chat request.
-#[derive(Debug, Clone, Deserialize)]
+/// One message of a chat request (a JSON object; errors inside it are
+/// reported as `messages[i]`).
+#[derive(Debug, Clone)]
 pub struct ChatMessageIn {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text, or a list of text parts (absent or `null`: empty).
     pub content: Option<MessageContent>,
+}
+
+impl<'de> Deserialize<'de> for ChatMessageIn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// The fields, read once the message is known to be an object (a
+        /// derived struct alone would also take `["user", "hi"]`).
+        #[derive(Deserialize)]
+        struct Fields {
+            role: String,
+            content: Option<MessageContent>,
+        }
+        let object = serde_json::Map::<String, Value>::deserialize(d)?;
+        let f = Fields::deserialize(Value::Object(object)).map_err(D::Error::custom)?;
+        Ok(Self {
+            role: f.role,
+            content: f.content,
+        })
+    }
 }
 
 /// A message's `content`: a string or a list of `{type: "text", text}` parts.

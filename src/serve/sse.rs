@@ -57,9 +57,9 @@ pub trait StreamShape: Send + 'static {
 }
 
 /// Streams the jobs of a request (`choices_per_prompt` jobs per prompt) as
-/// OpenAI SSE chunks in `shape`, then the optional usage chunk and `[DONE]`. When the client leaves, the SSE
-/// channel closes, the task ends and drops the engine receivers, which
-/// frees their slots at the next step.
+/// OpenAI SSE chunks in `shape`, then the optional usage chunk and
+/// `[DONE]`. When the client leaves, the SSE channel closes, the task ends
+/// and drops the engine receivers, which frees their slots at the next step.
 pub fn stream_openai(
     receivers: Vec<mpsc::UnboundedReceiver<Event>>,
     choices_per_prompt: usize,

@@ -116,8 +116,32 @@ fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
             return ApiError::param(field.clone(), format!("unknown field `{field}`"));
         }
         let param = if path == "." { String::new() } else { path };
-        ApiError::param(param.clone(), format!("`{param}`: {inner}"))
+        let message = match inner
+            .strip_prefix("invalid type: ")
+            .and_then(|t| t.split_once(", expected "))
+        {
+            // serde's "invalid type: string \"x\", expected a boolean".
+            Some((got, expected)) => format!("`{param}` must be {}, got {got}", plain_type(expected)),
+            // A union's own message ("must be a string or a list of strings").
+            None if inner.starts_with("must ") || inner.starts_with("only ") => format!("`{param}` {inner}"),
+            None => format!("`{param}`: {inner}"),
+        };
+        ApiError::param(param, message)
     })
+}
+
+/// A type as serde names it (`i64`, `a sequence`, `struct X`) in the words
+/// of a JSON client.
+fn plain_type(expected: &str) -> &str {
+    match expected {
+        "i64" | "i32" => "an integer",
+        "u64" | "u32" | "usize" => "a non-negative integer",
+        "f64" | "f32" => "a number",
+        "a sequence" => "a list",
+        "a map" => "an object",
+        e if e.starts_with("struct ") => "an object",
+        e => e,
+    }
 }
 
 /// The field names serde reads for the struct `T`.
@@ -125,6 +149,9 @@ fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
     let mut fields: &'static [&'static str] = &[];
     // The probe only records what `T` asks for and then fails on purpose.
     let _ = T::deserialize(FieldProbe(&mut fields));
+    // A derived struct lists its fields; one that does not (flattened,
+    // hand-written) would make every field of its endpoint unknown.
+    debug_assert!(!fields.is_empty(), "{} lists no fields", std::any::type_name::<T>());
     fields
 }
 
@@ -391,7 +418,30 @@ mod tests {
         assert_eq!(msgs[0].content, "ab");
         let e = parse_request::<ChatFields>(br#"{"messages": [{"role": "user", "content": [{"type": "image"}]}]}"#)
             .unwrap_err();
-        assert_eq!(param_of(&e), "messages[0].content");
+        assert_eq!(param_of(&e), "messages[0]");
+        assert!(e.to_string().contains("only text content parts are supported"), "{e}");
+        // A message is an object, never a list; errors speak JSON, not Rust.
+        let e = parse_request::<ChatFields>(br#"{"messages": [["user", "hi"]]}"#).unwrap_err();
+        assert_eq!(param_of(&e), "messages[0]");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "echo": "yes"}"#).unwrap_err();
+        assert_eq!(e.to_string(), "`echo` must be a boolean, got string \"yes\"");
+        let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "max_tokens": 1.5}"#).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "`max_tokens` must be an integer, got floating point `1.5`"
+        );
+        let e = parse_request::<CompletionFields>(br#"{"prompt": []}"#).unwrap_err();
+        assert_eq!(e.to_string(), "`prompt` must not be an empty list");
+        // Every typed body lists its fields to the unknown-field check.
+        for fields in [
+            field_names::<CompletionFields>(),
+            field_names::<ChatFields>(),
+            field_names::<CommonParams>(),
+        ] {
+            assert!(!fields.is_empty());
+        }
+        assert!(field_names::<CompletionFields>().contains(&"best_of"));
+        assert!(field_names::<CommonParams>().contains(&"max_completion_tokens"));
     }
 
     #[test]

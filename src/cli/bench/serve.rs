@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use greencode::bench::serve::{bench_serve, ServeBenchConfig};
-use greencode::generate::loaded::OpenedModel;
+use greencode::generate::loaded::read_tokenizer;
 
 use crate::cli::args::{model_dir, Format, ModelArg};
 
@@ -40,8 +40,8 @@ pub fn run(a: BenchServeArgs, threads: usize) -> Result<()> {
         bail!("--clients, --new-tokens and --requests-per-client must be at least 1");
     }
     let dir = model_dir(&a.model)?;
-    // Only the tokenizer is needed here: the weights are never read.
-    let tok = OpenedModel::open(&dir, &candle_core::Device::Cpu, candle_core::DType::F32, false)?.tokenizer;
+    // Only the tokenizer is needed here: the weights are never opened.
+    let tok = read_tokenizer(&dir)?;
     let prompt = tok.decode(&greencode::bench::bench_prompt(&tok, a.prompt_tokens)?, false)?;
     let (_server, url) = match &a.url {
         Some(u) => (None, u.clone()),

@@ -356,7 +356,7 @@ fn a_bf16_checkpoint_is_held_in_bf16_with_the_bits_of_f32_weights() {
     assert_eq!(dense.weight_format(), "f32");
     let mut mixed = held.clone();
     mixed.layers[3].mlp.down_proj.hold_dense().unwrap();
-    assert_eq!(mixed.weight_format(), "mixed");
+    assert_eq!(mixed.weight_format(), "mixed (bf16, f32)");
     // Half the bytes (norms and biases stay f32).
     let (b16, b32) = (held.weight_bytes(), dense.weight_bytes());
     assert!((b16 as f64) < 0.51 * b32 as f64, "{b16} bytes held vs {b32} in f32");

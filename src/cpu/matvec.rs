@@ -12,6 +12,7 @@
 //! 24–31 GB/s on two, the machine's bandwidth; the same matrix held in bf16
 //! (50 MB) takes 0.5–0.65 of the time.
 
+use super::blocks::{BlockMatrix, QuantizedInput};
 use super::gemm::{split_columns, tiles};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape};
 
@@ -67,6 +68,9 @@ pub enum Weights<'a> {
     Q8(&'a super::quant::Q8Matrix),
     /// bf16, row-major (widened exactly to f32 by the kernels).
     Bf16(&'a super::bf16::Bf16Matrix),
+    /// llama.cpp's block formats (Q4_K, Q6_K, Q5_0, …), dotted against
+    /// quantized activations.
+    Blocks(&'a super::blocks::BlockMatrix),
 }
 
 impl Weights<'_> {
@@ -75,6 +79,7 @@ impl Weights<'_> {
             Self::F32(w) => w.len() >= out * inp,
             Self::Q8(m) => m.rows() >= out && m.cols() == inp,
             Self::Bf16(m) => m.rows() >= out && m.cols() == inp,
+            Self::Blocks(m) => m.rows() >= out && m.cols() == inp,
         }
     }
 
@@ -84,6 +89,7 @@ impl Weights<'_> {
             Self::F32(w) => out.copy_from_slice(&w[r * out.len()..(r + 1) * out.len()]),
             Self::Q8(m) => m.dequantize_row(r, out),
             Self::Bf16(m) => m.row_to_f32(r, out),
+            Self::Blocks(m) => m.dequantize_row(r, out),
         }
     }
 }
@@ -94,6 +100,7 @@ impl Weights<'_> {
 /// meet once instead of once per matrix.
 pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
     let dot_q8 = super::quant::dot_q8_kernel();
+    let inputs = QuantizedInputs::of(x, rows, projections);
     let total: usize = projections.iter().map(|p| p.out).sum();
     let threads = if total * inp < PARALLEL_MIN_WEIGHTS {
         1
@@ -117,7 +124,38 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
                 }
             }
         }
+        // SAFETY: as above.
+        Weights::Blocks(m) => m.product(inputs.of_matrix(m), rows, cols, |r, c, v| unsafe { y.store(r, c, v) }),
     });
+}
+
+/// The activation rows quantized once per call for each block-format
+/// matrix of a product (each matrix's own partner type).
+pub(crate) struct QuantizedInputs<'a>(Vec<(&'a BlockMatrix, QuantizedInput)>);
+
+impl<'a> QuantizedInputs<'a> {
+    /// Quantizes `x` for every block-format matrix among `projections`.
+    pub(crate) fn of(x: &[f32], rows: usize, projections: &[Projection<'a>]) -> Self {
+        Self(
+            projections
+                .iter()
+                .filter_map(|p| match p.w {
+                    Weights::Blocks(m) => Some((m, m.quantize_input(x, rows))),
+                    _ => None,
+                })
+                .collect(),
+        )
+    }
+
+    /// The input quantized for `m`.
+    pub(crate) fn of_matrix(&self, m: &BlockMatrix) -> &QuantizedInput {
+        &self
+            .0
+            .iter()
+            .find(|(k, _)| std::ptr::eq(*k, m))
+            .expect("every block matrix of the product was quantized for")
+            .1
+    }
 }
 
 /// candle op: `x [rows, in]` × `w [out, in]`ᵀ → `[rows, out]`, f32 on the CPU.

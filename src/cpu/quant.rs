@@ -39,6 +39,22 @@ impl Q8Matrix {
         Some(Self { rows, cols, scales, qs })
     }
 
+    /// Takes the bytes of a GGUF Q8_0 tensor of `[rows, cols]` (blocks of an
+    /// f16 scale and 32 signed bytes); `None` when the sizes disagree.
+    pub fn from_ggml_bytes(rows: usize, cols: usize, bytes: &[u8]) -> Option<Self> {
+        const BLOCK_BYTES: usize = 2 + BLOCK;
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * BLOCK_BYTES {
+            return None;
+        }
+        let mut scales = Vec::with_capacity(rows * cols / BLOCK);
+        let mut qs = Vec::with_capacity(rows * cols);
+        for block in bytes.chunks_exact(BLOCK_BYTES) {
+            scales.push(f16::from_le_bytes([block[0], block[1]]).to_f32());
+            qs.extend(block[2..].iter().map(|&b| b as i8));
+        }
+        Some(Self { rows, cols, scales, qs })
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.rows

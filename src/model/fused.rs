@@ -25,6 +25,7 @@ use super::linear::Linear;
 use super::qwen2::Qwen2;
 use super::step::{LogitsFor, SeqStep};
 use crate::cpu::bf16::Bf16Matrix;
+use crate::cpu::blocks::BlockMatrix;
 use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
@@ -63,12 +64,13 @@ fn host(t: &Tensor) -> Result<HostSlice<'_>> {
     })
 }
 
-/// A projection's weights as the kernels read them: Q8_0 blocks when the
-/// layer was quantized, bf16 values when held so, else its f32 tensor.
+/// A projection's weights as the kernels read them: Q8_0 or other blocks
+/// when held so, bf16 values when held so, else its f32 tensor.
 enum WeightView<'a> {
     F32(HostSlice<'a>),
     Q8(&'a Q8Matrix),
     Bf16(&'a Bf16Matrix),
+    Blocks(&'a BlockMatrix),
 }
 
 impl WeightView<'_> {
@@ -77,17 +79,21 @@ impl WeightView<'_> {
             Self::F32(h) => Weights::F32(h.get()),
             Self::Q8(q) => Weights::Q8(q),
             Self::Bf16(m) => Weights::Bf16(m),
+            Self::Blocks(m) => Weights::Blocks(m),
         }
     }
 }
 
 /// The weight as held: Q8_0 blocks, bf16 values or the f32 tensor.
 fn weights(l: &Linear) -> Result<WeightView<'_>> {
+    if let Some(m) = l.blocks() {
+        return Ok(WeightView::Blocks(m));
+    }
     Ok(match (l.q8(), l.bf16(), l.dense()) {
         (Some(q), ..) => WeightView::Q8(q),
         (_, Some(m), _) => WeightView::Bf16(m),
         (.., Some(w)) => WeightView::F32(host(w)?),
-        (None, None, None) => unreachable!("a projection holds Q8_0 blocks, bf16 values or a tensor"),
+        (None, None, None) => unreachable!("a projection holds blocks, bf16 values or a tensor"),
     })
 }
 

@@ -3,21 +3,25 @@
 //! the header, the metadata and the tensor index, from which the
 //! configuration comes (and the tokenizer, which the generation layer
 //! rebuilds from the `tokenizer.ggml.*` values read here);
-//! [`GgufFile::load`] then reads the weights, dequantized to f32 (and
-//! re-quantized to the very same Q8_0 blocks when the file is Q8_0, so
-//! decoding reads Q8_0).
+//! [`GgufFile::load`] then reads the weights: matrices in Q8_0 or another
+//! of llama.cpp's block formats are held as the file stores them (on the
+//! CPU), the rest dequantized to f32.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::GgmlDType;
+use candle_core::quantized::{GgmlDType, QTensor};
+
+use crate::cpu::blocks::{BlockMatrix, BlockType};
+use crate::cpu::quant::Q8Matrix;
 use candle_core::{DType, Device};
 use serde_json::json;
 
 use super::config::Qwen2Config;
 use super::error::{candle_reason, ModelError, Result};
 use super::gguf_names::hf_name;
+use super::linear::HeldMatrix;
 use super::load::WeightStore;
 use super::qwen2::Qwen2;
 
@@ -169,14 +173,16 @@ impl GgufFile {
         Qwen2Config::from_json_str(&config.to_string(), path)
     }
 
-    /// Reads the weights into a model of `config` on `device`. A file whose
-    /// matrices are all Q8_0, or any file with `quantize_q8`, gives a Q8_0
-    /// model; each matrix is dequantized only while it is being turned into
-    /// the model's own blocks.
+    /// Reads the weights into a model of `config` on `device`. On the CPU
+    /// in f32, a matrix the file holds in Q8_0 or another block format
+    /// (Q4_K, Q6_K, Q5_0, …) is held in it as it is: the model's matrices
+    /// occupy the file's bytes. Anything else is dequantized to f32 when
+    /// taken (and with `quantize_q8` every matrix becomes Q8_0).
     pub fn load(mut self, config: Qwen2Config, device: &Device, dtype: DType, quantize_q8: bool) -> Result<Qwen2> {
         let path = self.path.clone();
+        let hold_blocks = device.is_cpu() && dtype == DType::F32;
         let mut quantized = HashMap::new();
-        let mut all_q8 = true;
+        let mut held = Vec::new();
         let names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
         for name in names {
             let hf = hf_name(&name).ok_or_else(|| bad(&path, format!("unexpected tensor `{name}`")))?;
@@ -184,14 +190,17 @@ impl GgufFile {
                 .content
                 .tensor(&mut self.file, &name, device)
                 .map_err(|e| bad(&path, format!("{name}: {}", candle_reason(&e))))?;
-            if q.shape().rank() == 2 && q.dtype() != GgmlDType::Q8_0 {
-                all_q8 = false;
+            if hold_blocks && q.shape().rank() == 2 {
+                if let Some(m) = held_matrix(&q, &path, &name)? {
+                    held.push((hf, m));
+                    continue;
+                }
             }
             quantized.insert(hf, (name, q));
         }
         let names: Vec<String> = quantized.keys().cloned().collect();
         let device = device.clone();
-        let mut store = WeightStore::lazy(
+        let store = WeightStore::lazy(
             &self.path,
             dtype,
             names,
@@ -203,7 +212,38 @@ impl GgufFile {
                     .map_err(|e| bad(&path, format!("{name}: {}", candle_reason(&e))))
             }),
         );
-        // ggml's Q8_0 of Q8_0 values is the identity: a Q8_0 file's blocks are kept as they are.
-        Qwen2::build(config, &mut store, all_q8 || quantize_q8)
+        let mut store = store.with_held(&self.path, held);
+        Qwen2::build(config, &mut store, quantize_q8)
     }
+}
+
+/// The matrix `q` (of tensor `name`) held as the file stores it, when its
+/// type is one the CPU kernels read directly.
+fn held_matrix(q: &QTensor, path: &Path, name: &str) -> Result<Option<HeldMatrix>> {
+    let (rows, cols) = q
+        .shape()
+        .dims2()
+        .map_err(|e| bad(path, format!("{name}: {}", candle_reason(&e))))?;
+    let bytes = q
+        .data()
+        .map_err(|e| bad(path, format!("{name}: {}", candle_reason(&e))))?;
+    if q.dtype() == GgmlDType::Q8_0 {
+        return Q8Matrix::from_ggml_bytes(rows, cols, &bytes)
+            .map(|m| Some(HeldMatrix::Q8(m)))
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "{name}: {} bytes do not make a [{rows}, {cols}] Q8_0 matrix",
+                        bytes.len()
+                    ),
+                )
+            });
+    }
+    let Some(ty) = BlockType::of(q.dtype()) else {
+        return Ok(None);
+    };
+    BlockMatrix::from_bytes(ty, rows, cols, &bytes)
+        .map(|m| Some(HeldMatrix::Blocks(m)))
+        .map_err(|e| bad(path, format!("{name}: {e}")))
 }

@@ -2,9 +2,12 @@
 //! matrix multiply is always one 2-D product (the fast path on every
 //! backend). The weight is held in the compute dtype, or on the CPU in a
 //! compact form only: bf16 when every value is one (exact, half the bytes
-//! of f32) or Q8_0 blocks after quantization. Decode-sized products read
-//! the compact form directly and prompt-sized ones turn one matrix at a
-//! time into f32, so the full-precision weights are never all held.
+//! of f32), Q8_0 blocks (after quantization, or as a GGUF file holds them),
+//! or another of llama.cpp's block formats as a GGUF file holds them
+//! (Q4_K, Q6_K, Q5_0, …). Decode-sized products read the compact form
+//! directly and prompt-sized ones turn one matrix at a time into f32 (block
+//! formats always take their own product), so the full-precision weights
+//! are never all held.
 
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::lora::{frozen_matmul, SharedAdapter};
 use crate::cpu::bf16::Bf16Matrix;
+use crate::cpu::blocks::BlockMatrix;
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
 use crate::cpu::quant::Q8Matrix;
 
@@ -24,6 +28,26 @@ enum Stored {
     Q8(Arc<Q8Matrix>),
     /// bf16 values (CPU, f32 compute; exact).
     Bf16(Arc<Bf16Matrix>),
+    Blocks(Arc<BlockMatrix>),
+}
+
+/// A matrix read from a file already in a compact form, held as it is.
+#[derive(Debug, Clone)]
+pub enum HeldMatrix {
+    /// Q8_0 blocks.
+    Q8(Q8Matrix),
+    /// Another of llama.cpp's block formats.
+    Blocks(BlockMatrix),
+}
+
+impl HeldMatrix {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match self {
+            Self::Q8(q) => (q.rows(), q.cols()),
+            Self::Blocks(m) => (m.rows(), m.cols()),
+        }
+    }
 }
 
 /// A linear layer with an optional bias; weights are `[out, in]` as in HF.
@@ -44,13 +68,33 @@ impl Linear {
         }
     }
 
+    /// The same projection with `bias` added.
+    pub fn with_bias(mut self, bias: Tensor) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+
+    /// A projection over a matrix held in a compact form (no bias).
+    pub fn from_held(weight: HeldMatrix) -> Self {
+        Self {
+            weight: match weight {
+                HeldMatrix::Q8(q) => Stored::Q8(Arc::new(q)),
+                HeldMatrix::Blocks(m) => Stored::Blocks(Arc::new(m)),
+            },
+            bias: None,
+            lora: None,
+        }
+    }
+
     /// Replaces the weight by its Q8_0 blocks (ggml's exact rounding) and
-    /// drops the full-precision tensor. Returns false (and changes nothing)
-    /// when rows are not a multiple of 32 or the weight is not on the CPU.
+    /// drops the full-precision tensor (or the other blocks). Returns false
+    /// (and changes nothing) when rows are not a multiple of 32 or the
+    /// weight is not on the CPU.
     pub fn quantize_q8(&mut self) -> Result<bool> {
         let (values, (rows, cols)) = match &self.weight {
             Stored::Q8(_) => return Ok(true),
             Stored::Bf16(m) => (m.to_f32(), (m.rows(), m.cols())),
+            Stored::Blocks(m) => (m.dequantize(), (m.rows(), m.cols())),
             Stored::Dense(w) if !w.device().is_cpu() => return Ok(false),
             Stored::Dense(w) => (w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, w.dims2()?),
         };
@@ -68,7 +112,7 @@ impl Linear {
     pub fn compact_bf16(&mut self) -> Result<bool> {
         let w = match &self.weight {
             Stored::Bf16(_) => return Ok(true),
-            Stored::Q8(_) => return Ok(false),
+            Stored::Q8(_) | Stored::Blocks(_) => return Ok(false),
             Stored::Dense(w) => w,
         };
         if !w.device().is_cpu() || w.dtype() != DType::F32 {
@@ -108,6 +152,14 @@ impl Linear {
         }
     }
 
+    /// The weight's blocks, when held in one of llama.cpp's block formats.
+    pub fn blocks(&self) -> Option<&BlockMatrix> {
+        match &self.weight {
+            Stored::Blocks(m) => Some(m),
+            _ => None,
+        }
+    }
+
     /// The weight tensor, when held as one (not in a compact form).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {
@@ -116,12 +168,13 @@ impl Linear {
         }
     }
 
-    /// The compact form as the CPU kernels read it (Q8_0 or bf16).
+    /// The compact form as the CPU kernels read it (Q8_0, bf16 or blocks).
     fn compact(&self) -> Option<Weights<'_>> {
         match &self.weight {
             Stored::Dense(_) => None,
             Stored::Q8(q) => Some(Weights::Q8(q)),
             Stored::Bf16(m) => Some(Weights::Bf16(m)),
+            Stored::Blocks(m) => Some(Weights::Blocks(m)),
         }
     }
 
@@ -132,6 +185,7 @@ impl Linear {
             Stored::Dense(w) => Ok(w.clone()),
             Stored::Q8(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
             Stored::Bf16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
+            Stored::Blocks(m) => Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu),
         }
     }
 
@@ -141,6 +195,7 @@ impl Linear {
             Stored::Dense(w) => w.dims2().unwrap_or((0, 0)),
             Stored::Q8(q) => (q.rows(), q.cols()),
             Stored::Bf16(m) => (m.rows(), m.cols()),
+            Stored::Blocks(m) => (m.rows(), m.cols()),
         }
     }
 
@@ -148,7 +203,7 @@ impl Linear {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => w.index_select(ids, 0),
-            Stored::Q8(_) | Stored::Bf16(_) => {
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) => {
                 let compact = self.compact().expect("a compact weight");
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let (rows, cols) = self.dims();
@@ -170,6 +225,7 @@ impl Linear {
             Stored::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Stored::Q8(q) => q.bytes(),
             Stored::Bf16(m) => m.bytes(),
+            Stored::Blocks(m) => m.bytes(),
         }
     }
 
@@ -232,24 +288,13 @@ impl Linear {
             }
             Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
             Stored::Dense(w) => x2.matmul(&w.t()?)?,
-            Stored::Q8(_) | Stored::Bf16(_) if decode_shape => {
-                let xs: Vec<f32> = x2.flatten_all()?.to_vec1()?;
-                let mut ys = vec![0f32; rows * out];
-                matvec_multi(
-                    &xs,
-                    rows,
-                    in_features,
-                    &mut [Projection {
-                        w: self.compact().expect("a compact weight"),
-                        out,
-                        y: &mut ys,
-                    }],
-                    candle_core::utils::get_num_threads(),
-                );
-                Tensor::from_vec(ys, (rows, out), x2.device())?
+            Stored::Q8(_) | Stored::Bf16(_) if decode_shape => self.compact_product(&x2, rows, in_features, out)?,
+            // Block formats take their own product at every size (on f32 CPU inputs).
+            Stored::Blocks(_) if !differentiable && x2.device().is_cpu() && x2.dtype() == DType::F32 => {
+                self.compact_product(&x2, rows, in_features, out)?
             }
             // Prompt-sized products: this one matrix in f32 for the GEMM, then freed.
-            Stored::Q8(_) | Stored::Bf16(_) => {
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) => {
                 let w = self.weight()?.to_dtype(x2.dtype())?;
                 if differentiable {
                     frozen_matmul(&x2, &w).map_err(candle_core::Error::wrap)?
@@ -267,5 +312,23 @@ impl Linear {
         let mut out_dims = dims;
         *out_dims.last_mut().expect("x has at least one dimension") = y.dim(D::Minus1)?;
         y.reshape(out_dims)
+    }
+
+    /// `x2 · Wᵀ` (`[rows, in]` f32 on the CPU) through the kernels of the compact weight.
+    fn compact_product(&self, x2: &Tensor, rows: usize, in_features: usize, out: usize) -> Result<Tensor> {
+        let xs: Vec<f32> = x2.flatten_all()?.to_vec1()?;
+        let mut ys = vec![0f32; rows * out];
+        matvec_multi(
+            &xs,
+            rows,
+            in_features,
+            &mut [Projection {
+                w: self.compact().expect("a compact weight"),
+                out,
+                y: &mut ys,
+            }],
+            candle_core::utils::get_num_threads(),
+        );
+        Tensor::from_vec(ys, (rows, out), x2.device())
     }
 }

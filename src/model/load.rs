@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{candle_reason, ModelError, Result};
+use super::linear::{HeldMatrix, Linear};
 
 /// Reads one tensor by name, on demand.
 pub type TensorLoader = Box<dyn FnMut(&str) -> Result<Tensor> + Send>;
@@ -32,6 +33,8 @@ pub struct WeightStore {
     folder: PathBuf,
     dtype: DType,
     source: Source,
+    /// Matrices a file holds in a compact form, taken as they are.
+    held: HashMap<String, (HeldMatrix, PathBuf)>,
 }
 
 impl WeightStore {
@@ -73,6 +76,7 @@ impl WeightStore {
             folder: folder.to_path_buf(),
             dtype,
             source: Source::Lazy { files, load },
+            held: HashMap::new(),
         })
     }
 
@@ -83,6 +87,7 @@ impl WeightStore {
             folder: folder.to_path_buf(),
             dtype,
             source: Source::Memory(tensors.into_iter().map(|(k, t)| (k, (t, path.clone()))).collect()),
+            held: HashMap::new(),
         }
     }
 
@@ -96,11 +101,35 @@ impl WeightStore {
                 files: names.into_iter().map(|n| (n, path.to_path_buf())).collect(),
                 load,
             },
+            held: HashMap::new(),
         }
+    }
+
+    /// Adds matrices held in a compact form (read from `path`), which
+    /// [`WeightStore::take_linear`] hands over as they are.
+    pub fn with_held(mut self, path: &Path, held: impl IntoIterator<Item = (String, HeldMatrix)>) -> Self {
+        self.held
+            .extend(held.into_iter().map(|(name, m)| (name, (m, path.to_path_buf()))));
+        self
+    }
+
+    /// Removes the matrix `name` as a projection without bias: as held when
+    /// the file holds it compactly, else its tensor in the compute dtype.
+    /// Its shape is checked as [`WeightStore::take`] checks it.
+    pub fn take_linear(&mut self, name: &str, expected: &[Option<usize>]) -> Result<Linear> {
+        let Some((m, path)) = self.held.remove(name) else {
+            return Ok(Linear::new(self.take(name, expected)?, None));
+        };
+        let (rows, cols) = m.dims();
+        check_shape(&path, name, &[rows, cols], expected)?;
+        Ok(Linear::from_held(m))
     }
 
     /// Whether a tensor of that name exists (and was not taken yet).
     pub fn contains(&self, name: &str) -> bool {
+        if self.held.contains_key(name) {
+            return true;
+        }
         match &self.source {
             Source::Memory(t) => t.contains_key(name),
             Source::Lazy { files, .. } => files.contains_key(name),
@@ -124,22 +153,27 @@ impl WeightStore {
             name: name.to_owned(),
             folder: self.folder.clone(),
         })?;
-        let dims = tensor.dims();
-        let fits = dims.len() == expected.len() && dims.iter().zip(expected).all(|(d, e)| e.is_none_or(|e| e == *d));
-        if !fits {
-            let words: Vec<String> = expected
-                .iter()
-                .map(|e| e.map_or("*".to_owned(), |n| n.to_string()))
-                .collect();
-            return Err(ModelError::ShapeMismatch {
-                path,
-                name: name.to_owned(),
-                got: dims.to_vec(),
-                expected: format!("[{}]", words.join(", ")),
-            });
-        }
+        check_shape(&path, name, tensor.dims(), expected)?;
         Ok(tensor.to_dtype(self.dtype)?)
     }
+}
+
+/// Checks that `dims` are `expected` (`None` = any size on that axis).
+fn check_shape(path: &Path, name: &str, dims: &[usize], expected: &[Option<usize>]) -> Result<()> {
+    let fits = dims.len() == expected.len() && dims.iter().zip(expected).all(|(d, e)| e.is_none_or(|e| e == *d));
+    if !fits {
+        let words: Vec<String> = expected
+            .iter()
+            .map(|e| e.map_or("*".to_owned(), |n| n.to_string()))
+            .collect();
+        return Err(ModelError::ShapeMismatch {
+            path: path.to_path_buf(),
+            name: name.to_owned(),
+            got: dims.to_vec(),
+            expected: format!("[{}]", words.join(", ")),
+        });
+    }
+    Ok(())
 }
 
 /// The safetensors files of a folder: the shards named by the index, else

@@ -52,10 +52,15 @@ impl Qwen2 {
         let h = config.hidden_size;
         let (nh, nkv, hd) = (config.num_attention_heads, config.num_key_value_heads, config.head_dim);
         let v = config.vocab_size;
-        let embed_tokens = store.take("model.embed_tokens.weight", &[Some(v), Some(h)])?;
-        let device = embed_tokens.device().clone();
-        let dtype = embed_tokens.dtype();
-        let mut embed_tokens = Linear::new(embed_tokens, None);
+        let eps = config.rms_norm_eps as f32;
+        // The final norm (never held compactly) tells the device and compute dtype.
+        let norm = RmsNorm {
+            weight: store.take("model.norm.weight", &[Some(h)])?,
+            eps,
+        };
+        let device = norm.weight().device().clone();
+        let dtype = norm.weight().dtype();
+        let mut embed_tokens = store.take_linear("model.embed_tokens.weight", &[Some(v), Some(h)])?;
         let compact_bf16 = !quantize_q8 && device.is_cpu() && dtype == DType::F32;
         // Each matrix in its held form as soon as it is taken.
         let hold = |lin: &mut Linear| -> Result<()> {
@@ -67,44 +72,34 @@ impl Qwen2 {
             Ok(())
         };
         hold(&mut embed_tokens)?;
-        let eps = config.rms_norm_eps as f32;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut linear = |name: &str, out: usize, inp: Option<usize>, bias: bool| -> Result<Linear> {
-                let w = store.take(&format!("{p}.{name}.weight"), &[Some(out), inp])?;
-                let b = if bias {
-                    Some(store.take(&format!("{p}.{name}.bias"), &[Some(out)])?)
+            let mut linear = |name: &str, out: Option<usize>, inp: usize, bias: bool| -> Result<Linear> {
+                let lin = store.take_linear(&format!("{p}.{name}.weight"), &[out, Some(inp)])?;
+                Ok(if bias {
+                    let out = lin.out_features();
+                    lin.with_bias(store.take(&format!("{p}.{name}.bias"), &[Some(out)])?)
                 } else {
-                    None
-                };
-                Ok(Linear::new(w, b))
+                    lin
+                })
             };
             let self_attn = Attention {
-                q_proj: linear("self_attn.q_proj", nh * hd, Some(h), true)?,
-                k_proj: linear("self_attn.k_proj", nkv * hd, Some(h), true)?,
-                v_proj: linear("self_attn.v_proj", nkv * hd, Some(h), true)?,
-                o_proj: Linear::new(
-                    store.take(&format!("{p}.self_attn.o_proj.weight"), &[Some(h), Some(nh * hd)])?,
-                    None,
-                ),
+                q_proj: linear("self_attn.q_proj", Some(nh * hd), h, true)?,
+                k_proj: linear("self_attn.k_proj", Some(nkv * hd), h, true)?,
+                v_proj: linear("self_attn.v_proj", Some(nkv * hd), h, true)?,
+                o_proj: linear("self_attn.o_proj", Some(h), nh * hd, false)?,
                 num_heads: nh,
                 num_kv_heads: nkv,
                 head_dim: hd,
             };
             // The FFN width is whatever gate_proj holds: pruned layers may differ.
-            let gate = store.take(&format!("{p}.mlp.gate_proj.weight"), &[None, Some(h)])?;
-            let width = gate.dim(0)?;
+            let gate_proj = linear("mlp.gate_proj", None, h, false)?;
+            let width = gate_proj.out_features();
             let mlp = Mlp {
-                gate_proj: Linear::new(gate, None),
-                up_proj: Linear::new(
-                    store.take(&format!("{p}.mlp.up_proj.weight"), &[Some(width), Some(h)])?,
-                    None,
-                ),
-                down_proj: Linear::new(
-                    store.take(&format!("{p}.mlp.down_proj.weight"), &[Some(h), Some(width)])?,
-                    None,
-                ),
+                gate_proj,
+                up_proj: linear("mlp.up_proj", Some(width), h, false)?,
+                down_proj: linear("mlp.down_proj", Some(h), width, false)?,
             };
             let norm = |store: &mut WeightStore, name: &str| -> Result<RmsNorm> {
                 Ok(RmsNorm {
@@ -124,14 +119,10 @@ impl Qwen2 {
             }
             layers.push(layer);
         }
-        let norm = RmsNorm {
-            weight: store.take("model.norm.weight", &[Some(h)])?,
-            eps,
-        };
         let lm_head = if config.tie_word_embeddings {
             embed_tokens.clone()
         } else {
-            let mut head = Linear::new(store.take("lm_head.weight", &[Some(v), Some(h)])?, None);
+            let mut head = store.take_linear("lm_head.weight", &[Some(v), Some(h)])?;
             hold(&mut head)?;
             head
         };

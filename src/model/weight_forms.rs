@@ -51,18 +51,29 @@ impl Qwen2 {
         n
     }
 
-    /// The weight format decode runs on: `q8_0` after [`Qwen2::quantize_q8`], else `none`.
+    /// The quantized format decode mostly runs on: the one holding the
+    /// most matrix bytes among Q8_0 and llama.cpp's block formats (`q8_0`,
+    /// `q4_K`, `q6_K`, …), `none` when no matrix is quantized.
     pub fn quantization(&self) -> &'static str {
-        let any_q8 = self.lm_head.q8().is_some()
-            || self
-                .layers
-                .iter()
-                .any(|l| l.mlp.down_proj.q8().is_some() || l.self_attn.q_proj.q8().is_some());
-        if any_q8 {
-            "q8_0"
-        } else {
-            "none"
+        let mut bytes: Vec<(&'static str, usize)> = Vec::new();
+        for lin in self.matrices() {
+            let name = match (lin.q8(), lin.blocks()) {
+                (Some(_), _) => "q8_0",
+                (_, Some(m)) => m.block_type().name(),
+                _ => continue,
+            };
+            match bytes.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, b)) => *b += lin.weight_bytes(),
+                None => bytes.push((name, lin.weight_bytes())),
+            }
         }
+        bytes.iter().max_by_key(|(_, b)| *b).map_or("none", |(n, _)| n)
+    }
+
+    /// Every matrix once: layer projections, then `lm_head` (the embeddings
+    /// when tied).
+    fn matrices(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| l.projections()).chain([&self.lm_head])
     }
 
     /// Holds every bf16-held matrix as an f32 tensor again (the layout a
@@ -73,31 +84,33 @@ impl Qwen2 {
         Ok(())
     }
 
-    /// How the weights are held: `q8_0`, `bf16` (exact values of a bf16
-    /// checkpoint) or the compute dtype (`f32`, `bf16`, `f16`); `mixed`
-    /// when the matrices differ (some matrices of a checkpoint bf16-exact,
-    /// others not; rows Q8_0 cannot block).
+    /// How the weights are held: `q8_0`, a block format (`q4_K`, …),
+    /// `bf16` (exact values of a bf16 checkpoint) or the compute dtype
+    /// (`f32`, `bf16`, `f16`); `mixed (…)` listing the forms in order of
+    /// appearance when the matrices differ (a Q4_K_M file's Q4_K and Q6_K;
+    /// some matrices of a checkpoint bf16-exact, others not).
     pub fn weight_format(&self) -> String {
         let form = |l: &Linear| {
             if l.q8().is_some() {
                 "q8_0".to_owned()
+            } else if let Some(m) = l.blocks() {
+                m.block_type().name().to_owned()
             } else if l.bf16().is_some() {
                 "bf16".to_owned()
             } else {
                 format!("{:?}", self.dtype).to_lowercase()
             }
         };
-        let mut forms = self
-            .layers
-            .iter()
-            .flat_map(|l| l.projections())
-            .chain([&self.lm_head])
-            .map(form);
-        let first = forms.next().unwrap_or_default();
-        if forms.all(|f| f == first) {
-            first
-        } else {
-            "mixed".to_owned()
+        let mut forms: Vec<String> = Vec::new();
+        for f in self.matrices().map(form) {
+            if !forms.contains(&f) {
+                forms.push(f);
+            }
+        }
+        match forms.len() {
+            0 => String::new(),
+            1 => forms.remove(0),
+            _ => format!("mixed ({})", forms.join(", ")),
         }
     }
 }

@@ -40,6 +40,9 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
     assert!(["nvml", "rapl", "estimated"].contains(&r["energy_source"].as_str().unwrap()));
     // tiny-coder's checkpoint is bf16: held as such, not widened to f32.
     assert_eq!(r["weights"], "bf16");
+    // The kernels that ran and the machine's instruction sets are named.
+    assert!(["avx2+fma", "portable"].contains(&r["kernels"].as_str().unwrap()), "{r}");
+    assert!(!r["machine"].as_str().unwrap().is_empty());
 }
 
 #[test]

@@ -218,3 +218,55 @@ fn a_model_from_a_gguf_file_holds_the_files_blocks() {
     assert_eq!(from_file["weights"], "mixed (q5_0, q4_K)");
     assert_eq!(from_file["token_ids"][0], from_folder["token_ids"][0]);
 }
+
+#[test]
+fn an_f16_file_is_held_in_f16_with_the_bits_of_its_f32_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiny-f16.gguf");
+    let o = common::greencode(&[
+        "quantize",
+        "--model",
+        common::tiny_coder().to_str().unwrap(),
+        "--type",
+        "f16",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let held = LoadedModel::load_cpu(&file).unwrap();
+    assert_eq!(held.model.weight_format(), "f16");
+    let mut f = std::fs::File::open(&file).unwrap();
+    let content = gguf_file::Content::read(&mut f).unwrap();
+    let tensor_bytes: usize = content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() * t.ggml_dtype.type_size() / t.ggml_dtype.block_size())
+        .sum();
+    assert_eq!(held.model.weight_bytes(), tensor_bytes);
+    let mut dense = LoadedModel::load_cpu(&file).unwrap();
+    dense.model.hold_dense().unwrap();
+    assert_eq!(dense.model.weight_format(), "f32");
+    // A prompt (the tiled path), then decode steps (matrix × vector).
+    let ids = held
+        .tokenizer
+        .encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
+        .unwrap();
+    let run = |m: &greencode::model::Qwen2| {
+        let mut cache = m.new_cache(64).unwrap();
+        let mut out = vec![common::bits(
+            &m.forward_cached(&ids, &mut cache, greencode::model::LogitsFor::All)
+                .unwrap(),
+        )];
+        for id in [5u32, 77, 300] {
+            out.push(common::bits(
+                &m.forward_cached(&[id], &mut cache, greencode::model::LogitsFor::Last)
+                    .unwrap(),
+            ));
+        }
+        out
+    };
+    assert!(
+        run(&held.model) == run(&dense.model),
+        "f16-held logits differ from the f32-held ones"
+    );
+}

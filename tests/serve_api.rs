@@ -16,6 +16,12 @@ fn greedy_completion_matches_golden_and_reports_usage() {
     // The startup log says which folder was loaded and how its weights are held.
     let loaded = format!("loaded {}: weights held as bf16", common::tiny_coder().display());
     assert!(s.log().iter().any(|l| l.contains(&loaded)), "{:?}", s.log());
+    // ...and which CPU kernels run on which instruction sets.
+    assert!(
+        s.log().iter().any(|l| l.starts_with("greencode: CPU kernels ") && l.contains("(machine: ")),
+        "{:?}",
+        s.log()
+    );
     let g = golden();
     let case = &g["cases"][0];
     let (status, v) = s.post(

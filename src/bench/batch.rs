@@ -56,6 +56,10 @@ pub struct BatchBenchReport {
     pub dtype: String,
     /// How the weights are held (`bf16`, `f32`, `q8_0`; see [`Qwen2::weight_format`]).
     pub weights: String,
+    /// The CPU kernel family that ran (`avx2+fma`, `portable`).
+    pub kernels: &'static str,
+    /// The vector extensions the machine offers.
+    pub machine: String,
     /// Sequences decoded together.
     pub batch: usize,
     /// Prompt length per sequence.
@@ -252,6 +256,8 @@ pub fn bench_batch(
         device: device_name(model.device()),
         dtype: format!("{:?}", model.dtype()).to_lowercase(),
         weights: model.weight_format(),
+        kernels: crate::cpu::features::kernels(),
+        machine: crate::cpu::features::machine(),
         batch: cfg.batch,
         prompt_tokens: cfg.prompt_tokens,
         new_tokens: cfg.new_tokens,

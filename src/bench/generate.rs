@@ -82,6 +82,10 @@ pub struct BenchReport {
     pub threads: usize,
     /// How the weights are held (`bf16`, `f32`, `q8_0`; see [`Qwen2::weight_format`]).
     pub weights: String,
+    /// The CPU kernel family that ran (`avx2+fma`, `portable`).
+    pub kernels: &'static str,
+    /// The vector extensions the machine offers.
+    pub machine: String,
     /// Every pass.
     pub passes: Vec<BenchPass>,
     /// Time to first token over passes, ms.
@@ -165,6 +169,8 @@ pub fn bench_generate(
         new_tokens: cfg.new_tokens,
         threads,
         weights: model.weight_format(),
+        kernels: crate::cpu::features::kernels(),
+        machine: crate::cpu::features::machine(),
         ttft_ms: Spread::of(passes.iter().map(|p| p.ttft_ms).collect()),
         prompt_tokens_per_second: Spread::of(passes.iter().map(|p| p.prompt_tokens_per_second).collect()),
         decode_tokens_per_second: Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect()),

@@ -30,8 +30,9 @@ const TILE_COLS: usize = 3;
 /// against many weight rows.
 const TASK_COLS: usize = 48;
 
-/// A weight element the tiles read: f32 as it is, or bf16 widened exactly
-/// to f32 (see [`super::bf16`]), so both give the same bits.
+/// A weight element the tiles read: f32 as it is, or bf16 or f16 widened
+/// exactly to f32 (see [`super::bf16`], [`super::f16`]), so all give the
+/// same bits for the same values.
 pub(crate) trait WeightElem: Copy + Send + Sync {
     /// Values per 64-byte cache line (one prefetch each).
     const PER_LINE: usize = 64 / std::mem::size_of::<Self>();
@@ -75,6 +76,21 @@ impl WeightElem for half::bf16 {
         use std::arch::x86_64::*;
         let halves = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(halves)))
+    }
+}
+
+impl WeightElem for half::f16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
     }
 }
 
@@ -126,7 +142,7 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
             // equal matvec's, which widens in registers).
             // SAFETY: this task alone writes these columns.
             Weights::Blocks(m) => m.product(inputs.of_matrix(m), rows, cols, |r, c, v| unsafe { y.store(r, c, v) }),
-            Weights::Q8(_) | Weights::Bf16(_) => DEQUANTIZED.with(|buf| {
+            Weights::Q8(_) | Weights::Bf16(_) | Weights::F16(_) => DEQUANTIZED.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.resize(cols.len() * inp, 0.0);
                 for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
@@ -236,7 +252,7 @@ pub(crate) fn tiles<W: WeightElem>(
     assert!(x.len() >= (rows - 1) * ldx + k && w.len() >= (cols.end - 1) * ldw + k);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if super::features::avx2() {
             let op = avx2::Operands {
                 x: x.as_ptr(),
                 ldx,
@@ -245,7 +261,7 @@ pub(crate) fn tiles<W: WeightElem>(
                 ldw,
                 k,
             };
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above) and
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above) and
             // every row read lies inside `x` and `w` (asserted above).
             unsafe { avx2::tiles(op, cols, &mut store) };
             return;
@@ -287,8 +303,8 @@ pub(crate) fn dot_portable<W: WeightElem>(a: &[W], b: &[f32]) -> f32 {
 fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        if super::features::avx2() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return |a, b| unsafe { avx2::dot(a, b) };
         }
     }
@@ -308,7 +324,7 @@ mod avx2 {
     /// registers (halves, then pairs, then the last two), plus the tail
     /// past the last 8-float step (`n` floats from `w` and `x`).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn finish<W: WeightElem>(lanes: __m256, w: *const W, x: *const f32, n: usize) -> f32 {
         let four = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
         let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
@@ -325,7 +341,7 @@ mod avx2 {
     /// keep everything in registers once unrolled.
     #[inline]
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn fixed<W: WeightElem, const R: usize, const C: usize>(
         x: *const f32,
         ldx: usize,
@@ -343,7 +359,7 @@ mod avx2 {
     /// address may lie past the weights (a prefetch never faults; it is
     /// computed with wrapping arithmetic).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::needless_range_loop)]
     unsafe fn fixed_ahead<W: WeightElem, const R: usize, const C: usize, const AHEAD: bool>(
         x: *const f32,
@@ -433,7 +449,7 @@ mod avx2 {
     }
 
     /// [`super::tiles`] on AVX2; the caller checked the bounds.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn tiles<W: WeightElem>(
         op: Operands<W>,
         cols: std::ops::Range<usize>,
@@ -485,7 +501,7 @@ mod avx2 {
     /// of weight rows ([`weight_block_cols`], ≈ 192 KB) passes from L2, so a
     /// tile's step loads 3 vectors from L2 instead of 4 (+6–11% on
     /// tiny-coder's prompt products, `cargo bench --bench gemm`).
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn row_tiles<W: WeightElem>(
         op: Operands<W>,
         cols: std::ops::Range<usize>,
@@ -536,7 +552,7 @@ mod avx2 {
     /// The tile of up to 4 input rows from `r` and 3 weight rows from `c`
     /// (fewer at the ends: rows below `op.rows`, columns below `end`).
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tile<W: WeightElem>(
         op: Operands<W>,
         r: usize,
@@ -573,7 +589,7 @@ mod avx2 {
     /// inside the tiles repeats it for every 4-row tile; at 16 rows this is
     /// 6–8% faster per decode step (paired runs, BENCHMARKS.md), at 4 rows
     /// slower. Same values, hence the same bits.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn widened_tiles<W: WeightElem>(
         op: Operands<W>,
         cols: std::ops::Range<usize>,
@@ -615,7 +631,7 @@ mod avx2 {
 
     /// One dot product (the 1 × 1 tile).
     #[cfg(test)]
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
         // SAFETY: both rows hold at least `n` floats.
@@ -712,6 +728,36 @@ mod tests {
                     let mut y = vec![0f32; rows * out];
                     let mut p = [Projection {
                         w: Weights::Bf16(&m),
+                        out,
+                        y: &mut y,
+                    }];
+                    if rows <= crate::cpu::matvec::MAX_ROWS {
+                        matvec_multi(&x, rows, inp, &mut p, threads);
+                    } else {
+                        gemm_multi(&x, rows, inp, &mut p, threads);
+                    }
+                    assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_weights_give_the_bits_of_their_f32_values_in_every_path() {
+        use crate::cpu::f16::F16Matrix;
+        use crate::cpu::matvec::matvec_multi;
+        for &(out, inp) in &[(70usize, 384usize), (33, 45)] {
+            let halves: Vec<half::f16> = random(out * inp, 9).iter().map(|&v| half::f16::from_f32(v)).collect();
+            let values: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+            let bytes: Vec<u8> = halves.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let m = F16Matrix::from_le_bytes(out, inp, &bytes).unwrap();
+            for rows in [1, 2, 3, 5, 8, 16, 37, 100] {
+                let x = random(rows * inp, 10);
+                let want = matvec(&x, &values, rows, inp, out, 1);
+                for threads in [1, 2] {
+                    let mut y = vec![0f32; rows * out];
+                    let mut p = [Projection {
+                        w: Weights::F16(&m),
                         out,
                         y: &mut y,
                     }];

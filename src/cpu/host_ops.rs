@@ -46,7 +46,7 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return unsafe { avx2::silu_mul(gate, up) };
         }
     }
@@ -63,7 +63,7 @@ pub(crate) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() && hd.is_multiple_of(8) && hd <= 256 {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above);
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above);
             // the lengths were asserted above.
             return unsafe { avx2::softmax_values(scores, v, hd, out) };
         }
@@ -106,7 +106,7 @@ pub(crate) fn softmax_values_heads(
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() && hd.is_multiple_of(8) && hd <= 256 {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above);
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above);
             // the lengths were asserted above.
             return unsafe { avx2::softmax_values_heads(scores, stride, heads, len, v, hd, out) };
         }
@@ -123,7 +123,7 @@ pub(crate) fn softmax_values_heads(
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    super::features::avx2()
 }
 
 /// Cephes' `expf` constants: the range, ln 2 split in two, the polynomial.

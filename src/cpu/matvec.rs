@@ -71,6 +71,8 @@ pub enum Weights<'a> {
     /// llama.cpp's block formats (Q4_K, Q6_K, Q5_0, …), dotted against
     /// quantized activations.
     Blocks(&'a super::blocks::BlockMatrix),
+    /// f16, row-major (widened exactly to f32 by the kernels).
+    F16(&'a super::f16::F16Matrix),
 }
 
 impl Weights<'_> {
@@ -80,6 +82,7 @@ impl Weights<'_> {
             Self::Q8(m) => m.rows() >= out && m.cols() == inp,
             Self::Bf16(m) => m.rows() >= out && m.cols() == inp,
             Self::Blocks(m) => m.rows() >= out && m.cols() == inp,
+            Self::F16(m) => m.rows() >= out && m.cols() == inp,
         }
     }
 
@@ -90,6 +93,7 @@ impl Weights<'_> {
             Self::Q8(m) => m.dequantize_row(r, out),
             Self::Bf16(m) => m.row_to_f32(r, out),
             Self::Blocks(m) => m.dequantize_row(r, out),
+            Self::F16(m) => m.row_to_f32(r, out),
         }
     }
 }
@@ -113,6 +117,10 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
         Weights::F32(w) => tiles(x, inp, rows, w, inp, cols, inp, |r, c, v| unsafe { y.store(r, c, v) }),
         // SAFETY: as above.
         Weights::Bf16(m) => tiles(x, inp, rows, m.values(), inp, cols, inp, |r, c, v| unsafe {
+            y.store(r, c, v)
+        }),
+        // SAFETY: as above.
+        Weights::F16(m) => tiles(x, inp, rows, m.values(), inp, cols, inp, |r, c, v| unsafe {
             y.store(r, c, v)
         }),
         Weights::Q8(m) => {

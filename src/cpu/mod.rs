@@ -8,6 +8,8 @@
 
 pub mod bf16;
 pub mod blocks;
+pub mod f16;
+pub mod features;
 pub mod gemm;
 pub mod host_ops;
 pub mod matvec;

@@ -139,8 +139,8 @@ fn dot_q8_avx2(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
 pub fn dot_q8_kernel() -> fn(&[i8], &[f32], &[f32]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        if super::features::avx2() {
+            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return |q, d, x| unsafe { dot_q8_avx2(q, d, x) };
         }
     }

@@ -26,6 +26,7 @@ use super::qwen2::Qwen2;
 use super::step::{LogitsFor, SeqStep};
 use crate::cpu::bf16::Bf16Matrix;
 use crate::cpu::blocks::BlockMatrix;
+use crate::cpu::f16::F16Matrix;
 use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
@@ -71,6 +72,7 @@ enum WeightView<'a> {
     Q8(&'a Q8Matrix),
     Bf16(&'a Bf16Matrix),
     Blocks(&'a BlockMatrix),
+    F16(&'a F16Matrix),
 }
 
 impl WeightView<'_> {
@@ -80,6 +82,7 @@ impl WeightView<'_> {
             Self::Q8(q) => Weights::Q8(q),
             Self::Bf16(m) => Weights::Bf16(m),
             Self::Blocks(m) => Weights::Blocks(m),
+            Self::F16(m) => Weights::F16(m),
         }
     }
 }
@@ -88,6 +91,9 @@ impl WeightView<'_> {
 fn weights(l: &Linear) -> Result<WeightView<'_>> {
     if let Some(m) = l.blocks() {
         return Ok(WeightView::Blocks(m));
+    }
+    if let Some(m) = l.f16() {
+        return Ok(WeightView::F16(m));
     }
     Ok(match (l.q8(), l.bf16(), l.dense()) {
         (Some(q), ..) => WeightView::Q8(q),

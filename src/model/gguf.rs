@@ -14,6 +14,7 @@ use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 
 use crate::cpu::blocks::{BlockMatrix, BlockType};
+use crate::cpu::f16::F16Matrix;
 use crate::cpu::quant::Q8Matrix;
 use candle_core::{DType, Device};
 use serde_json::json;
@@ -174,7 +175,7 @@ impl GgufFile {
     }
 
     /// Reads the weights into a model of `config` on `device`. On the CPU
-    /// in f32, a matrix the file holds in Q8_0 or another block format
+    /// in f32, a matrix the file holds in f16, Q8_0 or another block format
     /// (Q4_K, Q6_K, Q5_0, …) is held in it as it is: the model's matrices
     /// occupy the file's bytes. Anything else is dequantized to f32 when
     /// taken (and with `quantize_q8` every matrix becomes Q8_0).
@@ -235,6 +236,19 @@ fn held_matrix(q: &QTensor, path: &Path, name: &str) -> Result<Option<HeldMatrix
                     path,
                     format!(
                         "{name}: {} bytes do not make a [{rows}, {cols}] Q8_0 matrix",
+                        bytes.len()
+                    ),
+                )
+            });
+    }
+    if q.dtype() == GgmlDType::F16 {
+        return F16Matrix::from_le_bytes(rows, cols, &bytes)
+            .map(|m| Some(HeldMatrix::F16(m)))
+            .ok_or_else(|| {
+                bad(
+                    path,
+                    format!(
+                        "{name}: {} bytes do not make a [{rows}, {cols}] f16 matrix",
                         bytes.len()
                     ),
                 )

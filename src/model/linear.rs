@@ -4,7 +4,7 @@
 //! compact form only: bf16 when every value is one (exact, half the bytes
 //! of f32), Q8_0 blocks (after quantization, or as a GGUF file holds them),
 //! or another of llama.cpp's block formats as a GGUF file holds them
-//! (Q4_K, Q6_K, Q5_0, …). Decode-sized products read the compact form
+//! (Q4_K, Q6_K, Q5_0, …), or f16 values as an f16 GGUF file holds them. Decode-sized products read the compact form
 //! directly and prompt-sized ones turn one matrix at a time into f32 (block
 //! formats always take their own product), so the full-precision weights
 //! are never all held.
@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use super::lora::{frozen_matmul, SharedAdapter};
 use crate::cpu::bf16::Bf16Matrix;
 use crate::cpu::blocks::BlockMatrix;
+use crate::cpu::f16::F16Matrix;
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS};
 use crate::cpu::quant::Q8Matrix;
 
@@ -29,6 +30,7 @@ enum Stored {
     /// bf16 values (CPU, f32 compute; exact).
     Bf16(Arc<Bf16Matrix>),
     Blocks(Arc<BlockMatrix>),
+    F16(Arc<F16Matrix>),
 }
 
 /// A matrix read from a file already in a compact form, held as it is.
@@ -38,6 +40,8 @@ pub enum HeldMatrix {
     Q8(Q8Matrix),
     /// Another of llama.cpp's block formats.
     Blocks(BlockMatrix),
+    /// f16 values.
+    F16(F16Matrix),
 }
 
 impl HeldMatrix {
@@ -46,6 +50,7 @@ impl HeldMatrix {
         match self {
             Self::Q8(q) => (q.rows(), q.cols()),
             Self::Blocks(m) => (m.rows(), m.cols()),
+            Self::F16(m) => (m.rows(), m.cols()),
         }
     }
 }
@@ -80,6 +85,7 @@ impl Linear {
             weight: match weight {
                 HeldMatrix::Q8(q) => Stored::Q8(Arc::new(q)),
                 HeldMatrix::Blocks(m) => Stored::Blocks(Arc::new(m)),
+                HeldMatrix::F16(m) => Stored::F16(Arc::new(m)),
             },
             bias: None,
             lora: None,
@@ -95,6 +101,7 @@ impl Linear {
             Stored::Q8(_) => return Ok(true),
             Stored::Bf16(m) => (m.to_f32(), (m.rows(), m.cols())),
             Stored::Blocks(m) => (m.dequantize(), (m.rows(), m.cols())),
+            Stored::F16(m) => (m.to_f32(), (m.rows(), m.cols())),
             Stored::Dense(w) if !w.device().is_cpu() => return Ok(false),
             Stored::Dense(w) => (w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, w.dims2()?),
         };
@@ -112,7 +119,7 @@ impl Linear {
     pub fn compact_bf16(&mut self) -> Result<bool> {
         let w = match &self.weight {
             Stored::Bf16(_) => return Ok(true),
-            Stored::Q8(_) | Stored::Blocks(_) => return Ok(false),
+            Stored::Q8(_) | Stored::Blocks(_) | Stored::F16(_) => return Ok(false),
             Stored::Dense(w) => w,
         };
         if !w.device().is_cpu() || w.dtype() != DType::F32 {
@@ -127,10 +134,10 @@ impl Linear {
         Ok(true)
     }
 
-    /// Holds a bf16-held weight as an f32 tensor again (same values);
+    /// Holds a bf16- or f16-held weight as an f32 tensor again (same values);
     /// any other form is left as it is.
     pub fn hold_dense(&mut self) -> Result<()> {
-        if let Stored::Bf16(_) = self.weight {
+        if let Stored::Bf16(_) | Stored::F16(_) = self.weight {
             self.weight = Stored::Dense(self.weight()?);
         }
         Ok(())
@@ -160,6 +167,14 @@ impl Linear {
         }
     }
 
+    /// The weight's f16 values, when held so.
+    pub fn f16(&self) -> Option<&F16Matrix> {
+        match &self.weight {
+            Stored::F16(m) => Some(m),
+            _ => None,
+        }
+    }
+
     /// The weight tensor, when held as one (not in a compact form).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {
@@ -175,6 +190,7 @@ impl Linear {
             Stored::Q8(q) => Some(Weights::Q8(q)),
             Stored::Bf16(m) => Some(Weights::Bf16(m)),
             Stored::Blocks(m) => Some(Weights::Blocks(m)),
+            Stored::F16(m) => Some(Weights::F16(m)),
         }
     }
 
@@ -186,6 +202,7 @@ impl Linear {
             Stored::Q8(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
             Stored::Bf16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
             Stored::Blocks(m) => Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu),
+            Stored::F16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
         }
     }
 
@@ -196,6 +213,7 @@ impl Linear {
             Stored::Q8(q) => (q.rows(), q.cols()),
             Stored::Bf16(m) => (m.rows(), m.cols()),
             Stored::Blocks(m) => (m.rows(), m.cols()),
+            Stored::F16(m) => (m.rows(), m.cols()),
         }
     }
 
@@ -203,7 +221,7 @@ impl Linear {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => w.index_select(ids, 0),
-            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) => {
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) | Stored::F16(_) => {
                 let compact = self.compact().expect("a compact weight");
                 let ids: Vec<u32> = ids.to_vec1()?;
                 let (rows, cols) = self.dims();
@@ -226,6 +244,7 @@ impl Linear {
             Stored::Q8(q) => q.bytes(),
             Stored::Bf16(m) => m.bytes(),
             Stored::Blocks(m) => m.bytes(),
+            Stored::F16(m) => m.bytes(),
         }
     }
 
@@ -288,13 +307,15 @@ impl Linear {
             }
             Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
             Stored::Dense(w) => x2.matmul(&w.t()?)?,
-            Stored::Q8(_) | Stored::Bf16(_) if decode_shape => self.compact_product(&x2, rows, in_features, out)?,
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::F16(_) if decode_shape => {
+                self.compact_product(&x2, rows, in_features, out)?
+            }
             // Block formats take their own product at every size (on f32 CPU inputs).
             Stored::Blocks(_) if !differentiable && x2.device().is_cpu() && x2.dtype() == DType::F32 => {
                 self.compact_product(&x2, rows, in_features, out)?
             }
             // Prompt-sized products: this one matrix in f32 for the GEMM, then freed.
-            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) => {
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::Blocks(_) | Stored::F16(_) => {
                 let w = self.weight()?.to_dtype(x2.dtype())?;
                 if differentiable {
                     frozen_matmul(&x2, &w).map_err(candle_core::Error::wrap)?

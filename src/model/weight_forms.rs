@@ -76,9 +76,10 @@ impl Qwen2 {
         self.layers.iter().flat_map(|l| l.projections()).chain([&self.lm_head])
     }
 
-    /// Holds every bf16-held matrix as an f32 tensor again (the layout a
-    /// bf16 checkpoint had before [`Linear::compact_bf16`]): the same
-    /// values, twice the bytes; for comparisons of the two layouts.
+    /// Holds every bf16- or f16-held matrix as an f32 tensor again (the
+    /// layout a bf16 checkpoint had before [`Linear::compact_bf16`], an f16
+    /// GGUF's before it was held as f16): the same values, twice the bytes;
+    /// for comparisons of the layouts.
     pub fn hold_dense(&mut self) -> Result<()> {
         self.change_matrices(|lin| lin.hold_dense().map(|()| true))?;
         Ok(())
@@ -95,6 +96,8 @@ impl Qwen2 {
                 "q8_0".to_owned()
             } else if let Some(m) = l.blocks() {
                 m.block_type().name().to_owned()
+            } else if l.f16().is_some() {
+                "f16".to_owned()
             } else if l.bf16().is_some() {
                 "bf16".to_owned()
             } else {

@@ -77,6 +77,7 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
                 "model {model} ({} weights), prompt {} + {} new tokens, {} threads (min / median / max)",
                 report.weights, a.prompt_tokens, a.new_tokens, threads
             );
+            println!("CPU kernels {} (machine: {})", report.kernels, report.machine);
             println!("time to first token (ms): {}", s(&report.ttft_ms));
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
             println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
@@ -221,6 +222,9 @@ fn print_batch_report(r: &BatchBenchReport) {
         "{} on {} ({}, {} weights), batch {}, prompt {} + {} new tokens (min / median / max)",
         r.model, r.device, r.dtype, r.weights, r.batch, r.prompt_tokens, r.new_tokens
     );
+    if r.device == "cpu" {
+        println!("CPU kernels {} (machine: {})", r.kernels, r.machine);
+    }
     println!("time to first token (ms): {}", s(&r.ttft_ms));
     println!("decode tokens/s:          {}", s(&r.decode_tokens_per_second));
     if let (Some(j), Some(src)) = (&r.joules_per_token, r.energy_source) {

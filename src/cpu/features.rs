@@ -1,0 +1,64 @@
+//! Which instruction-set family the CPU kernels run, chosen once at run time
+//! from what the machine offers, and how to name both (the server's startup
+//! log and `bench generate` report them: a speed ratio holds only for the
+//! instruction set it was measured on).
+
+use std::sync::OnceLock;
+
+/// Whether the AVX2 family runs: AVX2, FMA and F16C, as every x86 core
+/// since Haswell and Zen has.
+pub fn avx2() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The kernel family that runs: `avx2+fma` or `portable`.
+pub fn kernels() -> &'static str {
+    if avx2() {
+        "avx2+fma"
+    } else {
+        "portable"
+    }
+}
+
+/// The vector extensions this machine offers that matter to the kernels
+/// and to llama.cpp's (`avx512f avx512bw avx512vnni avx512bf16 avx2 fma f16c`, …).
+pub fn machine() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let mut out = Vec::new();
+        macro_rules! has {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    out.push($f);
+                }
+            )*};
+        }
+        has!("avx512f", "avx512bw", "avx512vnni", "avx512bf16", "avx2", "fma", "f16c");
+        if out.is_empty() {
+            "no AVX".to_owned()
+        } else {
+            out.join(" ")
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        std::env::consts::ARCH.to_owned()
+    }
+}
+
+/// One line for logs: the kernels that run and what the machine has.
+pub fn describe() -> String {
+    format!("CPU kernels {} (machine: {})", kernels(), machine())
+}

@@ -41,7 +41,10 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
     // tiny-coder's checkpoint is bf16: held as such, not widened to f32.
     assert_eq!(r["weights"], "bf16");
     // The kernels that ran and the machine's instruction sets are named.
-    assert!(["avx2+fma", "portable"].contains(&r["kernels"].as_str().unwrap()), "{r}");
+    assert!(
+        ["avx2+fma", "portable"].contains(&r["kernels"].as_str().unwrap()),
+        "{r}"
+    );
     assert!(!r["machine"].as_str().unwrap().is_empty());
 }
 

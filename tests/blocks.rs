@@ -1,7 +1,8 @@
 //! llama.cpp's block formats as greencode holds them: dequantization equal
 //! bit for bit to the `gguf` package's (llama.cpp's reference in numpy),
-//! every product path close to f32 arithmetic on the dequantized values and
-//! bit-identical whatever the batch, and a model loaded from a GGUF file
+//! decode-sized products close to f32 arithmetic on the dequantized values
+//! and bit-identical whatever the batch, prompt-sized ones the tiled f32
+//! kernel on the dequantized rows, and a model loaded from a GGUF file
 //! holding exactly the file's bytes.
 
 mod common;
@@ -122,7 +123,7 @@ fn product(m: &BlockMatrix, x: &[f32], rows: usize, threads: usize, tiled: bool)
 }
 
 #[test]
-fn products_follow_the_dequantized_weights_and_the_batch_changes_no_bit() {
+fn products_follow_the_dequantized_weights_and_the_batch_changes_no_bit_of_a_decoded_row() {
     greencode::cpu::threads::init(2);
     let out = 37;
     for ty in TYPES {
@@ -147,21 +148,27 @@ fn products_follow_the_dequantized_weights_and_the_batch_changes_no_bit() {
         // each product within 2% of Σ|w·x| of the exact f64 one.
         // Measured: 1.1% (Q4_0, Q5_0 with Q8_0 inputs), 0.7% (Q5_1), 0.4% (k-quants).
         assert!(worst < 0.02, "{ty:?}: error {worst:.2e} of Σ|w·x|");
-        for rows in [1, 2, 3, 8, 16, 100] {
+        // Decode-sized products (matrix × vector): each row has the bits it
+        // has alone, whatever the batch and the threads.
+        for rows in [1, 2, 3, 8, 16] {
             for threads in [1, 2] {
-                for tiled in [false, true] {
-                    if !tiled && rows > 16 {
-                        continue;
-                    }
-                    let y = product(&m, &x[..rows * cols], rows, threads, tiled);
-                    for (r, want) in alone.iter().enumerate().take(rows) {
-                        let got = &y[r * out..(r + 1) * out];
-                        assert!(
-                            got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "{ty:?}: row {r} of {rows} (threads {threads}, tiled {tiled}) differs from the row alone"
-                        );
-                    }
+                let y = product(&m, &x[..rows * cols], rows, threads, false);
+                for (r, want) in alone.iter().enumerate().take(rows) {
+                    let got = &y[r * out..(r + 1) * out];
+                    assert!(
+                        got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{ty:?}: row {r} of {rows} ({threads} threads) differs from the row alone"
+                    );
                 }
+            }
+        }
+        // Prompt-sized products: the tiled f32 kernel on the dequantized
+        // rows, bit for bit, at any row count and thread count.
+        for rows in [3, 17, 100] {
+            let want = greencode::cpu::matvec::matvec(&x[..rows * cols], &deq, rows, cols, out, 1);
+            for threads in [1, 2] {
+                let y = product(&m, &x[..rows * cols], rows, threads, true);
+                assert!(y == want, "{ty:?}: tiled product of {rows} rows ({threads} threads)");
             }
         }
     }

@@ -18,7 +18,9 @@ fn greedy_completion_matches_golden_and_reports_usage() {
     assert!(s.log().iter().any(|l| l.contains(&loaded)), "{:?}", s.log());
     // ...and which CPU kernels run on which instruction sets.
     assert!(
-        s.log().iter().any(|l| l.starts_with("greencode: CPU kernels ") && l.contains("(machine: ")),
+        s.log()
+            .iter()
+            .any(|l| l.starts_with("greencode: CPU kernels ") && l.contains("(machine: ")),
         "{:?}",
         s.log()
     );

@@ -6,10 +6,13 @@
 //! run time), so the numbers are llama.cpp's: each weight row is dotted
 //! against the activation row quantized to the block type's partner
 //! (Q8_K for the k-quants, Q8_0 for Q4_0 and Q5_0, Q8_1 for Q5_1), as llama.cpp's
-//! CPU backend does. Every product takes this path, decode-sized or
-//! prompt-sized, so a token's result does not depend on how many rows share
-//! its step (the f32, bf16 and Q8_0 paths keep the same property by
-//! running one arithmetic everywhere).
+//! CPU backend does, in decode-sized products (up to 16 rows; their results
+//! do not depend on how many rows share the step). candle has AVX2 dot
+//! products for Q4_0 and the k-quants; Q5_0 × Q8_0 and Q5_1 × Q8_1 (the
+//! fallbacks of Q4_K and Q5_K for rows not a multiple of 256) are written
+//! here after ggml's. Prompt-sized products widen a task's weight rows to
+//! f32 for the tiled kernel instead (as for Q8_0), so a prompt's rows and a
+//! decoded row may differ in the last bits, as in llama.cpp.
 //!
 //! A matrix holds only its blocks: a 4.5-bit Q4_K matrix occupies its file
 //! size, not the 32 bits a value of f32.
@@ -305,10 +308,23 @@ impl BlockMatrix {
                 BlockQ4_0::vec_dot(self.cols, &b[row], input_row(blocks, r, self.cols))
             }
             (Blocks::Q5_0(b), QuantizedInput::Q8_0 { blocks, .. }) => {
-                BlockQ5_0::vec_dot(self.cols, &b[row], input_row(blocks, r, self.cols))
+                let (x, y) = (&b[row], input_row(blocks, r, self.cols));
+                #[cfg(target_arch = "x86_64")]
+                if super::features::avx2() {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above);
+                    // `x` and `y` are blocks of one row.
+                    return unsafe { avx2::dot_q5_0_q8_0(x, y) };
+                }
+                BlockQ5_0::vec_dot(self.cols, x, y)
             }
             (Blocks::Q5_1(b), QuantizedInput::Q8_1 { blocks, .. }) => {
-                BlockQ5_1::vec_dot(self.cols, &b[row], input_row(blocks, r, self.cols))
+                let (x, y) = (&b[row], input_row(blocks, r, self.cols));
+                #[cfg(target_arch = "x86_64")]
+                if super::features::avx2() {
+                    // SAFETY: as above.
+                    return unsafe { avx2::dot_q5_1_q8_1(x, y) };
+                }
+                BlockQ5_1::vec_dot(self.cols, x, y)
             }
             _ => unreachable!("input quantized for this matrix's block type"),
         }
@@ -317,7 +333,8 @@ impl BlockMatrix {
 
 impl BlockMatrix {
     /// `y[r, o]` for the weight rows `cols` and every input row of `input`
-    /// (`rows` of them), handed to `store(r, o, value)`.
+    /// (`rows` of them), handed to `store(r, o, value)`: the decode-sized
+    /// product.
     pub fn product(
         &self,
         input: &QuantizedInput,
@@ -330,6 +347,114 @@ impl BlockMatrix {
                 store(r, o, self.dot(o, input, r));
             }
         }
+    }
+}
+
+/// ggml's AVX2 dot products of Q5_0 × Q8_0 and Q5_1 × Q8_1 blocks (candle
+/// runs these two in scalar code). The blocks are read at their `repr(C)`
+/// offsets: Q5_0 = d (f16), qh (4 bytes), qs (16); Q5_1 = d, m (f16), qh,
+/// qs; Q8_0 = d (f16), qs (32 × i8); Q8_1 = d, s (f16), qs.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use candle_core::quantized::k_quants::{BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
+    use half::f16;
+
+    const _: () = assert!(std::mem::size_of::<BlockQ5_0>() == 22 && std::mem::size_of::<BlockQ5_1>() == 24);
+    const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34 && std::mem::size_of::<BlockQ8_1>() == 36);
+
+    /// The f16 at byte `at` of a block.
+    #[inline]
+    unsafe fn half_at(p: *const u8, at: usize) -> f32 {
+        f16::from_le_bytes([*p.add(at), *p.add(at + 1)]).to_f32()
+    }
+
+    /// 32 nibbles of 16 bytes as 32 bytes (low nibbles first).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(p: *const u8) -> __m256i {
+        let tmp = _mm_loadu_si128(p as *const __m128i);
+        let bytes = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
+        _mm256_and_si256(_mm256_set1_epi8(0xF), bytes)
+    }
+
+    /// The 32 bits at `p` as 32 bytes: 0xFF where the bit is set, else 0.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bits(p: *const u8) -> __m256i {
+        let x32 = u32::from_le_bytes([*p, *p.add(1), *p.add(2), *p.add(3)]);
+        let shuffle = _mm256_set_epi64x(
+            0x0303030303030303,
+            0x0202020202020202,
+            0x0101010101010101,
+            0x0000000000000000,
+        );
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32 as i32), shuffle);
+        let mask = _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe);
+        _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi64x(-1))
+    }
+
+    /// Σ x·y over 32 signed bytes each, as 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_i8(x: __m256i, y: __m256i) -> __m256 {
+        let products = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), products))
+    }
+
+    /// Σ x·y over 32 unsigned (x) by signed (y) bytes, as 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256 {
+        let products = _mm256_maddubs_epi16(x, y);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), products))
+    }
+
+    /// The eight lanes summed.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum(x: __m256) -> f32 {
+        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+        _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
+    }
+
+    /// Σ over the blocks of `x` (Q5_0) and `y` (Q8_0, as many).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q5_0_q8_0(x: &[BlockQ5_0], y: &[BlockQ8_0]) -> f32 {
+        assert_eq!(x.len(), y.len());
+        let mut acc = _mm256_setzero_ps();
+        for (xb, yb) in x.iter().zip(y) {
+            let (xp, yp) = (xb as *const BlockQ5_0 as *const u8, yb as *const BlockQ8_0 as *const u8);
+            let d = _mm256_set1_ps(half_at(xp, 0) * half_at(yp, 0));
+            // A value is its nibble plus 16 × its high bit, minus 16: a
+            // clear high bit sets the byte's top nibble (−16 + nibble).
+            let high = _mm256_andnot_si256(bits(xp.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
+            let qx = _mm256_or_si256(nibbles(xp.add(6)), high);
+            let qy = _mm256_loadu_si256(yp.add(2) as *const __m256i);
+            acc = _mm256_fmadd_ps(d, dot_i8(qx, qy), acc);
+        }
+        hsum(acc)
+    }
+
+    /// Σ over the blocks of `x` (Q5_1) and `y` (Q8_1, as many).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q5_1_q8_1(x: &[BlockQ5_1], y: &[BlockQ8_1]) -> f32 {
+        assert_eq!(x.len(), y.len());
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for (xb, yb) in x.iter().zip(y) {
+            let (xp, yp) = (xb as *const BlockQ5_1 as *const u8, yb as *const BlockQ8_1 as *const u8);
+            // Q5_1: value = d·q + m with q in 0..32; Q8_1 carries s = d·Σq.
+            mins += half_at(xp, 2) * half_at(yp, 2);
+            let d = _mm256_set1_ps(half_at(xp, 0) * half_at(yp, 0));
+            let high = _mm256_and_si256(bits(xp.add(4)), _mm256_set1_epi8(0x10));
+            let qx = _mm256_or_si256(nibbles(xp.add(8)), high);
+            let qy = _mm256_loadu_si256(yp.add(4) as *const __m256i);
+            acc = _mm256_fmadd_ps(d, dot_u8_i8(qx, qy), acc);
+        }
+        hsum(acc) + mins
     }
 }
 
@@ -414,6 +539,34 @@ mod tests {
                     // The activations are quantized to 8 bits: within 1% of Σ|w·x|.
                     assert!((got - exact).abs() <= 0.01 * norm, "{ty:?} row {o}: {got} vs {exact}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_avx2_q5_dots_equal_the_scalar_ones() {
+        for ty in [BlockType::Q5_0, BlockType::Q5_1] {
+            let (rows, cols) = (9, 32 * 13);
+            let m = BlockMatrix::quantize(ty, &matrix(rows, cols), rows, cols).unwrap();
+            let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+            let input = m.quantize_input(&x, 1);
+            for o in 0..rows {
+                let n = m.blocks_per_row();
+                let scalar = match (&m.blocks, &input) {
+                    (Blocks::Q5_0(b), QuantizedInput::Q8_0 { blocks, .. }) => {
+                        BlockQ5_0::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
+                    }
+                    (Blocks::Q5_1(b), QuantizedInput::Q8_1 { blocks, .. }) => {
+                        BlockQ5_1::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
+                    }
+                    _ => unreachable!(),
+                };
+                let got = m.dot(o, &input, 0);
+                // Integer sums are exact; only the f32 order of the block sums differs.
+                assert!(
+                    (got - scalar).abs() <= 1e-5 * scalar.abs().max(1.0),
+                    "{ty:?} row {o}: {got} vs {scalar}"
+                );
             }
         }
     }

@@ -18,7 +18,7 @@
 //! (`WeightElem`, `Operands`, the widening buffers) that splitting would
 //! have to make crate-visible.
 
-use super::matvec::{Projection, QuantizedInputs, Weights};
+use super::matvec::{Projection, Weights};
 
 /// Input rows per register tile.
 const TILE_ROWS: usize = 4;
@@ -123,10 +123,9 @@ pub fn gemm_nt(
 /// Several products of the same `x` (`[rows, inp]`), e.g. the query, key
 /// and value projections, in one parallel pass over `threads`: the output
 /// features of all matrices together are cut into tasks of `TASK_COLS`.
-/// Q8_0 and bf16 weights are turned into f32 a task's rows at a time;
-/// block-format weights take their own product (`blocks`), as in decoding.
+/// Q8_0, bf16, f16 and block-format weights are turned into f32 a task's
+/// rows at a time.
 pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
-    let inputs = QuantizedInputs::of(x, rows, projections);
     split_columns(
         x,
         rows,
@@ -140,9 +139,7 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
             // The task's weight rows in f32 first: the tiles then run the
             // f32 arithmetic at full speed (bf16 widens exactly, so its bits
             // equal matvec's, which widens in registers).
-            // SAFETY: this task alone writes these columns.
-            Weights::Blocks(m) => m.product(inputs.of_matrix(m), rows, cols, |r, c, v| unsafe { y.store(r, c, v) }),
-            Weights::Q8(_) | Weights::Bf16(_) | Weights::F16(_) => DEQUANTIZED.with(|buf| {
+            Weights::Q8(_) | Weights::Bf16(_) | Weights::F16(_) | Weights::Blocks(_) => DEQUANTIZED.with(|buf| {
                 let mut buf = buf.borrow_mut();
                 buf.resize(cols.len() * inp, 0.0);
                 for (i, row) in buf.chunks_exact_mut(inp).enumerate() {

@@ -4,9 +4,9 @@
 //! compact form only: bf16 when every value is one (exact, half the bytes
 //! of f32), Q8_0 blocks (after quantization, or as a GGUF file holds them),
 //! or another of llama.cpp's block formats as a GGUF file holds them
-//! (Q4_K, Q6_K, Q5_0, …), or f16 values as an f16 GGUF file holds them. Decode-sized products read the compact form
-//! directly and prompt-sized ones turn one matrix at a time into f32 (block
-//! formats always take their own product), so the full-precision weights
+//! (Q4_K, Q6_K, Q5_0, …), or f16 values as an f16 GGUF file holds them.
+//! Decode-sized products read the compact form directly and prompt-sized
+//! ones turn one matrix at a time into f32, so the full-precision weights
 //! are never all held.
 
 use std::sync::Arc;
@@ -307,11 +307,7 @@ impl Linear {
             }
             Stored::Dense(w) if differentiable => frozen_matmul(&x2, w).map_err(candle_core::Error::wrap)?,
             Stored::Dense(w) => x2.matmul(&w.t()?)?,
-            Stored::Q8(_) | Stored::Bf16(_) | Stored::F16(_) if decode_shape => {
-                self.compact_product(&x2, rows, in_features, out)?
-            }
-            // Block formats take their own product at every size (on f32 CPU inputs).
-            Stored::Blocks(_) if !differentiable && x2.device().is_cpu() && x2.dtype() == DType::F32 => {
+            Stored::Q8(_) | Stored::Bf16(_) | Stored::F16(_) | Stored::Blocks(_) if decode_shape => {
                 self.compact_product(&x2, rows, in_features, out)?
             }
             // Prompt-sized products: this one matrix in f32 for the GEMM, then freed.

@@ -20,7 +20,7 @@ fn greedy_completion_matches_golden_and_reports_usage() {
     assert!(
         s.log()
             .iter()
-            .any(|l| l.starts_with("greencode: CPU kernels ") && l.contains("(machine: ")),
+            .any(|l| l.contains(&loaded) && l.contains("; CPU kernels ") && l.contains("(machine: ")),
         "{:?}",
         s.log()
     );

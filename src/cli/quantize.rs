@@ -29,12 +29,25 @@ pub struct QuantizeArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum QuantTypeArg {
+    /// 32-bit floats.
     F32,
+    /// 16-bit floats.
     F16,
+    /// 8-bit blocks of 32.
     #[value(name = "q8_0")]
     Q8_0,
+    /// Every matrix Q4_K (Q5_0 where rows are not a multiple of 256).
     #[value(name = "q4_k")]
     Q4K,
+    /// llama.cpp's Q4_K_M mix, as llama-quantize chooses it.
+    #[value(name = "q4_k_m")]
+    Q4KM,
+    /// llama.cpp's Q5_K_M mix.
+    #[value(name = "q5_k_m")]
+    Q5KM,
+    /// llama.cpp's Q6_K.
+    #[value(name = "q6_k")]
+    Q6K,
 }
 
 pub fn run(a: QuantizeArgs) -> Result<()> {
@@ -43,6 +56,9 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         QuantTypeArg::F16 => WeightType::F16,
         QuantTypeArg::Q8_0 => WeightType::Q8_0,
         QuantTypeArg::Q4K => WeightType::Q4K,
+        QuantTypeArg::Q4KM => WeightType::Q4KM,
+        QuantTypeArg::Q5KM => WeightType::Q5KM,
+        QuantTypeArg::Q6K => WeightType::Q6K,
     };
     if a.out.is_dir() {
         bail!(

@@ -110,7 +110,6 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         power_model.idle_watts = w;
     }
-    eprintln!("greencode: {}", greencode::cpu::features::describe());
     greencode::serve::run(greencode::serve::ServeConfig {
         model_dir: model_dir(&a.model)?,
         host: a.host,

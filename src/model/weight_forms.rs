@@ -70,6 +70,16 @@ impl Qwen2 {
         bytes.iter().max_by_key(|(_, b)| *b).map_or("none", |(n, _)| n)
     }
 
+    /// Where the model computes: the CPU kernel family and the machine's
+    /// vector extensions (`CPU kernels avx2+fma (machine: …)`), or the device.
+    pub fn kernels(&self) -> String {
+        if self.device.is_cpu() {
+            crate::cpu::features::describe()
+        } else {
+            format!("{:?}", self.device)
+        }
+    }
+
     /// Every matrix once: layer projections, then `lm_head` (the embeddings
     /// when tied).
     fn matrices(&self) -> impl Iterator<Item = &Linear> {

@@ -28,8 +28,16 @@ pub enum WeightType {
     F16,
     /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
-    /// 4-bit super-blocks of 256 (llama.cpp's Q4_K).
+    /// 4-bit super-blocks of 256 (llama.cpp's Q4_K) for every matrix.
     Q4K,
+    /// llama.cpp's Q4_K_M mix: Q4_K, with Q6_K for the output matrix and
+    /// for the value projections and FFN down projections of the layers
+    /// llama-quantize gives more bits.
+    Q4KM,
+    /// llama.cpp's Q5_K_M mix: Q5_K, with Q6_K where Q4_K_M has it.
+    Q5KM,
+    /// llama.cpp's Q6_K: every matrix Q6_K.
+    Q6K,
 }
 
 impl WeightType {
@@ -38,7 +46,41 @@ impl WeightType {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
             Self::Q8_0 => GgmlDType::Q8_0,
-            Self::Q4K => GgmlDType::Q4K,
+            Self::Q4K | Self::Q4KM => GgmlDType::Q4K,
+            Self::Q5KM => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// The type llama-quantize gives the 2-D weight `name` (GGUF name, rows
+    /// of `cols` values) in this mix, before the fallbacks for rows that do
+    /// not fit its blocks (`llama_tensor_get_type` for a qwen2 model of
+    /// `layers` layers without experts or importance matrix).
+    fn tensor_type(self, name: &str, cols: usize, layers: usize, tied: bool) -> GgmlDType {
+        let default = self.ggml();
+        if !matches!(self, Self::Q4KM | Self::Q5KM | Self::Q6K) {
+            return default;
+        }
+        // The output matrix (the embeddings, when tied) gets Q6_K, or Q8_0
+        // when its rows do not fit the mix's blocks.
+        if name == "output.weight" || (tied && name == "token_embd.weight") {
+            return if cols.is_multiple_of(default.block_size()) {
+                GgmlDType::Q6K
+            } else {
+                GgmlDType::Q8_0
+            };
+        }
+        let layer = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|n| n.parse::<usize>().ok());
+        let more_bits =
+            |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i as i64 - (layers / 8) as i64).rem_euclid(3) == 2;
+        match layer {
+            Some(i) if (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight")) && more_bits(i) => {
+                GgmlDType::Q6K
+            }
+            _ => default,
         }
     }
 
@@ -49,6 +91,9 @@ impl WeightType {
             Self::F16 => 1,
             Self::Q8_0 => 7,
             Self::Q4K => 14, // MOSTLY_Q4_K_S: every weight Q4_K where the rows allow
+            Self::Q4KM => 15,
+            Self::Q5KM => 17,
+            Self::Q6K => 18,
         }
     }
 }
@@ -211,14 +256,17 @@ fn pre_tokenizer_name(pre: &Json) -> Result<&'static str, String> {
 }
 
 /// The type a 2-D weight with rows of `cols` values is stored in, and why
-/// it differs from the one asked for.
+/// it differs from the one asked for: llama-quantize's fallbacks (Q4_K →
+/// Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, then f16).
 fn storage_type(asked: GgmlDType, cols: usize) -> (GgmlDType, Option<String>) {
     let mut ty = asked;
-    for fallback in [GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::F16] {
-        if cols.is_multiple_of(ty.block_size()) {
-            break;
-        }
-        ty = fallback;
+    while !cols.is_multiple_of(ty.block_size()) {
+        ty = match ty {
+            GgmlDType::Q4K => GgmlDType::Q5_0,
+            GgmlDType::Q5K => GgmlDType::Q5_1,
+            GgmlDType::Q6K => GgmlDType::Q8_0,
+            _ => GgmlDType::F16,
+        };
     }
     let why = (ty != asked).then(|| {
         format!(
@@ -247,7 +295,9 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
     for (hf, tensor) in model.named_tensors()? {
         let name = gguf_name(&hf).ok_or_else(|| ModelError::Input(format!("no GGUF name for tensor {hf}")))?;
         let qty = if tensor.rank() == 2 {
-            let (qty, why) = storage_type(ty.ggml(), tensor.dim(1)?);
+            let cols = tensor.dim(1)?;
+            let asked = ty.tensor_type(&name, cols, cfg.num_hidden_layers, cfg.tie_word_embeddings);
+            let (qty, why) = storage_type(asked, cols);
             if let Some(why) = why {
                 eprintln!("greencode: warning: {name}: {why}");
                 report.fallbacks.push(format!("{name}: {why}"));

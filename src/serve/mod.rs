@@ -108,9 +108,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 .inspect(|m| {
                     let mib = m.weight_bytes() as f64 / (1 << 20) as f64;
                     eprintln!(
-                        "greencode: loaded {}: weights held as {} ({mib:.1} MiB)",
+                        "greencode: loaded {}: weights held as {} ({mib:.1} MiB); {}",
                         path.display(),
-                        m.weight_format()
+                        m.weight_format(),
+                        m.kernels()
                     );
                 })
                 .map(engine::ServedModel::new)

@@ -344,3 +344,34 @@ fn exported_files_load_back_with_the_same_weights_and_tokenizer() {
         "the converted file differs from the direct export"
     );
 }
+
+#[test]
+fn q4_k_m_follows_llama_quantizes_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-q4_k_m.gguf");
+    let report = quantize(&common::tiny_coder(), "q4_k_m", &out);
+    let info = inspect(&out);
+    assert_eq!(info["fields"]["general.file_type"], 15, "MOSTLY_Q4_K_M");
+    // The types llama-quantize (0c1e570) gave tiny-coder's f16 file for
+    // Q4_K_M, read from its output in session 8: 12 layers, tied embeddings,
+    // rows of 384 (Q4_K → Q5_0, Q6_K → Q8_0) and of 1,024 (fit).
+    let more_bits = [0, 3, 6, 9, 10, 11];
+    assert_eq!(tensor(&info, "token_embd.weight")[2], "Q8_0");
+    for i in 0..12 {
+        let ty = |t: &str| tensor(&info, &format!("blk.{i}.{t}.weight"))[2].clone();
+        let (down, v) = if more_bits.contains(&i) {
+            ("Q6_K", "Q8_0")
+        } else {
+            ("Q4_K", "Q5_0")
+        };
+        assert_eq!(ty("ffn_down"), down, "layer {i}");
+        assert_eq!(ty("attn_v"), v, "layer {i}");
+        for t in ["attn_q", "attn_k", "attn_output", "ffn_gate", "ffn_up"] {
+            assert_eq!(ty(t), "Q5_0", "layer {i} {t}");
+        }
+    }
+    assert!(report["fallbacks"].as_array().unwrap().len() > 60);
+    // And it loads, held as those blocks.
+    let p = LoadedModel::load_cpu(&out).unwrap();
+    assert_eq!(p.model.weight_format(), "mixed (q5_0, q8_0, q6_K, q4_K)");
+}

@@ -174,20 +174,36 @@ fn products_follow_the_dequantized_weights_and_the_batch_changes_no_bit_of_a_dec
     }
 }
 
-#[test]
-fn a_model_from_a_gguf_file_holds_the_files_blocks() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny-q4_k.gguf");
+/// tiny-coder exported by `greencode quantize --type ty` into `dir`.
+fn export(dir: &Path, ty: &str) -> std::path::PathBuf {
+    let file = dir.join(format!("tiny-{ty}.gguf"));
     let o = common::greencode(&[
         "quantize",
         "--model",
         common::tiny_coder().to_str().unwrap(),
         "--type",
-        "q4_k",
+        ty,
         "--out",
         file.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    file
+}
+
+/// Bytes of every tensor of a GGUF file's (what a model holding them as
+/// stored occupies).
+fn tensor_bytes(content: &gguf_file::Content) -> usize {
+    content
+        .tensor_infos
+        .values()
+        .map(|t| t.shape.elem_count() * t.ggml_dtype.type_size() / t.ggml_dtype.block_size())
+        .sum()
+}
+
+#[test]
+fn a_model_from_a_gguf_file_holds_the_files_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = export(dir.path(), "q4_k");
     let p = LoadedModel::load_cpu(&file).unwrap();
     // Rows of 1,024 (down_proj) are Q4_K; rows of 384 fall back to Q5_0.
     assert_eq!(p.model.weight_format(), "mixed (q5_0, q4_K)");
@@ -211,12 +227,7 @@ fn a_model_from_a_gguf_file_holds_the_files_blocks() {
         assert_eq!(q.as_bytes(), file_bytes(&format!("blk.{i}.attn_q.weight")));
     }
     // Every byte the model holds for its weights is a byte of the file's tensors.
-    let tensor_bytes: usize = content
-        .tensor_infos
-        .values()
-        .map(|t| t.shape.elem_count() * t.ggml_dtype.type_size() / t.ggml_dtype.block_size())
-        .sum();
-    assert_eq!(p.model.weight_bytes(), tensor_bytes);
+    assert_eq!(p.model.weight_bytes(), tensor_bytes(&content));
     // And it generates: greedy text from the file agrees with the f32 model's
     // first tokens (4-5 bit weights keep the top choice on this prompt).
     let args = ["--prompt", "def fibonacci(n):\n", "--max-tokens", "4"];
@@ -229,27 +240,12 @@ fn a_model_from_a_gguf_file_holds_the_files_blocks() {
 #[test]
 fn an_f16_file_is_held_in_f16_with_the_bits_of_its_f32_values() {
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("tiny-f16.gguf");
-    let o = common::greencode(&[
-        "quantize",
-        "--model",
-        common::tiny_coder().to_str().unwrap(),
-        "--type",
-        "f16",
-        "--out",
-        file.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let file = export(dir.path(), "f16");
     let held = LoadedModel::load_cpu(&file).unwrap();
     assert_eq!(held.model.weight_format(), "f16");
     let mut f = std::fs::File::open(&file).unwrap();
     let content = gguf_file::Content::read(&mut f).unwrap();
-    let tensor_bytes: usize = content
-        .tensor_infos
-        .values()
-        .map(|t| t.shape.elem_count() * t.ggml_dtype.type_size() / t.ggml_dtype.block_size())
-        .sum();
-    assert_eq!(held.model.weight_bytes(), tensor_bytes);
+    assert_eq!(held.model.weight_bytes(), tensor_bytes(&content));
     let mut dense = LoadedModel::load_cpu(&file).unwrap();
     dense.model.hold_dense().unwrap();
     assert_eq!(dense.model.weight_format(), "f32");

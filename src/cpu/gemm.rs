@@ -707,10 +707,30 @@ mod tests {
         }
     }
 
+    /// Asserts that `w` (holding exactly `values`, `[out, inp]`) gives the
+    /// bits of those values held in f32, at decode and prompt row counts
+    /// on 1 and 2 threads.
+    fn assert_widening_is_exact(w: Weights<'_>, values: &[f32], out: usize, inp: usize) {
+        use crate::cpu::matvec::matvec_multi;
+        for rows in [1, 2, 3, 5, 8, 16, 37, 100] {
+            let x = random(rows * inp, 8);
+            let want = matvec(&x, values, rows, inp, out, 1);
+            for threads in [1, 2] {
+                let mut y = vec![0f32; rows * out];
+                let mut p = [Projection { w, out, y: &mut y }];
+                if rows <= crate::cpu::matvec::MAX_ROWS {
+                    matvec_multi(&x, rows, inp, &mut p, threads);
+                } else {
+                    gemm_multi(&x, rows, inp, &mut p, threads);
+                }
+                assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
+            }
+        }
+    }
+
     #[test]
     fn bf16_weights_give_the_bits_of_their_f32_values_in_every_path() {
         use crate::cpu::bf16::Bf16Matrix;
-        use crate::cpu::matvec::matvec_multi;
         // Odd lengths exercise the tails past the last 8-value step.
         for &(out, inp) in &[(70usize, 384usize), (33, 45)] {
             let values: Vec<f32> = random(out * inp, 7)
@@ -718,54 +738,19 @@ mod tests {
                 .map(|&v| half::bf16::from_f32(v).to_f32())
                 .collect();
             let m = Bf16Matrix::from_f32_exact(&values, out, inp).unwrap();
-            for rows in [1, 2, 3, 5, 8, 16, 37] {
-                let x = random(rows * inp, 8);
-                let want = matvec(&x, &values, rows, inp, out, 1);
-                for threads in [1, 2] {
-                    let mut y = vec![0f32; rows * out];
-                    let mut p = [Projection {
-                        w: Weights::Bf16(&m),
-                        out,
-                        y: &mut y,
-                    }];
-                    if rows <= crate::cpu::matvec::MAX_ROWS {
-                        matvec_multi(&x, rows, inp, &mut p, threads);
-                    } else {
-                        gemm_multi(&x, rows, inp, &mut p, threads);
-                    }
-                    assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
-                }
-            }
+            assert_widening_is_exact(Weights::Bf16(&m), &values, out, inp);
         }
     }
 
     #[test]
     fn f16_weights_give_the_bits_of_their_f32_values_in_every_path() {
         use crate::cpu::f16::F16Matrix;
-        use crate::cpu::matvec::matvec_multi;
         for &(out, inp) in &[(70usize, 384usize), (33, 45)] {
             let halves: Vec<half::f16> = random(out * inp, 9).iter().map(|&v| half::f16::from_f32(v)).collect();
             let values: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
             let bytes: Vec<u8> = halves.iter().flat_map(|v| v.to_le_bytes()).collect();
             let m = F16Matrix::from_le_bytes(out, inp, &bytes).unwrap();
-            for rows in [1, 2, 3, 5, 8, 16, 37, 100] {
-                let x = random(rows * inp, 10);
-                let want = matvec(&x, &values, rows, inp, out, 1);
-                for threads in [1, 2] {
-                    let mut y = vec![0f32; rows * out];
-                    let mut p = [Projection {
-                        w: Weights::F16(&m),
-                        out,
-                        y: &mut y,
-                    }];
-                    if rows <= crate::cpu::matvec::MAX_ROWS {
-                        matvec_multi(&x, rows, inp, &mut p, threads);
-                    } else {
-                        gemm_multi(&x, rows, inp, &mut p, threads);
-                    }
-                    assert_eq!(y, want, "{out}x{inp}, {rows} rows, {threads} threads");
-                }
-            }
+            assert_widening_is_exact(Weights::F16(&m), &values, out, inp);
         }
     }
 

@@ -23,9 +23,28 @@ pub fn avx2() -> bool {
     })
 }
 
-/// The kernel family that runs: `avx2+fma` or `portable`.
+/// Whether the AVX-512 kernels run (so far the Q8_0 dot product): AVX-512F
+/// on top of the AVX2 family.
+pub fn avx512() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx2() && std::arch::is_x86_feature_detected!("avx512f")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The kernel family that runs: `avx2+fma` (with `avx512f` for the Q8_0
+/// dot product where present) or `portable`.
 pub fn kernels() -> &'static str {
-    if avx2() {
+    if avx512() {
+        "avx2+fma, q8_0 avx512f"
+    } else if avx2() {
         "avx2+fma"
     } else {
         "portable"

@@ -135,10 +135,40 @@ fn dot_q8_avx2(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
     }
 }
 
-/// The best Q8_0 × f32 dot product this CPU supports: `(values, scales, x)`.
-pub fn dot_q8_kernel() -> fn(&[i8], &[f32], &[f32]) -> f32 {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+fn dot_q8_avx512(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let nb = d.len();
+    assert!(q.len() >= nb * BLOCK && x.len() >= nb * BLOCK);
+    // SAFETY: block b reads q[32b..32b+32] and x[32b..32b+32], inside both
+    // slices (asserted above); AVX-512F is enabled for this function.
+    unsafe {
+        let mut acc = _mm512_setzero_ps();
+        for b in 0..nb {
+            let qp = q.as_ptr().add(b * BLOCK);
+            let xp = x.as_ptr().add(b * BLOCK);
+            let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp as *const __m128i)));
+            let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(16) as *const __m128i)));
+            let sum = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xp.add(16)), _mm512_mul_ps(lo, _mm512_loadu_ps(xp)));
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(*d.get_unchecked(b)), sum, acc);
+        }
+        _mm512_reduce_add_ps(acc)
+    }
+}
+
+/// A Q8_0 × f32 dot product: `(values, scales, x)`.
+pub type DotQ8 = fn(&[i8], &[f32], &[f32]) -> f32;
+
+/// The best Q8_0 × f32 dot product this CPU supports (AVX-512F where
+/// present, else AVX2 + FMA, else portable).
+pub fn dot_q8_kernel() -> DotQ8 {
     #[cfg(target_arch = "x86_64")]
     {
+        if super::features::avx512() {
+            // SAFETY: the CPU supports AVX-512F, AVX2 and FMA (checked just above).
+            return |q, d, x| unsafe { dot_q8_avx512(q, d, x) };
+        }
         if super::features::avx2() {
             // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above).
             return |q, d, x| unsafe { dot_q8_avx2(q, d, x) };
@@ -182,7 +212,20 @@ mod tests {
         let m = Q8Matrix::quantize(&w, rows, cols).unwrap();
         let deq = m.dequantize();
         let x: Vec<f32> = (0..cols).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
-        let dot = dot_q8_kernel();
+        // Every kernel this machine can run, not only the one chosen.
+        let mut kernels: Vec<(&str, DotQ8)> = vec![("portable", dot_q8_portable)];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::cpu::features::avx2() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                kernels.push(("avx2", |q, d, x| unsafe { dot_q8_avx2(q, d, x) }));
+            }
+            if crate::cpu::features::avx512() {
+                // SAFETY: the CPU supports AVX-512F (checked just above).
+                kernels.push(("avx512", |q, d, x| unsafe { dot_q8_avx512(q, d, x) }));
+            }
+        }
+        kernels.push(("chosen", dot_q8_kernel()));
         for r in 0..rows {
             let (q, d) = m.row(r);
             let want: f64 = deq[r * cols..(r + 1) * cols]
@@ -190,9 +233,13 @@ mod tests {
                 .zip(&x)
                 .map(|(a, b)| (*a as f64) * (*b as f64))
                 .sum();
-            let got = dot(q, d, &x);
-            assert!((got as f64 - want).abs() < 1e-3 * (1.0 + want.abs()), "{got} vs {want}");
-            assert!((dot_q8_portable(q, d, &x) as f64 - want).abs() < 1e-3 * (1.0 + want.abs()));
+            for (name, dot) in &kernels {
+                let got = dot(q, d, &x);
+                assert!(
+                    (got as f64 - want).abs() < 1e-3 * (1.0 + want.abs()),
+                    "{name}: {got} vs {want}"
+                );
+            }
         }
     }
 }

@@ -39,10 +39,27 @@ pub fn avx512() -> bool {
     })
 }
 
-/// The kernel family that runs: `avx2+fma` (with `avx512f` for the Q8_0
-/// dot product where present) or `portable`.
+/// Whether the AVX-512BW kernels run (so far the Q4_K dot product).
+pub fn avx512bw() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            avx512() && std::arch::is_x86_feature_detected!("avx512bw")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0 and
+/// Q4_K dot products where present) or `portable`.
 pub fn kernels() -> &'static str {
-    if avx512() {
+    if avx512bw() {
+        "avx2+fma, q8_0 avx512f, q4_K avx512bw"
+    } else if avx512() {
         "avx2+fma, q8_0 avx512f"
     } else if avx2() {
         "avx2+fma"

@@ -45,7 +45,7 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
         [
             "avx2+fma",
             "avx2+fma, q8_0 avx512f",
-            "avx2+fma, q8_0 avx512f, q4_K avx512bw",
+            "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw",
             "portable"
         ]
         .contains(&r["kernels"].as_str().unwrap()),

@@ -39,7 +39,7 @@ pub fn avx512() -> bool {
     })
 }
 
-/// Whether the AVX-512BW kernels run (so far the Q4_K dot product).
+/// Whether the AVX-512BW kernels run (so far the Q4_K and Q6_K dot products).
 pub fn avx512bw() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
@@ -54,11 +54,11 @@ pub fn avx512bw() -> bool {
     })
 }
 
-/// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0 and
-/// Q4_K dot products where present) or `portable`.
+/// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0,
+/// Q4_K and Q6_K dot products where present) or `portable`.
 pub fn kernels() -> &'static str {
     if avx512bw() {
-        "avx2+fma, q8_0 avx512f, q4_K avx512bw"
+        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw"
     } else if avx512() {
         "avx2+fma, q8_0 avx512f"
     } else if avx2() {

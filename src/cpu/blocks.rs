@@ -173,13 +173,20 @@ pub enum BlockError {
     },
 }
 
+/// Values per block of `ty`, when rows of `cols` are a whole number of them.
+fn check_width(ty: BlockType, cols: usize) -> Result<usize, BlockError> {
+    let block = ty.block_values();
+    if cols.is_multiple_of(block) {
+        Ok(block)
+    } else {
+        Err(BlockError::Width { ty, cols, block })
+    }
+}
+
 impl BlockMatrix {
     /// Takes the raw bytes of a GGUF tensor of `[rows, cols]` in `ty`.
     pub fn from_bytes(ty: BlockType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self, BlockError> {
-        let block = ty.block_values();
-        if !cols.is_multiple_of(block) {
-            return Err(BlockError::Width { ty, cols, block });
-        }
+        let block = check_width(ty, cols)?;
         let want = rows * cols / block * ty.block_bytes();
         if bytes.len() != want {
             return Err(BlockError::Size {
@@ -201,18 +208,15 @@ impl BlockMatrix {
         Ok(Self { rows, cols, ty, blocks })
     }
 
-    /// Quantizes a row-major `[rows, cols]` f32 matrix as ggml's reference
-    /// quantizer does (for tests and `quantize`).
+    /// Quantizes a row-major `[rows, cols]` f32 matrix with candle's port of
+    /// ggml's reference quantizer (the tests' matrices).
     pub fn quantize(ty: BlockType, w: &[f32], rows: usize, cols: usize) -> Result<Self, BlockError> {
         fn q<T: GgmlType>(w: &[f32]) -> Vec<T> {
             let mut out = vec![T::zeros(); w.len() / T::BLCK_SIZE];
             T::from_float(w, &mut out);
             out
         }
-        let block = ty.block_values();
-        if !cols.is_multiple_of(block) {
-            return Err(BlockError::Width { ty, cols, block });
-        }
+        check_width(ty, cols)?;
         assert_eq!(w.len(), rows * cols, "a [{rows}, {cols}] matrix");
         let blocks = match ty {
             BlockType::Q4_0 => Blocks::Q4_0(q(w)),
@@ -278,17 +282,17 @@ impl BlockMatrix {
             BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => {
                 let mut q = vec![BlockQ8K::zeros(); x.len() / BlockQ8K::BLCK_SIZE];
                 BlockQ8K::from_float(x, &mut q);
-                QuantizedInput::Q8K { blocks: q, cols }
+                QuantizedInput::Q8K(q)
             }
             BlockType::Q4_0 | BlockType::Q5_0 => {
                 let mut q = vec![BlockQ8_0::zeros(); x.len() / BlockQ8_0::BLCK_SIZE];
                 BlockQ8_0::from_float(x, &mut q);
-                QuantizedInput::Q8_0 { blocks: q, cols }
+                QuantizedInput::Q8_0(q)
             }
             BlockType::Q5_1 => {
                 let mut q = vec![BlockQ8_1::zeros(); x.len() / BlockQ8_1::BLCK_SIZE];
                 BlockQ8_1::from_float(x, &mut q);
-                QuantizedInput::Q8_1 { blocks: q, cols }
+                QuantizedInput::Q8_1(q)
             }
         }
     }
@@ -298,7 +302,7 @@ impl BlockMatrix {
         let n = self.blocks_per_row();
         let row = o * n..(o + 1) * n;
         match (&self.blocks, input) {
-            (Blocks::Q4K(b), QuantizedInput::Q8K { blocks, .. }) => {
+            (Blocks::Q4K(b), QuantizedInput::Q8K(blocks)) => {
                 let (x, y) = (&b[row], input_row(blocks, r, self.cols));
                 #[cfg(target_arch = "x86_64")]
                 if super::features::avx512bw() {
@@ -308,10 +312,10 @@ impl BlockMatrix {
                 }
                 BlockQ4K::vec_dot(self.cols, x, y)
             }
-            (Blocks::Q5K(b), QuantizedInput::Q8K { blocks, .. }) => {
+            (Blocks::Q5K(b), QuantizedInput::Q8K(blocks)) => {
                 BlockQ5K::vec_dot(self.cols, &b[row], input_row(blocks, r, self.cols))
             }
-            (Blocks::Q6K(b), QuantizedInput::Q8K { blocks, .. }) => {
+            (Blocks::Q6K(b), QuantizedInput::Q8K(blocks)) => {
                 let (x, y) = (&b[row], input_row(blocks, r, self.cols));
                 #[cfg(target_arch = "x86_64")]
                 if super::features::avx512bw() {
@@ -321,10 +325,10 @@ impl BlockMatrix {
                 }
                 BlockQ6K::vec_dot(self.cols, x, y)
             }
-            (Blocks::Q4_0(b), QuantizedInput::Q8_0 { blocks, .. }) => {
+            (Blocks::Q4_0(b), QuantizedInput::Q8_0(blocks)) => {
                 BlockQ4_0::vec_dot(self.cols, &b[row], input_row(blocks, r, self.cols))
             }
-            (Blocks::Q5_0(b), QuantizedInput::Q8_0 { blocks, .. }) => {
+            (Blocks::Q5_0(b), QuantizedInput::Q8_0(blocks)) => {
                 let (x, y) = (&b[row], input_row(blocks, r, self.cols));
                 #[cfg(target_arch = "x86_64")]
                 if super::features::avx2() {
@@ -334,7 +338,7 @@ impl BlockMatrix {
                 }
                 BlockQ5_0::vec_dot(self.cols, x, y)
             }
-            (Blocks::Q5_1(b), QuantizedInput::Q8_1 { blocks, .. }) => {
+            (Blocks::Q5_1(b), QuantizedInput::Q8_1(blocks)) => {
                 let (x, y) = (&b[row], input_row(blocks, r, self.cols));
                 #[cfg(target_arch = "x86_64")]
                 if super::features::avx2() {
@@ -654,29 +658,26 @@ fn input_row<T: GgmlType>(blocks: &[T], r: usize, cols: usize) -> &[T] {
     &blocks[r * n..(r + 1) * n]
 }
 
-/// Activation rows quantized for [`BlockMatrix::dot`].
+/// Activation rows quantized for [`BlockMatrix::dot`], row after row.
 pub enum QuantizedInput {
     /// For the k-quants: Q8_K blocks of 256.
-    Q8K {
-        /// The blocks, row after row.
-        blocks: Vec<BlockQ8K>,
-        /// Values per row.
-        cols: usize,
-    },
+    Q8K(Vec<BlockQ8K>),
     /// For Q4_0 and Q5_0: Q8_0 blocks of 32.
-    Q8_0 {
-        /// The blocks, row after row.
-        blocks: Vec<BlockQ8_0>,
-        /// Values per row.
-        cols: usize,
-    },
+    Q8_0(Vec<BlockQ8_0>),
     /// For Q5_1: Q8_1 blocks of 32 (with their sums).
-    Q8_1 {
-        /// The blocks, row after row.
-        blocks: Vec<BlockQ8_1>,
-        /// Values per row.
-        cols: usize,
-    },
+    Q8_1(Vec<BlockQ8_1>),
+}
+
+impl QuantizedInput {
+    /// Whether these are the partner blocks of `ty`'s dot product.
+    pub fn serves(&self, ty: BlockType) -> bool {
+        matches!(
+            (self, ty),
+            (Self::Q8K(_), BlockType::Q4K | BlockType::Q5K | BlockType::Q6K)
+                | (Self::Q8_0(_), BlockType::Q4_0 | BlockType::Q5_0)
+                | (Self::Q8_1(_), BlockType::Q5_1)
+        )
+    }
 }
 
 #[cfg(test)]
@@ -743,16 +744,16 @@ mod tests {
             for o in 0..rows {
                 let n = m.blocks_per_row();
                 let scalar = match (&m.blocks, &input) {
-                    (Blocks::Q5_0(b), QuantizedInput::Q8_0 { blocks, .. }) => {
+                    (Blocks::Q5_0(b), QuantizedInput::Q8_0(blocks)) => {
                         BlockQ5_0::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
                     }
-                    (Blocks::Q5_1(b), QuantizedInput::Q8_1 { blocks, .. }) => {
+                    (Blocks::Q5_1(b), QuantizedInput::Q8_1(blocks)) => {
                         BlockQ5_1::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
                     }
-                    (Blocks::Q4K(b), QuantizedInput::Q8K { blocks, .. }) => {
+                    (Blocks::Q4K(b), QuantizedInput::Q8K(blocks)) => {
                         BlockQ4K::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
                     }
-                    (Blocks::Q6K(b), QuantizedInput::Q8K { blocks, .. }) => {
+                    (Blocks::Q6K(b), QuantizedInput::Q8K(blocks)) => {
                         BlockQ6K::vec_dot_unopt(cols, &b[o * n..(o + 1) * n], blocks)
                     }
                     _ => unreachable!(),

@@ -76,6 +76,24 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// The form's name as llama.cpp writes it (`f32`, `bf16`, `f16`,
+    /// `q8_0`, `q4_K`, …).
+    pub fn format(&self) -> &'static str {
+        match self {
+            Self::F32(_) => "f32",
+            Self::Bf16(_) => "bf16",
+            Self::F16(_) => "f16",
+            Self::Q8(_) => "q8_0",
+            Self::Blocks(m) => m.block_type().name(),
+        }
+    }
+
+    /// Whether the values were quantized (Q8_0 and the block formats; f16
+    /// and bf16 hold exact values).
+    pub fn quantized(&self) -> bool {
+        matches!(self, Self::Q8(_) | Self::Blocks(_))
+    }
+
     pub(crate) fn covers(&self, out: usize, inp: usize) -> bool {
         match self {
             Self::F32(w) => w.len() >= out * inp,
@@ -137,32 +155,31 @@ pub fn matvec_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Proje
     });
 }
 
-/// The activation rows quantized once per call for each block-format
-/// matrix of a product (each matrix's own partner type).
-pub(crate) struct QuantizedInputs<'a>(Vec<(&'a BlockMatrix, QuantizedInput)>);
+/// The activation rows quantized once per call for the block-format
+/// matrices of a product (one copy per partner type).
+pub(crate) struct QuantizedInputs(Vec<QuantizedInput>);
 
-impl<'a> QuantizedInputs<'a> {
-    /// Quantizes `x` for every block-format matrix among `projections`.
-    pub(crate) fn of(x: &[f32], rows: usize, projections: &[Projection<'a>]) -> Self {
-        Self(
-            projections
-                .iter()
-                .filter_map(|p| match p.w {
-                    Weights::Blocks(m) => Some((m, m.quantize_input(x, rows))),
-                    _ => None,
-                })
-                .collect(),
-        )
+impl QuantizedInputs {
+    /// Quantizes `x` once for each partner type the block-format matrices
+    /// among `projections` need (query, key and value in Q4_K share one).
+    pub(crate) fn of(x: &[f32], rows: usize, projections: &[Projection<'_>]) -> Self {
+        let mut inputs: Vec<QuantizedInput> = Vec::new();
+        for p in projections {
+            if let Weights::Blocks(m) = p.w {
+                if !inputs.iter().any(|i| i.serves(m.block_type())) {
+                    inputs.push(m.quantize_input(x, rows));
+                }
+            }
+        }
+        Self(inputs)
     }
 
     /// The input quantized for `m`.
     pub(crate) fn of_matrix(&self, m: &BlockMatrix) -> &QuantizedInput {
-        &self
-            .0
+        self.0
             .iter()
-            .find(|(k, _)| std::ptr::eq(*k, m))
+            .find(|i| i.serves(m.block_type()))
             .expect("every block matrix of the product was quantized for")
-            .1
     }
 }
 

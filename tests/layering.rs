@@ -50,62 +50,37 @@ fn uses(part: &str) -> BTreeSet<String> {
 
 #[test]
 fn each_part_uses_only_the_parts_below_it() {
+    // What the offline stages (prune, recover) may use besides themselves.
+    const STAGE: &[&str] = &[
+        "eval",
+        "output",
+        "generate",
+        "data",
+        "model",
+        "tokenizer",
+        "energy",
+        "metrics",
+    ];
     let rules: [(&str, &[&str]); 14] = [
-        ("cpu", &["cpu"]),
-        ("cuda", &["cuda"]),
+        ("cpu", &[]),
+        ("cuda", &[]),
         ("metrics.rs", &[]),
         ("tokenizer", &[]),
-        ("model", &["model", "cpu", "cuda"]),
-        ("energy", &["energy", "model"]),
-        ("data", &["data", "tokenizer"]),
-        ("generate", &["generate", "model", "tokenizer"]),
-        ("output", &["output", "generate", "model", "tokenizer"]),
-        ("eval", &["eval", "generate", "data", "model", "tokenizer"]),
-        (
-            "prune",
-            &[
-                "prune",
-                "eval",
-                "output",
-                "generate",
-                "data",
-                "model",
-                "tokenizer",
-                "energy",
-                "metrics",
-            ],
-        ),
-        (
-            "recover",
-            &[
-                "recover",
-                "eval",
-                "output",
-                "generate",
-                "data",
-                "model",
-                "tokenizer",
-                "energy",
-                "metrics",
-            ],
-        ),
+        ("model", &["cpu", "cuda"]),
+        ("energy", &["model"]),
+        ("data", &["tokenizer"]),
+        ("generate", &["model", "tokenizer"]),
+        ("output", &["generate", "model", "tokenizer"]),
+        ("eval", &["generate", "data", "model", "tokenizer"]),
+        ("prune", STAGE),
+        ("recover", STAGE),
         (
             "serve",
-            &[
-                "serve",
-                "eval",
-                "generate",
-                "data",
-                "model",
-                "tokenizer",
-                "energy",
-                "metrics",
-            ],
+            &["eval", "generate", "data", "model", "tokenizer", "energy", "metrics"],
         ),
         (
             "bench",
             &[
-                "bench",
                 "serve",
                 "generate",
                 "data",
@@ -120,8 +95,10 @@ fn each_part_uses_only_the_parts_below_it() {
     ];
     let mut broken = Vec::new();
     for (part, allowed) in rules {
+        // A part may always name itself (`crate::model::…` inside `model`).
+        let own = part.trim_end_matches(".rs");
         for used in uses(part) {
-            if !allowed.contains(&used.as_str()) {
+            if used != own && !allowed.contains(&used.as_str()) {
                 broken.push(format!("src/{part} uses crate::{used}"));
             }
         }

@@ -3,55 +3,34 @@
 //! log and `bench generate` report them: a speed ratio holds only for the
 //! instruction set it was measured on).
 
-use std::sync::OnceLock;
+/// Whether the CPU has every extension named (std caches the detection);
+/// false off x86-64.
+#[cfg(target_arch = "x86_64")]
+macro_rules! has {
+    ($($f:tt),+) => { true $(&& std::arch::is_x86_feature_detected!($f))+ };
+}
+#[cfg(not(target_arch = "x86_64"))]
+macro_rules! has {
+    ($($f:tt),+) => {
+        false
+    };
+}
 
 /// Whether the AVX2 family runs: AVX2, FMA and F16C, as every x86 core
 /// since Haswell and Zen has.
 pub fn avx2() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    has!("avx2", "fma", "f16c")
 }
 
-/// Whether the AVX-512 kernels run (so far the Q8_0 dot product): AVX-512F
-/// on top of the AVX2 family.
+/// Whether the AVX-512F kernels run (so far the Q8_0 dot product): on top
+/// of the AVX2 family.
 pub fn avx512() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            avx2() && std::arch::is_x86_feature_detected!("avx512f")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    has!("avx2", "fma", "f16c", "avx512f")
 }
 
 /// Whether the AVX-512BW kernels run (so far the Q4_K and Q6_K dot products).
 pub fn avx512bw() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            avx512() && std::arch::is_x86_feature_detected!("avx512bw")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    has!("avx2", "fma", "f16c", "avx512f", "avx512bw")
 }
 
 /// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0,
@@ -74,14 +53,14 @@ pub fn machine() -> String {
     #[cfg(target_arch = "x86_64")]
     {
         let mut out = Vec::new();
-        macro_rules! has {
+        macro_rules! list {
             ($($f:tt),*) => {$(
-                if std::arch::is_x86_feature_detected!($f) {
+                if has!($f) {
                     out.push($f);
                 }
             )*};
         }
-        has!("avx512f", "avx512bw", "avx512vnni", "avx512bf16", "avx2", "fma", "f16c");
+        list!("avx512f", "avx512bw", "avx512vnni", "avx512bf16", "avx2", "fma", "f16c");
         if out.is_empty() {
             "no AVX".to_owned()
         } else {

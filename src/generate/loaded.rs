@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 
+use super::locate::is_gguf;
 use crate::model::gguf::GgufFile;
 use crate::model::synth::{synth_model, SynthShape};
 use crate::model::{ModelError, Qwen2, Qwen2Config, WeightStore};
@@ -34,11 +35,6 @@ pub enum LoadError {
         /// The model's `vocab_size`.
         model: usize,
     },
-}
-
-/// Whether `path` names a GGUF file rather than a model folder.
-pub fn is_gguf(path: &Path) -> bool {
-    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
 }
 
 /// Where the weights of an opened model come from.

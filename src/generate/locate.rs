@@ -39,11 +39,16 @@ pub fn default_candidates() -> Vec<PathBuf> {
     out
 }
 
+/// Whether `path` names a GGUF file rather than a model folder.
+pub fn is_gguf(path: &Path) -> bool {
+    path.is_file() && path.extension().is_some_and(|e| e == "gguf")
+}
+
 /// A model's short name: its folder's name (after resolving `.` and links).
 pub fn model_name(dir: &Path) -> String {
     let path = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     // A GGUF file is named without its extension (`tiny-coder-q8_0.gguf` → `tiny-coder-q8_0`).
-    let name = if path.is_file() && path.extension().is_some_and(|e| e == "gguf") {
+    let name = if is_gguf(&path) {
         path.file_stem()
     } else {
         path.file_name()

@@ -24,13 +24,9 @@ use super::flop_probe;
 use super::linear::Linear;
 use super::qwen2::Qwen2;
 use super::step::{LogitsFor, SeqStep};
-use crate::cpu::bf16::Bf16Matrix;
-use crate::cpu::blocks::BlockMatrix;
-use crate::cpu::f16::F16Matrix;
 use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
-use crate::cpu::quant::Q8Matrix;
 use crate::cpu::team;
 
 /// Read access to an f32 tensor's host memory for the length of a step.
@@ -65,41 +61,28 @@ fn host(t: &Tensor) -> Result<HostSlice<'_>> {
     })
 }
 
-/// A projection's weights as the kernels read them: Q8_0 or other blocks
-/// when held so, bf16 values when held so, else its f32 tensor.
+/// A projection's weights as the kernels read them: its compact form
+/// (bf16, f16, Q8_0 or other blocks) when held so, else its f32 tensor.
 enum WeightView<'a> {
     F32(HostSlice<'a>),
-    Q8(&'a Q8Matrix),
-    Bf16(&'a Bf16Matrix),
-    Blocks(&'a BlockMatrix),
-    F16(&'a F16Matrix),
+    Compact(Weights<'a>),
 }
 
 impl WeightView<'_> {
     fn get(&self) -> Weights<'_> {
         match self {
             Self::F32(h) => Weights::F32(h.get()),
-            Self::Q8(q) => Weights::Q8(q),
-            Self::Bf16(m) => Weights::Bf16(m),
-            Self::Blocks(m) => Weights::Blocks(m),
-            Self::F16(m) => Weights::F16(m),
+            Self::Compact(w) => *w,
         }
     }
 }
 
-/// The weight as held: Q8_0 blocks, bf16 values or the f32 tensor.
+/// The weight as held.
 fn weights(l: &Linear) -> Result<WeightView<'_>> {
-    if let Some(m) = l.blocks() {
-        return Ok(WeightView::Blocks(m));
-    }
-    if let Some(m) = l.f16() {
-        return Ok(WeightView::F16(m));
-    }
-    Ok(match (l.q8(), l.bf16(), l.dense()) {
-        (Some(q), ..) => WeightView::Q8(q),
-        (_, Some(m), _) => WeightView::Bf16(m),
-        (.., Some(w)) => WeightView::F32(host(w)?),
-        (None, None, None) => unreachable!("a projection holds blocks, bf16 values or a tensor"),
+    Ok(match (l.compact(), l.dense()) {
+        (Some(w), _) => WeightView::Compact(w),
+        (None, Some(w)) => WeightView::F32(host(w)?),
+        (None, None) => unreachable!("a projection holds a compact form or a tensor"),
     })
 }
 

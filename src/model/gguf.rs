@@ -221,43 +221,30 @@ impl GgufFile {
 /// The matrix `q` (of tensor `name`) held as the file stores it, when its
 /// type is one the CPU kernels read directly.
 fn held_matrix(q: &QTensor, path: &Path, name: &str) -> Result<Option<HeldMatrix>> {
-    let (rows, cols) = q
-        .shape()
-        .dims2()
-        .map_err(|e| bad(path, format!("{name}: {}", candle_reason(&e))))?;
-    let bytes = q
-        .data()
-        .map_err(|e| bad(path, format!("{name}: {}", candle_reason(&e))))?;
-    if q.dtype() == GgmlDType::Q8_0 {
-        return Q8Matrix::from_ggml_bytes(rows, cols, &bytes)
-            .map(|m| Some(HeldMatrix::Q8(m)))
-            .ok_or_else(|| {
-                bad(
-                    path,
-                    format!(
-                        "{name}: {} bytes do not make a [{rows}, {cols}] Q8_0 matrix",
-                        bytes.len()
-                    ),
-                )
-            });
-    }
-    if q.dtype() == GgmlDType::F16 {
-        return F16Matrix::from_le_bytes(rows, cols, &bytes)
-            .map(|m| Some(HeldMatrix::F16(m)))
-            .ok_or_else(|| {
-                bad(
-                    path,
-                    format!(
-                        "{name}: {} bytes do not make a [{rows}, {cols}] f16 matrix",
-                        bytes.len()
-                    ),
-                )
-            });
-    }
-    let Some(ty) = BlockType::of(q.dtype()) else {
+    let dtype = q.dtype();
+    let blocks = BlockType::of(dtype);
+    if !matches!(dtype, GgmlDType::Q8_0 | GgmlDType::F16) && blocks.is_none() {
         return Ok(None);
+    }
+    let fault = |reason: String| bad(path, format!("{name}: {reason}"));
+    let (rows, cols) = q.shape().dims2().map_err(|e| fault(candle_reason(&e)))?;
+    let bytes = q.data().map_err(|e| fault(candle_reason(&e)))?;
+    let size = |ty: &str| {
+        fault(format!(
+            "{} bytes do not make a [{rows}, {cols}] {ty} matrix",
+            bytes.len()
+        ))
     };
-    BlockMatrix::from_bytes(ty, rows, cols, &bytes)
-        .map(|m| Some(HeldMatrix::Blocks(m)))
-        .map_err(|e| bad(path, format!("{name}: {e}")))
+    Ok(Some(match (dtype, blocks) {
+        (GgmlDType::Q8_0, _) => {
+            HeldMatrix::Q8(Q8Matrix::from_ggml_bytes(rows, cols, &bytes).ok_or_else(|| size("Q8_0"))?)
+        }
+        (GgmlDType::F16, _) => {
+            HeldMatrix::F16(F16Matrix::from_le_bytes(rows, cols, &bytes).ok_or_else(|| size("f16"))?)
+        }
+        (_, Some(ty)) => {
+            HeldMatrix::Blocks(BlockMatrix::from_bytes(ty, rows, cols, &bytes).map_err(|e| fault(e.to_string()))?)
+        }
+        (_, None) => unreachable!("returned above for other types"),
+    }))
 }

@@ -167,14 +167,6 @@ impl Linear {
         }
     }
 
-    /// The weight's f16 values, when held so.
-    pub fn f16(&self) -> Option<&F16Matrix> {
-        match &self.weight {
-            Stored::F16(m) => Some(m),
-            _ => None,
-        }
-    }
-
     /// The weight tensor, when held as one (not in a compact form).
     pub fn dense(&self) -> Option<&Tensor> {
         match &self.weight {
@@ -183,8 +175,9 @@ impl Linear {
         }
     }
 
-    /// The compact form as the CPU kernels read it (Q8_0, bf16 or blocks).
-    fn compact(&self) -> Option<Weights<'_>> {
+    /// The compact form as the CPU kernels read it (bf16, f16, Q8_0 or
+    /// other blocks); `None` when held as a tensor.
+    pub fn compact(&self) -> Option<Weights<'_>> {
         match &self.weight {
             Stored::Dense(_) => None,
             Stored::Q8(q) => Some(Weights::Q8(q)),

@@ -57,10 +57,8 @@ impl Qwen2 {
     pub fn quantization(&self) -> &'static str {
         let mut bytes: Vec<(&'static str, usize)> = Vec::new();
         for lin in self.matrices() {
-            let name = match (lin.q8(), lin.blocks()) {
-                (Some(_), _) => "q8_0",
-                (_, Some(m)) => m.block_type().name(),
-                _ => continue,
+            let Some(name) = lin.compact().filter(|w| w.quantized()).map(|w| w.format()) else {
+                continue;
             };
             match bytes.iter_mut().find(|(n, _)| *n == name) {
                 Some((_, b)) => *b += lin.weight_bytes(),
@@ -101,18 +99,9 @@ impl Qwen2 {
     /// appearance when the matrices differ (a Q4_K_M file's Q4_K and Q6_K;
     /// some matrices of a checkpoint bf16-exact, others not).
     pub fn weight_format(&self) -> String {
-        let form = |l: &Linear| {
-            if l.q8().is_some() {
-                "q8_0".to_owned()
-            } else if let Some(m) = l.blocks() {
-                m.block_type().name().to_owned()
-            } else if l.f16().is_some() {
-                "f16".to_owned()
-            } else if l.bf16().is_some() {
-                "bf16".to_owned()
-            } else {
-                format!("{:?}", self.dtype).to_lowercase()
-            }
+        let form = |l: &Linear| match l.compact() {
+            Some(w) => w.format().to_owned(),
+            None => format!("{:?}", self.dtype).to_lowercase(),
         };
         let mut forms: Vec<String> = Vec::new();
         for f in self.matrices().map(form) {

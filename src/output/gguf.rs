@@ -74,8 +74,7 @@ impl WeightType {
             .strip_prefix("blk.")
             .and_then(|rest| rest.split('.').next())
             .and_then(|n| n.parse::<usize>().ok());
-        let more_bits =
-            |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i as i64 - (layers / 8) as i64).rem_euclid(3) == 2;
+        let more_bits = |i: usize| i < layers / 8 || i >= 7 * layers / 8 || (i - layers / 8) % 3 == 2;
         match layer {
             Some(i) if (name.ends_with(".attn_v.weight") || name.ends_with(".ffn_down.weight")) && more_bits(i) => {
                 GgmlDType::Q6K

@@ -12,7 +12,7 @@ use super::args::{model_dir, ModelArg};
 /// `greencode synth`.
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Shape: codeqwen1.5-7b, flab-cq-5.7b, qwen2.5-coder-1.5b or tiny.
+    /// Shape: codeqwen1.5-7b, flab-cq-5.7b, qwen2.5-coder-1.5b, qwen2.5-coder-7b or tiny.
     #[arg(long)]
     shape: String,
     /// Output folder (Hugging Face layout).

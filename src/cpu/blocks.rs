@@ -208,25 +208,13 @@ impl BlockMatrix {
         Ok(Self { rows, cols, ty, blocks })
     }
 
-    /// Quantizes a row-major `[rows, cols]` f32 matrix with candle's port of
-    /// ggml's reference quantizer (the tests' matrices).
+    /// Quantizes a row-major `[rows, cols]` f32 matrix as llama-quantize
+    /// does ([`super::block_quantize`]).
     pub fn quantize(ty: BlockType, w: &[f32], rows: usize, cols: usize) -> Result<Self, BlockError> {
-        fn q<T: GgmlType>(w: &[f32]) -> Vec<T> {
-            let mut out = vec![T::zeros(); w.len() / T::BLCK_SIZE];
-            T::from_float(w, &mut out);
-            out
-        }
         check_width(ty, cols)?;
         assert_eq!(w.len(), rows * cols, "a [{rows}, {cols}] matrix");
-        let blocks = match ty {
-            BlockType::Q4_0 => Blocks::Q4_0(q(w)),
-            BlockType::Q5_0 => Blocks::Q5_0(q(w)),
-            BlockType::Q5_1 => Blocks::Q5_1(q(w)),
-            BlockType::Q4K => Blocks::Q4K(q(w)),
-            BlockType::Q5K => Blocks::Q5K(q(w)),
-            BlockType::Q6K => Blocks::Q6K(q(w)),
-        };
-        Ok(Self { rows, cols, ty, blocks })
+        let bytes = super::block_quantize::quantize(ty.ggml(), w).expect("every block type is quantized there");
+        Self::from_bytes(ty, rows, cols, &bytes)
     }
 
     /// Rows.

@@ -7,6 +7,7 @@
 //! model: `model::fused` puts them together into a Qwen2 step.
 
 pub mod bf16;
+pub mod block_quantize;
 pub mod blocks;
 pub mod f16;
 pub mod features;

@@ -176,6 +176,44 @@ fn check_shape(path: &Path, name: &str, dims: &[usize], expected: &[Option<usize
     Ok(())
 }
 
+/// The one dtype every weight of the folder is stored in (read from the
+/// safetensors headers alone), or `None` for a GGUF file or mixed dtypes.
+pub fn stored_dtype(path: &Path) -> Result<Option<DType>> {
+    if !path.is_dir() {
+        return Ok(None);
+    }
+    let mut seen = BTreeSet::new();
+    for file in weight_files(path)? {
+        let io = |source| ModelError::Io {
+            path: file.clone(),
+            source,
+        };
+        let mut f = std::fs::File::open(&file).map_err(io)?;
+        let mut len = [0u8; 8];
+        std::io::Read::read_exact(&mut f, &mut len).map_err(io)?;
+        let mut header = vec![0u8; u64::from_le_bytes(len).min(100 << 20) as usize];
+        std::io::Read::read_exact(&mut f, &mut header).map_err(io)?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|source| ModelError::Json {
+            path: file.clone(),
+            source,
+        })?;
+        for (name, info) in header.as_object().into_iter().flatten() {
+            if name != "__metadata__" {
+                seen.insert(info.get("dtype").and_then(|d| d.as_str()).unwrap_or("?").to_owned());
+            }
+        }
+    }
+    Ok(match seen.into_iter().collect::<Vec<_>>().as_slice() {
+        [one] => match one.as_str() {
+            "BF16" => Some(DType::BF16),
+            "F16" => Some(DType::F16),
+            "F32" => Some(DType::F32),
+            _ => None,
+        },
+        _ => None,
+    })
+}
+
 /// The safetensors files of a folder: the shards named by the index, else
 /// `model.safetensors`.
 pub fn weight_files(folder: &Path) -> Result<Vec<PathBuf>> {

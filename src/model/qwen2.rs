@@ -241,30 +241,33 @@ impl Qwen2 {
     /// Every weight under its checkpoint name (`lm_head.weight` only when
     /// untied); quantized matrices come back as their exact f32 values.
     pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        self.named(|lin| Ok(lin.weight()?), |t| Ok(t.clone()))
+        let mut out = Vec::new();
+        self.visit_weights(|name, w| {
+            out.push((name, w.tensor()?));
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// Every weight's checkpoint name and element count, without
     /// materialising any (cheap on a quantized model).
     pub fn named_sizes(&self) -> Vec<(String, usize)> {
-        self.named(
-            |lin| {
-                let (out, inp) = lin.dims();
-                Ok(out * inp)
-            },
-            |t| Ok(t.elem_count()),
-        )
-        .expect("sizes never fail")
+        let mut out = Vec::new();
+        self.visit_weights(|name, w| {
+            out.push((name, w.dims().iter().product()));
+            Ok(())
+        })
+        .expect("sizes never fail");
+        out
     }
 
-    /// Walks every weight in checkpoint order: `matrix` for projections and
-    /// embeddings, `vector` for biases and norms.
-    fn named<T>(
-        &self,
-        matrix: impl Fn(&Linear) -> Result<T>,
-        vector: impl Fn(&Tensor) -> Result<T>,
-    ) -> Result<Vec<(String, T)>> {
-        let mut out = vec![("model.embed_tokens.weight".to_owned(), matrix(&self.embed_tokens)?)];
+    /// Hands every weight to `visit` in checkpoint order, one at a time
+    /// (so a caller can convert and drop each before the next).
+    pub fn visit_weights(&self, mut visit: impl FnMut(String, WeightRef<'_>) -> Result<()>) -> Result<()> {
+        visit(
+            "model.embed_tokens.weight".to_owned(),
+            WeightRef::Matrix(&self.embed_tokens),
+        )?;
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             let a = &l.self_attn;
@@ -274,9 +277,9 @@ impl Qwen2 {
                 ("v_proj", &a.v_proj),
                 ("o_proj", &a.o_proj),
             ] {
-                out.push((format!("{p}.self_attn.{name}.weight"), matrix(lin)?));
+                visit(format!("{p}.self_attn.{name}.weight"), WeightRef::Matrix(lin))?;
                 if let Some(b) = lin.bias() {
-                    out.push((format!("{p}.self_attn.{name}.bias"), vector(b)?));
+                    visit(format!("{p}.self_attn.{name}.bias"), WeightRef::Vector(b))?;
                 }
             }
             for (name, lin) in [
@@ -284,22 +287,22 @@ impl Qwen2 {
                 ("up_proj", &l.mlp.up_proj),
                 ("down_proj", &l.mlp.down_proj),
             ] {
-                out.push((format!("{p}.mlp.{name}.weight"), matrix(lin)?));
+                visit(format!("{p}.mlp.{name}.weight"), WeightRef::Matrix(lin))?;
             }
-            out.push((
+            visit(
                 format!("{p}.input_layernorm.weight"),
-                vector(l.input_layernorm.weight())?,
-            ));
-            out.push((
+                WeightRef::Vector(l.input_layernorm.weight()),
+            )?;
+            visit(
                 format!("{p}.post_attention_layernorm.weight"),
-                vector(l.post_attention_layernorm.weight())?,
-            ));
+                WeightRef::Vector(l.post_attention_layernorm.weight()),
+            )?;
         }
-        out.push(("model.norm.weight".to_owned(), vector(self.norm.weight())?));
+        visit("model.norm.weight".to_owned(), WeightRef::Vector(self.norm.weight()))?;
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".to_owned(), matrix(&self.lm_head)?));
+            visit("lm_head.weight".to_owned(), WeightRef::Matrix(&self.lm_head))?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Final norm and `lm_head`: `[b, t, hidden]` → `[b, t, vocab]`.
@@ -359,5 +362,35 @@ impl Qwen2 {
     /// RoPE cosine and sine tables, `[max_positions, head_dim / 2]` each.
     pub(crate) fn rope_tables(&self) -> (&Tensor, &Tensor) {
         (&self.rope.cos, &self.rope.sin)
+    }
+}
+
+/// A weight as [`Qwen2::visit_weights`] hands it over.
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// A projection or embedding matrix, in whatever form it is held.
+    Matrix(&'a Linear),
+    /// A bias or norm scale.
+    Vector(&'a Tensor),
+}
+
+impl WeightRef<'_> {
+    /// Its shape, outermost first, without materialising it.
+    pub fn dims(&self) -> Vec<usize> {
+        match self {
+            Self::Matrix(lin) => {
+                let (out, inp) = lin.dims();
+                vec![out, inp]
+            }
+            Self::Vector(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// Its values as a tensor (a held matrix as its exact f32 values).
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Self::Matrix(lin) => Ok(lin.weight()?),
+            Self::Vector(t) => Ok((*t).clone()),
+        }
     }
 }

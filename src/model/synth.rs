@@ -1,7 +1,7 @@
 //! Random weights of real model shapes, for benchmarking where the real
 //! weights cannot go (no downloads on the GPU machine; 26 GB of folders do not
 //! travel): the shapes of CodeQwen1.5-7B, its Flab-Pruner 5.7B, Qwen2.5-Coder-1.5B
-//! and tiny-coder, initialised as transformers does (normal, std 0.02; norm
+//! and 7B, and tiny-coder, initialised as transformers does (normal, std 0.02; norm
 //! scales 1), so activations stay in range and greedy decoding never
 //! overflows in bf16. Speed depends only on the shapes.
 //!
@@ -43,13 +43,21 @@ pub enum SynthShape {
     FlabCq57b,
     /// Qwen2.5-Coder-1.5B: 28 layers, hidden 1536, FFN 8960, vocab 151936, tied.
     Qwen25Coder1_5b,
+    /// Qwen2.5-Coder-7B: 28 layers, hidden 3584, FFN 18944, vocab 152064, untied.
+    Qwen25Coder7b,
     /// The embedded tiny-coder's shape: 12 layers, hidden 384, vocab 16384, tied.
     Tiny,
 }
 
 impl SynthShape {
     /// Every shape, in the order the CLI lists them.
-    pub const ALL: [SynthShape; 4] = [Self::CodeQwen7b, Self::FlabCq57b, Self::Qwen25Coder1_5b, Self::Tiny];
+    pub const ALL: [SynthShape; 5] = [
+        Self::CodeQwen7b,
+        Self::FlabCq57b,
+        Self::Qwen25Coder1_5b,
+        Self::Qwen25Coder7b,
+        Self::Tiny,
+    ];
 
     /// The name `--shape` / `--synth` take.
     pub fn name(self) -> &'static str {
@@ -57,6 +65,7 @@ impl SynthShape {
             Self::CodeQwen7b => "codeqwen1.5-7b",
             Self::FlabCq57b => "flab-cq-5.7b",
             Self::Qwen25Coder1_5b => "qwen2.5-coder-1.5b",
+            Self::Qwen25Coder7b => "qwen2.5-coder-7b",
             Self::Tiny => "tiny",
         }
     }
@@ -77,6 +86,7 @@ impl SynthShape {
             Self::CodeQwen7b => (92416, 4096, 13440, 32, 32, 4, 65536, 1_000_000.0, 1e-5, false),
             Self::FlabCq57b => (17176, 4096, 13184, 28, 32, 4, 65536, 1_000_000.0, 1e-5, false),
             Self::Qwen25Coder1_5b => (151936, 1536, 8960, 28, 12, 2, 32768, 1_000_000.0, 1e-6, true),
+            Self::Qwen25Coder7b => (152064, 3584, 18944, 28, 28, 4, 32768, 1_000_000.0, 1e-6, false),
             Self::Tiny => (16384, 384, 1024, 12, 6, 2, 1024, 10_000.0, 1e-6, true),
         };
         json!({
@@ -382,10 +392,11 @@ mod tests {
     #[test]
     fn shapes_have_their_published_sizes() {
         let billions = |s: SynthShape| param_count(&s.config(0).unwrap()) as f64 / 1e9;
-        // CodeQwen1.5-7B is 7.25B; the Flab pruning 5.73B; Qwen2.5-Coder-1.5B 1.54B.
+        // CodeQwen1.5-7B is 7.25B; the Flab pruning 5.73B; Qwen2.5-Coder-1.5B 1.54B, 7B 7.62B.
         assert!((billions(SynthShape::CodeQwen7b) - 7.25).abs() < 0.01);
         assert!((billions(SynthShape::FlabCq57b) - 5.73).abs() < 0.02);
         assert!((billions(SynthShape::Qwen25Coder1_5b) - 1.54).abs() < 0.01);
+        assert!((billions(SynthShape::Qwen25Coder7b) - 7.62).abs() < 0.01);
         let tiny = SynthShape::Tiny.config(0).unwrap();
         assert_eq!(
             (tiny.hidden_size, tiny.num_hidden_layers, tiny.vocab_size),

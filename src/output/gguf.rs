@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType};
+
+use super::gguf_writer::{self, GgufWriter, TensorEntry};
+use crate::cpu::block_quantize;
 use serde::Serialize;
 use serde_json::Value as Json;
 
@@ -81,6 +84,12 @@ impl WeightType {
             }
             _ => default,
         }
+    }
+
+    /// The type the 2-D weight `name` (rows of `cols` values) is written
+    /// in: [`Self::tensor_type`] after llama-quantize's fallbacks.
+    pub fn stored_type(self, name: &str, cols: usize, layers: usize, tied: bool) -> GgmlDType {
+        storage_type(self.tensor_type(name, cols, layers, tied), cols).0
     }
 
     /// llama.cpp's `general.file_type` (`llama_ftype`).
@@ -278,12 +287,17 @@ fn storage_type(asked: GgmlDType, cols: usize) -> (GgmlDType, Option<String>) {
 }
 
 /// Writes the model in `folder` (a Hugging Face folder, or a GGUF file to
-/// convert) to `out` as GGUF with weights of type `ty`.
+/// convert) to `out` as GGUF with weights of type `ty`, one tensor at a
+/// time: a folder of bf16 weights is read in bf16 (exact, and half the
+/// memory of f32), so a 7B model converts on a 24 GiB machine.
 pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport, ExportError> {
-    let LoadedModel { model, tokenizer, .. } = LoadedModel::load_cpu(folder)?;
+    let dtype = match crate::model::load::stored_dtype(folder)? {
+        Some(candle_core::DType::BF16) => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    let LoadedModel { model, tokenizer, .. } = LoadedModel::load(folder, &candle_core::Device::Cpu, dtype)?;
     let cfg = model.config();
     let vocab = read_vocab(&tokenizer, model.vocab_size())?;
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mut report = ExportReport {
         path: out.to_path_buf(),
         tensors: 0,
@@ -291,10 +305,11 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         fallbacks: Vec::new(),
         file_bytes: 0,
     };
-    for (hf, tensor) in model.named_tensors()? {
+    let mut entries = Vec::new();
+    model.visit_weights(|hf, w| {
         let name = gguf_name(&hf).ok_or_else(|| ModelError::Input(format!("no GGUF name for tensor {hf}")))?;
-        let qty = if tensor.rank() == 2 {
-            let cols = tensor.dim(1)?;
+        let dims = w.dims();
+        let qty = if let [_, cols] = dims[..] {
             let asked = ty.tensor_type(&name, cols, cfg.num_hidden_layers, cfg.tie_word_embeddings);
             let (qty, why) = storage_type(asked, cols);
             if let Some(why) = why {
@@ -305,11 +320,12 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         } else {
             GgmlDType::F32
         };
-        let q = QTensor::quantize(&tensor, qty)?;
-        *report.bytes_by_type.entry(format!("{qty:?}")).or_default() += q.storage_size_in_bytes() as u64;
-        tensors.push((name, q));
-    }
-    report.tensors = tensors.len();
+        let entry = TensorEntry { name, dims, ty: qty };
+        *report.bytes_by_type.entry(format!("{qty:?}")).or_default() += entry.bytes() as u64;
+        entries.push(entry);
+        Ok(())
+    })?;
+    report.tensors = entries.len();
     let ffn = model.ffn_widths();
     let ffn_value = if ffn.windows(2).all(|w| w[0] == w[1]) {
         gguf_file::Value::U32(ffn.first().copied().unwrap_or(0) as u32)
@@ -326,7 +342,7 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         ("general.name", s(&name)),
         ("general.file_type", gguf_file::Value::U32(ty.file_type())),
         ("general.quantization_version", u(2)),
-        ("general.alignment", u(32)),
+        ("general.alignment", u(gguf_writer::ALIGNMENT)),
         ("qwen2.block_count", u(model.num_layers())),
         ("qwen2.context_length", u(cfg.max_position_embeddings)),
         ("qwen2.embedding_length", u(cfg.hidden_size)),
@@ -361,8 +377,6 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
     if let Some(from) = &cfg.pruned_from {
         meta.push(("greencode.pruned_from", s(from)));
     }
-    let meta_refs: Vec<(&str, &gguf_file::Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let dir = match out.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -384,9 +398,19 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
             .map_or_else(|| std::io::Error::from(e.kind()), std::io::Error::from_raw_os_error))
     })?;
     {
-        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
-        gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
-        w.flush().map_err(io)?;
+        let file = std::io::BufWriter::new(tmp.as_file_mut());
+        let mut w = GgufWriter::new(file, &meta, entries).map_err(io)?;
+        let model_io = |source| ModelError::Io {
+            path: out.to_path_buf(),
+            source,
+        };
+        model.visit_weights(|_, weight| {
+            let qty = w.next_entry().map(|e| e.ty).expect("the table lists every weight");
+            // One tensor in f32 at a time (2.2 GB for a 7B embedding).
+            let bytes = tensor_bytes(&weight.tensor()?, qty)?;
+            w.tensor(&bytes).map_err(model_io)
+        })?;
+        w.finish().map_err(io)?.flush().map_err(io)?;
     }
     // Temporary files are private (0600); the result is an ordinary file.
     {
@@ -398,6 +422,25 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
     tmp.persist(out).map_err(|e| io(e.error))?;
     report.file_bytes = std::fs::metadata(out).map_err(io)?.len();
     Ok(report)
+}
+
+/// `tensor`'s bytes in `ty` as GGUF stores them: the block types by
+/// llama.cpp's reference quantizers (the bytes llama-quantize writes), f16
+/// and f32 by plain conversion.
+fn tensor_bytes(tensor: &candle_core::Tensor, ty: GgmlDType) -> candle_core::Result<Vec<u8>> {
+    let values = tensor
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    Ok(match ty {
+        GgmlDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlDType::F16 => values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => block_quantize::quantize(ty, &values)
+            .ok_or_else(|| candle_core::Error::Msg(format!("greencode does not write {ty:?}")))?,
+    })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 //! the long stages (`progress`).
 
 pub mod gguf;
+pub mod gguf_writer;
 pub mod hf_folder;
 pub mod out_dir;
 pub mod progress;

@@ -99,7 +99,7 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
 #[derive(Args)]
 pub struct BenchBatchArgs {
     /// Random weights of a real shape built in memory on the device (no
-    /// files): codeqwen1.5-7b, flab-cq-5.7b, qwen2.5-coder-1.5b or tiny.
+    /// files): codeqwen1.5-7b, flab-cq-5.7b, qwen2.5-coder-1.5b, qwen2.5-coder-7b or tiny.
     #[arg(long, conflicts_with = "model")]
     synth: Option<String>,
     #[command(flatten)]

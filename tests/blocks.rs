@@ -1,9 +1,8 @@
 //! llama.cpp's block formats as greencode holds them: dequantization equal
 //! bit for bit to the `gguf` package's (llama.cpp's reference in numpy),
-//! decode-sized products close to f32 arithmetic on the dequantized values
-//! and bit-identical whatever the batch, prompt-sized ones the tiled f32
-//! kernel on the dequantized rows, and a model loaded from a GGUF file
-//! holding exactly the file's bytes.
+//! and a model loaded from a GGUF file holding exactly the file's bytes.
+//! The products of every form on every instruction-set path are in
+//! `tests/kernel_paths.rs`.
 
 mod common;
 
@@ -13,8 +12,6 @@ use std::process::Command;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use greencode::cpu::blocks::{BlockMatrix, BlockType};
-use greencode::cpu::gemm::gemm_multi;
-use greencode::cpu::matvec::{matvec_multi, Projection, Weights};
 use greencode::cpu::quant::Q8Matrix;
 use greencode::generate::loaded::LoadedModel;
 use rand::{Rng, SeedableRng};
@@ -41,14 +38,6 @@ fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
             }
         })
         .collect()
-}
-
-/// Activations: uniform in [-1, 1) from `seed` (8-bit block quantization
-/// of rows with outliers far above the rest would lose the rest, in
-/// llama.cpp as here).
-fn activations(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..rows * cols).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
 }
 
 /// Columns of a test matrix for `ty`: a few blocks, an odd count of them.
@@ -102,75 +91,6 @@ fn dequantization_equals_llama_cpps_reference() {
             "{name}: {differ} of {} values differ from llama.cpp's",
             ours.len()
         );
-    }
-}
-
-/// `[rows, out]` products of `x` with `m` by the path a step of `rows` rows
-/// takes (matrix × vector up to 16 rows, the tiled path above), on `threads`.
-fn product(m: &BlockMatrix, x: &[f32], rows: usize, threads: usize, tiled: bool) -> Vec<f32> {
-    let mut y = vec![0f32; rows * m.rows()];
-    let mut p = [Projection {
-        w: Weights::Blocks(m),
-        out: m.rows(),
-        y: &mut y,
-    }];
-    if tiled {
-        gemm_multi(x, rows, m.cols(), &mut p, threads);
-    } else {
-        matvec_multi(x, rows, m.cols(), &mut p, threads);
-    }
-    y
-}
-
-#[test]
-fn products_follow_the_dequantized_weights_and_the_batch_changes_no_bit_of_a_decoded_row() {
-    greencode::cpu::threads::init(2);
-    let out = 37;
-    for ty in TYPES {
-        let cols = width(ty);
-        let m = BlockMatrix::quantize(ty, &weights(out, cols, 2), out, cols).unwrap();
-        let deq = m.dequantize();
-        let x = activations(100, cols, 3);
-        // Each row alone, on one thread: the reference bits.
-        let alone: Vec<Vec<f32>> = (0..100)
-            .map(|r| product(&m, &x[r * cols..(r + 1) * cols], 1, 1, false))
-            .collect();
-        let mut worst = 0f64;
-        for (r, row) in alone.iter().enumerate() {
-            for (o, &got) in row.iter().enumerate() {
-                let terms = (0..cols).map(|i| deq[o * cols + i] as f64 * x[r * cols + i] as f64);
-                let exact: f64 = terms.clone().sum();
-                let scale: f64 = terms.map(f64::abs).sum();
-                worst = worst.max((got as f64 - exact).abs() / scale);
-            }
-        }
-        // The activations are quantized to 8 bits per block, as llama.cpp does:
-        // each product within 2% of Σ|w·x| of the exact f64 one.
-        // Measured: 1.1% (Q4_0, Q5_0 with Q8_0 inputs), 0.7% (Q5_1), 0.4% (k-quants).
-        assert!(worst < 0.02, "{ty:?}: error {worst:.2e} of Σ|w·x|");
-        // Decode-sized products (matrix × vector): each row has the bits it
-        // has alone, whatever the batch and the threads.
-        for rows in [1, 2, 3, 8, 16] {
-            for threads in [1, 2] {
-                let y = product(&m, &x[..rows * cols], rows, threads, false);
-                for (r, want) in alone.iter().enumerate().take(rows) {
-                    let got = &y[r * out..(r + 1) * out];
-                    assert!(
-                        got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{ty:?}: row {r} of {rows} ({threads} threads) differs from the row alone"
-                    );
-                }
-            }
-        }
-        // Prompt-sized products: the tiled f32 kernel on the dequantized
-        // rows, bit for bit, at any row count and thread count.
-        for rows in [3, 17, 100] {
-            let want = greencode::cpu::matvec::matvec(&x[..rows * cols], &deq, rows, cols, out, 1);
-            for threads in [1, 2] {
-                let y = product(&m, &x[..rows * cols], rows, threads, true);
-                assert!(y == want, "{ty:?}: tiled product of {rows} rows ({threads} threads)");
-            }
-        }
     }
 }
 

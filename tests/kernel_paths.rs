@@ -3,7 +3,8 @@
 //! AVX-512): each decoded row within a stated tolerance of exact
 //! arithmetic on the values the kernels hold, and bit-identical whatever
 //! the batch and the threads; prompt-sized products for the block types
-//! the tiled f32 kernel on the dequantized rows, bit for bit. Rows 1, 2, 3,
+//! the tiled f32 kernel on the dequantized rows, bit for bit, and for f32,
+//! bf16 and f16 the bits of each row decoded alone. Rows 1, 2, 3,
 //! 8, 16 (matrix × vector) and 3, 17, 100 (tiled), odd block counts a row.
 //!
 //! One test in its own binary: the cap is process-wide, and no other test
@@ -195,6 +196,16 @@ fn every_form_on_every_instruction_set_path() {
                     let y = product(w, out, cols, &x[..rows * cols], rows, threads, true);
                     if matches!(form, Form::Blocks(_)) {
                         assert!(y == want, "{what}: tiled product of {rows} rows ({threads} threads)");
+                    } else if matches!(form, Form::F32(_) | Form::Bf16(_) | Form::F16(_)) {
+                        // Widened exactly, these run the decode path's
+                        // arithmetic: a prompt row has the bits of the row alone.
+                        for (r, want) in alone.iter().enumerate().take(rows) {
+                            let got = &y[r * out..(r + 1) * out];
+                            assert!(
+                                got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{what}: tiled row {r} of {rows} ({threads} threads) differs from the row alone"
+                            );
+                        }
                     } else {
                         let worst =
                             worst_error(&y.chunks(out).map(<[f32]>::to_vec).collect::<Vec<_>>(), &held, &x, cols);

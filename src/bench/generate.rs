@@ -26,6 +26,8 @@ pub struct BenchConfig {
     pub new_tokens: usize,
     /// Measured passes (one unmeasured warm-up pass runs first).
     pub passes: usize,
+    /// Measure the memory read bandwidth after the passes (for the floor).
+    pub measure_bandwidth: bool,
 }
 
 /// One measured pass.
@@ -100,6 +102,19 @@ pub struct BenchReport {
     /// The meter that measured them (`nvml`, `rapl`, `estimated`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub energy_source: Option<&'static str>,
+    /// Weight bytes a decoded token reads (every matrix once; the
+    /// embedding only as the tied output matrix).
+    pub weight_bytes_per_token: usize,
+    /// The machine's read bandwidth measured in this run on the same
+    /// threads, GB/s (`None` where not measured: on a GPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bandwidth_gbs: Option<f64>,
+    /// Decode speed the bandwidth allows: bandwidth ÷ bytes per token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor_tokens_per_second: Option<f64>,
+    /// Median decode speed over that floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub share_of_floor: Option<f64>,
 }
 
 /// The first `n` tokens of the benchmark text (repeated if it is shorter).
@@ -164,7 +179,17 @@ pub fn bench_generate(
         progress(i, &pass);
         passes.push(pass);
     }
+    let bytes = super::batch::weight_bytes_per_step(model);
+    let bandwidth = cfg
+        .measure_bandwidth
+        .then(|| super::bandwidth::read_bandwidth(threads, 3));
+    let floor = bandwidth.map(|bw| bw / bytes as f64);
+    let decode = Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect());
     Ok(BenchReport {
+        weight_bytes_per_token: bytes,
+        bandwidth_gbs: bandwidth.map(|b| b / 1e9),
+        floor_tokens_per_second: floor,
+        share_of_floor: floor.map(|f| decode.median / f),
         prompt_tokens: cfg.prompt_tokens,
         new_tokens: cfg.new_tokens,
         threads,
@@ -173,7 +198,7 @@ pub fn bench_generate(
         machine: crate::cpu::features::machine(),
         ttft_ms: Spread::of(passes.iter().map(|p| p.ttft_ms).collect()),
         prompt_tokens_per_second: Spread::of(passes.iter().map(|p| p.prompt_tokens_per_second).collect()),
-        decode_tokens_per_second: Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect()),
+        decode_tokens_per_second: decode,
         joules_per_token: passes
             .iter()
             .map(|p| p.joules_per_token)

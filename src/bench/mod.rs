@@ -4,8 +4,10 @@
 //! (`serve`), many short and abandoned requests (`soak`), the custom
 //! kernels against the candle path (`kernels`), and the `greencode serve`
 //! child process the load generators start (`server`, shared with the
-//! integration tests).
+//! integration tests), and the memory bandwidth the floors divide by
+//! (`bandwidth`).
 
+pub mod bandwidth;
 pub mod batch;
 pub mod generate;
 pub mod kernels;

@@ -18,7 +18,7 @@
 //! (`WeightElem`, `Operands`, the widening buffers) that splitting would
 //! have to make crate-visible.
 
-use super::matvec::{Projection, Weights};
+use super::matvec::{Projection, Weights, MAX_ROWS};
 
 /// Input rows per register tile.
 const TILE_ROWS: usize = 4;
@@ -134,6 +134,29 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
         TASK_COLS,
         threads > 1,
         |w, cols, y| match w {
+            // Prompts on AVX-512: the task's rows in f32, pair-interleaved,
+            // through the paired tiles (the same bits as the AVX2 tiles).
+            _ if rows > MAX_ROWS && super::gemm_avx512::available() => DEQUANTIZED.with(|buf| {
+                PAIRED.with(|paired| {
+                    let (mut buf, mut paired) = (buf.borrow_mut(), paired.borrow_mut());
+                    let rows_f32: &[f32] = match w {
+                        Weights::F32(w) => &w[cols.start * inp..cols.end * inp],
+                        _ => {
+                            buf.resize(cols.len() * inp, 0.0);
+                            for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
+                                w.row_to_f32(cols.start + i, row);
+                            }
+                            &buf
+                        }
+                    };
+                    super::gemm_avx512::interleave(rows_f32, cols.len(), inp, &mut paired);
+                    let lo = cols.start;
+                    // SAFETY: this task alone writes these columns.
+                    super::gemm_avx512::tiles(x, inp, rows, &paired, cols.len(), inp, |r, c, v| unsafe {
+                        y.store(r, lo + c, v)
+                    });
+                })
+            }),
             // SAFETY (both stores): this task alone writes these columns.
             Weights::F32(w) => tiles(x, inp, rows, w, inp, cols, inp, |r, c, v| unsafe { y.store(r, c, v) }),
             // The task's weight rows in f32 first: the tiles then run the
@@ -229,6 +252,8 @@ thread_local! {
     static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A task's Q8_0 or bf16 weight rows in f32, reused from task to task.
     static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A task's weight rows pair-interleaved for the AVX-512 tiles.
+    static PAIRED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Columns `cols` of `x·Wᵀ` for every row, handed to `store(row, col, value)`.

@@ -12,6 +12,7 @@ pub mod blocks;
 pub mod f16;
 pub mod features;
 pub mod gemm;
+pub mod gemm_avx512;
 pub mod host_ops;
 pub mod matvec;
 pub mod quant;

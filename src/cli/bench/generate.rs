@@ -32,6 +32,11 @@ pub struct BenchGenerateArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// Also measure the machine's memory read bandwidth (1 GiB read on the
+    /// same threads, after the passes) and report the decode speed's share
+    /// of the floor it sets.
+    #[arg(long)]
+    measure_bandwidth: bool,
     #[command(flatten)]
     batch: BenchBatchArgs,
 }
@@ -52,6 +57,7 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
         prompt_tokens: a.prompt_tokens,
         new_tokens: a.new_tokens,
         passes: a.passes,
+        measure_bandwidth: a.measure_bandwidth,
     };
     let show = a.format == Format::Text;
     let power = PowerModel::default_for(threads::default_threads());
@@ -81,6 +87,18 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             println!("time to first token (ms): {}", s(&report.ttft_ms));
             println!("prompt tokens/s:          {}", s(&report.prompt_tokens_per_second));
             println!("decode tokens/s:          {}", s(&report.decode_tokens_per_second));
+            println!(
+                "weights read per token:   {:.1} MB",
+                report.weight_bytes_per_token as f64 / 1e6
+            );
+            if let (Some(bw), Some(f), Some(share)) = (
+                report.bandwidth_gbs,
+                report.floor_tokens_per_second,
+                report.share_of_floor,
+            ) {
+                println!("memory bandwidth:         {bw:.1} GB/s (read, {threads} threads, this run)");
+                println!("bandwidth floor:          {f:.1} tok/s ({:.0}% reached)", share * 100.0);
+            }
             if let (Some(j), Some(src)) = (&report.joules_per_token, report.energy_source) {
                 let mj = |x: f64| x * 1e3;
                 println!(

@@ -253,7 +253,7 @@ thread_local! {
     /// A task's Q8_0 or bf16 weight rows in f32, reused from task to task.
     static DEQUANTIZED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A task's weight rows pair-interleaved for the AVX-512 tiles.
-    static PAIRED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PAIRED: std::cell::RefCell<super::gemm_avx512::Paired> = std::cell::RefCell::new(Default::default());
 }
 
 /// Columns `cols` of `x·Wᵀ` for every row, handed to `store(row, col, value)`.

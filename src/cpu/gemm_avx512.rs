@@ -123,6 +123,7 @@ thread_local! {
 }
 
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn blocks(
     x: &[f32],

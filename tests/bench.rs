@@ -1,5 +1,5 @@
 //! `greencode bench generate --format json` on tiny-coder: every pass timed
-//! and metered.
+//! and metered, and the memory-bandwidth floor.
 
 mod common;
 
@@ -17,12 +17,25 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
         "8",
         "--passes",
         "2",
+        "--measure-bandwidth",
         "--format",
         "json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["passes"].as_array().unwrap().len(), 2);
+    // The floor: tiny-coder's matrices in bf16 (the tied embedding once, as
+    // the output matrix), the bandwidth measured, the share of it reached.
+    let bytes = r["weight_bytes_per_token"].as_f64().unwrap();
+    assert!((40e6..60e6).contains(&bytes), "{r}");
+    let (bw, floor) = (
+        r["bandwidth_gbs"].as_f64().unwrap(),
+        r["floor_tokens_per_second"].as_f64().unwrap(),
+    );
+    assert!(bw > 0.1 && (floor - bw * 1e9 / bytes).abs() < 1e-6 * floor, "{r}");
+    let share = r["share_of_floor"].as_f64().unwrap();
+    let decode = r["decode_tokens_per_second"]["median"].as_f64().unwrap();
+    assert!((share - decode / floor).abs() < 1e-9 * share.max(1.0), "{r}");
     for key in [
         "ttft_ms",
         "prompt_tokens_per_second",
@@ -44,8 +57,8 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
     assert!(
         [
             "avx2+fma",
-            "avx2+fma, q8_0 avx512f",
-            "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw",
+            "avx2+fma, q8_0 avx512f, prompts avx512f",
+            "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f",
             "portable"
         ]
         .contains(&r["kernels"].as_str().unwrap()),

@@ -296,7 +296,7 @@ impl BlockMatrix {
                 if super::features::avx512bw() {
                     // SAFETY: the CPU has AVX-512F and BW (checked just above);
                     // `x` and `y` are blocks of one row.
-                    return unsafe { avx512::dot_q4k_q8k(x, y) };
+                    return unsafe { avx512::dot_q4k_q8k_rows::<1>([x], y)[0] };
                 }
                 BlockQ4K::vec_dot(self.cols, x, y)
             }
@@ -309,7 +309,7 @@ impl BlockMatrix {
                 if super::features::avx512bw() {
                     // SAFETY: the CPU has AVX-512F and BW (checked just above);
                     // `x` and `y` are blocks of one row.
-                    return unsafe { avx512::dot_q6k_q8k(x, y) };
+                    return unsafe { avx512::dot_q6k_q8k_rows::<1>([x], y)[0] };
                 }
                 BlockQ6K::vec_dot(self.cols, x, y)
             }
@@ -351,12 +351,64 @@ impl BlockMatrix {
         cols: std::ops::Range<usize>,
         mut store: impl FnMut(usize, usize, f32),
     ) {
+        // Four weight rows at a time against each input row on AVX-512BW
+        // (Q4_K, Q6_K): the activations' registers are built once for the
+        // four; the rest row by row, with the same arithmetic.
+        #[cfg(target_arch = "x86_64")]
+        if super::features::avx512bw() {
+            let n = self.blocks_per_row();
+            let four = match (&self.blocks, input) {
+                (Blocks::Q4K(b), QuantizedInput::Q8K(q)) => Some(Four::Q4K(b, q)),
+                (Blocks::Q6K(b), QuantizedInput::Q8K(q)) => Some(Four::Q6K(b, q)),
+                _ => None,
+            };
+            if let Some(four) = four {
+                let mut o = cols.start;
+                while o + 4 <= cols.end {
+                    for r in 0..rows {
+                        let range = |i: usize| (o + i) * n..(o + i + 1) * n;
+                        // SAFETY: the CPU has AVX-512F/BW and F16C (checked
+                        // above); the rows are whole rows of blocks.
+                        let v = unsafe {
+                            match four {
+                                Four::Q4K(b, q) => avx512::dot_q4k_q8k_rows::<4>(
+                                    std::array::from_fn(|i| &b[range(i)]),
+                                    input_row(q, r, self.cols),
+                                ),
+                                Four::Q6K(b, q) => avx512::dot_q6k_q8k_rows::<4>(
+                                    std::array::from_fn(|i| &b[range(i)]),
+                                    input_row(q, r, self.cols),
+                                ),
+                            }
+                        };
+                        for (i, v) in v.into_iter().enumerate() {
+                            store(r, o + i, v);
+                        }
+                    }
+                    o += 4;
+                }
+                for o in o..cols.end {
+                    for r in 0..rows {
+                        store(r, o, self.dot(o, input, r));
+                    }
+                }
+                return;
+            }
+        }
         for o in cols {
             for r in 0..rows {
                 store(r, o, self.dot(o, input, r));
             }
         }
     }
+}
+
+/// The weight and activation blocks of a product the four-row kernels take.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+enum Four<'a> {
+    Q4K(&'a [BlockQ4K], &'a [BlockQ8K]),
+    Q6K(&'a [BlockQ6K], &'a [BlockQ8K]),
 }
 
 /// ggml's AVX2 dot products of Q5_0 × Q8_0 and Q5_1 × Q8_1 blocks (candle
@@ -478,7 +530,6 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
-    use half::f16;
 
     const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144 && std::mem::size_of::<BlockQ8K>() == 292);
     const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
@@ -514,13 +565,18 @@ mod avx512 {
         _mm512_cvtepi8_epi16(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi))
     }
 
-    /// Σ over the blocks of `x` (Q6_K) and `y` (Q8_K, as many): ggml's AVX2
-    /// algorithm on 512-bit registers. Q6_K = ql (128 bytes: low 4 bits),
-    /// qh (64: high 2 bits), scales (16 × i8, one per 16 values), d (f16);
-    /// a value is `d · scale · (q − 32)`.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub(super) unsafe fn dot_q6k_q8k(x: &[BlockQ6K], y: &[BlockQ8K]) -> f32 {
-        assert_eq!(x.len(), y.len());
+    /// Σ over the blocks of `x` (Q6_K) and `y` (Q8_K, as many) for `R`
+    /// weight rows against one activation row: ggml's AVX2 algorithm on
+    /// 512-bit registers, the activations' registers (and their `32·y`
+    /// terms) built once per block for all `R` rows; each row's arithmetic
+    /// is the same whatever `R`. Q6_K = ql (128 bytes: low 4 bits), qh (64:
+    /// high 2 bits), scales (16 × i8, one per 16 values), d (f16); a value
+    /// is `d · scale · (q − 32)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q6k_q8k_rows<const R: usize>(x: [&[BlockQ6K]; R], y: &[BlockQ8K]) -> [f32; R] {
+        for row in &x {
+            assert_eq!(row.len(), y.len());
+        }
         let m4 = _mm512_set1_epi8(0xF);
         let m2 = _mm512_set1_epi8(3);
         let m32 = _mm512_set1_epi8(32);
@@ -530,51 +586,164 @@ mod avx512 {
             _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
         };
         let (s01, s23) = (shifts(0, 2), shifts(4, 6));
-        let mut acc = _mm512_setzero_ps();
-        for (xb, yb) in x.iter().zip(y) {
-            let (xp, yp) = (xb as *const BlockQ6K as *const u8, yb as *const BlockQ8K as *const u8);
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, yb) in y.iter().enumerate() {
+            let yp = yb as *const BlockQ8K as *const u8;
             let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
-            let d = yd * f16::from_le_bytes([*xp.add(208), *xp.add(209)]).to_f32();
-            let scales = _mm_loadu_si128(xp.add(192) as *const __m128i);
-            let (ql, qh, q8) = (xp, xp.add(128), yp.add(4));
-            let mut sumi = _mm512_setzero_si512();
-            for (j, masks) in Q6K_SCALE_SHUFFLES.iter().enumerate() {
-                let low = _mm512_loadu_si512(ql.add(64 * j) as *const _);
-                let high = _mm256_loadu_si256(qh.add(32 * j) as *const __m256i);
-                let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
-                // Values 0–63 and 64–127 of this half, 6 bits each.
-                let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
-                let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
-                let v01 = _mm512_or_si512(_mm512_and_si512(low, m4), h01);
-                let v23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23);
+            let q8 = yp.add(4);
+            // Per half j: activations of values 0–63 and 64–127, and 32·y.
+            let mut ys = [[_mm512_setzero_si512(); 4]; 2];
+            for (j, half) in ys.iter_mut().enumerate() {
                 let y01 = _mm512_loadu_si512(q8.add(128 * j) as *const _);
                 let y23 = _mm512_loadu_si512(q8.add(128 * j + 64) as *const _);
-                // (q − 32)·y as q·y − 32·y.
-                let p01 = _mm512_sub_epi16(_mm512_maddubs_epi16(v01, y01), _mm512_maddubs_epi16(m32, y01));
-                let p23 = _mm512_sub_epi16(_mm512_maddubs_epi16(v23, y23), _mm512_maddubs_epi16(m32, y23));
-                let p01 = _mm512_madd_epi16(spread(scales, &masks[0], &masks[1]), p01);
-                let p23 = _mm512_madd_epi16(spread(scales, &masks[2], &masks[3]), p23);
-                sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p01, p23));
+                *half = [y01, y23, _mm512_maddubs_epi16(m32, y01), _mm512_maddubs_epi16(m32, y23)];
             }
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
+            for i in 0..R {
+                let xp = &x[i][b] as *const BlockQ6K as *const u8;
+                let d = yd
+                    * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        (xp.add(208) as *const u16).read_unaligned(),
+                    ))));
+                let scales = _mm_loadu_si128(xp.add(192) as *const __m128i);
+                let (ql, qh) = (xp, xp.add(128));
+                let mut sumi = _mm512_setzero_si512();
+                for (j, masks) in Q6K_SCALE_SHUFFLES.iter().enumerate() {
+                    let low = _mm512_loadu_si512(ql.add(64 * j) as *const _);
+                    let high = _mm256_loadu_si256(qh.add(32 * j) as *const __m256i);
+                    let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
+                    // Values 0–63 and 64–127 of this half, 6 bits each.
+                    let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
+                    let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
+                    let v01 = _mm512_or_si512(_mm512_and_si512(low, m4), h01);
+                    let v23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23);
+                    let [y01, y23, s01y, s23y] = ys[j];
+                    // (q − 32)·y as q·y − 32·y.
+                    let p01 = _mm512_sub_epi16(_mm512_maddubs_epi16(v01, y01), s01y);
+                    let p23 = _mm512_sub_epi16(_mm512_maddubs_epi16(v23, y23), s23y);
+                    let p01 = _mm512_madd_epi16(spread(scales, &masks[0], &masks[1]), p01);
+                    let p23 = _mm512_madd_epi16(spread(scales, &masks[2], &masks[3]), p23);
+                    sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p01, p23));
+                }
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc[i]);
+            }
         }
-        _mm512_reduce_add_ps(acc)
+        let mut out = [0f32; R];
+        for i in 0..R {
+            out[i] = _mm512_reduce_add_ps(acc[i]);
+        }
+        out
     }
 
-    /// The eight scales and eight minimums of a Q4_K block's 12 bytes.
+    /// A Q4_K block's 12 bytes of 6-bit scales and minimums as 16 bytes:
+    /// the eight scales, then the eight minimums (ggml's word arithmetic).
     #[inline]
-    fn scales_and_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-        let mut scales = [0u8; 8];
-        let mut mins = [0u8; 8];
-        for j in 0..4 {
-            scales[j] = s[j] & 63;
-            mins[j] = s[j + 4] & 63;
+    fn scales_and_mins(s: *const u8) -> [u32; 4] {
+        const K1: u32 = 0x3f3f_3f3f;
+        const K2: u32 = 0x0f0f_0f0f;
+        const K3: u32 = 0x0303_0303;
+        // SAFETY (caller): `s` points at a block's 12 scale bytes.
+        let w = |i: usize| {
+            u32::from_le_bytes(unsafe { [*s.add(4 * i), *s.add(4 * i + 1), *s.add(4 * i + 2), *s.add(4 * i + 3)] })
+        };
+        let (w0, w1, w2) = (w(0), w(1), w(2));
+        [
+            w0 & K1,
+            (w2 & K2) | (((w0 >> 6) & K3) << 4),
+            w1 & K1,
+            ((w2 >> 4) & K2) | (((w1 >> 6) & K3) << 4),
+        ]
+    }
+
+    /// Lane indices that spread eight i16 scales over 32 lanes: `a` for
+    /// lanes 0–15, `b` for 16–31.
+    const fn spread_index(a: u16, b: u16) -> [u16; 32] {
+        let mut out = [0u16; 32];
+        let mut i = 0;
+        while i < 32 {
+            out[i] = if i < 16 { a } else { b };
+            i += 1;
         }
-        for j in 4..8 {
-            scales[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mins[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        out
+    }
+
+    /// Per half of a block, the scales of its low nibbles (sub-blocks
+    /// 4·half and 4·half + 2) and of its high nibbles (+ 1, + 3).
+    const SPREAD: [[[u16; 32]; 2]; 2] = [
+        [spread_index(0, 2), spread_index(1, 3)],
+        [spread_index(4, 6), spread_index(5, 7)],
+    ];
+
+    /// Σ over the blocks of `x` (Q4_K) and `y` (Q8_K, as many) for `R`
+    /// weight rows against one activation row: the activations' registers
+    /// and minimum sums are built once per block for all `R` rows. Each
+    /// row's arithmetic is the same whatever `R` (the same bits).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4k_q8k_rows<const R: usize>(x: [&[BlockQ4K]; R], y: &[BlockQ8K]) -> [f32; R] {
+        for row in &x {
+            assert_eq!(row.len(), y.len());
         }
-        (scales, mins)
+        let m4 = _mm512_set1_epi8(0xF);
+        let spread: [[__m512i; 2]; 2] = [
+            [
+                _mm512_loadu_si512(SPREAD[0][0].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[0][1].as_ptr() as *const _),
+            ],
+            [
+                _mm512_loadu_si512(SPREAD[1][0].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[1][1].as_ptr() as *const _),
+            ],
+        ];
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut mins_total = [0f32; R];
+        for (b, yb) in y.iter().enumerate() {
+            let yp = yb as *const BlockQ8K as *const u8;
+            let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
+            // The sums of sub-blocks' 32 activations, from the 16 sums of 16.
+            let bsums = yp.add(260);
+            let sums = _mm_hadd_epi16(
+                _mm_loadu_si128(bsums as *const __m128i),
+                _mm_loadu_si128(bsums.add(16) as *const __m128i),
+            );
+            let q8 = yp.add(4);
+            // Low nibbles meet values [0, 32) and [64, 96) of each half,
+            // high nibbles [32, 64) and [96, 128).
+            let ys = [
+                [join(q8, q8.add(64)), join(q8.add(32), q8.add(96))],
+                [join(q8.add(128), q8.add(192)), join(q8.add(160), q8.add(224))],
+            ];
+            for i in 0..R {
+                let xp = &x[i][b] as *const BlockQ4K as *const u8;
+                let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
+                let d = yd * _mm_cvtss_f32(dd);
+                let dmin = yd * _mm_cvtss_f32(_mm_movehdup_ps(dd));
+                let sm = scales_and_mins(xp.add(4));
+                let packed = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+                let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(packed));
+                // Σ_j min_j · (sub-block j's activation sum), exactly in i32.
+                let m = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(packed)), sums);
+                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+                mins_total[i] += dmin * _mm_cvtsi128_si32(m) as f32;
+                let q4 = xp.add(16);
+                let mut sumi = _mm512_setzero_si512();
+                for half in 0..2 {
+                    let bits = _mm512_loadu_si512(q4.add(64 * half) as *const _);
+                    let lo = _mm512_and_si512(bits, m4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4);
+                    let s_lo = _mm512_permutexvar_epi16(spread[half][0], scales);
+                    let s_hi = _mm512_permutexvar_epi16(spread[half][1], scales);
+                    let p_lo = _mm512_madd_epi16(s_lo, _mm512_maddubs_epi16(lo, ys[half][0]));
+                    let p_hi = _mm512_madd_epi16(s_hi, _mm512_maddubs_epi16(hi, ys[half][1]));
+                    sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p_lo, p_hi));
+                }
+                acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc[i]);
+            }
+        }
+        let mut out = [0f32; R];
+        for i in 0..R {
+            out[i] = _mm512_reduce_add_ps(acc[i]) - mins_total[i];
+        }
+        out
     }
 
     /// Two 32-byte halves as one 64-byte register.
@@ -584,59 +753,6 @@ mod avx512 {
         let a = _mm256_loadu_si256(lo as *const __m256i);
         let b = _mm256_loadu_si256(hi as *const __m256i);
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
-    }
-
-    /// Sixteen i16 lanes of `a`, then sixteen of `b`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2")]
-    unsafe fn halves16(a: i16, b: i16) -> __m512i {
-        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
-    }
-
-    /// Σ over the blocks of `x` (Q4_K) and `y` (Q8_K, as many).
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub(super) unsafe fn dot_q4k_q8k(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
-        assert_eq!(x.len(), y.len());
-        let m4 = _mm512_set1_epi8(0xF);
-        let mut acc = _mm512_setzero_ps();
-        let mut mins_total = 0f32;
-        for (xb, yb) in x.iter().zip(y) {
-            let (xp, yp) = (xb as *const BlockQ4K as *const u8, yb as *const BlockQ8K as *const u8);
-            let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
-            let d = yd * f16::from_le_bytes([*xp, *xp.add(1)]).to_f32();
-            let dmin = yd * f16::from_le_bytes([*xp.add(2), *xp.add(3)]).to_f32();
-            let (scales, mins) = scales_and_mins(&*(xp.add(4) as *const [u8; 12]));
-            let bsums = yp.add(260) as *const i16;
-            let mut msum = 0i32;
-            // Σ_j min_j · (the sum of sub-block j's 32 activations), from
-            // the 16 sums of 16 the Q8_K block carries (scalar: faster here
-            // than a 128-bit horizontal add, measured).
-            for (j, &m) in mins.iter().enumerate() {
-                let s = i32::from(bsums.add(2 * j).read_unaligned()) + i32::from(bsums.add(2 * j + 1).read_unaligned());
-                msum += i32::from(m) * s;
-            }
-            mins_total += dmin * msum as f32;
-            let (q4, q8) = (xp.add(16), yp.add(4));
-            let mut sumi = _mm512_setzero_si512();
-            for half in 0..2 {
-                // 64 bytes of nibbles: values 128·half + [0, 64) and [64, 128).
-                let bits = _mm512_loadu_si512(q4.add(64 * half) as *const _);
-                let lo = _mm512_and_si512(bits, m4);
-                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4);
-                let base = 128 * half;
-                // Low nibbles: sub-blocks 4·half and 4·half + 2; high: + 1 and + 3.
-                let y_lo = join(q8.add(base), q8.add(base + 64));
-                let y_hi = join(q8.add(base + 32), q8.add(base + 96));
-                let j = 4 * half;
-                let s_lo = halves16(i16::from(scales[j]), i16::from(scales[j + 2]));
-                let s_hi = halves16(i16::from(scales[j + 1]), i16::from(scales[j + 3]));
-                let p_lo = _mm512_madd_epi16(s_lo, _mm512_maddubs_epi16(lo, y_lo));
-                let p_hi = _mm512_madd_epi16(s_hi, _mm512_maddubs_epi16(hi, y_hi));
-                sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p_lo, p_hi));
-            }
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(sumi), acc);
-        }
-        _mm512_reduce_add_ps(acc) - mins_total
     }
 }
 

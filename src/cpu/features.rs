@@ -100,12 +100,13 @@ pub fn avx512bw() -> bool {
 }
 
 /// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0,
-/// Q4_K and Q6_K dot products where present) or `portable`.
+/// Q4_K and Q6_K dot products and for prompt-sized products where
+/// present) or `portable`.
 pub fn kernels() -> &'static str {
     if avx512bw() {
-        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw"
+        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f"
     } else if avx512() {
-        "avx2+fma, q8_0 avx512f"
+        "avx2+fma, q8_0 avx512f, prompts avx512f"
     } else if avx2() {
         "avx2+fma"
     } else {

@@ -114,6 +114,9 @@ pub fn tiles(
 /// while the weights of every pair of the task pass through it from L2.
 const CHUNK: usize = 512;
 
+/// Bytes of a task's paired weights above which chunks go outermost.
+const L2_WEIGHTS: usize = 1 << 20;
+
 /// Floats of accumulator state a tile parks between chunks.
 const TILE_STATE: usize = TILE_ROWS * TILE_PAIRS * 16;
 
@@ -138,38 +141,60 @@ unsafe fn blocks(
     let pairs = cols.div_ceil(2);
     let full = k / 8 * 8;
     let chunks = full.div_ceil(CHUNK).max(1);
+    let (row_tiles, pair_tiles) = (rows.div_ceil(TILE_ROWS), pairs.div_ceil(TILE_PAIRS));
+    // A task's weights beyond L2 (a 7B FFN's down projection: 48 rows of
+    // 18,944) would pass from L3 once per row tile: then every row tile
+    // takes a chunk before the next chunk, so a chunk's weights stay in L2.
+    let chunk_outer = chunks > 1 && pairs * stride * 4 > L2_WEIGHTS;
     STATE.with(|state| {
         let mut state = state.borrow_mut();
-        state.resize(pairs.div_ceil(TILE_PAIRS) * TILE_STATE, 0.0);
-        for r in (0..rows).step_by(TILE_ROWS) {
-            let rn = TILE_ROWS.min(rows - r);
-            let xt = x.as_ptr().add(r * ldx);
+        let parked = if chunk_outer {
+            row_tiles * pair_tiles
+        } else {
+            pair_tiles
+        };
+        state.resize(parked * TILE_STATE, 0.0);
+        let state = state.as_mut_ptr();
+        let mut one = |rt: usize, chunk: usize, t: usize, slot: usize| {
+            let (r, p) = (rt * TILE_ROWS, t * TILE_PAIRS);
+            let (rn, pn) = (TILE_ROWS.min(rows - r), TILE_PAIRS.min(pairs - p));
+            let steps = Steps {
+                start: chunk * CHUNK,
+                end: ((chunk + 1) * CHUNK).min(full),
+                first: chunk == 0,
+                last: chunk + 1 == chunks,
+            };
+            let tile = Tile {
+                x: x.as_ptr().add(r * ldx),
+                ldx,
+                w: paired.as_ptr().add(p * stride),
+                stride,
+                k,
+                state: state.add(slot * TILE_STATE),
+            };
+            let at = (r, 2 * p, cols);
+            match rn {
+                1 => by_pairs::<1>(pn, tile, steps, at, store),
+                2 => by_pairs::<2>(pn, tile, steps, at, store),
+                3 => by_pairs::<3>(pn, tile, steps, at, store),
+                4 => by_pairs::<4>(pn, tile, steps, at, store),
+                5 => by_pairs::<5>(pn, tile, steps, at, store),
+                _ => by_pairs::<6>(pn, tile, steps, at, store),
+            }
+        };
+        if chunk_outer {
             for chunk in 0..chunks {
-                let steps = Steps {
-                    start: chunk * CHUNK,
-                    end: ((chunk + 1) * CHUNK).min(full),
-                    first: chunk == 0,
-                    last: chunk + 1 == chunks,
-                };
-
-                for (t, p) in (0..pairs).step_by(TILE_PAIRS).enumerate() {
-                    let pn = TILE_PAIRS.min(pairs - p);
-                    let tile = Tile {
-                        x: xt,
-                        ldx,
-                        w: paired.as_ptr().add(p * stride),
-                        stride,
-                        k,
-                        state: state.as_mut_ptr().add(t * TILE_STATE),
-                    };
-                    let at = (r, 2 * p, cols);
-                    match rn {
-                        1 => by_pairs::<1>(pn, tile, steps, at, store),
-                        2 => by_pairs::<2>(pn, tile, steps, at, store),
-                        3 => by_pairs::<3>(pn, tile, steps, at, store),
-                        4 => by_pairs::<4>(pn, tile, steps, at, store),
-                        5 => by_pairs::<5>(pn, tile, steps, at, store),
-                        _ => by_pairs::<6>(pn, tile, steps, at, store),
+                for rt in 0..row_tiles {
+                    for t in 0..pair_tiles {
+                        one(rt, chunk, t, rt * pair_tiles + t);
+                    }
+                }
+            }
+        } else {
+            for rt in 0..row_tiles {
+                for chunk in 0..chunks {
+                    for t in 0..pair_tiles {
+                        one(rt, chunk, t, t);
                     }
                 }
             }
@@ -338,13 +363,24 @@ unsafe fn finish(lanes: __m256, w: *const f32, x: *const f32, n: usize) -> f32 {
 mod tests {
     use super::*;
 
+    /// Shapes: single values, odd lengths, several chunks of `k`, and (the
+    /// last) a task whose weights exceed [`L2_WEIGHTS`], so chunks go
+    /// outermost.
     #[test]
     fn the_paired_tiles_give_the_avx2_tiles_bits() {
+        assert!(24 * (2 * 6001usize).div_ceil(16) * 16 * 4 > L2_WEIGHTS);
         if !available() {
             eprintln!("no AVX-512F here: the paired tiles are untested on this machine");
             return;
         }
-        for (rows, cols, k) in [(1, 1, 8), (5, 7, 29), (17, 13, 291), (9, 6, 1024), (100, 49, 384)] {
+        for (rows, cols, k) in [
+            (1, 1, 8),
+            (5, 7, 29),
+            (17, 13, 291),
+            (9, 6, 1024),
+            (100, 49, 384),
+            (13, 48, 6001),
+        ] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
                 .collect();

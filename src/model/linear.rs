@@ -187,6 +187,18 @@ impl Linear {
         }
     }
 
+    /// The `[out, in]` weight's exact values in f32, row-major, built once
+    /// (no tensor in between: a 7B embedding is 2.2 GB of them).
+    pub fn weight_values(&self) -> Result<Vec<f32>> {
+        Ok(match &self.weight {
+            Stored::Dense(w) => w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?,
+            Stored::Q8(q) => q.dequantize(),
+            Stored::Bf16(m) => m.to_f32(),
+            Stored::Blocks(m) => m.dequantize(),
+            Stored::F16(m) => m.to_f32(),
+        })
+    }
+
     /// The `[out, in]` weight as a tensor: the held one, or the compact
     /// form's exact values (a new f32 CPU tensor).
     pub fn weight(&self) -> Result<Tensor> {

@@ -386,6 +386,14 @@ impl WeightRef<'_> {
         }
     }
 
+    /// Its exact values in f32, row-major.
+    pub fn values(&self) -> Result<Vec<f32>> {
+        match self {
+            Self::Matrix(lin) => Ok(lin.weight_values()?),
+            Self::Vector(t) => Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?),
+        }
+    }
+
     /// Its values as a tensor (a held matrix as its exact f32 values).
     pub fn tensor(&self) -> Result<Tensor> {
         match self {

@@ -407,7 +407,7 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
         model.visit_weights(|_, weight| {
             let qty = w.next_entry().map(|e| e.ty).expect("the table lists every weight");
             // One tensor in f32 at a time (2.2 GB for a 7B embedding).
-            let bytes = tensor_bytes(&weight.tensor()?, qty)?;
+            let bytes = tensor_bytes(weight.values()?, qty)?;
             w.tensor(&bytes).map_err(model_io)
         })?;
         w.finish().map_err(io)?.flush().map_err(io)?;
@@ -424,14 +424,10 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
     Ok(report)
 }
 
-/// `tensor`'s bytes in `ty` as GGUF stores them: the block types by
+/// `values`' bytes in `ty` as GGUF stores them: the block types by
 /// llama.cpp's reference quantizers (the bytes llama-quantize writes), f16
 /// and f32 by plain conversion.
-fn tensor_bytes(tensor: &candle_core::Tensor, ty: GgmlDType) -> candle_core::Result<Vec<u8>> {
-    let values = tensor
-        .to_dtype(candle_core::DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
+fn tensor_bytes(values: Vec<f32>, ty: GgmlDType) -> candle_core::Result<Vec<u8>> {
     Ok(match ty {
         GgmlDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         GgmlDType::F16 => values

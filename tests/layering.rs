@@ -70,7 +70,7 @@ fn each_part_uses_only_the_parts_below_it() {
         ("energy", &["model"]),
         ("data", &["tokenizer"]),
         ("generate", &["model", "tokenizer"]),
-        ("output", &["generate", "model", "tokenizer"]),
+        ("output", &["generate", "model", "tokenizer", "cpu"]),
         ("eval", &["generate", "data", "model", "tokenizer"]),
         ("prune", STAGE),
         ("recover", STAGE),

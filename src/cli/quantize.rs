@@ -33,6 +33,8 @@ pub enum QuantTypeArg {
     F32,
     /// 16-bit floats.
     F16,
+    /// bfloat16.
+    Bf16,
     /// 8-bit blocks of 32.
     #[value(name = "q8_0")]
     Q8_0,
@@ -54,6 +56,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
     let ty = match a.weight_type {
         QuantTypeArg::F32 => WeightType::F32,
         QuantTypeArg::F16 => WeightType::F16,
+        QuantTypeArg::Bf16 => WeightType::Bf16,
         QuantTypeArg::Q8_0 => WeightType::Q8_0,
         QuantTypeArg::Q4K => WeightType::Q4K,
         QuantTypeArg::Q4KM => WeightType::Q4KM,

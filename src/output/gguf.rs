@@ -29,6 +29,8 @@ pub enum WeightType {
     F32,
     /// 16-bit floats.
     F16,
+    /// bfloat16 (exact for a bf16 checkpoint such as tiny-coder's).
+    Bf16,
     /// 8-bit blocks of 32 with an f16 scale.
     Q8_0,
     /// 4-bit super-blocks of 256 (llama.cpp's Q4_K) for every matrix.
@@ -48,6 +50,7 @@ impl WeightType {
         match self {
             Self::F32 => GgmlDType::F32,
             Self::F16 => GgmlDType::F16,
+            Self::Bf16 => GgmlDType::BF16,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q4K | Self::Q4KM => GgmlDType::Q4K,
             Self::Q5KM => GgmlDType::Q5K,
@@ -97,6 +100,7 @@ impl WeightType {
         match self {
             Self::F32 => 0,
             Self::F16 => 1,
+            Self::Bf16 => 32,
             Self::Q8_0 => 7,
             Self::Q4K => 14, // MOSTLY_Q4_K_S: every weight Q4_K where the rows allow
             Self::Q4KM => 15,
@@ -425,11 +429,15 @@ pub fn export(folder: &Path, out: &Path, ty: WeightType) -> Result<ExportReport,
 }
 
 /// `values`' bytes in `ty` as GGUF stores them: the block types by
-/// llama.cpp's reference quantizers (the bytes llama-quantize writes), f16
-/// and f32 by plain conversion.
+/// llama.cpp's reference quantizers (the bytes llama-quantize writes), f16,
+/// bf16 and f32 by plain conversion (round to nearest even).
 fn tensor_bytes(values: Vec<f32>, ty: GgmlDType) -> candle_core::Result<Vec<u8>> {
     Ok(match ty {
         GgmlDType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        GgmlDType::BF16 => values
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect(),
         GgmlDType::F16 => values
             .iter()
             .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())

@@ -362,6 +362,55 @@ impl BlockMatrix {
                 (Blocks::Q6K(b), QuantizedInput::Q8K(q)) => Some(Four::Q6K(b, q)),
                 _ => None,
             };
+            if let (Some(four), 2..) = (four, rows) {
+                // A batch: each weight row's blocks unpacked once for up
+                // to eight activation rows.
+                for o in cols {
+                    let mut r0 = 0;
+                    while r0 < rows {
+                        let take = (rows - r0).min(8);
+                        let q = match four {
+                            Four::Q4K(_, q) | Four::Q6K(_, q) => q,
+                        };
+                        let y = |i: usize| input_row(q, r0 + i, self.cols);
+                        let mut v = [0f32; 8];
+                        macro_rules! acts {
+                            ($r:literal) => {
+                                // SAFETY: the CPU has AVX-512F/BW and F16C
+                                // (checked above); the rows are whole rows
+                                // of blocks.
+                                v[..$r].copy_from_slice(&unsafe {
+                                    match four {
+                                        Four::Q4K(b, _) => avx512::dot_q4k_q8k_acts::<$r>(
+                                            &b[o * n..(o + 1) * n],
+                                            std::array::from_fn(y),
+                                        ),
+                                        Four::Q6K(b, _) => avx512::dot_q6k_q8k_acts::<$r>(
+                                            &b[o * n..(o + 1) * n],
+                                            std::array::from_fn(y),
+                                        ),
+                                    }
+                                })
+                            };
+                        }
+                        match take {
+                            8 => acts!(8),
+                            7 => acts!(7),
+                            6 => acts!(6),
+                            5 => acts!(5),
+                            4 => acts!(4),
+                            3 => acts!(3),
+                            2 => acts!(2),
+                            _ => acts!(1),
+                        }
+                        for (i, &v) in v[..take].iter().enumerate() {
+                            store(r0 + i, o, v);
+                        }
+                        r0 += take;
+                    }
+                }
+                return;
+            }
             if let Some(four) = four {
                 let mut o = cols.start;
                 while o + 4 <= cols.end {
@@ -753,6 +802,151 @@ mod avx512 {
         let mut out = [0f32; R];
         for i in 0..R {
             out[i] = _mm512_reduce_add_ps(acc[i]) - mins_total[i];
+        }
+        out
+    }
+
+    /// Σ for one Q4_K weight row `x` against `R` activation rows (Q8_K, as
+    /// many blocks each): each weight block is unpacked once (nibbles,
+    /// scales, minimums) for all `R` rows, as a batched decode step needs.
+    /// Each (weight row, activation row) pair has the arithmetic of
+    /// [`dot_q4k_q8k_rows`], so the bits do not depend on the batch.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q4k_q8k_acts<const R: usize>(x: &[BlockQ4K], y: [&[BlockQ8K]; R]) -> [f32; R] {
+        for row in &y {
+            assert_eq!(row.len(), x.len());
+        }
+        let m4 = _mm512_set1_epi8(0xF);
+        let spread: [[__m512i; 2]; 2] = [
+            [
+                _mm512_loadu_si512(SPREAD[0][0].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[0][1].as_ptr() as *const _),
+            ],
+            [
+                _mm512_loadu_si512(SPREAD[1][0].as_ptr() as *const _),
+                _mm512_loadu_si512(SPREAD[1][1].as_ptr() as *const _),
+            ],
+        ];
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut mins_total = [0f32; R];
+        for (b, xb) in x.iter().enumerate() {
+            let xp = xb as *const BlockQ4K as *const u8;
+            let ahead = xp.wrapping_add(2 * 144) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(ahead);
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
+            let (xd, xdmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            let sm = scales_and_mins(xp.add(4));
+            let packed = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+            let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(packed));
+            let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(packed));
+            let q4 = xp.add(16);
+            // Per half: low nibbles, high nibbles, and their scales.
+            let mut w = [[_mm512_setzero_si512(); 4]; 2];
+            for (half, wh) in w.iter_mut().enumerate() {
+                let bits = _mm512_loadu_si512(q4.add(64 * half) as *const _);
+                *wh = [
+                    _mm512_and_si512(bits, m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(bits), m4),
+                    _mm512_permutexvar_epi16(spread[half][0], scales),
+                    _mm512_permutexvar_epi16(spread[half][1], scales),
+                ];
+            }
+            for r in 0..R {
+                let yp = &y[r][b] as *const BlockQ8K as *const u8;
+                let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
+                let bsums = yp.add(260);
+                let sums = _mm_hadd_epi16(
+                    _mm_loadu_si128(bsums as *const __m128i),
+                    _mm_loadu_si128(bsums.add(16) as *const __m128i),
+                );
+                let m = _mm_madd_epi16(mins, sums);
+                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+                mins_total[r] += (yd * xdmin) * _mm_cvtsi128_si32(m) as f32;
+                let q8 = yp.add(4);
+                let mut sumi = _mm512_setzero_si512();
+                for (half, [lo, hi, s_lo, s_hi]) in w.iter().enumerate() {
+                    let base = 128 * half;
+                    let y_lo = join(q8.add(base), q8.add(base + 64));
+                    let y_hi = join(q8.add(base + 32), q8.add(base + 96));
+                    let p_lo = _mm512_madd_epi16(*s_lo, _mm512_maddubs_epi16(*lo, y_lo));
+                    let p_hi = _mm512_madd_epi16(*s_hi, _mm512_maddubs_epi16(*hi, y_hi));
+                    sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p_lo, p_hi));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(yd * xd), _mm512_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) - mins_total[r];
+        }
+        out
+    }
+
+    /// Σ for one Q6_K weight row `x` against `R` activation rows: each
+    /// weight block unpacked once (6-bit values, spread scales) for all `R`
+    /// rows; each pair has the arithmetic of [`dot_q6k_q8k_rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_q6k_q8k_acts<const R: usize>(x: &[BlockQ6K], y: [&[BlockQ8K]; R]) -> [f32; R] {
+        for row in &y {
+            assert_eq!(row.len(), x.len());
+        }
+        let m4 = _mm512_set1_epi8(0xF);
+        let m2 = _mm512_set1_epi8(3);
+        let m32 = _mm512_set1_epi8(32);
+        let shifts = |a: i16, b: i16| {
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
+        };
+        let (s01, s23) = (shifts(0, 2), shifts(4, 6));
+        let mut acc = [_mm512_setzero_ps(); R];
+        for (b, xb) in x.iter().enumerate() {
+            let xp = xb as *const BlockQ6K as *const u8;
+            let ahead = xp.wrapping_add(2 * 210) as *const i8;
+            for line in 0..4 {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+            }
+            let xd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                (xp.add(208) as *const u16).read_unaligned(),
+            ))));
+            let scales = _mm_loadu_si128(xp.add(192) as *const __m128i);
+            let (ql, qh) = (xp, xp.add(128));
+            // Per half: values 0–63 and 64–127, and their scales.
+            let mut w = [[_mm512_setzero_si512(); 4]; 2];
+            for (j, (wj, masks)) in w.iter_mut().zip(&Q6K_SCALE_SHUFFLES).enumerate() {
+                let low = _mm512_loadu_si512(ql.add(64 * j) as *const _);
+                let high = _mm256_loadu_si256(qh.add(32 * j) as *const __m256i);
+                let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
+                let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
+                let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
+                *wj = [
+                    _mm512_or_si512(_mm512_and_si512(low, m4), h01),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23),
+                    spread(scales, &masks[0], &masks[1]),
+                    spread(scales, &masks[2], &masks[3]),
+                ];
+            }
+            for r in 0..R {
+                let yp = &y[r][b] as *const BlockQ8K as *const u8;
+                let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
+                let q8 = yp.add(4);
+                let mut sumi = _mm512_setzero_si512();
+                for (j, [v01, v23, sc01, sc23]) in w.iter().enumerate() {
+                    let y01 = _mm512_loadu_si512(q8.add(128 * j) as *const _);
+                    let y23 = _mm512_loadu_si512(q8.add(128 * j + 64) as *const _);
+                    let p01 = _mm512_sub_epi16(_mm512_maddubs_epi16(*v01, y01), _mm512_maddubs_epi16(m32, y01));
+                    let p23 = _mm512_sub_epi16(_mm512_maddubs_epi16(*v23, y23), _mm512_maddubs_epi16(m32, y23));
+                    let p01 = _mm512_madd_epi16(*sc01, p01);
+                    let p23 = _mm512_madd_epi16(*sc23, p23);
+                    sumi = _mm512_add_epi32(sumi, _mm512_add_epi32(p01, p23));
+                }
+                acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(yd * xd), _mm512_cvtepi32_ps(sumi), acc[r]);
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]);
         }
         out
     }

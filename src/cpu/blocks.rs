@@ -249,6 +249,14 @@ impl BlockMatrix {
     /// Row `r` in f32 into `out` (`cols` values), as ggml dequantizes it.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         let n = self.blocks_per_row();
+        #[cfg(target_arch = "x86_64")]
+        if let Blocks::Q4K(b) = &self.blocks {
+            if super::features::avx512bw() {
+                // SAFETY: the CPU has AVX-512F/BW and F16C (checked just
+                // above); `out` holds the row's values (asserted inside).
+                return unsafe { avx512::dequantize_q4k(&b[r * n..(r + 1) * n], out) };
+            }
+        }
         with_blocks!(&self.blocks, b => GgmlType::to_float(&b[r * n..(r + 1) * n], out))
     }
 
@@ -949,6 +957,44 @@ mod avx512 {
             out[r] = _mm512_reduce_add_ps(acc[r]);
         }
         out
+    }
+
+    /// Q4_K blocks to f32 as ggml dequantizes them (`d·sc·q − dmin·m`, a
+    /// product then a difference, no fused multiply-add, so the bits are
+    /// ggml's), 32 values per step.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub(super) unsafe fn dequantize_q4k(x: &[BlockQ4K], out: &mut [f32]) {
+        assert!(out.len() >= x.len() * 256);
+        let m4 = _mm_set1_epi8(0xF);
+        for (b, xb) in x.iter().enumerate() {
+            let xp = xb as *const BlockQ4K as *const u8;
+            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
+            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
+            let sm = scales_and_mins(xp.add(4));
+            let bytes: [u8; 16] = std::mem::transmute(sm);
+            let q = xp.add(16);
+            let dst = out.as_mut_ptr().add(256 * b);
+            for j in 0..4 {
+                // 32 bytes: low nibbles are values 64j..64j+32 (sub-block
+                // 2j), high nibbles the next 32 (sub-block 2j + 1).
+                for (half, shift) in [(0usize, false), (1, true)] {
+                    let sub = 2 * j + half;
+                    let d1 = _mm512_set1_ps(d * f32::from(bytes[sub]));
+                    let m1 = _mm512_set1_ps(dmin * f32::from(bytes[8 + sub]));
+                    for part in 0..2 {
+                        let raw = _mm_loadu_si128(q.add(32 * j + 16 * part) as *const __m128i);
+                        let nib = if shift {
+                            _mm_and_si128(_mm_srli_epi16::<4>(raw), m4)
+                        } else {
+                            _mm_and_si128(raw, m4)
+                        };
+                        let v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib));
+                        let y = _mm512_sub_ps(_mm512_mul_ps(d1, v), m1);
+                        _mm512_storeu_ps(dst.add(64 * j + 32 * half + 16 * part), y);
+                    }
+                }
+            }
+        }
     }
 
     /// Two 32-byte halves as one 64-byte register.

@@ -73,8 +73,10 @@ pub fn interleave(w: &[f32], rows: usize, k: usize, out: &mut Paired) {
                 continue;
             }
             let src = &w[row * k..(row + 1) * k];
-            for s in 0..full / 8 {
-                dst[16 * s + 8 * half..16 * s + 8 * half + 8].copy_from_slice(&src[8 * s..8 * s + 8]);
+            // Fixed-size pieces: the copies compile to moves, not calls.
+            for (d, piece) in dst[..2 * full].chunks_exact_mut(16).zip(src[..full].chunks_exact(8)) {
+                let d: &mut [f32; 8] = (&mut d[8 * half..8 * half + 8]).try_into().expect("8 floats");
+                *d = piece.try_into().expect("8 floats");
             }
             let tail = k - full;
             dst[2 * full + half * tail..2 * full + (half + 1) * tail].copy_from_slice(&src[full..]);

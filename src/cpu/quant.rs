@@ -122,6 +122,10 @@ fn dot_q8_avx2(q: &[i8], d: &[f32], x: &[f32]) -> f32 {
         for b in 0..nb {
             let qp = q.as_ptr().add(b * BLOCK);
             let xp = x.as_ptr().add(b * BLOCK);
+            // As in the AVX-512 kernel: the values 2 KB on.
+            if b % 2 == 0 {
+                _mm_prefetch::<_MM_HINT_T0>(qp.wrapping_add(32 * 64));
+            }
             let mut sum = _mm256_setzero_ps();
             for k in 0..4 {
                 let bytes = _mm_loadl_epi64(qp.add(8 * k) as *const __m128i);

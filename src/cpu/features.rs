@@ -85,18 +85,18 @@ pub fn limit(level: Level) {
 /// Whether the AVX2 family runs: AVX2, FMA and F16C, as every x86 core
 /// since Haswell and Zen has (and not capped below it).
 pub fn avx2() -> bool {
-    cap() >= Level::Avx2 as u8 && has!("avx2", "fma", "f16c")
+    cap() >= Level::Avx2 as u8 && Level::Avx2.available()
 }
 
 /// Whether the AVX-512F kernels run (so far the Q8_0 dot product): on top
 /// of the AVX2 family.
 pub fn avx512() -> bool {
-    cap() >= Level::Avx512 as u8 && has!("avx2", "fma", "f16c", "avx512f")
+    cap() >= Level::Avx512 as u8 && Level::Avx512.available()
 }
 
 /// Whether the AVX-512BW kernels run (so far the Q4_K and Q6_K dot products).
 pub fn avx512bw() -> bool {
-    cap() >= Level::Avx512 as u8 && has!("avx2", "fma", "f16c", "avx512f", "avx512bw")
+    avx512() && has!("avx512bw")
 }
 
 /// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0,

@@ -142,10 +142,7 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
                     let rows_f32: &[f32] = match w {
                         Weights::F32(w) => &w[cols.start * inp..cols.end * inp],
                         _ => {
-                            buf.resize(cols.len() * inp, 0.0);
-                            for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
-                                w.row_to_f32(cols.start + i, row);
-                            }
+                            widen_rows(w, cols.clone(), inp, &mut buf);
                             &buf
                         }
                     };
@@ -164,10 +161,7 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
             // equal matvec's, which widens in registers).
             Weights::Q8(_) | Weights::Bf16(_) | Weights::F16(_) | Weights::Blocks(_) => DEQUANTIZED.with(|buf| {
                 let mut buf = buf.borrow_mut();
-                buf.resize(cols.len() * inp, 0.0);
-                for (i, row) in buf.chunks_exact_mut(inp).enumerate() {
-                    w.row_to_f32(cols.start + i, row);
-                }
+                widen_rows(w, cols.clone(), inp, &mut buf);
                 let lo = cols.start;
                 tiles(x, inp, rows, &buf, inp, 0..cols.len(), inp, |r, c, v| unsafe {
                     y.store(r, lo + c, v)
@@ -175,6 +169,14 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
             }),
         },
     );
+}
+
+/// Weight rows `cols` of `w` in f32 into `buf` (`inp` values a row).
+fn widen_rows(w: Weights<'_>, cols: std::ops::Range<usize>, inp: usize, buf: &mut Vec<f32>) {
+    buf.resize(cols.len() * inp, 0.0);
+    for (row, r) in buf.chunks_exact_mut(inp).zip(cols) {
+        w.row_to_f32(r, row);
+    }
 }
 
 /// One projection's `[rows, out]` output, written by parallel tasks that
@@ -333,6 +335,11 @@ fn dot_kernel() -> fn(&[f32], &[f32]) -> f32 {
     dot_portable::<f32>
 }
 
+/// The end of every dot product of the tiles (the AVX-512 paired tiles
+/// share it, so their bits are these).
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::finish;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -347,7 +354,7 @@ mod avx2 {
     /// past the last 8-float step (`n` floats from `w` and `x`).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn finish<W: WeightElem>(lanes: __m256, w: *const W, x: *const f32, n: usize) -> f32 {
+    pub(crate) unsafe fn finish<W: WeightElem>(lanes: __m256, w: *const W, x: *const f32, n: usize) -> f32 {
         let four = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
         let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
         let one = _mm_add_ss(two, _mm_movehdup_ps(two));

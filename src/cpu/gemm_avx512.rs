@@ -129,7 +129,7 @@ thread_local! {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn blocks(
     x: &[f32],
     ldx: usize,
@@ -231,7 +231,7 @@ struct Steps {
 /// chunk its outputs go to `store` at (row, column, columns) `at`.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn by_pairs<const R: usize>(
     pn: usize,
     tile: Tile,
@@ -285,7 +285,7 @@ fn emit<const R: usize, const P: usize>(
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx2,fma")]
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
 unsafe fn fixed<const R: usize, const P: usize>(tile: Tile, steps: Steps) -> Option<[[[f32; 2]; P]; R]> {
     let Tile {
         x,
@@ -338,27 +338,11 @@ unsafe fn fixed<const R: usize, const P: usize>(tile: Tile, steps: Steps) -> Opt
             ];
             for h in 0..2 {
                 let wt = w.add(p * stride + 2 * full + h * tail);
-                out[r][p][h] = finish(halves[h], wt, xr.add(full), tail);
+                out[r][p][h] = super::gemm::finish(halves[h], wt, xr.add(full), tail);
             }
         }
     }
     Some(out)
-}
-
-/// The AVX2 tiles' end of a dot product: the eight lanes summed as a tree
-/// (halves, pairs, the last two), plus the tail in order.
-#[cfg(target_arch = "x86_64")]
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn finish(lanes: __m256, w: *const f32, x: *const f32, n: usize) -> f32 {
-    let four = _mm_add_ps(_mm256_castps256_ps128(lanes), _mm256_extractf128_ps(lanes, 1));
-    let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    let one = _mm_add_ss(two, _mm_movehdup_ps(two));
-    let mut tail = 0f32;
-    for i in 0..n {
-        tail += *w.add(i) * *x.add(i);
-    }
-    _mm_cvtss_f32(one) + tail
 }
 
 #[cfg(test)]

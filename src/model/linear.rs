@@ -204,10 +204,7 @@ impl Linear {
     pub fn weight(&self) -> Result<Tensor> {
         match &self.weight {
             Stored::Dense(w) => Ok(w.clone()),
-            Stored::Q8(q) => Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), &Device::Cpu),
-            Stored::Bf16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
-            Stored::Blocks(m) => Tensor::from_vec(m.dequantize(), (m.rows(), m.cols()), &Device::Cpu),
-            Stored::F16(m) => Tensor::from_vec(m.to_f32(), (m.rows(), m.cols()), &Device::Cpu),
+            _ => Tensor::from_vec(self.weight_values()?, self.dims(), &Device::Cpu),
         }
     }
 

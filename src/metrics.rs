@@ -59,6 +59,17 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Prompt tokens served from cached prefixes instead of recomputed.
     pub prefix_hit_tokens: IntCounterVec,
+    /// Tokens run through the model as prompt (prompt chunks, and a
+    /// preempted sequence's recomputation): what prefix sharing saves.
+    pub prompt_tokens_computed: IntCounterVec,
+    /// Sequences preempted (blocks freed, recomputed later) for lack of KV memory.
+    pub preemptions: IntCounterVec,
+    /// Time from arrival to admission into a running slot.
+    pub queue_time: HistogramVec,
+    /// KV pool blocks by state (`in_use`, `cached`, `free`).
+    pub kv_blocks: IntGaugeVec,
+    /// Share of the KV pool's blocks held by running sequences.
+    pub kv_usage: GaugeVec,
     /// All measured energy (requests and idle), by meter source.
     pub energy: CounterVec,
     /// The idle part of `energy`.
@@ -136,6 +147,37 @@ impl Metrics {
             prefix_hit_tokens: counter(
                 "greencode_prefix_cache_hit_tokens_total",
                 "Prompt tokens reused from cached prefixes.",
+                &["model"],
+            ),
+            prompt_tokens_computed: counter(
+                "greencode_prompt_tokens_computed_total",
+                "Tokens run through the model as prompt (not served from cached blocks).",
+                &["model"],
+            ),
+            preemptions: counter(
+                "greencode_num_preemptions_total",
+                "Sequences preempted for lack of KV cache memory (recomputed later).",
+                &["model"],
+            ),
+            queue_time: histogram(
+                "greencode_request_queue_time_seconds",
+                "Time from arrival to admission into the running batch.",
+            ),
+            kv_blocks: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "greencode_kv_cache_blocks",
+                        "KV cache pool blocks by state (in_use, cached, free).",
+                    ),
+                    &["model", "state"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            kv_usage: fgauge(
+                "greencode_kv_cache_usage_ratio",
+                "Share of the KV cache pool held by running sequences.",
                 &["model"],
             ),
             energy: fcounter(

@@ -23,7 +23,9 @@ fn hash_logits(h: &mut u64, t: &candle_core::Tensor) {
 
 fn argmax(t: &candle_core::Tensor) -> u32 {
     let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap() as u32
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a)))
+        .unwrap() as u32
 }
 
 fn fingerprint(model: &Qwen2, prompts: &[Vec<u32>]) -> u64 {
@@ -45,7 +47,7 @@ fn fingerprint(model: &Qwen2, prompts: &[Vec<u32>]) -> u64 {
     }
     // All four as one batch: prompts together, then 16 steps of four rows.
     let mut caches: Vec<_> = prompts.iter().map(|p| model.new_cache(p.len() + 16).unwrap()).collect();
-    let mut inputs: Vec<Vec<u32>> = prompts.clone().to_vec();
+    let mut inputs: Vec<Vec<u32>> = prompts.to_vec();
     for _ in 0..17 {
         let mut batch: Vec<SeqStep> = caches
             .iter_mut()
@@ -83,7 +85,10 @@ fn f32_cache_keeps_todays_bits() {
     let mut got = serde_json::Map::new();
     for level in Level::ALL.into_iter().filter(|l| l.available()) {
         limit(level);
-        got.insert(level.name().into(), format!("{:016x}", fingerprint(&p.model, &prompts)).into());
+        got.insert(
+            level.name().into(),
+            format!("{:016x}", fingerprint(&p.model, &prompts)).into(),
+        );
     }
     limit(Level::Avx512);
     if record {
@@ -92,6 +97,10 @@ fn f32_cache_keeps_todays_bits() {
     }
     let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     for (level, hash) in &got {
-        assert_eq!(Some(hash), want.get(level), "logit bits of the f32 cache at kernel level {level}");
+        assert_eq!(
+            Some(hash),
+            want.get(level),
+            "logit bits of the f32 cache at kernel level {level}"
+        );
     }
 }

@@ -374,8 +374,11 @@ fn prompt_forms_strings_lists_and_token_ids() {
 #[test]
 fn streaming_chunks_reassemble_the_completion() {
     let s = Server::start(&[]);
-    let body = json!({"prompt": "def fibonacci(n):\n", "max_tokens": 20, "temperature": 0, "token_healing": false});
+    // Longer than one KV block (32 positions), so the second request can reuse it.
+    let prompt = "# Sequences of numbers: Fibonacci, factorials and primes.\n# Every function takes a non-negative integer n and returns a list.\n\ndef fibonacci(n):\n";
+    let body = json!({"prompt": prompt, "max_tokens": 20, "temperature": 0, "token_healing": false});
     let whole = s.post("/v1/completions", &body).1;
+    assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() > 32);
     let mut sbody = body.clone();
     sbody["stream"] = json!(true);
     sbody["stream_options"] = json!({"include_usage": true});

@@ -5,6 +5,7 @@ use clap::{Args, ValueEnum};
 use greencode::cpu::threads;
 use greencode::energy::{meter::PowerModel, Carbon, MeterChoice};
 use greencode::model::synth::SynthShape;
+use greencode::model::KvDtype;
 use greencode::serve::engine::EngineConfig;
 
 use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg};
@@ -34,9 +35,23 @@ pub struct ServeArgs {
     /// nothing decoding takes up to 512.
     #[arg(long, default_value_t = EngineConfig::default().prefill_chunk, value_parser = at_least_one)]
     prefill_chunk: usize,
-    /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
-    #[arg(long, default_value_t = EngineConfig::default().prefix_cache)]
-    prefix_cache: usize,
+    /// KV cache pool for all requests, MiB (default: 40% of the memory
+    /// available after the weights, at most twice what --max-batch
+    /// full-context sequences need). Requests wait when it is full.
+    #[arg(long, value_parser = at_least_one)]
+    kv_cache_mb: Option<usize>,
+    /// How keys and values are stored: f32 (the computation's own bits),
+    /// f16 (llama.cpp's default) or bf16; half the memory of f32.
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    kv_dtype: KvDtype,
+    /// Do not share KV blocks between requests with the same prompt prefix.
+    #[arg(long)]
+    no_prefix_cache: bool,
+    /// Old form of --no-prefix-cache: 0 turns prefix caching off, any other
+    /// value leaves it on (what stays cached is now bounded by
+    /// --kv-cache-mb, not by a count of requests).
+    #[arg(long, value_name = "N")]
+    prefix_cache: Option<usize>,
     /// Require `Authorization: Bearer KEY` on API routes.
     #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
@@ -117,7 +132,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         max_queue: a.max_queue,
         max_batch: a.max_batch,
         prefill_chunk: a.prefill_chunk,
-        prefix_cache: a.prefix_cache,
+        prefix_caching: !a.no_prefix_cache && a.prefix_cache != Some(0),
+        kv_cache_bytes: a.kv_cache_mb.map(|mb| mb << 20),
+        kv_dtype: a.kv_dtype,
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
@@ -133,4 +150,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         device: a.gpu.device.device,
         synth: a.gpu.synth()?,
     })
+}
+
+/// `--kv-dtype`: f32, f16 or bf16.
+fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
+    s.parse()
 }

@@ -108,6 +108,23 @@ pub fn gemm_nt(
     y: &mut [f32],
     ldy: usize,
 ) {
+    gemm_nt_elem(x, ldx, rows, w, ldw, cols, k, y, ldy);
+}
+
+/// [`gemm_nt`] with `w` in any [`WeightElem`] (attention scores against
+/// keys stored in f16 or bf16), each output the same arithmetic.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt_elem<W: WeightElem>(
+    x: &[f32],
+    ldx: usize,
+    rows: usize,
+    w: &[W],
+    ldw: usize,
+    cols: usize,
+    k: usize,
+    y: &mut [f32],
+    ldy: usize,
+) {
     if rows == 0 || cols == 0 {
         return;
     }

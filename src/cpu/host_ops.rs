@@ -5,6 +5,8 @@
 //! them, a scalar twin of the same polynomial otherwise. Decoding and
 //! prompts call the same functions, so a token gets the same bits either way.
 
+use super::gemm::WeightElem;
+
 /// Adds `b` to every `b.len()`-wide row of `y`.
 pub(crate) fn add_bias(y: &mut [f32], b: Option<&[f32]>) {
     if let Some(b) = b {
@@ -58,32 +60,11 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// Softmax of `scores` (one query's scores over its visible keys, in
 /// order) applied to the value rows `v` (`[len, hd]`), written to `out`
 /// (`hd` wide). `scores` is overwritten.
+#[cfg(test)]
 pub(crate) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut [f32]) {
     assert!(v.len() >= scores.len() * hd && out.len() == hd);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_avx2() && hd.is_multiple_of(8) && hd <= 256 {
-            // SAFETY: the CPU supports AVX2, FMA and F16C (checked just above);
-            // the lengths were asserted above.
-            return unsafe { avx2::softmax_values(scores, v, hd, out) };
-        }
-    }
-    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = exp_scalar(*s - max);
-        sum += *s;
-    }
-    out.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        for (o, vv) in out.iter_mut().zip(&v[j * hd..(j + 1) * hd]) {
-            *o = p.mul_add(*vv, *o);
-        }
-    }
-    let inv = 1.0 / sum;
-    for o in out.iter_mut() {
-        *o *= inv;
-    }
+    let len = scores.len();
+    softmax_values_heads(scores, len, 1, len, &[v], hd, out);
 }
 
 /// [`softmax_values`] for `heads` query heads that share one key/value head
@@ -92,17 +73,17 @@ pub(crate) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut
 /// The value rows are read once for all the heads instead of once per head;
 /// every output has the bits [`softmax_values`] gives it (same sums, same
 /// order).
-pub(crate) fn softmax_values_heads(
+pub(crate) fn softmax_values_heads<W: WeightElem>(
     scores: &mut [f32],
     stride: usize,
     heads: usize,
     len: usize,
-    v: &[f32],
+    v: &[&[W]],
     hd: usize,
     out: &mut [f32],
 ) {
     assert!(heads > 0 && len <= stride && scores.len() >= (heads - 1) * stride + len);
-    assert!(v.len() >= len * hd && out.len() >= heads * hd);
+    assert!(v.iter().map(|c| c.len() / hd).sum::<usize>() >= len && out.len() >= heads * hd);
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2() && hd.is_multiple_of(8) && hd <= 256 {
@@ -112,12 +93,24 @@ pub(crate) fn softmax_values_heads(
         }
     }
     for h in 0..heads {
-        softmax_values(
-            &mut scores[h * stride..h * stride + len],
-            v,
-            hd,
-            &mut out[h * hd..(h + 1) * hd],
-        );
+        let scores = &mut scores[h * stride..h * stride + len];
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = exp_scalar(*s - max);
+            sum += *s;
+        }
+        let out = &mut out[h * hd..(h + 1) * hd];
+        out.fill(0.0);
+        for (p, row) in scores.iter().zip(v.iter().flat_map(|c| c.chunks_exact(hd))) {
+            for (o, vv) in out.iter_mut().zip(row) {
+                *o = p.mul_add(vv.to_f32(), *o);
+            }
+        }
+        let inv = 1.0 / sum;
+        for o in out.iter_mut() {
+            *o *= inv;
+        }
     }
 }
 
@@ -158,7 +151,7 @@ pub(crate) fn exp_scalar(x: f32) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
+    use super::{WeightElem, EXP_HI, EXP_LO, LN2_HI, LN2_LO, LOG2E, P};
 
     /// `e^x` on 8 lanes.
     #[inline]
@@ -202,21 +195,14 @@ mod avx2 {
         }
     }
 
-    /// See [`super::softmax_values`]; `hd` is a multiple of 8, at most 256.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn softmax_values(scores: &mut [f32], v: &[f32], hd: usize, out: &mut [f32]) {
-        let len = scores.len();
-        softmax_values_heads(scores, len, 1, len, v, hd, out);
-    }
-
     /// See [`super::softmax_values_heads`]; `hd` is a multiple of 8, at most 256.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn softmax_values_heads(
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn softmax_values_heads<W: WeightElem>(
         scores: &mut [f32],
         stride: usize,
         heads: usize,
         len: usize,
-        v: &[f32],
+        v: &[&[W]],
         hd: usize,
         out: &mut [f32],
     ) {
@@ -237,25 +223,25 @@ mod avx2 {
             let mut col = 0;
             while col < hd {
                 let wide = col + 32 <= hd;
-                // SAFETY: every head's scores hold `len` floats, `v` holds
-                // `len · hd` and each output `hd` (asserted by the caller);
+                // SAFETY: every head's scores hold `len` floats, the chunks
+                // of `v` at least `len · hd` and each output `hd` (asserted by the caller);
                 // `col + 32 ≤ hd` (or `+ 8` for the narrow tile).
                 unsafe {
                     match (n, wide) {
                         (3, true) => {
-                            weigh_values::<3, 4>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
+                            weigh_values::<W, 3, 4>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
                         }
                         (2, true) => {
-                            weigh_values::<2, 4>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
+                            weigh_values::<W, 2, 4>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
                         }
-                        (1, true) => weigh_values::<1, 4>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
+                        (1, true) => weigh_values::<W, 1, 4>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
                         (3, false) => {
-                            weigh_values::<3, 1>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
+                            weigh_values::<W, 3, 1>([p(0), p(1), p(2)], len, v, hd, col, [o(0), o(1), o(2)], sums)
                         }
                         (2, false) => {
-                            weigh_values::<2, 1>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
+                            weigh_values::<W, 2, 1>([p(0), p(1)], len, v, hd, col, [o(0), o(1)], [sums[0], sums[1]])
                         }
-                        _ => weigh_values::<1, 1>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
+                        _ => weigh_values::<W, 1, 1>([p(0)], len, v, hd, col, [o(0)], [sums[0]]),
                     }
                 }
                 col += if wide { 32 } else { 8 };
@@ -303,38 +289,47 @@ mod avx2 {
     }
 
     /// `out[h][col..col + 8·B] = Σ_j p[h][j] · v[j][col..col + 8·B] / sum[h]`
-    /// for `H` heads: the rows in order, one FMA per row and lane, so every
-    /// lane has the same bits whatever `H` and `B` are.
+    /// for `H` heads, the value rows `j` taken in order through the chunks
+    /// of `v`: one FMA per row and lane, so every lane has the same bits
+    /// whatever `H`, `B` and the chunking are.
     ///
     /// # Safety
-    /// `p[h]` holds `len` floats, `v` `len · hd`, `out[h]` `hd`, and
-    /// `col + 8·B ≤ hd`.
+    /// `p[h]` holds `len` floats, the chunks of `v` at least `len` rows of
+    /// `hd`, `out[h]` `hd`, and `col + 8·B ≤ hd`.
     #[inline]
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn weigh_values<const H: usize, const B: usize>(
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weigh_values<W: WeightElem, const H: usize, const B: usize>(
         p: [*const f32; H],
         len: usize,
-        v: &[f32],
+        v: &[&[W]],
         hd: usize,
         col: usize,
         out: [*mut f32; H],
         sum: [f32; H],
     ) {
         let mut acc = [[_mm256_setzero_ps(); B]; H];
-        let base = v.as_ptr().add(col);
-        for j in 0..len {
-            let mut w = [_mm256_setzero_ps(); H];
-            for h in 0..H {
-                w[h] = _mm256_set1_ps(*p[h].add(j));
+        let mut j = 0;
+        for chunk in v {
+            if j == len {
+                break;
             }
-            let row = base.add(j * hd);
-            for b in 0..B {
-                let x = _mm256_loadu_ps(row.add(b * 8));
+            let rows = (chunk.len() / hd).min(len - j);
+            let base = chunk.as_ptr().add(col);
+            for i in 0..rows {
+                let mut w = [_mm256_setzero_ps(); H];
                 for h in 0..H {
-                    acc[h][b] = _mm256_fmadd_ps(w[h], x, acc[h][b]);
+                    w[h] = _mm256_set1_ps(*p[h].add(j + i));
+                }
+                let row = base.add(i * hd);
+                for b in 0..B {
+                    let x = W::load8(row.add(b * 8));
+                    for h in 0..H {
+                        acc[h][b] = _mm256_fmadd_ps(w[h], x, acc[h][b]);
+                    }
                 }
             }
+            j += rows;
         }
         for h in 0..H {
             let inv = _mm256_set1_ps(1.0 / sum[h]);
@@ -377,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn heads_sharing_values_get_the_bits_of_one_head_at_a_time() {
+    fn heads_sharing_chunked_values_get_the_bits_of_one_head_at_a_time() {
         for (heads, len, stride, hd) in [
             (1, 9, 9, 64),
             (2, 33, 40, 64),
@@ -391,7 +386,9 @@ mod tests {
                 .collect();
             let v: Vec<f32> = (0..len * hd).map(|i| ((i * 13 % 17) as f32 - 8.0) / 9.0).collect();
             let mut together = vec![0f32; heads * hd];
-            softmax_values_heads(&mut scores.clone(), stride, heads, len, &v, hd, &mut together);
+            // In chunks of 5 rows, as a paged cache hands its blocks over.
+            let chunks: Vec<&[f32]> = v.chunks(5 * hd).collect();
+            softmax_values_heads(&mut scores.clone(), stride, heads, len, &chunks, hd, &mut together);
             for h in 0..heads {
                 let mut alone = vec![0f32; hd];
                 softmax_values(&mut scores[h * stride..h * stride + len].to_vec(), &v, hd, &mut alone);

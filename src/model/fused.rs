@@ -8,7 +8,11 @@
 //! cache is written and read in place, query heads share their key/value
 //! head without copies, a prompt's queries attend in blocks whose scores
 //! come from the tiled kernel, and every intermediate lives in buffers
-//! reused from step to step.
+//! reused from step to step. The cache is a table of pool blocks
+//! (`model::kv_pool`), possibly shared with other sequences and stored in
+//! f32, f16 or bf16: scores are computed a block of keys at a time and the
+//! values weighed block after block, read in their stored type, so in f32
+//! every output has the bits a contiguous cache gave it.
 //!
 //! It runs for f32 models on the CPU (weights held in f32, bf16 or Q8_0,
 //! see `Linear`); `Qwen2::step` sends everything else
@@ -21,10 +25,12 @@ use candle_core::{CpuStorage, Storage, StorageRef, Tensor};
 
 use super::error::{ModelError, Result};
 use super::flop_probe;
+use super::kv_cache::PagedView;
+use super::kv_pool::{KvDtype, Part, KV_BLOCK};
 use super::linear::Linear;
 use super::qwen2::Qwen2;
 use super::step::{LogitsFor, SeqStep};
-use crate::cpu::gemm::{gemm_multi, gemm_nt, SharedOut};
+use crate::cpu::gemm::{gemm_multi, gemm_nt_elem, SharedOut, WeightElem};
 use crate::cpu::host_ops::{add_bias, rms_norm, rope, silu_mul, softmax_values_heads};
 use crate::cpu::matvec::{matvec_multi, Projection, Weights, MAX_ROWS, PARALLEL_MIN_WEIGHTS};
 use crate::cpu::team;
@@ -198,63 +204,104 @@ struct AttentionItem {
 
 /// Attention of every work item of layer `li`: scores of a block's query
 /// rows (all heads of one key/value head) against the keys up to its last
-/// row (tiled kernel), then each
-/// row's softmax over the keys it may see, times the values, into `att`
-/// (`[rows, qw]`). `q` holds the step's queries, `[rows, qw]`, already
-/// rotated and scaled; the caches already hold this step's keys and values.
+/// row (tiled kernel, one cache block of keys at a time), then each row's
+/// softmax over the keys it may see, times the values (read block by
+/// block in order), into `att` (`[rows, qw]`). `q` holds the step's
+/// queries, `[rows, qw]`, already rotated and scaled; the caches already
+/// hold this step's keys and values, read in their stored type.
 #[allow(clippy::too_many_arguments)]
 fn attend(
-    seqs: &mut [SeqStep<'_>],
+    seqs: &[SeqStep<'_>],
     li: usize,
     items: &[AttentionItem],
     row_pos: &[usize],
     q: &[f32],
     att: &mut [f32],
-    (qw, group, hd): (usize, usize, usize),
+    dims: (usize, usize, usize),
     parallel: bool,
 ) {
-    let caches: Vec<(&[f32], &[f32], usize)> = seqs
-        .iter_mut()
-        .map(|seq| {
-            let cap = seq.cache.capacity();
-            let (kc, vc) = seq.cache.host_layer_mut(li).expect("the step checked for host caches");
-            (&*kc, &*vc, cap)
-        })
+    let views: Vec<PagedView<'_>> = seqs
+        .iter()
+        .map(|seq| seq.cache.paged().expect("the step checked for host caches"))
         .collect();
     let out = SharedOut(att.as_mut_ptr());
     let one = |item: &AttentionItem| {
-        let (kc, vc, cap) = caches[item.seq];
-        let base = item.kv_head * cap * hd;
-        let (kc, vc) = (&kc[base..], &vc[base..]);
-        let first_head = item.kv_head * group;
-        // SAFETY: each item alone writes the heads of its key/value head in its rows.
-        let out_heads = |r: usize| unsafe { out.slice(r * qw + first_head * hd, group * hd) };
-        let last = row_pos[item.row + item.rows - 1] + 1;
-        let n = item.rows * group;
-        SCORES.with(|sc| {
-            let mut sc = sc.borrow_mut();
-            let (queries, block) = sized(&mut sc, n * hd + n * last).split_at_mut(n * hd);
-            // The group's query heads of every row side by side: one product
-            // reads each key once for all of them.
-            for (i, dst) in queries.chunks_exact_mut(group * hd).enumerate() {
-                let at = (item.row + i) * qw + first_head * hd;
-                dst.copy_from_slice(&q[at..at + group * hd]);
-            }
-            gemm_nt(queries, hd, n, kc, hd, last, hd, block, last);
-            // Each row's heads see the same keys: one pass over the values
-            // serves them all.
-            for (i, scores) in block.chunks_exact_mut(group * last).enumerate() {
-                let r = item.row + i;
-                let visible = row_pos[r] + 1;
-                softmax_values_heads(scores, last, group, visible, vc, hd, out_heads(r));
-            }
-        });
+        let view = &views[item.seq];
+        match view.pool.dtype() {
+            KvDtype::F32 => attend_item::<f32>(view, li, item, row_pos, q, &out, dims),
+            KvDtype::F16 => attend_item::<half::f16>(view, li, item, row_pos, q, &out, dims),
+            KvDtype::Bf16 => attend_item::<half::bf16>(view, li, item, row_pos, q, &out, dims),
+        }
     };
     if parallel {
         team::for_each(items.len(), |i| one(&items[i]));
     } else {
         items.iter().for_each(one);
     }
+}
+
+/// One work item of [`attend`], the cache read as `W`.
+fn attend_item<W: WeightElem>(
+    view: &PagedView<'_>,
+    li: usize,
+    item: &AttentionItem,
+    row_pos: &[usize],
+    q: &[f32],
+    out: &SharedOut,
+    (qw, group, hd): (usize, usize, usize),
+) {
+    let last = row_pos[item.row + item.rows - 1] + 1;
+    // The item's blocks of keys and of values, `KV_BLOCK` rows each (the
+    // last one cut to `last`).
+    let rows_of = |part: Part| -> Vec<&[W]> {
+        view.table[..last.div_ceil(KV_BLOCK)]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                let rows = (last - i * KV_BLOCK).min(KV_BLOCK);
+                let at = view.pool.rows_ptr(b, li, part, item.kv_head) as *const W;
+                // SAFETY: the pool stores `W` (matched by the caller); the
+                // block holds `KV_BLOCK` rows of `hd`, and nobody writes the
+                // step's blocks during attention.
+                unsafe { std::slice::from_raw_parts(at, rows * hd) }
+            })
+            .collect()
+    };
+    let (keys, values) = (rows_of(Part::Keys), rows_of(Part::Values));
+    let first_head = item.kv_head * group;
+    // SAFETY: each item alone writes the heads of its key/value head in its rows.
+    let out_heads = |r: usize| unsafe { out.slice(r * qw + first_head * hd, group * hd) };
+    let n = item.rows * group;
+    SCORES.with(|sc| {
+        let mut sc = sc.borrow_mut();
+        let (queries, block) = sized(&mut sc, n * hd + n * last).split_at_mut(n * hd);
+        // The group's query heads of every row side by side: one product
+        // reads each key once for all of them.
+        for (i, dst) in queries.chunks_exact_mut(group * hd).enumerate() {
+            let at = (item.row + i) * qw + first_head * hd;
+            dst.copy_from_slice(&q[at..at + group * hd]);
+        }
+        for (i, k) in keys.iter().enumerate() {
+            gemm_nt_elem(
+                queries,
+                hd,
+                n,
+                k,
+                hd,
+                k.len() / hd,
+                hd,
+                &mut block[i * KV_BLOCK..],
+                last,
+            );
+        }
+        // Each row's heads see the same keys: one pass over the values
+        // serves them all.
+        for (i, scores) in block.chunks_exact_mut(group * last).enumerate() {
+            let r = item.row + i;
+            let visible = row_pos[r] + 1;
+            softmax_values_heads(scores, last, group, visible, &values, hd, out_heads(r));
+        }
+    });
 }
 
 /// `body(rows)` for consecutive blocks of up to [`MAX_ROWS`] of `rows` rows
@@ -435,17 +482,8 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
             rotate_rows(q, k, &row_pos, (cos.get(), sin.get()), (qw, kvw, hd), scale);
             for r in 0..rows {
                 let (si, pos) = (row_seq[r], row_pos[r]);
-                let cap = seqs[si].cache.capacity();
-                let ks = &k[r * kvw..(r + 1) * kvw];
-                let (kc, vc) = seqs[si]
-                    .cache
-                    .host_layer_mut(li)
-                    .ok_or_else(|| ModelError::Input("the fused step needs a host KV cache".into()))?;
-                for h in 0..nkv {
-                    let at = (h * cap + pos) * hd;
-                    kc[at..at + hd].copy_from_slice(&ks[h * hd..(h + 1) * hd]);
-                    vc[at..at + hd].copy_from_slice(&v[r * kvw + h * hd..r * kvw + (h + 1) * hd]);
-                }
+                let at = r * kvw..(r + 1) * kvw;
+                seqs[si].cache.write_row(li, pos, &k[at.clone()], &v[at]);
             }
             flop_probe::add(4 * (scores * hd) as u64);
             let parallel = threads > 1 && scores * hd >= PARALLEL_MIN_WEIGHTS / 16;
@@ -537,7 +575,7 @@ pub(crate) fn fused_step(model: &Qwen2, seqs: &mut [SeqStep<'_>]) -> Result<Vec<
             threads,
         );
         for seq in seqs.iter_mut() {
-            seq.cache.advance(seq.tokens.len());
+            seq.cache.advance(seq.tokens);
         }
         let device = model.device();
         let mut out = Vec::with_capacity(counts.len());

@@ -1,33 +1,89 @@
-//! A per-sequence key/value cache, preallocated to the context length, so a
-//! step writes its positions in place instead of concatenating tensors.
-//!
-//! On the CPU in f32 the cache is plain host memory, which the fused decode
-//! path (`model::fused`) reads and writes directly; elsewhere it is a pair
-//! of device tensors per layer written with `slice_set`.
+//! One sequence's keys and values. On the CPU they live in blocks of a
+//! [`KvPool`] (`model::kv_pool`): the sequence holds a table of blocks,
+//! takes one as it grows past a block boundary, shares full blocks of a
+//! common prefix with other sequences, and copies a shared block before
+//! writing into it. A cache made on its own ([`KvCache::new`]) gets a
+//! private pool sized to its capacity. On a GPU the cache is a pair of
+//! device tensors per layer, preallocated to the capacity and written with
+//! `slice_set`.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::kv_pool::{BlockId, KvDtype, KvPool, KvShape, Part, KV_BLOCK};
+
+/// The pool could not give a sequence the blocks it needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvFull {
+    /// Blocks still missing.
+    pub missing: usize,
+}
+
+impl std::fmt::Display for KvFull {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the KV cache is full ({} more blocks needed)", self.missing)
+    }
+}
+
+impl std::error::Error for KvFull {}
+
+/// A sequence's blocks in a pool.
+struct Paged {
+    pool: Arc<KvPool>,
+    /// Block of positions `i·KV_BLOCK..(i + 1)·KV_BLOCK`.
+    table: Vec<BlockId>,
+    /// The tokens whose keys and values are cached, in order.
+    tokens: Vec<u32>,
+    /// Prefix hash of each full block (when the pool shares).
+    hashes: Vec<u64>,
+}
+
+impl Drop for Paged {
+    fn drop(&mut self) {
+        for &b in &self.table {
+            self.pool.release(b);
+        }
+    }
+}
+
 /// Where the keys and values live.
-#[derive(Debug)]
 enum Store {
-    /// Per layer: keys and values, each `[kv_heads, capacity, head_dim]` row-major.
-    Host(Vec<(Vec<f32>, Vec<f32>)>),
+    /// Blocks of a host pool.
+    Paged(Paged),
     /// Per layer: keys and values, each a `[1, kv_heads, capacity, head_dim]` tensor.
-    Device(Vec<(Tensor, Tensor)>),
+    Device { layers: Vec<(Tensor, Tensor)>, len: usize },
 }
 
 /// Keys and values of every layer for one sequence.
-#[derive(Debug)]
 pub struct KvCache {
     store: Store,
-    len: usize,
     capacity: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("len", &self.len())
+            .field("capacity", &self.capacity)
+            .field("paged", &self.is_host())
+            .finish()
+    }
+}
+
+/// A sequence's blocks, for the fused CPU step's attention.
+pub(crate) struct PagedView<'a> {
+    /// The pool the blocks are in.
+    pub pool: &'a KvPool,
+    /// The sequence's blocks, in position order.
+    pub table: &'a [BlockId],
+}
+
 impl KvCache {
-    /// Allocates room for `capacity` positions in `num_layers` layers.
+    /// Room for `capacity` positions in `num_layers` layers: on the CPU in
+    /// f32, the blocks of a private pool; elsewhere device tensors.
     pub fn new(
         num_layers: usize,
         kv_heads: usize,
@@ -36,86 +92,315 @@ impl KvCache {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let store = if device.is_cpu() && dtype == DType::F32 {
-            let size = kv_heads * capacity * head_dim;
-            Store::Host((0..num_layers).map(|_| (vec![0f32; size], vec![0f32; size])).collect())
-        } else {
-            Store::Device(
-                (0..num_layers)
-                    .map(|_| {
-                        let k = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
-                        let v = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
-                        Ok((k, v))
-                    })
-                    .collect::<Result<_>>()?,
-            )
-        };
+        if device.is_cpu() && dtype == DType::F32 {
+            let shape = KvShape {
+                layers: num_layers,
+                kv_heads,
+                head_dim,
+            };
+            let pool = KvPool::new(shape, KvDtype::F32, capacity.div_ceil(KV_BLOCK), false);
+            return Ok(Self::in_pool(&pool, capacity));
+        }
+        let layers = (0..num_layers)
+            .map(|_| {
+                let k = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
+                let v = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
+                Ok((k, v))
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
-            store,
-            len: 0,
+            store: Store::Device { layers, len: 0 },
             capacity,
             kv_heads,
             head_dim,
         })
     }
 
+    /// An empty sequence of up to `capacity` positions whose blocks come from `pool`.
+    pub fn in_pool(pool: &Arc<KvPool>, capacity: usize) -> Self {
+        let shape = pool.shape();
+        Self {
+            store: Store::Paged(Paged {
+                pool: Arc::clone(pool),
+                table: Vec::new(),
+                tokens: Vec::new(),
+                hashes: Vec::new(),
+            }),
+            capacity,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+        }
+    }
+
     /// Positions already cached.
     pub fn len(&self) -> usize {
-        self.len
+        match &self.store {
+            Store::Paged(p) => p.tokens.len(),
+            Store::Device { len, .. } => *len,
+        }
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
-    /// Positions the cache can hold.
+    /// Positions the cache can hold (its context bound; a pool may run out first).
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
-    /// Forgets everything after the first `len` positions (for prefix reuse).
+    /// The tokens whose keys and values are cached (paged caches only).
+    pub fn tokens(&self) -> &[u32] {
+        match &self.store {
+            Store::Paged(p) => &p.tokens,
+            Store::Device { .. } => &[],
+        }
+    }
+
+    /// Blocks this sequence holds (paged caches).
+    pub fn blocks_held(&self) -> usize {
+        match &self.store {
+            Store::Paged(p) => p.table.len(),
+            Store::Device { .. } => 0,
+        }
+    }
+
+    /// The pool the blocks come from (paged caches).
+    pub fn pool(&self) -> Option<&Arc<KvPool>> {
+        match &self.store {
+            Store::Paged(p) => Some(&p.pool),
+            Store::Device { .. } => None,
+        }
+    }
+
+    /// Cuts the sequence back to its first `len` positions, releasing the
+    /// blocks past them (a shared block cut into is copied before its next write).
     pub fn truncate(&mut self, len: usize) {
-        self.len = self.len.min(len);
+        match &mut self.store {
+            Store::Paged(p) => {
+                let len = len.min(p.tokens.len());
+                p.tokens.truncate(len);
+                p.hashes.truncate(len / KV_BLOCK);
+                for b in p.table.drain(len.div_ceil(KV_BLOCK)..) {
+                    p.pool.release(b);
+                }
+            }
+            Store::Device { len: l, .. } => *l = (*l).min(len),
+        }
+    }
+
+    /// Makes room for `extra` more positions: the blocks they fall in,
+    /// with a shared or registered block under the next position copied
+    /// first. Fails (keeping what it took) when the pool has too few blocks.
+    pub fn reserve(&mut self, extra: usize) -> std::result::Result<(), KvFull> {
+        let Store::Paged(p) = &mut self.store else {
+            return Ok(());
+        };
+        let len = p.tokens.len();
+        if !len.is_multiple_of(KV_BLOCK) && extra > 0 {
+            let i = len / KV_BLOCK;
+            let b = p.table[i];
+            if !p.pool.writable(b) {
+                let copy = p.pool.alloc().ok_or(KvFull { missing: 1 })?;
+                p.pool.copy_rows(b, copy, len % KV_BLOCK);
+                p.pool.release(b);
+                p.table[i] = copy;
+            }
+        }
+        let need = (len + extra).div_ceil(KV_BLOCK);
+        while p.table.len() < need {
+            match p.pool.alloc() {
+                Some(b) => p.table.push(b),
+                None => {
+                    return Err(KvFull {
+                        missing: need - p.table.len(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Blocks [`reserve`](Self::reserve)`(extra)` would take from the pool.
+    pub fn blocks_to_reserve(&self, extra: usize) -> usize {
+        match &self.store {
+            Store::Paged(p) => {
+                let len = p.tokens.len();
+                let cow = !len.is_multiple_of(KV_BLOCK) && extra > 0 && !p.pool.writable(p.table[len / KV_BLOCK]);
+                (len + extra).div_ceil(KV_BLOCK).saturating_sub(p.table.len()) + usize::from(cow)
+            }
+            Store::Device { .. } => 0,
+        }
+    }
+
+    /// Takes, by reference, the pool's cached blocks that continue this
+    /// sequence along `tokens` (the whole sequence, of which the cache
+    /// holds a prefix; whole blocks only, up to position `max`); returns
+    /// how many tokens they hold. The sequence must end on a block boundary.
+    pub fn adopt(&mut self, tokens: &[u32], max: usize) -> usize {
+        let Store::Paged(p) = &mut self.store else {
+            return 0;
+        };
+        if !p.pool.sharing() || !p.tokens.len().is_multiple_of(KV_BLOCK) {
+            return 0;
+        }
+        let len = p.tokens.len();
+        for b in p.table.drain(len / KV_BLOCK..) {
+            p.pool.release(b);
+        }
+        let mut taken = 0;
+        let end = max.min(tokens.len());
+        if end <= len || tokens[..len] != p.tokens[..] {
+            return 0;
+        }
+        for block in tokens[len..end].chunks_exact(KV_BLOCK) {
+            let prev = p.hashes.last().copied().unwrap_or(0);
+            let h = p.pool.chain_hash(prev, block);
+            let Some(b) = p.pool.lookup(h) else { break };
+            p.table.push(b);
+            p.hashes.push(h);
+            p.tokens.extend_from_slice(block);
+            taken += KV_BLOCK;
+        }
+        taken
+    }
+
+    /// Tokens of `tokens` (at most `max`) that [`adopt`](Self::adopt) would
+    /// take from `pool` for a new sequence (nothing taken).
+    pub fn cached_prefix(pool: &KvPool, tokens: &[u32], max: usize) -> usize {
+        if !pool.sharing() {
+            return 0;
+        }
+        let mut prev = 0;
+        let mut n = 0;
+        for block in tokens[..max.min(tokens.len())].chunks_exact(KV_BLOCK) {
+            prev = pool.chain_hash(prev, block);
+            if !pool.contains(prev) {
+                break;
+            }
+            n += KV_BLOCK;
+        }
+        n
+    }
+
+    /// Prefix hashes of the full blocks of `tokens` in `pool` (for
+    /// recognising the same prefix in two sequences before either has it).
+    pub fn block_hashes(pool: &KvPool, tokens: &[u32]) -> Vec<u64> {
+        let mut prev = 0;
+        tokens
+            .chunks_exact(KV_BLOCK)
+            .map(|block| {
+                prev = pool.chain_hash(prev, block);
+                prev
+            })
+            .collect()
+    }
+
+    /// Writes one position's keys and values of `layer` (`kv_heads · head_dim`
+    /// each) at `pos`, in the pool's dtype; the position's block was reserved.
+    pub(crate) fn write_row(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let Store::Paged(p) = &mut self.store else {
+            panic!("write_row on a device cache");
+        };
+        let hd = self.head_dim;
+        let (b, r) = (p.table[pos / KV_BLOCK], pos % KV_BLOCK);
+        for (part, src) in [(Part::Keys, k), (Part::Values, v)] {
+            for h in 0..self.kv_heads {
+                let row = &src[h * hd..(h + 1) * hd];
+                let at = p.pool.rows_ptr(b, layer, part, h);
+                // SAFETY: this sequence holds block `b` unshared (reserve
+                // copied it otherwise), row `r` of `hd` values is inside it.
+                unsafe {
+                    match p.pool.dtype() {
+                        KvDtype::F32 => {
+                            std::slice::from_raw_parts_mut((at as *mut f32).add(r * hd), hd).copy_from_slice(row)
+                        }
+                        KvDtype::F16 => {
+                            let dst = std::slice::from_raw_parts_mut((at as *mut half::f16).add(r * hd), hd);
+                            for (d, s) in dst.iter_mut().zip(row) {
+                                *d = half::f16::from_f32(*s);
+                            }
+                        }
+                        KvDtype::Bf16 => {
+                            let dst = std::slice::from_raw_parts_mut((at as *mut half::bf16).add(r * hd), hd);
+                            for (d, s) in dst.iter_mut().zip(row) {
+                                *d = half::bf16::from_f32(*s);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Values `0..len` of `part` of `head` in `layer`, as f32.
+    fn gather(p: &Paged, layer: usize, part: Part, head: usize, len: usize, hd: usize, out: &mut Vec<f32>) {
+        for (i, &b) in p.table.iter().enumerate().take(len.div_ceil(KV_BLOCK)) {
+            let rows = (len - i * KV_BLOCK).min(KV_BLOCK);
+            let at = p.pool.rows_ptr(b, layer, part, head);
+            // SAFETY: the block holds `KV_BLOCK` rows of `hd` values of the pool's dtype.
+            unsafe {
+                match p.pool.dtype() {
+                    KvDtype::F32 => out.extend_from_slice(std::slice::from_raw_parts(at as *const f32, rows * hd)),
+                    KvDtype::F16 => out.extend(
+                        std::slice::from_raw_parts(at as *const half::f16, rows * hd)
+                            .iter()
+                            .map(|x| x.to_f32()),
+                    ),
+                    KvDtype::Bf16 => out.extend(
+                        std::slice::from_raw_parts(at as *const half::bf16, rows * hd)
+                            .iter()
+                            .map(|x| x.to_f32()),
+                    ),
+                }
+            }
+        }
     }
 
     /// Writes `k`, `v` (`[1, kv_heads, t, head_dim]`) of `layer` at the current
     /// end and returns the keys and values of all positions up to and including them.
     pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let t = k.dim(2)?;
-        let (len, cap, hd, heads) = (self.len, self.capacity, self.head_dim, self.kv_heads);
-        match &mut self.store {
-            Store::Device(layers) => {
-                let (kb, vb) = &layers[layer];
-                kb.slice_set(k, 2, len)?;
-                vb.slice_set(v, 2, len)?;
-                Ok((kb.narrow(2, 0, len + t)?, vb.narrow(2, 0, len + t)?))
-            }
-            Store::Host(layers) => {
-                // Writes `new` after the cached positions of each head and
-                // returns every position up to them as one tensor.
-                let write_and_view = |buf: &mut [f32], new: &Tensor| -> Result<Tensor> {
-                    let new: Vec<f32> = new.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-                    let mut all = Vec::with_capacity(heads * (len + t) * hd);
-                    for h in 0..heads {
-                        let dst = &mut buf[(h * cap + len) * hd..(h * cap + len + t) * hd];
-                        dst.copy_from_slice(&new[h * t * hd..(h + 1) * t * hd]);
-                        all.extend_from_slice(&buf[h * cap * hd..(h * cap + len + t) * hd]);
-                    }
-                    Tensor::from_vec(all, (1, heads, len + t, hd), k.device())
-                };
-                let (kb, vb) = &mut layers[layer];
-                Ok((write_and_view(kb, k)?, write_and_view(vb, v)?))
-            }
+        let (hd, heads) = (self.head_dim, self.kv_heads);
+        let len = self.len();
+        if let Store::Device { layers, .. } = &mut self.store {
+            let (kb, vb) = &layers[layer];
+            kb.slice_set(k, 2, len)?;
+            vb.slice_set(v, 2, len)?;
+            return Ok((kb.narrow(2, 0, len + t)?, vb.narrow(2, 0, len + t)?));
         }
+        self.reserve(t).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let host = |x: &Tensor| -> Result<Vec<f32>> { x.to_dtype(DType::F32)?.flatten_all()?.to_vec1() };
+        let (kn, vn) = (host(k)?, host(v)?);
+        // Position-major rows of every head, as `write_row` takes them.
+        let row = |src: &[f32], j: usize| -> Vec<f32> {
+            (0..heads)
+                .flat_map(|h| src[(h * t + j) * hd..(h * t + j + 1) * hd].iter().copied())
+                .collect()
+        };
+        for j in 0..t {
+            self.write_row(layer, len + j, &row(&kn, j), &row(&vn, j));
+        }
+        let Store::Paged(p) = &self.store else { unreachable!() };
+        let view = |part: Part| -> Result<Tensor> {
+            let mut all = Vec::with_capacity(heads * (len + t) * hd);
+            for h in 0..heads {
+                Self::gather(p, layer, part, h, len + t, hd, &mut all);
+            }
+            Tensor::from_vec(all, (1, heads, len + t, hd), k.device())
+        };
+        Ok((view(Part::Keys)?, view(Part::Values)?))
     }
 
-    /// Keys and values of `layer` as host memory (`[kv_heads, capacity,
-    /// head_dim]` each), when the cache lives on the host.
-    pub fn host_layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
-        match &mut self.store {
-            Store::Host(layers) => layers.get_mut(layer).map(|(k, v)| (k.as_mut_slice(), v.as_mut_slice())),
-            Store::Device(_) => None,
+    /// The blocks, when the cache is paged.
+    pub(crate) fn paged(&self) -> Option<PagedView<'_>> {
+        match &self.store {
+            Store::Paged(p) => Some(PagedView {
+                pool: &p.pool,
+                table: &p.table,
+            }),
+            Store::Device { .. } => None,
         }
     }
 
@@ -123,18 +408,34 @@ impl KvCache {
     /// when the cache lives in device tensors.
     pub fn device_layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
         match &self.store {
-            Store::Device(layers) => layers.get(layer).map(|(k, v)| (k, v)),
-            Store::Host(_) => None,
+            Store::Device { layers, .. } => layers.get(layer).map(|(k, v)| (k, v)),
+            Store::Paged(_) => None,
         }
     }
 
-    /// Whether the cache lives in host memory (the fused CPU decode path can use it).
+    /// Whether the cache lives in host memory (the fused CPU step can use it).
     pub fn is_host(&self) -> bool {
-        matches!(self.store, Store::Host(_))
+        matches!(self.store, Store::Paged(_))
     }
 
-    /// Marks `t` more positions as filled (after every layer appended them).
-    pub fn advance(&mut self, t: usize) {
-        self.len += t;
+    /// Marks `tokens` as cached (after every layer wrote them); full
+    /// blocks of a sharing pool are registered for other sequences.
+    pub fn advance(&mut self, tokens: &[u32]) {
+        match &mut self.store {
+            Store::Device { len, .. } => *len += tokens.len(),
+            Store::Paged(p) => {
+                p.tokens.extend_from_slice(tokens);
+                if !p.pool.sharing() {
+                    return;
+                }
+                while p.hashes.len() < p.tokens.len() / KV_BLOCK {
+                    let i = p.hashes.len();
+                    let prev = p.hashes.last().copied().unwrap_or(0);
+                    let h = p.pool.chain_hash(prev, &p.tokens[i * KV_BLOCK..(i + 1) * KV_BLOCK]);
+                    p.pool.register(p.table[i], h);
+                    p.hashes.push(h);
+                }
+            }
+        }
     }
 }

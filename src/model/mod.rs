@@ -11,6 +11,7 @@ mod fused;
 pub mod gguf;
 pub mod gguf_names;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod layers;
 pub mod linear;
 pub mod load;
@@ -23,7 +24,8 @@ mod weight_forms;
 
 pub use config::Qwen2Config;
 pub use error::ModelError;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvFull};
+pub use kv_pool::{KvDtype, KvPool, KvShape, KV_BLOCK};
 pub use layers::{Kernels, LayerMask};
 pub use load::WeightStore;
 pub use qwen2::Qwen2;

@@ -190,6 +190,15 @@ impl Qwen2 {
         &self.norm
     }
 
+    /// The dimensions of its keys and values (for a [`KvPool`](super::KvPool)).
+    pub fn kv_shape(&self) -> super::KvShape {
+        super::KvShape {
+            layers: self.layers.len(),
+            kv_heads: self.config.num_key_value_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
     /// A fresh KV cache for one sequence of up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
         let c = &self.config;

@@ -73,8 +73,10 @@ impl Qwen2 {
     }
 
     /// Refuses a step with a sequence that adds no token, overflows its
-    /// cache, or names a token outside the vocabulary.
-    fn check_steps(&self, seqs: &[SeqStep<'_>]) -> Result<()> {
+    /// cache, or names a token outside the vocabulary; takes the blocks
+    /// the new positions need (a full pool is an error here: the engine
+    /// reserves before it steps and preempts when it cannot).
+    fn check_steps(&self, seqs: &mut [SeqStep<'_>]) -> Result<()> {
         for s in seqs {
             if s.tokens.is_empty() {
                 return Err(ModelError::Input("no tokens to run".into()));
@@ -87,6 +89,9 @@ impl Qwen2 {
                 )));
             }
             self.check_ids(s.tokens)?;
+            s.cache
+                .reserve(s.tokens.len())
+                .map_err(|e| ModelError::Input(e.to_string()))?;
         }
         Ok(())
     }
@@ -126,7 +131,7 @@ impl Qwen2 {
             };
             counts.push(picked.len());
             rows.extend(picked);
-            s.cache.advance(t as usize);
+            s.cache.advance(s.tokens);
             start += t;
         }
         let rows = Tensor::new(rows.as_slice(), self.device())?;

@@ -32,6 +32,16 @@ pub enum ApiError {
         /// `prompt` or `messages`.
         param: &'static str,
     },
+    /// The prompt plus `max_tokens` needs more KV cache than the whole pool holds.
+    #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) needs more KV cache than this server's pool holds ({positions} positions; the server sets it with --kv-cache-mb)")]
+    KvBudget {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_tokens: usize,
+        /// Positions the pool holds.
+        positions: usize,
+    },
     /// `suffix` was given but the model has no FIM tokens.
     #[error("this model has no fill-in-the-middle tokens, so `suffix` cannot be used")]
     NoFim,
@@ -81,9 +91,11 @@ impl ApiError {
     /// The HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::InvalidJson(_) | Self::InvalidParam { .. } | Self::ContextLength { .. } | Self::NoFim => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::InvalidJson(_)
+            | Self::InvalidParam { .. }
+            | Self::ContextLength { .. }
+            | Self::KvBudget { .. }
+            | Self::NoFim => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -102,6 +114,11 @@ impl ApiError {
             Self::ContextLength { param, .. } => (
                 "invalid_request_error",
                 Some((*param).to_owned()),
+                Some("context_length_exceeded"),
+            ),
+            Self::KvBudget { .. } => (
+                "invalid_request_error",
+                Some("max_tokens".into()),
                 Some("context_length_exceeded"),
             ),
             Self::NoFim => (

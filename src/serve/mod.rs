@@ -37,8 +37,12 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// Most prompt tokens per engine step while others decode.
     pub prefill_chunk: usize,
-    /// Finished requests' caches kept for prefix reuse.
-    pub prefix_cache: usize,
+    /// Share KV blocks between requests with the same prompt prefix.
+    pub prefix_caching: bool,
+    /// The KV pool's size in bytes (None: the default share of free memory).
+    pub kv_cache_bytes: Option<usize>,
+    /// How the pool stores keys and values.
+    pub kv_dtype: crate::model::KvDtype,
     /// Required bearer token.
     pub api_key: Option<String>,
     /// Name clients use; default the folder's name.
@@ -126,7 +130,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             max_queue: cfg.max_queue.max(1),
             max_batch: cfg.max_batch.max(1),
             prefill_chunk: cfg.prefill_chunk.max(1),
-            prefix_cache: cfg.prefix_cache,
+            prefix_caching: cfg.prefix_caching,
+            kv_cache_bytes: cfg.kv_cache_bytes,
+            kv_dtype: cfg.kv_dtype,
         },
         accounting,
     );

@@ -1,12 +1,14 @@
 //! The engine: one thread that owns the model and runs continuous batching,
 //! talking to handlers only through channels. Each loop turn admits waiting
-//! jobs into free slots (up to `max_batch`), runs one ragged step over every
-//! active slot (decode tokens and bounded prompt chunks together), and sends
-//! each slot's new text. A job whose client went away (its event receiver is
-//! dropped) leaves at the next step; sends are best-effort and a failed send
-//! ends that job only.
+//! jobs into free slots (up to `max_batch`, and while the KV pool has room),
+//! runs one ragged step over every active slot (decode tokens and bounded
+//! prompt chunks together), and sends each slot's new text. Keys and values
+//! live in one [`KvPool`] per process, bounded in bytes (`--kv-cache-mb`),
+//! whose full blocks are shared by prefix between requests. A job whose
+//! client went away (its event receiver is dropped) is reaped before the
+//! next step; sends are best-effort and a failed send ends that job only.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -18,17 +20,19 @@ use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter};
 use crate::generate::{FinishReason, TokenLogprob};
 use crate::metrics::{Metrics, ModelFacts};
-use crate::model::KvCache;
-use crate::model::Qwen2;
-use crate::model::SeqStep;
+use crate::model::{KvCache, KvDtype, KvPool, KvShape, Qwen2, SeqStep};
 
-/// What the engine needs from a model: per-sequence caches, one ragged step,
-/// and its cost and description for the metrics. The server runs a
-/// [`ServedModel`]; tests run the engine on a fake.
+/// What the engine needs from a model: the shape of its keys and values
+/// (or per-sequence caches), one ragged step, and its cost and description
+/// for the metrics. The server runs a [`ServedModel`]; tests run the engine
+/// on a fake.
 pub trait EngineModel {
     /// Longest sequence (prompt + generated) in tokens.
     fn context_len(&self) -> usize;
-    /// An empty cache for up to `capacity` positions.
+    /// Keys and values per position when they can live in a host [`KvPool`]
+    /// (None: each sequence gets its own device cache from [`new_cache`](Self::new_cache)).
+    fn kv_shape(&self) -> Option<KvShape>;
+    /// An empty per-sequence cache for up to `capacity` positions (models without a pool).
     fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache>;
     /// Appends each sequence's tokens to its cache and returns its logits
     /// (`[n, vocab]`; `n` = 1 for [`LogitsFor::Last`](crate::model::LogitsFor::Last)).
@@ -56,6 +60,11 @@ impl ServedModel {
 impl EngineModel for ServedModel {
     fn context_len(&self) -> usize {
         self.model.context_len()
+    }
+
+    fn kv_shape(&self) -> Option<KvShape> {
+        let m = &self.model;
+        (m.device().is_cpu() && m.dtype() == candle_core::DType::F32).then(|| m.kv_shape())
     }
 
     fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache> {
@@ -159,6 +168,7 @@ pub struct Accounting {
 struct Job {
     req: ValidRequest,
     events: mpsc::UnboundedSender<Event>,
+    arrived: std::time::Instant,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -169,6 +179,8 @@ pub struct EngineHandle {
     permits: Arc<Semaphore>,
     max_queue: usize,
     ready: Arc<AtomicBool>,
+    /// Positions the KV pool holds (0: no pool, no bound beyond the context).
+    kv_positions: Arc<AtomicUsize>,
     metrics: Metrics,
 }
 
@@ -182,6 +194,17 @@ impl EngineHandle {
     pub fn submit(&self, reqs: Vec<ValidRequest>) -> Result<Vec<mpsc::UnboundedReceiver<Event>>, ApiError> {
         if !self.is_ready() {
             return Err(ApiError::Unavailable("the model is still loading"));
+        }
+        let positions = self.kv_positions.load(Ordering::Acquire);
+        if let Some(r) = reqs
+            .iter()
+            .find(|r| positions > 0 && r.prompt_ids.len() + r.max_tokens > positions)
+        {
+            return Err(ApiError::KvBudget {
+                prompt: r.prompt_ids.len(),
+                max_tokens: r.max_tokens,
+                positions,
+            });
         }
         let permits = Arc::clone(&self.permits)
             .try_acquire_many_owned(reqs.len() as u32)
@@ -205,6 +228,7 @@ impl EngineHandle {
                 .send(Job {
                     req,
                     events,
+                    arrived: std::time::Instant::now(),
                     _permit: permit,
                 })
                 .map_err(|_| ApiError::Unavailable("the engine has stopped"))?;
@@ -226,8 +250,13 @@ pub struct EngineConfig {
     /// decoding for one short step at a time; with none decoding a step
     /// takes up to [`SOLO_PREFILL`] (or this, if larger).
     pub prefill_chunk: usize,
-    /// Finished requests' KV caches kept for prompt-prefix reuse (0: off).
-    pub prefix_cache: usize,
+    /// Share full KV blocks between requests with the same prompt prefix
+    /// (running or finished; cached until their memory is needed).
+    pub prefix_caching: bool,
+    /// The KV pool's size in bytes (None: [`default_kv_bytes`]).
+    pub kv_cache_bytes: Option<usize>,
+    /// How the pool stores keys and values.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -236,9 +265,60 @@ impl Default for EngineConfig {
             max_queue: 128,
             max_batch: 16,
             prefill_chunk: 64,
-            prefix_cache: 16,
+            prefix_caching: true,
+            kv_cache_bytes: None,
+            kv_dtype: KvDtype::F32,
         }
     }
+}
+
+/// Share of the memory available after the weights that the KV pool takes by default.
+pub const KV_DEFAULT_SHARE: f64 = 0.4;
+
+/// The default KV pool size: [`KV_DEFAULT_SHARE`] of the memory available
+/// now (after the weights are loaded), and no more than twice what
+/// `max_batch` full-context sequences need (the second half keeps finished
+/// prefixes), at least one full-context sequence.
+pub fn default_kv_bytes(bytes_per_token: usize, context: usize, max_batch: usize) -> usize {
+    let full = bytes_per_token * context;
+    let available = mem_available_bytes().unwrap_or(8 << 30) as f64;
+    ((available * KV_DEFAULT_SHARE) as usize)
+        .min(2 * max_batch * full)
+        .max(full)
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes (Linux).
+fn mem_available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Makes the process's KV pool for `model` (None when its caches live on a
+/// device) and logs its size.
+fn make_pool<M: EngineModel>(model: &M, config: &EngineConfig) -> Option<Arc<KvPool>> {
+    let shape = model.kv_shape()?;
+    let per_token = shape.bytes_per_token(config.kv_dtype);
+    let bytes = config
+        .kv_cache_bytes
+        .unwrap_or_else(|| default_kv_bytes(per_token, model.context_len(), config.max_batch));
+    let blocks = bytes / (per_token * crate::model::KV_BLOCK).max(1);
+    let pool = KvPool::new(shape, config.kv_dtype, blocks, config.prefix_caching);
+    let positions = pool.positions();
+    eprintln!(
+        "greencode: KV cache {:.1} MiB ({}, {} blocks of {} positions, {} KB a position): {} positions, {:.1} full-context sequences of {}; prefix caching {}",
+        (blocks * pool.block_bytes()) as f64 / (1 << 20) as f64,
+        config.kv_dtype.name(),
+        blocks,
+        crate::model::KV_BLOCK,
+        per_token as f64 / 1000.0,
+        positions,
+        positions as f64 / model.context_len().max(1) as f64,
+        model.context_len(),
+        if config.prefix_caching { "on" } else { "off" },
+    );
+    Some(pool)
 }
 
 /// Starts the engine thread; `load` builds the model on that thread (so the
@@ -252,11 +332,13 @@ pub fn spawn<M: EngineModel>(
 ) -> (EngineHandle, std::thread::JoinHandle<anyhow::Result<()>>) {
     let (tx, rx) = std_mpsc::channel::<Job>();
     let ready = Arc::new(AtomicBool::new(false));
+    let kv_positions = Arc::new(AtomicUsize::new(0));
     let handle = EngineHandle {
         tx,
         permits: Arc::new(Semaphore::new(config.max_queue)),
         max_queue: config.max_queue,
         ready: Arc::clone(&ready),
+        kv_positions: Arc::clone(&kv_positions),
         metrics: metrics.clone(),
     };
     let thread = std::thread::Builder::new()
@@ -264,9 +346,13 @@ pub fn spawn<M: EngineModel>(
         .spawn(move || {
             let model = load()?;
             model.describe(&metrics);
+            let pool = make_pool(&model, &config);
+            if let Some(p) = &pool {
+                kv_positions.store(p.positions(), Ordering::Release);
+            }
             ready.store(true, Ordering::Release);
             eprintln!("greencode: model loaded, ready");
-            Engine::new(&model, tables, &metrics, &mut accounting, config).run(&rx);
+            Engine::new(&model, pool, tables, &metrics, &mut accounting, config).run(&rx);
             Ok(())
         })
         .expect("spawning a thread");

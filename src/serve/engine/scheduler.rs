@@ -1,10 +1,23 @@
-//! The engine's loop: each turn admits waiting jobs into free slots (reusing
-//! a kept prefix cache when the prompt starts with one), runs one ragged
+//! The engine's loop: each turn reaps slots whose client left, admits
+//! waiting jobs while the batch and the KV pool have room, plans one ragged
 //! step over every active slot (decode tokens and bounded prompt chunks
-//! together), samples, detokenizes and sends each slot's new text, splits
-//! the step's measured energy over the slots by FLOPs, and closes finished
-//! or abandoned slots.
+//! together), reserves the KV blocks it writes (preempting the newest
+//! sequences when the pool is full), runs it, samples, detokenizes and
+//! sends each slot's new text, splits the step's measured energy over the
+//! slots by FLOPs, and closes finished slots.
+//!
+//! Prefix sharing: a prompt takes the pool's cached blocks of its prefix at
+//! admission and again before each of its chunks (blocks a request still
+//! running has computed since), and a prompt whose next block another
+//! prompt is computing in this step waits for it instead of computing it
+//! twice. Preemption (vLLM's recompute policy): when a slot cannot get a
+//! block, the most recently admitted slot gives all of its blocks back and
+//! is parked; re-admitted first when there is room, it recomputes its
+//! prompt and the tokens it generated (reusing whatever of them is still
+//! cached) and goes on from the next token, with its sampler's state
+//! intact.
 
+use std::collections::HashSet;
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
@@ -15,7 +28,7 @@ use crate::generate::sampling::Sampler;
 use crate::generate::stop::{StopMatcher, StopOutcome};
 use crate::generate::{healed_token_logprob, token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
-use crate::model::{KvCache, LogitsFor, SeqStep};
+use crate::model::{KvCache, KvPool, LogitsFor, SeqStep, KV_BLOCK};
 use crate::serve::error::ApiError;
 
 /// Prompt tokens a step may take when no sequence is decoding: nobody waits
@@ -23,43 +36,24 @@ use crate::serve::error::ApiError;
 /// short ones (each reads all the weights).
 pub const SOLO_PREFILL: usize = 512;
 
-/// Fewest shared leading tokens worth reusing a cached prefix for.
-const MIN_PREFIX_REUSE: usize = 8;
-
-/// New caches hold at least this many positions (bounded by the context), so
-/// a follow-up request that extends a prompt fits in the cache it reuses.
-const REUSABLE_CAPACITY: usize = 4096;
-
-/// A finished sequence's KV cache kept for prompt-prefix reuse.
-struct CachedPrefix {
-    /// The tokens whose keys and values the cache holds.
-    tokens: Vec<u32>,
-    cache: KvCache,
-    last_used: u64,
-}
-
 /// How often an idle engine reads the meter (idle energy, power gauge).
 const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Where a slot is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotState {
-    /// Prompt tokens remain to be run.
-    Prefill,
-    /// Generating one token per step.
-    Decode,
-}
-
-/// One running sequence.
+/// One admitted sequence.
 struct Slot {
     job: Job,
-    state: SlotState,
+    /// Admission order: preemption takes the newest first.
+    order: u64,
+    /// Gave its blocks back; waits to be re-admitted.
+    parked: bool,
     cache: KvCache,
     sampler: Sampler,
-    /// Prompt tokens already in the cache.
+    /// Prompt tokens that have been in the cache (computed or reused).
     prompt_done: usize,
-    /// Prompt tokens reused from an earlier request's cache.
+    /// Prompt tokens reused from blocks other requests computed.
     cached_tokens: usize,
+    /// Prefix hashes of the prompt's full blocks (sharing pools).
+    block_hashes: Vec<u64>,
     generated: Vec<u32>,
     detok: Detokenizer,
     stops: StopMatcher,
@@ -73,10 +67,50 @@ struct Slot {
     cancelled: bool,
 }
 
-/// The engine thread's state: the model, the waiting jobs, the running
-/// slots and the kept prefixes.
+impl Slot {
+    /// Prompt and generated tokens: what the cache holds once caught up.
+    fn known_len(&self) -> usize {
+        self.job.req.prompt_ids.len() + self.generated.len()
+    }
+
+    /// Known tokens `from..to`.
+    fn known(&self, from: usize, to: usize) -> Vec<u32> {
+        let prompt = &self.job.req.prompt_ids;
+        (from..to)
+            .map(|i| {
+                if i < prompt.len() {
+                    prompt[i]
+                } else {
+                    self.generated[i - prompt.len()]
+                }
+            })
+            .collect()
+    }
+
+    /// Decoding: the cache holds everything but the last generated token.
+    fn decoding(&self) -> bool {
+        !self.generated.is_empty() && self.known_len() == self.cache.len() + 1
+    }
+
+    /// Needs logits at every prompt position (echo with logprobs): takes no shared blocks.
+    fn scoring(&self) -> bool {
+        self.job.req.prompt_logprobs
+    }
+}
+
+/// One slot's part of a planned step.
+struct Input {
+    slot: usize,
+    tokens: Vec<u32>,
+    logits: LogitsFor,
+}
+
+/// The engine thread's state: the model, the KV pool, the waiting jobs and
+/// the admitted slots.
 pub(super) struct Engine<'a, M> {
     model: &'a M,
+    /// Keys and values of every host-cached sequence (None: device caches).
+    pool: Option<Arc<KvPool>>,
     tables: TokenTables,
     metrics: &'a Metrics,
     acc: &'a mut Accounting,
@@ -84,22 +118,22 @@ pub(super) struct Engine<'a, M> {
     waiting: std::collections::VecDeque<Job>,
     slots: Vec<Slot>,
     last_tick: Instant,
-    /// Caches of finished requests, least recently used evicted first.
-    prefixes: Vec<CachedPrefix>,
-    clock: u64,
+    admitted: u64,
 }
 
 impl<'a, M: EngineModel> Engine<'a, M> {
     /// An engine with nothing waiting or running.
     pub(super) fn new(
         model: &'a M,
+        pool: Option<Arc<KvPool>>,
         tables: TokenTables,
         metrics: &'a Metrics,
         acc: &'a mut Accounting,
         config: EngineConfig,
     ) -> Self {
-        Self {
+        let engine = Self {
             model,
+            pool,
             tables,
             metrics,
             acc,
@@ -107,63 +141,17 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             waiting: std::collections::VecDeque::new(),
             slots: Vec::new(),
             last_tick: Instant::now(),
-            prefixes: Vec::new(),
-            clock: 0,
-        }
-    }
-
-    /// Takes the kept cache sharing the longest prefix with `prompt` (at least
-    /// [`MIN_PREFIX_REUSE`] tokens, room for `needed` positions), truncated to
-    /// that prefix; at least one prompt token is left to run for logits.
-    fn take_prefix(&mut self, prompt: &[u32], needed: usize, scoring: bool) -> Option<(KvCache, usize)> {
-        if scoring {
-            return None; // echo + logprobs needs logits at every prompt position
-        }
-        let (best, shared) = self
-            .prefixes
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| p.cache.capacity() >= needed)
-            .map(|(i, p)| (i, p.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count()))
-            .max_by_key(|&(_, n)| n)?;
-        let reuse = shared.min(prompt.len() - 1);
-        if reuse < MIN_PREFIX_REUSE {
-            return None;
-        }
-        let mut hit = self.prefixes.swap_remove(best);
-        hit.cache.truncate(reuse);
-        Some((hit.cache, reuse))
-    }
-
-    /// Keeps a finished slot's cache for reuse, evicting the least recently used.
-    fn keep_prefix(&mut self, slot: &mut Slot) {
-        if self.config.prefix_cache == 0 || slot.cache.is_empty() {
-            return;
-        }
-        let in_cache = slot.cache.len();
-        let prompt = &slot.job.req.prompt_ids;
-        let mut tokens: Vec<u32> = prompt[..slot.prompt_done.min(in_cache)].to_vec();
-        tokens.extend(slot.generated.iter().take(in_cache - tokens.len()));
-        if self.prefixes.len() >= self.config.prefix_cache {
-            if let Some(oldest) = (0..self.prefixes.len()).min_by_key(|&i| self.prefixes[i].last_used) {
-                self.prefixes.swap_remove(oldest);
-            }
-        }
-        self.clock += 1;
-        let empty = KvCache::new(0, 0, 0, 0, candle_core::DType::F32, &candle_core::Device::Cpu);
-        let Ok(empty) = empty else { return };
-        self.prefixes.push(CachedPrefix {
-            tokens,
-            cache: std::mem::replace(&mut slot.cache, empty),
-            last_used: self.clock,
-        });
+            admitted: 0,
+        };
+        engine.record_pool();
+        engine
     }
 
     pub(super) fn run(&mut self, rx: &std_mpsc::Receiver<Job>) {
         loop {
             if self.slots.is_empty() && self.waiting.is_empty() {
                 match rx.recv_timeout(IDLE_TICK) {
-                    Ok(job) => self.enqueue(job),
+                    Ok(job) => self.waiting.push_back(job),
                     Err(std_mpsc::RecvTimeoutError::Timeout) => {
                         self.record_idle();
                         continue;
@@ -174,64 +162,128 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 self.record_idle();
             }
             while let Ok(job) = rx.try_recv() {
-                self.enqueue(job);
+                self.waiting.push_back(job);
             }
+            self.reap();
             self.admit();
-            if !self.slots.is_empty() {
+            if self.slots.iter().any(|s| !s.parked) {
                 self.step();
             }
+            self.record_pool();
         }
     }
 
-    fn enqueue(&mut self, job: Job) {
-        self.waiting.push_back(job);
+    /// Closes the slots whose client left, before they cost another step
+    /// (their full blocks stay cached for the next request).
+    fn reap(&mut self) {
+        for slot in self.slots.iter_mut() {
+            if slot.job.events.is_closed() {
+                slot.cancelled = true;
+            }
+        }
+        self.finish_done();
     }
 
-    /// Moves waiting jobs into free slots; drops jobs whose client left.
+    /// Blocks a sequence of `tokens` (of which `cached` come from the pool)
+    /// needs to compute them and take its first new token.
+    fn blocks_needed(tokens: usize, cached: usize) -> usize {
+        (tokens + 1).div_ceil(KV_BLOCK) - cached / KV_BLOCK
+    }
+
+    /// Whether a sequence needing `need` more blocks fits beside the
+    /// active slots' remaining prompts and one block of growth for each
+    /// decoding slot (always, when nothing else runs: `submit` refused
+    /// what the whole pool cannot hold).
+    fn fits(&self, need: usize) -> bool {
+        let Some(pool) = &self.pool else { return true };
+        let active: Vec<&Slot> = self.slots.iter().filter(|s| !s.parked).collect();
+        if active.is_empty() {
+            return true;
+        }
+        let promised: usize = active
+            .iter()
+            .map(|s| {
+                if s.decoding() {
+                    1
+                } else {
+                    s.cache.blocks_to_reserve(s.known_len() - s.cache.len())
+                }
+            })
+            .sum();
+        pool.available() >= need + promised
+    }
+
+    /// Admits parked slots (oldest first), then waiting jobs in arrival
+    /// order, while the batch has room and the pool can hold their prompts.
     fn admit(&mut self) {
         let label = [self.metrics.model()];
-        while self.slots.len() < self.config.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
-            self.metrics.waiting.with_label_values(&label).dec();
+        let mut active = self.slots.iter().filter(|s| !s.parked).count();
+        let mut parked: Vec<usize> = (0..self.slots.len()).filter(|&i| self.slots[i].parked).collect();
+        parked.sort_by_key(|&i| self.slots[i].order);
+        for i in parked {
+            // Room for all of it, its own cached blocks counted as taken:
+            // re-admitted into a pool that is just as full, it would be
+            // preempted again at its next block.
+            let s = &self.slots[i];
+            if active >= self.config.max_batch || !self.fits(Self::blocks_needed(s.known_len(), 0) + 1) {
+                return;
+            }
+            self.slots[i].parked = false;
+            active += 1;
+        }
+        while active < self.config.max_batch {
+            let Some(job) = self.waiting.front() else { break };
             if job.events.is_closed() {
+                self.waiting.pop_front();
+                self.metrics.waiting.with_label_values(&label).dec();
                 self.metrics
                     .requests
                     .with_label_values(&[self.metrics.model(), "cancelled"])
                     .inc();
                 continue;
             }
-            let req = &job.req;
-            let needed = req.prompt_ids.len() + req.max_tokens;
-            let (cache, reused) = match self.take_prefix(&req.prompt_ids, needed, req.prompt_logprobs) {
-                Some(hit) => hit,
-                None => {
-                    // Room for the whole context (up to a bound) so a follow-up request
-                    // that extends this one can reuse the cache.
-                    let capacity = needed.max(self.model.context_len().min(REUSABLE_CAPACITY));
-                    match self.model.new_cache(capacity) {
-                        Ok(c) => (c, 0),
-                        Err(e) => {
-                            eprintln!("greencode: cannot allocate a KV cache: {e}");
-                            let _ = job.events.send(Event::Error(ApiError::Internal));
-                            continue;
-                        }
-                    }
-                }
+            let prompt = &job.req.prompt_ids;
+            let cached = match &self.pool {
+                Some(p) if !job.req.prompt_logprobs => KvCache::cached_prefix(p, prompt, prompt.len() - 1),
+                _ => 0,
             };
-            if reused > 0 {
-                self.metrics
-                    .prefix_hit_tokens
-                    .with_label_values(&label)
-                    .inc_by(reused as u64);
+            if !self.fits(Self::blocks_needed(prompt.len(), cached)) {
+                break;
             }
+            let job = self.waiting.pop_front().expect("checked above");
+            self.metrics.waiting.with_label_values(&label).dec();
+            self.metrics
+                .queue_time
+                .with_label_values(&label)
+                .observe(job.arrived.elapsed().as_secs_f64());
+            let req = &job.req;
+            let capacity = (req.prompt_ids.len() + req.max_tokens).min(self.model.context_len());
+            let cache = match &self.pool {
+                Some(pool) => KvCache::in_pool(pool, capacity),
+                None => match self.model.new_cache(capacity) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("greencode: cannot allocate a KV cache: {e}");
+                        let _ = job.events.send(Event::Error(ApiError::Internal));
+                        continue;
+                    }
+                },
+            };
+            let block_hashes = match &self.pool {
+                Some(p) if p.sharing() && !req.prompt_logprobs => KvCache::block_hashes(p, &req.prompt_ids),
+                _ => Vec::new(),
+            };
             let skip = req.healing.as_ref().map_or(0, |h| h.prefix_len);
             self.metrics.running.with_label_values(&label).inc();
+            self.admitted += 1;
             self.slots.push(Slot {
-                state: SlotState::Prefill,
+                order: self.admitted,
+                parked: false,
                 cache,
                 sampler: Sampler::new(req.sampling.clone()),
-                prompt_done: reused,
-                cached_tokens: reused,
+                prompt_done: 0,
+                cached_tokens: 0,
+                block_hashes,
                 generated: Vec::new(),
                 detok: Detokenizer::new(
                     Arc::clone(&self.tables.token_bytes),
@@ -243,13 +295,239 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 prompt_logprobs: Vec::new(),
                 joules: 0.0,
                 flops: 0,
-                start: Instant::now(),
+                start: job.arrived,
                 last_token_at: None,
                 finish: None,
                 cancelled: false,
                 job,
             });
+            active += 1;
         }
+    }
+
+    /// Takes the pool's cached blocks that continue slot `i` (at a block
+    /// boundary, leaving at least one token to run), booking the prompt
+    /// tokens they hold as reused.
+    fn adopt_cached(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.scoring() || !slot.cache.len().is_multiple_of(KV_BLOCK) {
+            return;
+        }
+        let known = slot.known(0, slot.known_len());
+        if slot.cache.adopt(&known, known.len() - 1) == 0 {
+            return;
+        }
+        let in_prompt = slot.cache.len().min(slot.job.req.prompt_ids.len());
+        if in_prompt > slot.prompt_done {
+            let reused = in_prompt - slot.prompt_done;
+            slot.cached_tokens += reused;
+            slot.prompt_done = in_prompt;
+            self.metrics
+                .prefix_hit_tokens
+                .with_label_values(&[self.metrics.model()])
+                .inc_by(reused as u64);
+        }
+    }
+
+    /// Gives back every block of slot `i` and parks it until there is room.
+    fn preempt(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.cache.truncate(0);
+        slot.parked = true;
+        self.metrics
+            .preemptions
+            .with_label_values(&[self.metrics.model()])
+            .inc();
+    }
+
+    /// The newest active slot.
+    fn newest_active(&self) -> Option<usize> {
+        (0..self.slots.len())
+            .filter(|&i| !self.slots[i].parked)
+            .max_by_key(|&i| self.slots[i].order)
+    }
+
+    /// Takes the blocks `n` more positions of slot `i` need, preempting the
+    /// newest slots while the pool is full; false when `i` itself was the
+    /// newest and got parked.
+    fn reserve(&mut self, i: usize, n: usize) -> bool {
+        loop {
+            if self.slots[i].cache.reserve(n).is_ok() {
+                return true;
+            }
+            let victim = self.newest_active().expect("slot i is active");
+            self.preempt(victim);
+            if victim == i {
+                return false;
+            }
+        }
+    }
+
+    /// This step's inputs, oldest slot first: a decode token, or the next
+    /// prompt chunk within the budget (small while someone decodes, so
+    /// their next token is not held up by a whole prompt), each with its
+    /// blocks reserved.
+    fn plan(&mut self) -> Vec<Input> {
+        let decoding = self.slots.iter().any(|s| !s.parked && s.decoding());
+        let chunk = self.config.prefill_chunk.max(1);
+        let mut budget = if decoding { chunk } else { chunk.max(SOLO_PREFILL) };
+        let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| !self.slots[i].parked).collect();
+        order.sort_by_key(|&i| self.slots[i].order);
+        // Prompt blocks some slot is computing: a prompt that needs one waits.
+        let mut claimed: HashSet<u64> = HashSet::new();
+        let mut inputs = Vec::new();
+        for i in order {
+            if self.slots[i].parked {
+                continue; // preempted for an older slot in this plan
+            }
+            let (tokens, logits) = if self.slots[i].decoding() {
+                let last = *self.slots[i]
+                    .generated
+                    .last()
+                    .expect("decoding slots have generated a token");
+                (vec![last], LogitsFor::Last)
+            } else {
+                self.adopt_cached(i);
+                let slot = &self.slots[i];
+                let at = slot.cache.len();
+                if at.is_multiple_of(KV_BLOCK) {
+                    let next = at / KV_BLOCK;
+                    if slot.block_hashes.get(next).is_some_and(|h| claimed.contains(h)) {
+                        continue;
+                    }
+                    claimed.extend(slot.block_hashes.iter().skip(next));
+                }
+                if budget == 0 {
+                    continue;
+                }
+                let n = (slot.known_len() - at).min(budget);
+                budget -= n;
+                let logits = if slot.scoring() {
+                    LogitsFor::All
+                } else {
+                    LogitsFor::Last
+                };
+                (slot.known(at, at + n), logits)
+            };
+            if self.reserve(i, tokens.len()) {
+                inputs.push(Input {
+                    slot: i,
+                    tokens,
+                    logits,
+                });
+            }
+        }
+        inputs
+    }
+
+    /// One ragged step over every active slot, then the results.
+    fn step(&mut self) {
+        let inputs = self.plan();
+        if inputs.is_empty() {
+            return;
+        }
+        let label = [self.metrics.model()];
+        let shares: Vec<StepShare> = inputs
+            .iter()
+            .map(|input| {
+                let offset = self.slots[input.slot].cache.len();
+                let rows = if input.logits == LogitsFor::All {
+                    input.tokens.len()
+                } else {
+                    1
+                };
+                StepShare {
+                    flops: self.model.flops(input.tokens.len(), offset, rows),
+                }
+            })
+            .collect();
+        let computed: usize = inputs
+            .iter()
+            .filter(|input| !self.slots[input.slot].decoding())
+            .map(|input| input.tokens.len())
+            .sum();
+        let starts: Vec<usize> = inputs.iter().map(|input| self.slots[input.slot].cache.len()).collect();
+        let result = {
+            let mut by_index: Vec<Option<&mut Slot>> = self.slots.iter_mut().map(Some).collect();
+            let mut batch: Vec<SeqStep> = Vec::with_capacity(inputs.len());
+            for input in &inputs {
+                let slot = by_index[input.slot].take().expect("each slot appears once");
+                batch.push(SeqStep {
+                    cache: &mut slot.cache,
+                    tokens: &input.tokens,
+                    logits: input.logits,
+                });
+            }
+            self.model.step(&mut batch)
+        };
+        let joules = self.acc.attributor.step(&shares);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("greencode: step failed: {e}");
+                for input in &inputs {
+                    let slot = &mut self.slots[input.slot];
+                    self.metrics
+                        .requests
+                        .with_label_values(&[self.metrics.model(), "error"])
+                        .inc();
+                    let _ = slot.job.events.send(Event::Error(ApiError::Internal));
+                    slot.cancelled = true;
+                }
+                self.finish_done();
+                return;
+            }
+        };
+        self.metrics
+            .prompt_tokens_computed
+            .with_label_values(&label)
+            .inc_by(computed as u64);
+        for (((input, l), (share, j)), start) in inputs.iter().zip(logits).zip(shares.iter().zip(joules)).zip(starts) {
+            let slot = &mut self.slots[input.slot];
+            slot.joules += j;
+            slot.flops += share.flops;
+            let rows: Vec<Vec<f32>> = match l.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec2()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("greencode: reading logits failed: {e}");
+                    slot.cancelled = true;
+                    continue;
+                }
+            };
+            let prompt = &slot.job.req.prompt_ids;
+            if slot.scoring() {
+                let k = slot.job.req.logprobs.unwrap_or(0);
+                for (r, row) in rows.iter().enumerate() {
+                    // This row predicts token pos + 1; each is booked once
+                    // (a preempted prompt runs again).
+                    let pos = start + r;
+                    if pos + 1 < prompt.len() && pos == slot.prompt_logprobs.len() {
+                        slot.prompt_logprobs.push(token_logprob(row, prompt[pos + 1], k));
+                    }
+                }
+            }
+            slot.prompt_done = slot.prompt_done.max(slot.cache.len().min(prompt.len()));
+            if slot.cache.len() < slot.known_len() {
+                continue; // more prompt to run
+            }
+            let raw = rows.last().expect("at least one logits row");
+            Self::accept_token(self.metrics, slot, raw);
+        }
+        self.finish_done();
+    }
+
+    /// Publishes the pool's block counts.
+    fn record_pool(&self) {
+        let Some(pool) = &self.pool else { return };
+        let u = pool.usage();
+        let model = self.metrics.model();
+        for (state, n) in [("in_use", u.in_use), ("cached", u.cached), ("free", u.free)] {
+            self.metrics.kv_blocks.with_label_values(&[model, state]).set(n as i64);
+        }
+        self.metrics
+            .kv_usage
+            .with_label_values(&[model])
+            .set(u.in_use as f64 / u.total.max(1) as f64);
     }
 
     /// Books the energy since the last reading as idle and updates the gauges.
@@ -272,125 +550,6 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 .with_label_values(&[self.metrics.model()])
                 .set(mem as f64);
         }
-    }
-
-    /// One ragged step over every active slot, then the results.
-    fn step(&mut self) {
-        // Clients that left free their slots first (indices below stay valid).
-        for slot in self.slots.iter_mut() {
-            if slot.job.events.is_closed() {
-                slot.cancelled = true;
-            }
-        }
-        self.finish_cancelled();
-        // Inputs: a decode token, or the next prompt chunk within the budget
-        // (small while someone decodes, so their next token is not held up
-        // by a whole prompt).
-        let decoding = self.slots.iter().any(|s| s.state == SlotState::Decode);
-        let chunk = self.config.prefill_chunk.max(1);
-        let mut budget = if decoding { chunk } else { chunk.max(SOLO_PREFILL) };
-        let mut inputs: Vec<(usize, Vec<u32>, LogitsFor, bool)> = Vec::new(); // slot, tokens, logits, completes prompt
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            match slot.state {
-                SlotState::Decode => {
-                    let last = *slot.generated.last().expect("decoding slots have generated a token");
-                    inputs.push((i, vec![last], LogitsFor::Last, false));
-                }
-                SlotState::Prefill => {
-                    if budget == 0 {
-                        continue;
-                    }
-                    let prompt = &slot.job.req.prompt_ids;
-                    let n = (prompt.len() - slot.prompt_done).min(budget);
-                    budget -= n;
-                    let chunk = prompt[slot.prompt_done..slot.prompt_done + n].to_vec();
-                    let completes = slot.prompt_done + n == prompt.len();
-                    let logits = if slot.job.req.prompt_logprobs {
-                        LogitsFor::All
-                    } else {
-                        LogitsFor::Last
-                    };
-                    inputs.push((i, chunk, logits, completes));
-                }
-            }
-        }
-        if inputs.is_empty() {
-            return;
-        }
-        let shares: Vec<StepShare> = inputs
-            .iter()
-            .map(|(i, tokens, logits, _)| {
-                let offset = self.slots[*i].cache.len();
-                let rows = if *logits == LogitsFor::All { tokens.len() } else { 1 };
-                StepShare {
-                    flops: self.model.flops(tokens.len(), offset, rows),
-                }
-            })
-            .collect();
-        let result = {
-            let mut by_index: Vec<Option<&mut Slot>> = self.slots.iter_mut().map(Some).collect();
-            let mut batch: Vec<SeqStep> = Vec::with_capacity(inputs.len());
-            for (i, tokens, logits, _) in &inputs {
-                let slot = by_index[*i].take().expect("each slot appears once");
-                batch.push(SeqStep {
-                    cache: &mut slot.cache,
-                    tokens,
-                    logits: *logits,
-                });
-            }
-            self.model.step(&mut batch)
-        };
-        let joules = self.acc.attributor.step(&shares);
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("greencode: step failed: {e}");
-                for (i, ..) in &inputs {
-                    let slot = &mut self.slots[*i];
-                    self.metrics
-                        .requests
-                        .with_label_values(&[self.metrics.model(), "error"])
-                        .inc();
-                    let _ = slot.job.events.send(Event::Error(ApiError::Internal));
-                    slot.cancelled = true;
-                }
-                self.finish_cancelled();
-                return;
-            }
-        };
-        for (((i, tokens, _, completes), l), (share, j)) in inputs.iter().zip(logits).zip(shares.iter().zip(joules)) {
-            let slot = &mut self.slots[*i];
-            slot.joules += j;
-            slot.flops += share.flops;
-            let rows: Vec<Vec<f32>> = match l.to_dtype(candle_core::DType::F32).and_then(|t| t.to_vec2()) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("greencode: reading logits failed: {e}");
-                    slot.cancelled = true;
-                    continue;
-                }
-            };
-            if slot.state == SlotState::Prefill {
-                if slot.job.req.prompt_logprobs {
-                    let k = slot.job.req.logprobs.unwrap_or(0);
-                    let prompt = &slot.job.req.prompt_ids;
-                    for (r, row) in rows.iter().enumerate() {
-                        let pos = slot.prompt_done + r; // this row predicts prompt[pos + 1]
-                        if pos + 1 < prompt.len() {
-                            slot.prompt_logprobs.push(token_logprob(row, prompt[pos + 1], k));
-                        }
-                    }
-                }
-                slot.prompt_done += tokens.len();
-                if !completes {
-                    continue;
-                }
-                slot.state = SlotState::Decode;
-            }
-            let raw = rows.last().expect("at least one logits row");
-            Self::accept_token(self.metrics, slot, raw);
-        }
-        self.finish_done();
     }
 
     /// Picks and emits the next token of a slot whose logits are ready.
@@ -448,20 +607,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         }
     }
 
-    /// Removes slots whose client left.
-    fn finish_cancelled(&mut self) {
-        let mut i = 0;
-        while i < self.slots.len() {
-            if self.slots[i].cancelled {
-                let slot = self.slots.swap_remove(i);
-                self.close(slot, None);
-            } else {
-                i += 1;
-            }
-        }
-    }
-
-    /// Removes finished (or cancelled) slots, sending their final events.
+    /// Removes finished or cancelled slots, sending their final events.
     fn finish_done(&mut self) {
         let mut i = 0;
         while i < self.slots.len() {
@@ -517,7 +663,6 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         }
         let reason = finish.map_or("cancelled", FinishReason::as_str);
         let cached_tokens = slot.cached_tokens;
-        self.keep_prefix(&mut slot);
         eprintln!(
             "{}",
             serde_json::json!({

@@ -1,5 +1,6 @@
 //! The engine on a fake model (no weights): admission order, batch limits,
-//! cancellation, queue overflow, prefix reuse and eviction.
+//! cancellation, queue overflow, prefix sharing and eviction from the KV
+//! pool, queueing and preemption when the pool is full.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,7 +11,14 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use super::*;
 use crate::energy::meter::FakeMeter;
 use crate::generate::sampling::SamplingParams;
-use crate::model::LogitsFor;
+use crate::model::{LogitsFor, KV_BLOCK};
+
+/// Keys and values of the fake model: 64 bytes a position, 2 KiB a block.
+const FAKE_SHAPE: KvShape = KvShape {
+    layers: 1,
+    kv_heads: 1,
+    head_dim: 8,
+};
 
 /// One sequence's part of one step: its first input token and how many tokens it ran.
 type StepLog = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;
@@ -24,11 +32,15 @@ struct FakeModel {
 
 impl EngineModel for FakeModel {
     fn context_len(&self) -> usize {
-        512
+        2048
+    }
+
+    fn kv_shape(&self) -> Option<KvShape> {
+        Some(FAKE_SHAPE)
     }
 
     fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache> {
-        Ok(KvCache::new(0, 0, 0, capacity, DType::F32, &Device::Cpu)?)
+        Ok(KvCache::new(1, 1, 8, capacity, DType::F32, &Device::Cpu)?)
     }
 
     fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>> {
@@ -40,7 +52,7 @@ impl EngineModel for FakeModel {
         let mut out = Vec::new();
         for s in seqs.iter_mut() {
             assert!(s.cache.len() + s.tokens.len() <= s.cache.capacity(), "cache overflow");
-            s.cache.advance(s.tokens.len());
+            s.cache.advance(s.tokens);
             let rows: Vec<u32> = match s.logits {
                 LogitsFor::Last => vec![*s.tokens.last().unwrap()],
                 LogitsFor::All => s.tokens.to_vec(),
@@ -93,12 +105,15 @@ fn start(config: EngineConfig, delay: Duration) -> Fixture {
     Fixture { handle, log, metrics }
 }
 
-fn config(max_batch: usize, max_queue: usize, prefix_cache: usize) -> EngineConfig {
+/// Limits, with a KV pool of `kv_blocks` blocks.
+fn config(max_batch: usize, max_queue: usize, kv_blocks: usize) -> EngineConfig {
     EngineConfig {
         max_queue,
         max_batch,
         prefill_chunk: 512,
-        prefix_cache,
+        prefix_caching: true,
+        kv_cache_bytes: Some(kv_blocks * KV_BLOCK * FAKE_SHAPE.bytes_per_token(KvDtype::F32)),
+        kv_dtype: KvDtype::F32,
     }
 }
 
@@ -155,7 +170,7 @@ fn wait_until(what: &str, cond: impl Fn() -> bool) {
 
 #[test]
 fn admits_in_arrival_order_within_the_batch_limit() {
-    let f = start(config(2, 16, 0), Duration::from_millis(2));
+    let f = start(config(2, 16, 64), Duration::from_millis(2));
     let rxs: Vec<_> = (0..5u32).map(|i| f.submit(vec![10 * i + 1, 10 * i + 2], 4)).collect();
     for (i, rx) in rxs.into_iter().enumerate() {
         let (text, done) = collect(rx);
@@ -179,7 +194,7 @@ fn admits_in_arrival_order_within_the_batch_limit() {
 
 #[test]
 fn a_dropped_receiver_frees_its_slot() {
-    let f = start(config(1, 16, 0), Duration::from_millis(3));
+    let f = start(config(1, 16, 64), Duration::from_millis(3));
     let mut rx = f.submit(vec![1, 2, 3], 400);
     assert!(matches!(rx.blocking_recv(), Some(Event::Text { .. })));
     drop(rx); // the client goes away
@@ -194,7 +209,7 @@ fn a_dropped_receiver_frees_its_slot() {
 
 #[test]
 fn queue_overflow_is_rejected_and_recovers() {
-    let f = start(config(1, 2, 0), Duration::from_millis(5));
+    let f = start(config(1, 2, 64), Duration::from_millis(5));
     let a = f.submit(vec![1], 300);
     let b = f.submit(vec![2], 300);
     match f.handle.submit(vec![request(vec![3], 1)]) {
@@ -208,28 +223,78 @@ fn queue_overflow_is_rejected_and_recovers() {
 }
 
 #[test]
-fn prefix_reuse_hits_and_least_recently_used_is_evicted() {
-    let f = start(config(1, 16, 1), Duration::ZERO);
-    let prompt_a: Vec<u32> = (1..=20).collect();
+fn full_prompt_blocks_are_reused_until_their_memory_is_needed() {
+    let f = start(config(1, 16, 5), Duration::ZERO);
+    let prompt_a: Vec<u32> = (1..=70).collect();
     let (_, a) = collect(f.submit(prompt_a.clone(), 2));
     assert_eq!(a.cached_tokens, 0);
-    // B extends A's prompt: A's 20 prompt positions are reused, one token runs.
+    // B extends A's prompt: A's two full blocks are reused, 7 tokens run.
     let mut prompt_b = prompt_a.clone();
     prompt_b.push(99);
     let (text_b, b) = collect(f.submit(prompt_b.clone(), 2));
-    assert_eq!(b.cached_tokens, 20);
+    assert_eq!(b.cached_tokens, 2 * KV_BLOCK);
     assert_eq!(text_b, "<100><101>");
-    assert!(f.log.lock().unwrap().iter().flatten().any(|&(t, n)| t == 99 && n == 1));
-    // C shares nothing and, with room for one kept cache, evicts B's.
-    let (_, c) = collect(f.submit((150..170).collect(), 2));
+    assert!(f.log.lock().unwrap().iter().flatten().any(|&(t, n)| t == 65 && n == 7));
+    // C shares nothing and needs all five blocks: the cached ones go.
+    let (_, c) = collect(f.submit((100..230).collect(), 1));
     assert_eq!(c.cached_tokens, 0);
     let (_, d) = collect(f.submit(prompt_b, 2));
     assert_eq!(d.cached_tokens, 0, "an evicted prefix was reused");
+    // A request larger than the whole pool is refused before it queues.
+    match f.handle.submit(vec![request((1..=100).collect(), 100)]) {
+        Err(ApiError::KvBudget { positions, .. }) => assert_eq!(positions, 5 * KV_BLOCK),
+        other => panic!("expected KvBudget, got {:?}", other.map(|v| v.len())),
+    }
+}
+
+#[test]
+fn a_prefix_two_prompts_share_is_computed_once() {
+    let f = start(config(2, 16, 64), Duration::from_millis(2));
+    let prefix: Vec<u32> = (1..=100).collect();
+    let reqs = [7u32, 9].map(|last| {
+        let mut p = prefix.clone();
+        p.push(last);
+        request(p, 3)
+    });
+    let rxs = f.handle.submit(reqs.to_vec()).unwrap();
+    let done: Vec<(String, Done)> = rxs.into_iter().map(collect).collect();
+    assert_eq!(done[0].0, "<8><9><10>");
+    assert_eq!(done[1].0, "<10><11><12>");
+    assert_eq!(done[0].1.cached_tokens + done[1].1.cached_tokens, 3 * KV_BLOCK);
+    let computed = f.metrics.prompt_tokens_computed.with_label_values(&["fake"]).get();
+    assert_eq!(computed, 101 + (101 - 3 * KV_BLOCK as u64), "prompt tokens run");
+}
+
+#[test]
+fn a_full_pool_preempts_the_newest_sequence_which_recomputes_and_finishes() {
+    // Two sequences of up to 100 positions (4 blocks each) in a pool of 4.
+    let f = start(config(2, 16, 4), Duration::from_millis(1));
+    let rxs = f
+        .handle
+        .submit(vec![
+            request((1..=40).collect(), 60),
+            request((101..=140).collect(), 60),
+        ])
+        .unwrap();
+    let done: Vec<(String, Done)> = rxs.into_iter().map(collect).collect();
+    let want = |first: u32| (first..first + 60).map(|t| format!("<{t}>")).collect::<String>();
+    assert_eq!(done[0].0, want(41));
+    assert_eq!(done[1].0, want(141));
+    assert!(done
+        .iter()
+        .all(|(_, d)| d.finish_reason == FinishReason::Length && d.completion_tokens == 60));
+    assert!(f.metrics.preemptions.with_label_values(&["fake"]).get() >= 1);
+    // The preempted sequence ran its prompt and generated tokens again.
+    let log = f.log.lock().unwrap();
+    assert!(
+        log.iter().flatten().any(|&(t, n)| t == 101 && n > 40),
+        "no recomputation"
+    );
 }
 
 #[test]
 fn prompts_are_chunked_only_while_others_decode() {
-    let mut cfg = config(4, 16, 0);
+    let mut cfg = config(4, 16, 64);
     cfg.prefill_chunk = 4;
     let f = start(cfg, Duration::from_millis(1));
     // Alone: the 20-token prompt runs in one step.
@@ -261,4 +326,24 @@ fn prompts_are_chunked_only_while_others_decode() {
             "the decoding sequence waited: {step:?}"
         );
     }
+}
+
+#[test]
+fn a_prompt_arriving_during_another_with_its_prefix_waits_for_its_blocks() {
+    let f = start(config(2, 16, 64), Duration::from_millis(30));
+    let prefix: Vec<u32> = (0..600).map(|i| (i % 250) as u32 + 1).collect();
+    let with = |last: u32| {
+        let mut p = prefix.clone();
+        p.push(last);
+        p
+    };
+    let a = f.submit(with(7), 3);
+    wait_until("A's first chunk ran", || !f.log.lock().unwrap().is_empty());
+    let b = f.submit(with(9), 3);
+    let (_, da) = collect(a);
+    let (_, db) = collect(b);
+    let computed = f.metrics.prompt_tokens_computed.with_label_values(&["fake"]).get();
+    eprintln!("computed {computed}: {:?}", f.log.lock().unwrap());
+    assert_eq!(da.cached_tokens + db.cached_tokens, 600 / KV_BLOCK * KV_BLOCK);
+    assert_eq!(computed, 601 + 601 - (600 / KV_BLOCK * KV_BLOCK) as u64);
 }

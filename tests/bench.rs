@@ -107,3 +107,44 @@ fn generate_and_bench_run_quantized_to_q8_0() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("q8_0"));
 }
+
+#[test]
+fn bench_editor_replays_keystrokes_each_cancelling_the_one_before() {
+    let s = common::Server::start(&[]);
+    let out = common::greencode(&[
+        "bench",
+        "editor",
+        "--url",
+        &s.base,
+        "--keystrokes",
+        "6",
+        "--files",
+        "2",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["requests"], 6);
+    assert_eq!(v["errors"], 0);
+    let (p50, p99) = (
+        v["ttft"]["p50_ms"].as_f64().unwrap(),
+        v["ttft"]["p99_ms"].as_f64().unwrap(),
+    );
+    assert!(p50 > 0.0 && p99 >= p50, "{v}");
+    assert!(v["mean_prompt_chars"].as_f64().unwrap() > 1500.0);
+    // Every keystroke reached the server, and each one after the first
+    // found the blocks of the one it cancelled.
+    let log = s.log_with("\"event\":\"request\"", 6);
+    let cached: Vec<u64> = log
+        .iter()
+        .filter(|l| l.contains("\"event\":\"request\""))
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["cached_tokens"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(cached.len(), 6, "{log:?}");
+    assert!(cached.iter().filter(|&&c| c > 0).count() >= 4, "{cached:?}");
+}

@@ -38,7 +38,8 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(mut v: Vec<f64>) -> Self {
+    /// The median and 99th percentile of `v` (seconds), in milliseconds.
+    pub fn of(mut v: Vec<f64>) -> Self {
         if v.is_empty() {
             return Self {
                 p50_ms: f64::NAN,

@@ -1,5 +1,5 @@
 //! `greencode bench`: one file per benchmark (`generate`, with its batched
-//! mode; `serve` and `soak` against a server; `kernels`).
+//! mode; `serve`, `editor` and `soak` against a server; `kernels`).
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Subcommand;
 use greencode::bench::server::ServerProcess;
 
+mod editor;
 mod generate;
 mod kernels;
 mod serve;
@@ -19,6 +20,8 @@ pub enum BenchCommand {
     Generate(generate::BenchGenerateArgs),
     /// Load an OpenAI-compatible server with concurrent streaming clients.
     Serve(serve::BenchServeArgs),
+    /// Editor keystrokes on held-out files, each cancelling the completion before: time to first token.
+    Editor(editor::BenchEditorArgs),
     /// Many short requests, some abandoned part-way: errors and memory growth.
     Soak(soak::SoakArgs),
     /// Check greencode's GPU kernels against the candle path and time both.
@@ -30,6 +33,7 @@ pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
     match command {
         BenchCommand::Generate(a) => generate::run(a, threads),
         BenchCommand::Serve(a) => serve::run(a, threads),
+        BenchCommand::Editor(a) => editor::run(a, threads),
         BenchCommand::Soak(a) => soak::run(a, threads),
         BenchCommand::Kernels(a) => kernels::run(a),
     }

@@ -267,8 +267,10 @@ fn a_prefix_two_prompts_share_is_computed_once() {
 
 #[test]
 fn a_full_pool_preempts_the_newest_sequence_which_recomputes_and_finishes() {
-    // Two sequences of up to 100 positions (4 blocks each) in a pool of 4.
-    let f = start(config(2, 16, 4), Duration::from_millis(1));
+    // Two sequences of up to 100 positions (4 blocks each) in a pool of 5:
+    // both are admitted (together, or the second while the first decodes)
+    // and cannot both grow to the end.
+    let f = start(config(2, 16, 5), Duration::from_millis(1));
     let rxs = f
         .handle
         .submit(vec![

@@ -1,6 +1,6 @@
 //! Which device a command computes on (`--device cpu|cuda[:N]`) and the
 //! dtype that goes with it: f32 on the CPU (candle converts bf16 at every
-//! CPU matmul otherwise), bf16 on CUDA GPUs.
+//! CPU matmul otherwise), bf16 on CUDA GPUs; and how much host memory is free.
 
 use std::fmt;
 use std::str::FromStr;
@@ -119,6 +119,15 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     }
     let _ = device;
     None
+}
+
+/// Bytes of host memory free for new allocations (`MemAvailable` of
+/// `/proc/meminfo`), when known.
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }
 
 #[cfg(test)]

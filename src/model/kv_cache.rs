@@ -150,30 +150,6 @@ impl KvCache {
         self.capacity
     }
 
-    /// The tokens whose keys and values are cached (paged caches only).
-    pub fn tokens(&self) -> &[u32] {
-        match &self.store {
-            Store::Paged(p) => &p.tokens,
-            Store::Device { .. } => &[],
-        }
-    }
-
-    /// Blocks this sequence holds (paged caches).
-    pub fn blocks_held(&self) -> usize {
-        match &self.store {
-            Store::Paged(p) => p.table.len(),
-            Store::Device { .. } => 0,
-        }
-    }
-
-    /// The pool the blocks come from (paged caches).
-    pub fn pool(&self) -> Option<&Arc<KvPool>> {
-        match &self.store {
-            Store::Paged(p) => Some(&p.pool),
-            Store::Device { .. } => None,
-        }
-    }
-
     /// Cuts the sequence back to its first `len` positions, releasing the
     /// blocks past them (a shared block cut into is copied before its next write).
     pub fn truncate(&mut self, len: usize) {
@@ -249,15 +225,18 @@ impl KvCache {
         for b in p.table.drain(len / KV_BLOCK..) {
             p.pool.release(b);
         }
-        let mut taken = 0;
         let end = max.min(tokens.len());
         if end <= len || tokens[..len] != p.tokens[..] {
             return 0;
         }
-        for block in tokens[len..end].chunks_exact(KV_BLOCK) {
-            let prev = p.hashes.last().copied().unwrap_or(0);
-            let h = p.pool.chain_hash(prev, block);
-            let Some(b) = p.pool.lookup(h) else { break };
+        let prev = p.hashes.last().copied().unwrap_or(0);
+        let pool = Arc::clone(&p.pool);
+        let mut taken = 0;
+        for (block, h) in tokens[len..end]
+            .chunks_exact(KV_BLOCK)
+            .zip(pool.chain_hashes(prev, &tokens[len..end]))
+        {
+            let Some(b) = pool.lookup(h) else { break };
             p.table.push(b);
             p.hashes.push(h);
             p.tokens.extend_from_slice(block);
@@ -272,29 +251,17 @@ impl KvCache {
         if !pool.sharing() {
             return 0;
         }
-        let mut prev = 0;
-        let mut n = 0;
-        for block in tokens[..max.min(tokens.len())].chunks_exact(KV_BLOCK) {
-            prev = pool.chain_hash(prev, block);
-            if !pool.contains(prev) {
-                break;
-            }
-            n += KV_BLOCK;
-        }
-        n
+        let end = max.min(tokens.len());
+        pool.chain_hashes(0, &tokens[..end])
+            .take_while(|&h| pool.contains(h))
+            .count()
+            * KV_BLOCK
     }
 
     /// Prefix hashes of the full blocks of `tokens` in `pool` (for
     /// recognising the same prefix in two sequences before either has it).
     pub fn block_hashes(pool: &KvPool, tokens: &[u32]) -> Vec<u64> {
-        let mut prev = 0;
-        tokens
-            .chunks_exact(KV_BLOCK)
-            .map(|block| {
-                prev = pool.chain_hash(prev, block);
-                prev
-            })
-            .collect()
+        pool.chain_hashes(0, tokens).collect()
     }
 
     /// Writes one position's keys and values of `layer` (`kv_heads · head_dim`
@@ -428,10 +395,9 @@ impl KvCache {
                 if !p.pool.sharing() {
                     return;
                 }
-                while p.hashes.len() < p.tokens.len() / KV_BLOCK {
-                    let i = p.hashes.len();
-                    let prev = p.hashes.last().copied().unwrap_or(0);
-                    let h = p.pool.chain_hash(prev, &p.tokens[i * KV_BLOCK..(i + 1) * KV_BLOCK]);
+                let (done, prev) = (p.hashes.len(), p.hashes.last().copied().unwrap_or(0));
+                let new: Vec<u64> = p.pool.chain_hashes(prev, &p.tokens[done * KV_BLOCK..]).collect();
+                for (i, h) in (done..).zip(new) {
                     p.pool.register(p.table[i], h);
                     p.hashes.push(h);
                 }

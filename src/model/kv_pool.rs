@@ -186,9 +186,9 @@ impl KvPool {
         })
     }
 
-    /// A shared pool of as many blocks as `bytes` holds.
-    pub fn with_budget(shape: KvShape, dtype: KvDtype, bytes: usize) -> Arc<Self> {
-        Self::new(shape, dtype, bytes / Self::block_bytes_of(shape, dtype), true)
+    /// A pool of as many blocks as `bytes` holds.
+    pub fn with_budget(shape: KvShape, dtype: KvDtype, bytes: usize, sharing: bool) -> Arc<Self> {
+        Self::new(shape, dtype, bytes / Self::block_bytes_of(shape, dtype), sharing)
     }
 
     fn block_bytes_of(shape: KvShape, dtype: KvDtype) -> usize {
@@ -323,6 +323,15 @@ impl KvPool {
     /// The hash of a block of `tokens` that follows the prefix hashed `prev`.
     pub(crate) fn chain_hash(&self, prev: u64, tokens: &[u32]) -> u64 {
         self.hasher.hash_one((prev, tokens))
+    }
+
+    /// Prefix hashes of the successive full blocks of `tokens`, which
+    /// follow the prefix hashed `prev` (0: the start of a sequence).
+    pub(crate) fn chain_hashes<'a>(&'a self, prev: u64, tokens: &'a [u32]) -> impl Iterator<Item = u64> + 'a {
+        tokens.chunks_exact(KV_BLOCK).scan(prev, move |prev, block| {
+            *prev = self.chain_hash(*prev, block);
+            Some(*prev)
+        })
     }
 
     /// Where `rows` rows of `part` of `head` in `layer` of block `id` start;

@@ -219,14 +219,6 @@ fn make_tensor(name: &str, shape: &[usize], init: Init, seed: u64, device: &Devi
     })
 }
 
-/// Bytes of host memory free for new allocations (`MemAvailable`), when known.
-fn available_memory() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 /// Builds a model of `shape` with random weights directly on `device`,
 /// computing in `dtype`. Refuses on the CPU when the weights would not fit
 /// in available memory.
@@ -234,7 +226,7 @@ pub fn synth_model(shape: SynthShape, device: &Device, dtype: DType, seed: u64) 
     let config = shape.config(seed)?;
     let bytes = param_count(&config) * dtype.size_in_bytes();
     if device.is_cpu() {
-        if let Some(avail) = available_memory() {
+        if let Some(avail) = super::device::available_memory() {
             if bytes > avail {
                 return Err(ModelError::Input(format!(
                     "shape {} needs {:.1} GiB for its weights in {dtype:?} but only {:.1} GiB of memory is available",

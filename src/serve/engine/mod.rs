@@ -281,18 +281,10 @@ pub const KV_DEFAULT_SHARE: f64 = 0.4;
 /// prefixes), at least one full-context sequence.
 pub fn default_kv_bytes(bytes_per_token: usize, context: usize, max_batch: usize) -> usize {
     let full = bytes_per_token * context;
-    let available = mem_available_bytes().unwrap_or(8 << 30) as f64;
+    let available = crate::model::device::available_memory().unwrap_or(8 << 30) as f64;
     ((available * KV_DEFAULT_SHARE) as usize)
         .min(2 * max_batch * full)
         .max(full)
-}
-
-/// `MemAvailable` of `/proc/meminfo`, in bytes (Linux).
-fn mem_available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Makes the process's KV pool for `model` (None when its caches live on a
@@ -303,9 +295,8 @@ fn make_pool<M: EngineModel>(model: &M, config: &EngineConfig) -> Option<Arc<KvP
     let bytes = config
         .kv_cache_bytes
         .unwrap_or_else(|| default_kv_bytes(per_token, model.context_len(), config.max_batch));
-    let blocks = bytes / (per_token * crate::model::KV_BLOCK).max(1);
-    let pool = KvPool::new(shape, config.kv_dtype, blocks, config.prefix_caching);
-    let positions = pool.positions();
+    let pool = KvPool::with_budget(shape, config.kv_dtype, bytes, config.prefix_caching);
+    let (blocks, positions) = (pool.blocks(), pool.positions());
     eprintln!(
         "greencode: KV cache {:.1} MiB ({}, {} blocks of {} positions, {} KB a position): {} positions, {:.1} full-context sequences of {}; prefix caching {}",
         (blocks * pool.block_bytes()) as f64 / (1 << 20) as f64,

@@ -309,8 +309,9 @@ impl<'a, M: EngineModel> Engine<'a, M> {
     /// boundary, leaving at least one token to run), booking the prompt
     /// tokens they hold as reused.
     fn adopt_cached(&mut self, i: usize) {
+        let sharing = self.pool.as_ref().is_some_and(|p| p.sharing());
         let slot = &mut self.slots[i];
-        if slot.scoring() || !slot.cache.len().is_multiple_of(KV_BLOCK) {
+        if !sharing || slot.scoring() || !slot.cache.len().is_multiple_of(KV_BLOCK) {
             return;
         }
         let known = slot.known(0, slot.known_len());

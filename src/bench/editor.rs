@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use super::serve::Percentiles;
+use super::serve::{post_completion, Percentiles};
 
 /// What to replay and where.
 #[derive(Debug, Clone)]
@@ -70,25 +70,14 @@ pub fn keystroke_prompts(cfg: &EditorBenchConfig) -> Vec<String> {
 /// Streams one completion and returns the time to its first token, then
 /// drops the stream.
 fn first_token(agent: &ureq::Agent, cfg: &EditorBenchConfig, prompt: &str) -> Result<f64, String> {
-    let mut body = serde_json::json!({
+    let body = serde_json::json!({
         "prompt": prompt,
         "max_tokens": cfg.max_tokens,
         "temperature": 0,
         "stream": true,
     });
-    if let Some(m) = &cfg.model {
-        body["model"] = m.clone().into();
-    }
     let start = Instant::now();
-    let resp = agent
-        .post(format!("{}/v1/completions", cfg.url.trim_end_matches('/')))
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 200 {
-        return Err(format!("HTTP {}", resp.status()));
-    }
-    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let reader = post_completion(agent, &cfg.url, cfg.model.as_deref(), body)?;
     for line in reader.lines() {
         let line = line.map_err(|e| e.to_string())?;
         if line.starts_with("data: ") && line != "data: [DONE]" {

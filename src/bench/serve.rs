@@ -82,6 +82,29 @@ struct One {
     tokens: usize,
 }
 
+/// POSTs a completion `body` (with `model` when given) to the server at
+/// `url` and returns the answer's body, read as it arrives; an error for
+/// anything but 200.
+pub(crate) fn post_completion(
+    agent: &ureq::Agent,
+    url: &str,
+    model: Option<&str>,
+    mut body: serde_json::Value,
+) -> Result<std::io::BufReader<impl std::io::Read>, String> {
+    if let Some(m) = model {
+        body["model"] = m.into();
+    }
+    let resp = agent
+        .post(format!("{}/v1/completions", url.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .send(body.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 200 {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    Ok(std::io::BufReader::new(resp.into_body().into_reader()))
+}
+
 /// One streaming request; `tag` makes its prompt unique, so no request is
 /// served from another's cached prefix.
 fn one_request(agent: &ureq::Agent, cfg: &ServeBenchConfig, tag: &str) -> Result<One, String> {
@@ -92,22 +115,11 @@ fn one_request(agent: &ureq::Agent, cfg: &ServeBenchConfig, tag: &str) -> Result
         "stream": true,
         "stream_options": {"include_usage": true},
     });
-    if let Some(m) = &cfg.model {
-        body["model"] = m.clone().into();
-    }
     if let Some(id) = cfg.ban_token {
         body["logit_bias"] = serde_json::json!({ id.to_string(): -100 });
     }
     let start = Instant::now();
-    let resp = agent
-        .post(format!("{}/v1/completions", cfg.url.trim_end_matches('/')))
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 200 {
-        return Err(format!("HTTP {}", resp.status()));
-    }
-    let reader = std::io::BufReader::new(resp.into_body().into_reader());
+    let reader = post_completion(agent, &cfg.url, cfg.model.as_deref(), body)?;
     let mut last: Option<Instant> = None;
     let mut one = One {
         ttft: f64::NAN,

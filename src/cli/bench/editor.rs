@@ -7,7 +7,7 @@ use clap::Args;
 use greencode::bench::editor::{bench_editor, EditorBenchConfig};
 use greencode::data::corpus;
 
-use crate::cli::args::{model_dir, Format, ModelArg};
+use crate::cli::args::{Format, ModelArg};
 
 #[derive(Args)]
 pub struct BenchEditorArgs {
@@ -56,14 +56,7 @@ pub fn run(a: BenchEditorArgs, threads: usize) -> Result<()> {
             dir.display()
         );
     }
-    let (_server, url) = match &a.url {
-        Some(u) => (None, u.clone()),
-        None => {
-            let server = super::start_server(&model_dir(&a.model)?, threads)?;
-            let url = server.url().to_owned();
-            (Some(server), url)
-        }
-    };
+    let (_server, url) = super::server_url(&a.url, &a.model, threads)?;
     let report = bench_editor(&EditorBenchConfig {
         url,
         model: a.model_name,

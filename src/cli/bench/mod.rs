@@ -1,12 +1,13 @@
 //! `greencode bench`: one file per benchmark (`generate`, with its batched
 //! mode; `serve`, `editor` and `soak` against a server; `kernels`).
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use greencode::bench::server::ServerProcess;
+
+use super::args::{model_dir, ModelArg};
 
 mod editor;
 mod generate;
@@ -39,10 +40,17 @@ pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
     }
 }
 
-/// Starts `greencode serve` (this executable) on `model` on a free port.
-fn start_server(model: &Path, threads: usize) -> Result<ServerProcess> {
+/// The server a load generator talks to: `url` when given, else
+/// `greencode serve` (this executable) started on the model on a free
+/// port, which lives as long as the returned process handle.
+fn server_url(url: &Option<String>, model: &ModelArg, threads: usize) -> Result<(Option<ServerProcess>, String)> {
+    if let Some(u) = url {
+        return Ok((None, u.clone()));
+    }
     let mut cmd = std::process::Command::new(std::env::current_exe().context("finding this executable")?);
     cmd.args(["--threads", &threads.to_string(), "serve", "--port", "0", "--model"])
-        .arg(model);
-    Ok(ServerProcess::start(cmd, Duration::from_secs(120))?)
+        .arg(model_dir(model)?);
+    let server = ServerProcess::start(cmd, Duration::from_secs(120))?;
+    let url = server.url().to_owned();
+    Ok((Some(server), url))
 }

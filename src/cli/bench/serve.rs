@@ -43,14 +43,7 @@ pub fn run(a: BenchServeArgs, threads: usize) -> Result<()> {
     // Only the tokenizer is needed here: the weights are never opened.
     let tok = read_tokenizer(&dir)?;
     let prompt = tok.decode(&greencode::bench::bench_prompt(&tok, a.prompt_tokens)?, false)?;
-    let (_server, url) = match &a.url {
-        Some(u) => (None, u.clone()),
-        None => {
-            let server = super::start_server(&dir, threads)?;
-            let url = server.url().to_owned();
-            (Some(server), url)
-        }
-    };
+    let (_server, url) = super::server_url(&a.url, &a.model, threads)?;
     let cfg = ServeBenchConfig {
         url,
         model: a.model_name,

@@ -6,7 +6,7 @@ use clap::Args;
 use greencode::bench::server::ServerProcess;
 use greencode::bench::soak::{rss_bytes, soak, SoakConfig};
 
-use crate::cli::args::{model_dir, Format, ModelArg};
+use crate::cli::args::{Format, ModelArg};
 
 #[derive(Args)]
 pub struct SoakArgs {
@@ -56,14 +56,7 @@ pub fn run(a: SoakArgs, threads: usize) -> Result<()> {
     if a.requests == 0 || a.clients == 0 || a.max_tokens == 0 || !(0.0..=1.0).contains(&a.cancel) {
         bail!("--requests, --clients and --max-tokens must be at least 1 and --cancel in [0, 1]");
     }
-    let (server, url) = match &a.url {
-        Some(u) => (None, u.clone()),
-        None => {
-            let server = super::start_server(&model_dir(&a.model)?, threads)?;
-            let url = server.url().to_owned();
-            (Some(server), url)
-        }
-    };
+    let (server, url) = super::server_url(&a.url, &a.model, threads)?;
     let pid = server.as_ref().map(ServerProcess::pid);
     let mut cfg = SoakConfig {
         url: url.clone(),

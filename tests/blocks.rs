@@ -7,38 +7,12 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use greencode::cpu::blocks::{BlockMatrix, BlockType};
 use greencode::cpu::quant::Q8Matrix;
 use greencode::generate::loaded::LoadedModel;
-use rand::{Rng, SeedableRng};
-
-const TYPES: [BlockType; 6] = [
-    BlockType::Q4_0,
-    BlockType::Q5_0,
-    BlockType::Q5_1,
-    BlockType::Q4K,
-    BlockType::Q5K,
-    BlockType::Q6K,
-];
-
-/// Weights as trained weights look: mostly small, a few large, from `seed`.
-fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..rows * cols)
-        .map(|_| {
-            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
-            if rng.random::<f32>() < 0.01 {
-                v * 8.0
-            } else {
-                v * v * v * 0.1
-            }
-        })
-        .collect()
-}
 
 /// Columns of a test matrix for `ty`: a few blocks, an odd count of them.
 fn width(ty: BlockType) -> usize {
@@ -47,26 +21,18 @@ fn width(ty: BlockType) -> usize {
 
 #[test]
 fn dequantization_equals_llama_cpps_reference() {
-    common::ensure_python_package("gguf", "gguf");
     let dir = tempfile::tempdir().unwrap();
     let (rows, seed) = (7, 1);
     let mut tensors = Vec::new();
-    for ty in TYPES.iter().map(|t| t.ggml()).chain([GgmlDType::Q8_0]) {
+    for ty in BlockType::ALL.iter().map(|t| t.ggml()).chain([GgmlDType::Q8_0]) {
         let cols = BlockType::of(ty).map_or(96, width);
-        let w = Tensor::from_vec(weights(rows, cols, seed), (rows, cols), &Device::Cpu).unwrap();
+        let w = Tensor::from_vec(common::weights(rows, cols, seed), (rows, cols), &Device::Cpu).unwrap();
         tensors.push((format!("{ty:?}"), QTensor::quantize(&w, ty).unwrap()));
     }
     let file = dir.path().join("blocks.gguf");
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, q)| (n.as_str(), q)).collect();
     gguf_file::write(&mut std::fs::File::create(&file).unwrap(), &[], &refs).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/gguf_dequantize.py");
-    let o = Command::new("python3")
-        .arg(script)
-        .arg(&file)
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let package = common::gguf_package_dequantize(&file);
     for (name, q) in &tensors {
         let (r, c) = q.shape().dims2().unwrap();
         let bytes = q.data().unwrap();
@@ -74,15 +40,11 @@ fn dequantization_equals_llama_cpps_reference() {
             Some(ty) => BlockMatrix::from_bytes(ty, r, c, &bytes).unwrap().dequantize(),
             None => Q8Matrix::from_ggml_bytes(r, c, &bytes).unwrap().dequantize(),
         };
-        let theirs: Vec<f32> = std::fs::read(dir.path().join(format!("{name}.f32")))
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let theirs = &package[name];
         assert_eq!(ours.len(), theirs.len(), "{name}");
         let differ = ours
             .iter()
-            .zip(&theirs)
+            .zip(theirs)
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
         assert_eq!(

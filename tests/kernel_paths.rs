@@ -10,6 +10,8 @@
 //! One test in its own binary: the cap is process-wide, and no other test
 //! may run beside it.
 
+mod common;
+
 use greencode::cpu::bf16::Bf16Matrix;
 use greencode::cpu::blocks::{BlockMatrix, BlockType};
 use greencode::cpu::f16::F16Matrix;
@@ -18,21 +20,6 @@ use greencode::cpu::gemm::gemm_multi;
 use greencode::cpu::matvec::{matvec, matvec_multi, Projection, Weights};
 use greencode::cpu::quant::Q8Matrix;
 use rand::{Rng, SeedableRng};
-
-/// Weights as trained weights look: mostly small, a few large, from `seed`.
-fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..rows * cols)
-        .map(|_| {
-            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
-            if rng.random::<f32>() < 0.01 {
-                v * 8.0
-            } else {
-                v * v * v * 0.1
-            }
-        })
-        .collect()
-}
 
 /// Activations: uniform in [-1, 1) from `seed` (8-bit block quantization
 /// of rows with outliers far above the rest would lose the rest, in
@@ -114,21 +101,14 @@ impl Form {
 
 fn forms(out: usize) -> Vec<(String, usize, Form)> {
     let mut v = Vec::new();
-    for ty in [
-        BlockType::Q4_0,
-        BlockType::Q5_0,
-        BlockType::Q5_1,
-        BlockType::Q4K,
-        BlockType::Q5K,
-        BlockType::Q6K,
-    ] {
+    for ty in BlockType::ALL {
         // An odd number of blocks a row: 9 of 32, or 3 of 256.
         let cols = if ty.block_values() == 32 { 9 * 32 } else { 3 * 256 };
-        let m = BlockMatrix::quantize(ty, &weights(out, cols, 2), out, cols).unwrap();
+        let m = BlockMatrix::quantize(ty, &common::weights(out, cols, 2), out, cols).unwrap();
         v.push((ty.name().to_owned(), cols, Form::Blocks(m)));
     }
     let cols = 9 * 32;
-    let w = weights(out, cols, 4);
+    let w = common::weights(out, cols, 4);
     v.push((
         "q8_0".into(),
         cols,
@@ -148,7 +128,7 @@ fn forms(out: usize) -> Vec<(String, usize, Form)> {
     ));
     // An odd length for the plain f32 kernels.
     let odd = 291;
-    v.push(("f32".into(), odd, Form::F32(weights(out, odd, 5))));
+    v.push(("f32".into(), odd, Form::F32(common::weights(out, odd, 5))));
     v
 }
 

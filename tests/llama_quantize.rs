@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::quantized::{gguf_file, GgmlDType};
 use greencode::cpu::block_quantize;
@@ -131,29 +130,16 @@ fn the_k_quant_mixes_choose_llama_quantizes_types() {
 
 #[test]
 fn greencode_reads_the_fixture_as_the_gguf_package_does() {
-    common::ensure_python_package("gguf", "gguf");
-    let dir = tempfile::tempdir().unwrap();
     for mix in ["q4_k_m", "q5_k_m", "q4_0"] {
         let file = fixture(mix);
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/gguf_dequantize.py");
-        let o = Command::new("python3")
-            .arg(script)
-            .arg(&file)
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let package = common::gguf_package_dequantize(&file);
         for (name, rows, cols, ty, bytes) in tensors(&file) {
             let ours = match (BlockType::of(ty), ty) {
                 (Some(b), _) => BlockMatrix::from_bytes(b, rows, cols, &bytes).unwrap().dequantize(),
                 (None, GgmlDType::Q8_0) => Q8Matrix::from_ggml_bytes(rows, cols, &bytes).unwrap().dequantize(),
                 _ => continue,
             };
-            let theirs: Vec<u32> = std::fs::read(dir.path().join(format!("{name}.f32")))
-                .unwrap()
-                .chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let theirs: Vec<u32> = package[&name].iter().map(|v| v.to_bits()).collect();
             let ours: Vec<u32> = ours.iter().map(|v| v.to_bits()).collect();
             assert!(
                 ours == theirs,

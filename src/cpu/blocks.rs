@@ -43,6 +43,9 @@ pub enum BlockType {
 }
 
 impl BlockType {
+    /// Every block type, 32-value ones first.
+    pub const ALL: [BlockType; 6] = [Self::Q4_0, Self::Q5_0, Self::Q5_1, Self::Q4K, Self::Q5K, Self::Q6K];
+
     /// The block type of a GGML dtype, when it is one of these.
     pub fn of(dtype: GgmlDType) -> Option<Self> {
         Some(match dtype {
@@ -1046,18 +1049,9 @@ mod tests {
             .collect()
     }
 
-    const ALL: [BlockType; 6] = [
-        BlockType::Q4_0,
-        BlockType::Q5_0,
-        BlockType::Q5_1,
-        BlockType::Q4K,
-        BlockType::Q5K,
-        BlockType::Q6K,
-    ];
-
     #[test]
     fn bytes_round_trip_and_sizes_are_the_files() {
-        for ty in ALL {
+        for ty in BlockType::ALL {
             let (rows, cols) = (3, 512);
             let m = BlockMatrix::quantize(ty, &matrix(rows, cols), rows, cols).unwrap();
             assert_eq!(m.bytes(), rows * cols / ty.block_values() * ty.block_bytes());
@@ -1070,7 +1064,7 @@ mod tests {
 
     #[test]
     fn dots_follow_the_dequantized_weights() {
-        for ty in ALL {
+        for ty in BlockType::ALL {
             let (rows, cols) = (5, 768);
             let w = matrix(rows, cols);
             let m = BlockMatrix::quantize(ty, &w, rows, cols).unwrap();

@@ -328,3 +328,47 @@ pub fn ensure_python_package(module: &str, package: &str) {
     }
     assert!(has(), "the {package} package is not importable");
 }
+
+/// Weights as trained weights look: mostly small, a few large, from `seed`.
+pub fn weights(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    (0..rows * cols)
+        .map(|_| {
+            let v: f32 = rng.random::<f32>() * 2.0 - 1.0;
+            if rng.random::<f32>() < 0.01 {
+                v * 8.0
+            } else {
+                v * v * v * 0.1
+            }
+        })
+        .collect()
+}
+
+/// Every tensor of the GGUF `file` as the `gguf` Python package (llama.cpp's
+/// numpy reference) dequantizes it, by name (`tests/python/gguf_dequantize.py`).
+pub fn gguf_package_dequantize(file: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    ensure_python_package("gguf", "gguf");
+    let dir = tempfile::tempdir().unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/gguf_dequantize.py");
+    let o = Command::new("python3")
+        .arg(script)
+        .arg(file)
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.strip_suffix(".f32")?.to_owned();
+            let values = std::fs::read(&p)
+                .unwrap()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            Some((name, values))
+        })
+        .collect()
+}

@@ -616,6 +616,109 @@ mod avx512 {
         out
     };
 
+    /// Prefetches the block `2 · bytes` past `xp` (`lines` cache lines):
+    /// the one two on, while this one is computed; past a row's end the
+    /// address is only a hint.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn prefetch_two_on(xp: *const u8, bytes: usize, lines: usize) {
+        let ahead = xp.wrapping_add(2 * bytes) as *const i8;
+        for line in 0..lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
+        }
+    }
+
+    /// A Q8_K block's scale.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q8k_scale(yp: *const u8) -> f32 {
+        f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)])
+    }
+
+    /// The eight sums of a Q8_K block's 32-value sub-blocks, from its 16
+    /// sums of 16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q8k_sub_sums(yp: *const u8) -> __m128i {
+        let bsums = yp.add(260);
+        _mm_hadd_epi16(
+            _mm_loadu_si128(bsums as *const __m128i),
+            _mm_loadu_si128(bsums.add(16) as *const __m128i),
+        )
+    }
+
+    /// The sum of four i32 lanes, exactly.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn sum_i32x4(m: __m128i) -> i32 {
+        let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
+        let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
+        _mm_cvtsi128_si32(m)
+    }
+
+    /// A Q4_K block's `d` and `dmin` (f16 → f32) and its eight scales then
+    /// eight minimums as bytes ([`scales_and_mins`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q4k_header(xp: *const u8) -> (f32, f32, __m128i) {
+        let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
+        let sm = scales_and_mins(xp.add(4));
+        (
+            _mm_cvtss_f32(dd),
+            _mm_cvtss_f32(_mm_movehdup_ps(dd)),
+            _mm_loadu_si128(sm.as_ptr() as *const __m128i),
+        )
+    }
+
+    /// The [`SPREAD`] permutations in registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q4k_spread() -> [[__m512i; 2]; 2] {
+        let load = |p: &[u16; 32]| _mm512_loadu_si512(p.as_ptr() as *const _);
+        [
+            [load(&SPREAD[0][0]), load(&SPREAD[0][1])],
+            [load(&SPREAD[1][0]), load(&SPREAD[1][1])],
+        ]
+    }
+
+    /// A Q6_K block's scale `d` (f16 → f32).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q6k_scale(xp: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            (xp.add(208) as *const u16).read_unaligned(),
+        ))))
+    }
+
+    /// Half `j` of a Q6_K block's 6-bit values: values 0–63 and 64–127 of
+    /// the half, from its low 4 bits (`ql`) and high 2 bits (`qh`, shifted
+    /// per lane by `s01` and `s23`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q6k_values(xp: *const u8, j: usize, s01: __m512i, s23: __m512i) -> (__m512i, __m512i) {
+        let (m4, m2) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
+        let low = _mm512_loadu_si512(xp.add(64 * j) as *const _);
+        let high = _mm256_loadu_si256(xp.add(128 + 32 * j) as *const __m256i);
+        let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
+        let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
+        let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
+        (
+            _mm512_or_si512(_mm512_and_si512(low, m4), h01),
+            _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23),
+        )
+    }
+
+    /// Per 16-bit lane: shifts of Q6_K's high bits, `a` for the first 32
+    /// bytes of a half, `b` for the next 32 (`s01`, `s23` of [`q6k_values`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    unsafe fn q6k_shifts() -> (__m512i, __m512i) {
+        let shifts = |a: i16, b: i16| {
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
+        };
+        (shifts(0, 2), shifts(4, 6))
+    }
+
     /// 32 scale bytes (two shuffles of `scales`) widened to 32 i16 lanes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx2")]
@@ -637,19 +740,12 @@ mod avx512 {
         for row in &x {
             assert_eq!(row.len(), y.len());
         }
-        let m4 = _mm512_set1_epi8(0xF);
-        let m2 = _mm512_set1_epi8(3);
         let m32 = _mm512_set1_epi8(32);
-        // Per 16-bit lane: shift the high bits of the first 32 bytes by `a`,
-        // of the next 32 by `b`.
-        let shifts = |a: i16, b: i16| {
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
-        };
-        let (s01, s23) = (shifts(0, 2), shifts(4, 6));
+        let (s01, s23) = q6k_shifts();
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, yb) in y.iter().enumerate() {
             let yp = yb as *const BlockQ8K as *const u8;
-            let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
+            let yd = q8k_scale(yp);
             let q8 = yp.add(4);
             // Per half j: activations of values 0–63 and 64–127, and 32·y.
             let mut ys = [[_mm512_setzero_si512(); 4]; 2];
@@ -660,27 +756,13 @@ mod avx512 {
             }
             for i in 0..R {
                 let xp = &x[i][b] as *const BlockQ6K as *const u8;
-                // The block two on (210 bytes: four lines), as for Q4_K.
-                let ahead = xp.wrapping_add(2 * 210) as *const i8;
-                for line in 0..4 {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-                }
-                let d = yd
-                    * _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                        (xp.add(208) as *const u16).read_unaligned(),
-                    ))));
+                // 210 bytes: four lines.
+                prefetch_two_on(xp, 210, 4);
+                let d = yd * q6k_scale(xp);
                 let scales = _mm_loadu_si128(xp.add(192) as *const __m128i);
-                let (ql, qh) = (xp, xp.add(128));
                 let mut sumi = _mm512_setzero_si512();
                 for (j, masks) in Q6K_SCALE_SHUFFLES.iter().enumerate() {
-                    let low = _mm512_loadu_si512(ql.add(64 * j) as *const _);
-                    let high = _mm256_loadu_si256(qh.add(32 * j) as *const __m256i);
-                    let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
-                    // Values 0–63 and 64–127 of this half, 6 bits each.
-                    let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
-                    let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
-                    let v01 = _mm512_or_si512(_mm512_and_si512(low, m4), h01);
-                    let v23 = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23);
+                    let (v01, v23) = q6k_values(xp, j, s01, s23);
                     let [y01, y23, s01y, s23y] = ys[j];
                     // (q − 32)·y as q·y − 32·y.
                     let p01 = _mm512_sub_epi16(_mm512_maddubs_epi16(v01, y01), s01y);
@@ -748,27 +830,12 @@ mod avx512 {
             assert_eq!(row.len(), y.len());
         }
         let m4 = _mm512_set1_epi8(0xF);
-        let spread: [[__m512i; 2]; 2] = [
-            [
-                _mm512_loadu_si512(SPREAD[0][0].as_ptr() as *const _),
-                _mm512_loadu_si512(SPREAD[0][1].as_ptr() as *const _),
-            ],
-            [
-                _mm512_loadu_si512(SPREAD[1][0].as_ptr() as *const _),
-                _mm512_loadu_si512(SPREAD[1][1].as_ptr() as *const _),
-            ],
-        ];
+        let spread = q4k_spread();
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins_total = [0f32; R];
         for (b, yb) in y.iter().enumerate() {
             let yp = yb as *const BlockQ8K as *const u8;
-            let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
-            // The sums of sub-blocks' 32 activations, from the 16 sums of 16.
-            let bsums = yp.add(260);
-            let sums = _mm_hadd_epi16(
-                _mm_loadu_si128(bsums as *const __m128i),
-                _mm_loadu_si128(bsums.add(16) as *const __m128i),
-            );
+            let (yd, sums) = (q8k_scale(yp), q8k_sub_sums(yp));
             let q8 = yp.add(4);
             // Low nibbles meet values [0, 32) and [64, 96) of each half,
             // high nibbles [32, 64) and [96, 128).
@@ -778,23 +845,14 @@ mod avx512 {
             ];
             for i in 0..R {
                 let xp = &x[i][b] as *const BlockQ4K as *const u8;
-                // The block two on (144 bytes: three lines) while this one
-                // is computed; past the row's end the address is only a hint.
-                let ahead = xp.wrapping_add(2 * 144) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
-                let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
-                let d = yd * _mm_cvtss_f32(dd);
-                let dmin = yd * _mm_cvtss_f32(_mm_movehdup_ps(dd));
-                let sm = scales_and_mins(xp.add(4));
-                let packed = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+                // 144 bytes: three lines.
+                prefetch_two_on(xp, 144, 3);
+                let (xd, xdmin, packed) = q4k_header(xp);
+                let (d, dmin) = (yd * xd, yd * xdmin);
                 let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(packed));
                 // Σ_j min_j · (sub-block j's activation sum), exactly in i32.
                 let m = _mm_madd_epi16(_mm_cvtepu8_epi16(_mm_srli_si128::<8>(packed)), sums);
-                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
-                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
-                mins_total[i] += dmin * _mm_cvtsi128_si32(m) as f32;
+                mins_total[i] += dmin * sum_i32x4(m) as f32;
                 let q4 = xp.add(16);
                 let mut sumi = _mm512_setzero_si512();
                 for half in 0..2 {
@@ -828,28 +886,13 @@ mod avx512 {
             assert_eq!(row.len(), x.len());
         }
         let m4 = _mm512_set1_epi8(0xF);
-        let spread: [[__m512i; 2]; 2] = [
-            [
-                _mm512_loadu_si512(SPREAD[0][0].as_ptr() as *const _),
-                _mm512_loadu_si512(SPREAD[0][1].as_ptr() as *const _),
-            ],
-            [
-                _mm512_loadu_si512(SPREAD[1][0].as_ptr() as *const _),
-                _mm512_loadu_si512(SPREAD[1][1].as_ptr() as *const _),
-            ],
-        ];
+        let spread = q4k_spread();
         let mut acc = [_mm512_setzero_ps(); R];
         let mut mins_total = [0f32; R];
         for (b, xb) in x.iter().enumerate() {
             let xp = xb as *const BlockQ4K as *const u8;
-            let ahead = xp.wrapping_add(2 * 144) as *const i8;
-            _mm_prefetch::<_MM_HINT_T0>(ahead);
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(128));
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
-            let (xd, xdmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
-            let sm = scales_and_mins(xp.add(4));
-            let packed = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+            prefetch_two_on(xp, 144, 3);
+            let (xd, xdmin, packed) = q4k_header(xp);
             let scales = _mm512_castsi128_si512(_mm_cvtepu8_epi16(packed));
             let mins = _mm_cvtepu8_epi16(_mm_srli_si128::<8>(packed));
             let q4 = xp.add(16);
@@ -866,16 +909,9 @@ mod avx512 {
             }
             for r in 0..R {
                 let yp = &y[r][b] as *const BlockQ8K as *const u8;
-                let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
-                let bsums = yp.add(260);
-                let sums = _mm_hadd_epi16(
-                    _mm_loadu_si128(bsums as *const __m128i),
-                    _mm_loadu_si128(bsums.add(16) as *const __m128i),
-                );
-                let m = _mm_madd_epi16(mins, sums);
-                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b01_00_11_10>(m));
-                let m = _mm_add_epi32(m, _mm_shuffle_epi32::<0b10_11_00_01>(m));
-                mins_total[r] += (yd * xdmin) * _mm_cvtsi128_si32(m) as f32;
+                let yd = q8k_scale(yp);
+                let m = _mm_madd_epi16(mins, q8k_sub_sums(yp));
+                mins_total[r] += (yd * xdmin) * sum_i32x4(m) as f32;
                 let q8 = yp.add(4);
                 let mut sumi = _mm512_setzero_si512();
                 for (half, [lo, hi, s_lo, s_hi]) in w.iter().enumerate() {
@@ -904,43 +940,28 @@ mod avx512 {
         for row in &y {
             assert_eq!(row.len(), x.len());
         }
-        let m4 = _mm512_set1_epi8(0xF);
-        let m2 = _mm512_set1_epi8(3);
         let m32 = _mm512_set1_epi8(32);
-        let shifts = |a: i16, b: i16| {
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_set1_epi16(a)), _mm256_set1_epi16(b))
-        };
-        let (s01, s23) = (shifts(0, 2), shifts(4, 6));
+        let (s01, s23) = q6k_shifts();
         let mut acc = [_mm512_setzero_ps(); R];
         for (b, xb) in x.iter().enumerate() {
             let xp = xb as *const BlockQ6K as *const u8;
-            let ahead = xp.wrapping_add(2 * 210) as *const i8;
-            for line in 0..4 {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line));
-            }
-            let xd = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-                (xp.add(208) as *const u16).read_unaligned(),
-            ))));
+            prefetch_two_on(xp, 210, 4);
+            let xd = q6k_scale(xp);
             let scales = _mm_loadu_si128(xp.add(192) as *const __m128i);
-            let (ql, qh) = (xp, xp.add(128));
             // Per half: values 0–63 and 64–127, and their scales.
             let mut w = [[_mm512_setzero_si512(); 4]; 2];
             for (j, (wj, masks)) in w.iter_mut().zip(&Q6K_SCALE_SHUFFLES).enumerate() {
-                let low = _mm512_loadu_si512(ql.add(64 * j) as *const _);
-                let high = _mm256_loadu_si256(qh.add(32 * j) as *const __m256i);
-                let high = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(high), high);
-                let h01 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s01), m2));
-                let h23 = _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi16(high, s23), m2));
+                let (v01, v23) = q6k_values(xp, j, s01, s23);
                 *wj = [
-                    _mm512_or_si512(_mm512_and_si512(low, m4), h01),
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(low), m4), h23),
+                    v01,
+                    v23,
                     spread(scales, &masks[0], &masks[1]),
                     spread(scales, &masks[2], &masks[3]),
                 ];
             }
             for r in 0..R {
                 let yp = &y[r][b] as *const BlockQ8K as *const u8;
-                let yd = f32::from_le_bytes([*yp, *yp.add(1), *yp.add(2), *yp.add(3)]);
+                let yd = q8k_scale(yp);
                 let q8 = yp.add(4);
                 let mut sumi = _mm512_setzero_si512();
                 for (j, [v01, v23, sc01, sc23]) in w.iter().enumerate() {
@@ -971,10 +992,8 @@ mod avx512 {
         let m4 = _mm_set1_epi8(0xF);
         for (b, xb) in x.iter().enumerate() {
             let xp = xb as *const BlockQ4K as *const u8;
-            let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
-            let (d, dmin) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_movehdup_ps(dd)));
-            let sm = scales_and_mins(xp.add(4));
-            let bytes: [u8; 16] = std::mem::transmute(sm);
+            let (d, dmin, packed) = q4k_header(xp);
+            let bytes: [u8; 16] = std::mem::transmute(packed);
             let q = xp.add(16);
             let dst = out.as_mut_ptr().add(256 * b);
             for j in 0..4 {

@@ -1,10 +1,11 @@
 //! `greencode bench editor`: an editor's completion traffic replayed over
 //! loopback HTTP against any OpenAI-compatible server. Per held-out file
 //! the cursor starts partway and moves down one line per keystroke; each
-//! keystroke streams a completion of the file up to the cursor and, as
-//! soon as its first token arrives, cancels it (drops the stream) and
-//! sends the next one, as an IDE does while the user types. Reports the
-//! time to first token of every keystroke as p50/p99.
+//! keystroke streams a completion of the file up to the cursor, and once
+//! its first token has arrived the next keystroke is sent and the server
+//! has taken it, the earlier stream is dropped (cancelled), as an IDE
+//! aborts a completion the user typed past: the two requests overlap.
+//! Reports the time to first token of every keystroke as p50/p99.
 
 use std::io::BufRead;
 use std::time::Instant;
@@ -67,9 +68,16 @@ pub fn keystroke_prompts(cfg: &EditorBenchConfig) -> Vec<String> {
     prompts
 }
 
-/// Streams one completion and returns the time to its first token, then
-/// drops the stream.
-fn first_token(agent: &ureq::Agent, cfg: &EditorBenchConfig, prompt: &str) -> Result<f64, String> {
+/// Streams one completion: once the server has taken it, `cancel` drops
+/// the keystroke before (so the two overlap, as when an editor aborts a
+/// request that is still running); returns the time to this one's first
+/// token and its still open stream.
+fn first_token(
+    agent: &ureq::Agent,
+    cfg: &EditorBenchConfig,
+    prompt: &str,
+    cancel: impl FnOnce(),
+) -> Result<(f64, Box<dyn BufRead>), String> {
     let body = serde_json::json!({
         "prompt": prompt,
         "max_tokens": cfg.max_tokens,
@@ -77,17 +85,21 @@ fn first_token(agent: &ureq::Agent, cfg: &EditorBenchConfig, prompt: &str) -> Re
         "stream": true,
     });
     let start = Instant::now();
-    let reader = post_completion(agent, &cfg.url, cfg.model.as_deref(), body)?;
-    for line in reader.lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        if line.starts_with("data: ") && line != "data: [DONE]" {
-            return Ok(start.elapsed().as_secs_f64()); // the reader drops: cancelled
+    let mut reader = post_completion(agent, &cfg.url, cfg.model.as_deref(), body)?;
+    cancel();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the stream ended without a token".into());
+        }
+        if line.starts_with("data: ") && line.trim_end() != "data: [DONE]" {
+            return Ok((start.elapsed().as_secs_f64(), Box::new(reader)));
         }
     }
-    Err("the stream ended without a token".into())
 }
 
-/// Replays the keystrokes one after another (each cancelling the one before).
+/// Replays the keystrokes one after another, each cancelling the one before.
 pub fn bench_editor(cfg: &EditorBenchConfig) -> EditorReport {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
@@ -97,9 +109,13 @@ pub fn bench_editor(cfg: &EditorBenchConfig) -> EditorReport {
     let prompts = keystroke_prompts(cfg);
     let mut ttfts = Vec::new();
     let mut errors = 0;
+    let mut open = None;
     for p in &prompts {
-        match first_token(&agent, cfg, p) {
-            Ok(t) => ttfts.push(t),
+        match first_token(&agent, cfg, p, || drop(open.take())) {
+            Ok((t, stream)) => {
+                ttfts.push(t);
+                open = Some(stream);
+            }
             Err(e) => {
                 eprintln!("greencode: keystroke failed: {e}");
                 errors += 1;

@@ -28,8 +28,8 @@ pub struct BenchEditorArgs {
     /// Characters before the cursor at a file's first keystroke.
     #[arg(long, default_value_t = 1500)]
     start_chars: usize,
-    /// `max_tokens` of each completion.
-    #[arg(long, default_value_t = 16)]
+    /// `max_tokens` of each completion (llama.vscode's default `n_predict`).
+    #[arg(long, default_value_t = 128)]
     max_tokens: usize,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]

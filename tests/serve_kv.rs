@@ -62,7 +62,13 @@ fn stream_and_abandon(s: &Server, prompt: &str, max_tokens: usize) {
 
 #[test]
 fn the_next_keystroke_reuses_the_abandoned_streams_prompt() {
-    let s = Server::start(&[]);
+    // The server's defaults: an f16 cache.
+    let s = Server::start_as_is(&[], &[]);
+    assert!(
+        s.log().iter().any(|l| l.contains("KV cache") && l.contains("(f16,")),
+        "{:?}",
+        s.log()
+    );
     let tok = greencode::generate::loaded::read_tokenizer(&common::tiny_coder()).unwrap();
     for (i, max_tokens) in [4, 16, 64].into_iter().enumerate() {
         let prompt = held_out(i, 2500);
@@ -203,4 +209,20 @@ fn a_pool_too_small_for_sixteen_requests_queues_and_preempts_them_all_to_the_end
         grown as f64 / (1 << 20) as f64,
         budget as f64 / (1 << 20) as f64
     );
+}
+
+#[test]
+fn the_default_f16_cache_gives_the_golden_greedy_text() {
+    let s = Server::start_as_is(&[], &[]);
+    let golden = common::golden();
+    for case in golden["cases"].as_array().unwrap() {
+        let (st, v) = s.post(
+            "/v1/completions",
+            &json!({"prompt": case["prompt"], "max_tokens": 32, "temperature": 0, "token_healing": false}),
+        );
+        assert_eq!(st, 200, "{v}");
+        // The server never shows the end-of-text token the reference ends with.
+        let want = case["greedy32_text"].as_str().unwrap().replace("<|endoftext|>", "");
+        assert_eq!(v["choices"][0]["text"], want.as_str(), "{}", case["prompt"]);
+    }
 }

@@ -40,9 +40,9 @@ pub struct ServeArgs {
     /// full-context sequences need). Requests wait when it is full.
     #[arg(long, value_parser = at_least_one)]
     kv_cache_mb: Option<usize>,
-    /// How keys and values are stored: f32 (the computation's own bits),
-    /// f16 (llama.cpp's default) or bf16; half the memory of f32.
-    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    /// How keys and values are stored: f16 (llama.cpp's default; half the
+    /// memory of f32), bf16, or f32 (the bits `greencode generate` gives).
+    #[arg(long, default_value = EngineConfig::default().kv_dtype.name(), value_parser = parse_kv_dtype)]
     kv_dtype: KvDtype,
     /// Do not share KV blocks between requests with the same prompt prefix.
     #[arg(long)]

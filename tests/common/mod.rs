@@ -172,13 +172,24 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts the server with extra arguments and waits until `/health` is 200.
+    /// Starts the server with extra arguments and waits until `/health` is
+    /// 200. Its KV cache is f32 unless `extra` says otherwise, so its
+    /// greedy tokens are the golden ones and `greencode generate`'s bit for bit.
     pub fn start(extra: &[&str]) -> Self {
         Self::start_env(extra, &[])
     }
 
     /// As [`Server::start`], with environment variables set.
     pub fn start_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut args = extra.to_vec();
+        if !extra.contains(&"--kv-dtype") {
+            args.extend(["--kv-dtype", "f32"]);
+        }
+        Self::start_as_is(&args, env)
+    }
+
+    /// As [`Server::start_env`], with the server's own defaults (f16 KV cache).
+    pub fn start_as_is(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let model = tiny_coder();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_greencode"));
         cmd.args([

@@ -255,7 +255,9 @@ pub struct EngineConfig {
     pub prefix_caching: bool,
     /// The KV pool's size in bytes (None: [`default_kv_bytes`]).
     pub kv_cache_bytes: Option<usize>,
-    /// How the pool stores keys and values.
+    /// How the pool stores keys and values (default f16, llama.cpp's:
+    /// half the memory of f32 for a mean KL of about 1e-7 on held-out
+    /// code, `tests/kv_pool.rs`).
     pub kv_dtype: KvDtype,
 }
 
@@ -267,7 +269,7 @@ impl Default for EngineConfig {
             prefill_chunk: 64,
             prefix_caching: true,
             kv_cache_bytes: None,
-            kv_dtype: KvDtype::F32,
+            kv_dtype: KvDtype::F16,
         }
     }
 }

@@ -227,6 +227,9 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
         ),
         ("/infill", br#"{"input_prefix": 5}"#),
         ("/infill", br#"{"input_prefix": "x", "n_predict": -5}"#),
+        ("/completion", br#"{"prompt": "x", "n_predict": -5}"#),
+        ("/completion", br#"{"prompt": 5}"#),
+        ("/completion", br#"{"n_predict": 4}"#),
     ] {
         let (st, _, b) = s.post_raw(path, body, &[]);
         assert!(

@@ -393,22 +393,10 @@ pub struct ChatChunk {
     pub usage: Option<Usage>,
 }
 
-/// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).
+/// Generation fields llama.cpp's routes (`/infill`, `/completion`) share.
 #[derive(Debug, Default, Deserialize)]
-pub struct InfillRequest {
-    /// Text before the cursor.
-    #[serde(default)]
-    pub input_prefix: String,
-    /// Text after the cursor.
-    #[serde(default)]
-    pub input_suffix: String,
-    /// Other files for context.
-    #[serde(default)]
-    pub input_extra: Vec<InfillExtra>,
-    /// Text appended to the prefix (llama.cpp: the current line up to the cursor).
-    #[serde(default)]
-    pub prompt: String,
-    /// Most tokens to generate (-1: up to the context).
+pub struct LlamaParams {
+    /// Most tokens to generate (-1: up to the context; 0: only fill the cache).
     pub n_predict: Option<i64>,
     /// Sampling temperature.
     pub temperature: Option<f64>,
@@ -428,6 +416,36 @@ pub struct InfillRequest {
     pub repeat_penalty: Option<f64>,
 }
 
+/// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).
+#[derive(Debug, Default, Deserialize)]
+pub struct InfillRequest {
+    /// Text before the cursor.
+    #[serde(default)]
+    pub input_prefix: String,
+    /// Text after the cursor.
+    #[serde(default)]
+    pub input_suffix: String,
+    /// Other files for context.
+    #[serde(default)]
+    pub input_extra: Vec<InfillExtra>,
+    /// Text appended to the prefix (llama.cpp: the current line up to the cursor).
+    #[serde(default)]
+    pub prompt: String,
+    /// Generation settings.
+    #[serde(flatten)]
+    pub params: LlamaParams,
+}
+
+/// llama.cpp's `/completion` request (unknown fields are ignored, as llama.cpp does).
+#[derive(Debug, Default, Deserialize)]
+pub struct LlamaCompletionRequest {
+    /// The prompt: text or token ids.
+    pub prompt: Option<Prompt>,
+    /// Generation settings.
+    #[serde(flatten)]
+    pub params: LlamaParams,
+}
+
 /// One extra file of an `/infill` request.
 #[derive(Debug, Default, Deserialize)]
 pub struct InfillExtra {
@@ -439,9 +457,9 @@ pub struct InfillExtra {
     pub text: String,
 }
 
-/// llama.cpp's `/infill` response (and stream event).
+/// llama.cpp's `/infill` and `/completion` response (and stream event).
 #[derive(Debug, Clone, Serialize)]
-pub struct InfillResponse {
+pub struct LlamaResponse {
     /// Generated text (a piece of it when streaming).
     pub content: String,
     /// Whether this is the last event.
@@ -452,9 +470,37 @@ pub struct InfillResponse {
     pub tokens_predicted: usize,
     /// Prompt tokens.
     pub tokens_evaluated: usize,
+    /// Prompt tokens reused from the cache instead of computed.
+    pub tokens_cached: usize,
     /// `eos`, `limit` or `word` when stopped, else absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_type: Option<&'static str>,
+    /// Where the time went (the last event only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+}
+
+/// llama.cpp's `timings` object.
+#[derive(Debug, Clone, Serialize)]
+pub struct Timings {
+    /// Prompt tokens reused from the cache.
+    pub cache_n: usize,
+    /// Prompt tokens computed.
+    pub prompt_n: usize,
+    /// Time until the prompt was in the cache (queue and prefill), ms.
+    pub prompt_ms: f64,
+    /// `prompt_ms` per computed prompt token.
+    pub prompt_per_token_ms: f64,
+    /// Computed prompt tokens per second.
+    pub prompt_per_second: f64,
+    /// Tokens generated.
+    pub predicted_n: usize,
+    /// Generation time, ms.
+    pub predicted_ms: f64,
+    /// `predicted_ms` per generated token.
+    pub predicted_per_token_ms: f64,
+    /// Generated tokens per second.
+    pub predicted_per_second: f64,
 }
 
 /// `/v1/models` entry.

@@ -151,6 +151,10 @@ pub struct Done {
     pub completion_tokens: usize,
     /// Prompt log-probabilities (echo with logprobs).
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// From arrival until the prompt was in the cache (queue and prefill), seconds.
+    pub prompt_seconds: f64,
+    /// From then until the end (generation), seconds.
+    pub predicted_seconds: f64,
     /// Energy, FLOPs, CO2 and memory.
     pub cost: Cost,
 }

@@ -62,6 +62,8 @@ struct Slot {
     joules: f64,
     flops: u64,
     start: Instant,
+    /// When the whole prompt was first in the cache.
+    prompt_done_at: Option<Instant>,
     last_token_at: Option<Instant>,
     finish: Option<FinishReason>,
     cancelled: bool,
@@ -296,6 +298,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 joules: 0.0,
                 flops: 0,
                 start: job.arrived,
+                prompt_done_at: None,
                 last_token_at: None,
                 finish: None,
                 cancelled: false,
@@ -508,8 +511,16 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 }
             }
             slot.prompt_done = slot.prompt_done.max(slot.cache.len().min(prompt.len()));
+            if slot.prompt_done == prompt.len() && slot.prompt_done_at.is_none() {
+                slot.prompt_done_at = Some(Instant::now());
+            }
             if slot.cache.len() < slot.known_len() {
                 continue; // more prompt to run
+            }
+            if slot.job.req.max_tokens == 0 {
+                // Only the cache was asked for (llama.cpp's `n_predict: 0`).
+                slot.finish = Some(FinishReason::Length);
+                continue;
             }
             let raw = rows.last().expect("at least one logits row");
             Self::accept_token(self.metrics, slot, raw);
@@ -629,6 +640,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         let metrics = self.metrics;
         let label = [metrics.model()];
         let seconds = slot.start.elapsed().as_secs_f64();
+        let prompt_seconds = slot.prompt_done_at.map_or(seconds, |t| (t - slot.start).as_secs_f64());
+        let predicted_seconds = seconds - prompt_seconds;
         metrics.e2e.with_label_values(&label).observe(seconds);
         let generated = slot.generated.len();
         let prompt_tokens = slot.prompt_done;
@@ -707,6 +720,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             cached_tokens,
             completion_tokens: generated,
             prompt_logprobs: std::mem::take(&mut slot.prompt_logprobs),
+            prompt_seconds,
+            predicted_seconds,
             cost,
         }));
     }

@@ -7,8 +7,8 @@
 
 mod chat;
 mod completions;
-mod infill;
 mod info;
+mod llama;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -59,7 +59,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/fim/completions", post(completions::completions))
-        .route("/infill", post(infill::infill))
+        .route("/infill", post(llama::infill))
+        .route("/completion", post(llama::completion))
         .route("/v1/chat/completions", post(chat::chat))
         .route("/v1/models", get(info::models))
         .route("/health", get(info::health))

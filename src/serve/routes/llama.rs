@@ -1,0 +1,211 @@
+//! llama.cpp's own routes, as llama.vscode, llama.vim and llama-server's
+//! other clients call them: `POST /infill` (fill-in-the-middle, with other
+//! files as extra context) and `POST /completion` (a plain prompt, text or
+//! token ids). Unknown fields are ignored, as llama-server does.
+//! `n_predict: 0` only fills the cache (warm-up requests). Answers whole or
+//! streamed as llama.cpp's events, the last with `timings` and
+//! `tokens_cached`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use tokio::sync::mpsc;
+
+use super::{with_truncation_header, AppState, CompletionPlan};
+use crate::serve::engine::{Done, Event};
+use crate::serve::error::ApiError;
+use crate::serve::openai::{CommonParams, InfillRequest, LlamaCompletionRequest, LlamaParams, LlamaResponse, Timings};
+use crate::serve::prompt::{self, PromptInput};
+use crate::serve::sse::{sse_error, sse_json, sse_task, SseStream};
+use crate::serve::validate::{self, Settings};
+
+/// The settings of llama.cpp's generation fields: `n_predict` -1 (or
+/// absent) is up to 256 tokens or half the context, 0 fills the cache only.
+fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiError> {
+    let n_predict = match p.n_predict {
+        None | Some(-1) => 256.min(state.info.context_len as i64 / 2),
+        Some(n) if n >= 0 => n,
+        Some(n) => {
+            return Err(ApiError::param(
+                "n_predict",
+                format!("`n_predict` must be -1 or ≥ 0, got {n}"),
+            ))
+        }
+    };
+    let common = CommonParams {
+        // Validated as one token; zero is set below.
+        max_tokens: Some(n_predict.max(1)),
+        temperature: p.temperature,
+        top_k: p.top_k,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        stream: p.stream,
+        stop: p.stop.clone(),
+        seed: p.seed,
+        repetition_penalty: p.repeat_penalty,
+        ..CommonParams::default()
+    };
+    let mut settings = validate::settings(&common, &state.info, 256)?;
+    settings.max_tokens = n_predict as usize;
+    Ok(settings)
+}
+
+/// Reads an `/infill` body into the plan of its FIM prompt.
+fn plan_infill(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError> {
+    let req: InfillRequest = validate::parse_body(body)?;
+    let settings = llama_settings(&req.params, state)?;
+    let extra: Vec<(String, String)> = req
+        .input_extra
+        .iter()
+        .map(|e| (e.filename.clone(), e.text.clone()))
+        .collect();
+    let prefix = PromptInput::Text(format!("{}{}", req.input_prefix, req.prompt));
+    let prompt = prompt::fim_prompt(
+        &prefix,
+        &req.input_suffix,
+        &extra,
+        &state.info,
+        settings.max_tokens,
+        settings.token_healing,
+    )?;
+    Ok(CompletionPlan::single(prompt, settings))
+}
+
+/// Reads a `/completion` body into the plan of its plain prompt.
+fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError> {
+    let req: LlamaCompletionRequest = validate::parse_body(body)?;
+    let settings = llama_settings(&req.params, state)?;
+    let mut inputs = validate::prompts(req.prompt, &state.info, false)?;
+    if inputs.len() != 1 {
+        return Err(ApiError::param(
+            "prompt",
+            "`prompt` must be one text or one list of token ids",
+        ));
+    }
+    let input = inputs.pop().expect("one prompt");
+    let prompt = prompt::plain_prompt(&input, &state.info, settings.max_tokens, settings.token_healing)?;
+    Ok(CompletionPlan::single(prompt, settings))
+}
+
+pub(super) async fn infill(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    answer(state, headers, body, plan_infill).await
+}
+
+pub(super) async fn completion(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    answer(state, headers, body, plan_completion).await
+}
+
+/// Admits the request `plan` reads and answers it whole or streamed.
+async fn answer(
+    state: AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    plan: fn(&AppState, &[u8]) -> Result<CompletionPlan, ApiError>,
+) -> Response {
+    let (plan, receivers) = match state.admit(&headers, body, plan) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
+    };
+    let truncated = plan.truncated();
+    let Some(rx) = receivers.into_iter().next() else {
+        return ApiError::Internal.into_response();
+    };
+    let resp = if plan.settings.stream {
+        stream(state, rx).into_response()
+    } else {
+        match collect(rx).await {
+            Ok((content, done)) => Json(last_event(&state, content, &done)).into_response(),
+            Err(e) => e.into_response(),
+        }
+    };
+    with_truncation_header(resp, truncated)
+}
+
+/// The whole text of a job and how it ended.
+async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, Done), ApiError> {
+    let mut content = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text { text, .. } => content.push_str(&text),
+            Event::Done(d) => return Ok((content, d)),
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Err(ApiError::Internal)
+}
+
+/// The final answer (or last stream event): counts, stop type and timings.
+fn last_event(state: &AppState, content: String, d: &Done) -> LlamaResponse {
+    let prompt_n = d.prompt_tokens - d.cached_tokens;
+    let (prompt_ms, predicted_ms) = (d.prompt_seconds * 1e3, d.predicted_seconds * 1e3);
+    let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
+    let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 / ms * 1e3 } else { 0.0 };
+    LlamaResponse {
+        content,
+        stop: true,
+        model: state.info.name.clone(),
+        tokens_predicted: d.completion_tokens,
+        tokens_evaluated: d.prompt_tokens,
+        tokens_cached: d.cached_tokens,
+        stop_type: Some(if d.finish_reason.as_str() == "length" {
+            "limit"
+        } else {
+            "eos"
+        }),
+        timings: Some(Timings {
+            cache_n: d.cached_tokens,
+            prompt_n,
+            prompt_ms,
+            prompt_per_token_ms: per(prompt_ms, prompt_n),
+            prompt_per_second: rate(prompt_ms, prompt_n),
+            predicted_n: d.completion_tokens,
+            predicted_ms,
+            predicted_per_token_ms: per(predicted_ms, d.completion_tokens),
+            predicted_per_second: rate(predicted_ms, d.completion_tokens),
+        }),
+    }
+}
+
+fn stream(state: AppState, mut rx: mpsc::UnboundedReceiver<Event>) -> SseStream {
+    sse_task(move |tx| {
+        Box::pin(async move {
+            let mut predicted = 0;
+            while let Some(ev) = rx.recv().await {
+                let event = match ev {
+                    Event::Text { text, .. } => {
+                        predicted += 1;
+                        LlamaResponse {
+                            content: text,
+                            stop: false,
+                            model: state.info.name.clone(),
+                            tokens_predicted: predicted,
+                            tokens_evaluated: 0,
+                            tokens_cached: 0,
+                            stop_type: None,
+                            timings: None,
+                        }
+                    }
+                    Event::Done(d) => last_event(&state, String::new(), &d),
+                    Event::Error(e) => {
+                        let _ = tx.send(Ok(sse_error(&e))).await;
+                        return;
+                    }
+                };
+                if tx.send(Ok(sse_json(&event))).await.is_err() {
+                    return;
+                }
+            }
+        })
+    })
+}

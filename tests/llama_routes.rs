@@ -1,0 +1,120 @@
+//! llama.cpp's routes as llama-server's clients call them: `/completion`
+//! (text or token ids, whole or streamed), `/infill` warm-up requests with
+//! `n_predict: 0` that fill the cache for the next request, `timings` and
+//! `tokens_cached` in every final answer, and the fields llama.vscode and
+//! llama.vim send besides (ignored, as llama-server ignores what it does
+//! not know).
+
+mod common;
+
+use common::Server;
+use serde_json::{json, Value};
+
+/// Fields llama.vscode and llama.vim add to their requests (the names the
+/// editors issue, #25, lists; their exact bodies are that issue's
+/// fixtures), which these routes accept without acting on them.
+fn client_extras(body: &mut Value) {
+    for (k, v) in [
+        ("cache_prompt", json!(true)),
+        ("samplers", json!(["top_k", "top_p", "infill"])),
+        ("n_indent", json!(4)),
+        ("t_max_prompt_ms", json!(500)),
+        ("t_max_predict_ms", json!(1000)),
+        (
+            "response_fields",
+            json!(["content", "timings/prompt_n", "tokens_cached"]),
+        ),
+    ] {
+        body[k] = v;
+    }
+}
+
+fn check_timings(v: &Value) {
+    let t = &v["timings"];
+    for k in ["cache_n", "prompt_n", "predicted_n"] {
+        assert!(t[k].is_u64(), "timings.{k}: {v}");
+    }
+    for k in ["prompt_ms", "predicted_ms", "prompt_per_second", "predicted_per_second"] {
+        assert!(t[k].as_f64().is_some_and(|x| x >= 0.0), "timings.{k}: {v}");
+    }
+    assert_eq!(t["cache_n"], v["tokens_cached"]);
+    assert_eq!(t["predicted_n"], v["tokens_predicted"]);
+    assert_eq!(
+        t["cache_n"].as_u64().unwrap() + t["prompt_n"].as_u64().unwrap(),
+        v["tokens_evaluated"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn completion_answers_golden_tokens_whole_and_streamed() {
+    let s = Server::start(&[]);
+    let g = common::golden();
+    let case = &g["cases"][0];
+    let mut body = json!({"prompt": case["ids"], "n_predict": 32, "temperature": 0});
+    client_extras(&mut body);
+    let (st, v) = s.post("/completion", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"], case["greedy32_text"]);
+    assert_eq!(v["stop"], true);
+    assert_eq!(v["model"], "tiny-coder");
+    assert_eq!(v["tokens_predicted"], 32);
+    assert_eq!(v["stop_type"], "limit");
+    check_timings(&v);
+
+    body["stream"] = json!(true);
+    let events = s.stream("/completion", &body);
+    let parsed: Vec<Value> = events.iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+    let last = parsed.last().unwrap();
+    assert_eq!(last["stop"], true);
+    check_timings(last);
+    let text: String = parsed.iter().map(|e| e["content"].as_str().unwrap()).collect();
+    assert_eq!(text, case["greedy32_text"].as_str().unwrap());
+    assert!(parsed[..parsed.len() - 1]
+        .iter()
+        .all(|e| e["stop"] == false && e.get("timings").is_none()));
+
+    // Text prompts work too.
+    let (st, v) = s.post("/completion", &json!({"prompt": "def add(a, b):\n", "n_predict": 8}));
+    assert_eq!(st, 200, "{v}");
+    assert!(v["tokens_predicted"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn an_n_predict_0_warm_up_fills_the_cache_for_the_next_request() {
+    let s = Server::start(&[]);
+    let text = std::fs::read_to_string(common::tiny_coder().join("MODEL_CARD.md")).unwrap();
+    let prefix: String = text.chars().take(1500).collect();
+    // llama.vscode's warm-up: the context around the cursor, nothing to predict.
+    let mut warm = json!({
+        "input_prefix": prefix,
+        "input_suffix": "\n",
+        "input_extra": [{"filename": "util.py", "text": "def helper():\n    return 1\n"}],
+        "prompt": "",
+        "n_predict": 0,
+        "t_max_predict_ms": 1,
+    });
+    client_extras(&mut warm);
+    warm["t_max_predict_ms"] = json!(1);
+    let (st, v) = s.post("/infill", &warm);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"], "");
+    assert_eq!(v["tokens_predicted"], 0);
+    assert_eq!(v["tokens_cached"], 0);
+    let evaluated = v["tokens_evaluated"].as_u64().unwrap();
+    assert!(evaluated > 300, "{v}");
+    check_timings(&v);
+    // The real request a moment later: the same context, tokens to predict.
+    let mut real = warm.clone();
+    real["n_predict"] = json!(16);
+    real["temperature"] = json!(0);
+    let (st, v) = s.post("/infill", &real);
+    assert_eq!(st, 200, "{v}");
+    let cached = v["tokens_cached"].as_u64().unwrap();
+    let block = greencode::model::KV_BLOCK as u64;
+    assert!(
+        cached + block >= evaluated,
+        "reused {cached} of the warm-up's {evaluated} tokens: {v}"
+    );
+    assert!(v["tokens_predicted"].as_u64().unwrap() >= 1);
+    check_timings(&v);
+}

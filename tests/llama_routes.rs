@@ -118,3 +118,50 @@ fn an_n_predict_0_warm_up_fills_the_cache_for_the_next_request() {
     assert!(v["tokens_predicted"].as_u64().unwrap() >= 1);
     check_timings(&v);
 }
+
+#[test]
+fn a_raw_fim_prompt_with_special_token_stops_is_served_as_given() {
+    // Continue's autocomplete against an OpenAI-compatible server: it
+    // writes the FIM prompt itself and sends `raw` with the FIM markers as
+    // stop strings (more than OpenAI's four).
+    let s = Server::start(&[]);
+    let g = common::golden();
+    let (_, _, want) = common::fim_case();
+    let stops = [
+        "<|endoftext|>",
+        "<|fim_prefix|>",
+        "<|fim_middle|>",
+        "<|fim_suffix|>",
+        "<|fim_pad|>",
+        "<|file_sep|>",
+        "\n\n\n",
+    ];
+    let body = json!({
+        "model": "tiny-coder",
+        "prompt": g["cases"][3]["prompt"],
+        "raw": true,
+        "max_tokens": 32,
+        "temperature": 0,
+        "stop": stops,
+    });
+    let (st, v) = s.post("/v1/completions", &body);
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["usage"]["prompt_tokens"], 24,
+        "the prompt's FIM markers are single tokens: {v}"
+    );
+    let text = v["choices"][0]["text"].as_str().unwrap();
+    // The same infill as the `suffix` form, cut at the text stop if it occurs.
+    assert_eq!(text, want.split("\n\n\n").next().unwrap());
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events = s.stream("/v1/completions", &streamed);
+    assert_eq!(events.last().unwrap().1, "[DONE]");
+    // Five text stops are still refused, naming the field.
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["error"]["param"], "stop");
+}

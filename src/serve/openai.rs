@@ -152,6 +152,9 @@ pub struct CompletionFields {
     pub logprobs: Option<i64>,
     /// Only 1 is supported.
     pub best_of: Option<i64>,
+    /// The prompt is used exactly as given, special tokens and all, with
+    /// no token healing (Continue builds its own FIM prompt and sends this).
+    pub raw: Option<bool>,
 }
 
 /// The fields of `/v1/chat/completions` beside [`CommonParams`].

@@ -35,6 +35,13 @@ impl ModelInfo {
         }
     }
 
+    /// The id of the special token written `text`, if it is one.
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.tokenizer
+            .token_id(text)
+            .filter(|&id| self.special.get(id as usize).copied().unwrap_or(false))
+    }
+
     /// Precomputes token tables for `tokenizer`.
     pub fn new(name: String, tokenizer: Arc<CodeTokenizer>, context_len: usize, vocab_size: usize) -> Self {
         let token_bytes = tokenizer.token_bytes();

@@ -48,8 +48,11 @@ pub struct Settings {
     pub stream: bool,
     /// Send a usage chunk at the end of a stream.
     pub include_usage: bool,
-    /// Stop strings.
+    /// Stop strings (matched in the text).
     pub stop: Vec<String>,
+    /// Stop strings that name a special token (`<|fim_pad|>`, as Continue
+    /// sends them): never shown as text, so they stop as token ids.
+    pub stop_ids: Vec<u32>,
     /// Token healing on.
     pub token_healing: bool,
 }
@@ -274,34 +277,42 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
             "`stream_options` is only allowed with `stream: true`",
         ));
     }
+    let (stop, stop_ids) = stops(p.stop.as_ref(), info)?;
     Ok(Settings {
         max_tokens: max_tokens.1 as usize,
         sampling,
         n: n as usize,
         stream,
         include_usage,
-        stop: stop_strings(p.stop.as_ref())?,
+        stop,
+        stop_ids,
         token_healing: p.token_healing.unwrap_or(true),
     })
 }
 
-/// `stop`: a string or a list of up to [`MAX_STOP`] non-empty strings.
-pub fn stop_strings(v: Option<&Stop>) -> Result<Vec<String>, ApiError> {
+/// `stop`: a string or a list of non-empty strings, split into text to
+/// match (at most [`MAX_STOP`]) and the ids of those that name a special
+/// token (any number of them: an editor sends every FIM marker).
+pub fn stops(v: Option<&Stop>, info: &ModelInfo) -> Result<(Vec<String>, Vec<u32>), ApiError> {
     let list = match v {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s.clone()],
         Some(Stop::Many(list)) => list.clone(),
     };
-    if list.len() > MAX_STOP {
-        return Err(ApiError::param(
-            "stop",
-            format!("`stop` takes at most {MAX_STOP} strings, got {}", list.len()),
-        ));
-    }
     if list.iter().any(String::is_empty) {
         return Err(ApiError::param("stop", "`stop` strings must not be empty"));
     }
-    Ok(list)
+    let (ids, text): (Vec<String>, Vec<String>) = list.into_iter().partition(|s| info.special_id(s).is_some());
+    if text.len() > MAX_STOP {
+        return Err(ApiError::param(
+            "stop",
+            format!(
+                "`stop` takes at most {MAX_STOP} strings besides special tokens, got {}",
+                text.len()
+            ),
+        ));
+    }
+    Ok((text, ids.iter().filter_map(|s| info.special_id(s)).collect()))
 }
 
 /// `prompt` as the prompts to run, each id checked against the vocabulary.
@@ -474,7 +485,14 @@ mod tests {
         ));
         let many = Prompt::Texts(vec!["a".into(); MAX_N + 1]);
         assert!(prompts(Some(many), &info, false).is_err());
-        assert!(stop_strings(Some(&Stop::Many(vec!["a".into(); MAX_STOP + 1]))).is_err());
-        assert!(stop_strings(Some(&Stop::One(String::new()))).is_err());
+        let info = crate::serve::prompt::tests::info();
+        assert!(stops(Some(&Stop::Many(vec!["a".into(); MAX_STOP + 1])), &info).is_err());
+        assert!(stops(Some(&Stop::One(String::new())), &info).is_err());
+        // Special tokens stop as ids and do not count against the limit.
+        let mut many = vec!["a".to_owned(); MAX_STOP];
+        many.extend(["<|endoftext|>".to_owned(), "<|fim_prefix|>".to_owned()]);
+        let (text, ids) = stops(Some(&Stop::Many(many)), &info).unwrap();
+        assert_eq!(text.len(), MAX_STOP);
+        assert_eq!(ids.len(), 2);
     }
 }

@@ -29,6 +29,7 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
         echo,
         logprobs,
         best_of,
+        raw,
     } = fields;
     let echo = echo.unwrap_or(false);
     let logprobs = match logprobs {
@@ -47,7 +48,10 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
             format!("`best_of` > 1 is not supported, got {b}"),
         ));
     }
-    let settings = validate::settings(&common, &state.info, 16)?;
+    let mut settings = validate::settings(&common, &state.info, 16)?;
+    if raw == Some(true) {
+        settings.token_healing = false;
+    }
     if echo && suffix.is_some() {
         return Err(ApiError::param("echo", "`echo` cannot be combined with `suffix`"));
     }

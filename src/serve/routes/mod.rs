@@ -164,7 +164,7 @@ impl CompletionPlan {
                     max_tokens: self.settings.max_tokens,
                     sampling,
                     stop_strings: self.settings.stop.clone(),
-                    stop_ids: p.stop_ids.clone(),
+                    stop_ids: p.stop_ids.iter().chain(&self.settings.stop_ids).copied().collect(),
                     healing: p.healing.clone(),
                     logprobs: self.logprobs,
                     prompt_logprobs: self.echo && self.logprobs.is_some(),

@@ -165,3 +165,70 @@ fn a_raw_fim_prompt_with_special_token_stops_is_served_as_given() {
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["param"], "stop");
 }
+
+/// Each token's text of an unrestricted greedy `/completion` (one stream event each).
+fn pieces(s: &Server, prompt: &str, n: usize) -> Vec<String> {
+    let events = s.stream(
+        "/completion",
+        &json!({"prompt": prompt, "n_predict": n, "temperature": 0, "stream": true}),
+    );
+    events
+        .iter()
+        .map(|(_, d)| serde_json::from_str::<Value>(d).unwrap())
+        .filter(|e| e["stop"] == false)
+        .map(|e| e["content"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn n_indent_and_t_max_predict_ms_stop_where_llama_server_would() {
+    let s = Server::start(&[]);
+    let prompt = "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, x):\n";
+    let all = pieces(&s, prompt, 64);
+    let text: String = all.concat();
+    let lines: Vec<&str> = text.split('\n').collect();
+    assert!(lines.len() > 2, "the completion needs several lines: {text:?}");
+    // n_indent: the first later line with text indented below the minimum
+    // stops generation, its text cut after its leading blanks.
+    let indent = |l: &str| l.chars().take_while(|c| *c == ' ' || *c == '\t').count();
+    let deepest = lines[1..]
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| indent(l))
+        .max()
+        .unwrap();
+    let n_indent = deepest + 1;
+    let mut want = lines[0].to_owned();
+    for l in &lines[1..] {
+        want.push('\n');
+        if !l.trim().is_empty() && indent(l) < n_indent {
+            want.push_str(&l[..indent(l)]);
+            break;
+        }
+        want.push_str(l);
+    }
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": prompt, "n_predict": 64, "temperature": 0, "n_indent": n_indent}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["content"], want.as_str(), "n_indent {n_indent} over {text:?}");
+    // t_max_predict_ms: past the time, generation ends with the first token
+    // that carries a newline (after the first token, decoded at once).
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": prompt, "n_predict": 64, "temperature": 0, "t_max_predict_ms": 1}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let got = v["content"].as_str().unwrap();
+    let ends: Vec<String> = (0..all.len())
+        .filter(|&k| all[k].contains('\n'))
+        .map(|k| all[..=k].concat())
+        .collect();
+    assert!(
+        ends.iter().any(|e| e == got),
+        "{got:?} does not end at a newline token of {all:?}"
+    );
+    assert!(got.len() < text.len(), "nothing was cut: {got:?}");
+    assert_eq!(v["stop_type"], "limit");
+}

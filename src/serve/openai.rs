@@ -417,6 +417,10 @@ pub struct LlamaParams {
     pub seed: Option<i64>,
     /// Repetition penalty.
     pub repeat_penalty: Option<f64>,
+    /// Lines after the first must be indented this far (≤ 0: no rule).
+    pub n_indent: Option<i64>,
+    /// Stop at a newline once generating has taken this many ms (≤ 0: no limit).
+    pub t_max_predict_ms: Option<i64>,
 }
 
 /// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).

@@ -33,6 +33,10 @@ pub struct ValidRequest {
     pub logprobs: Option<usize>,
     /// Score the prompt too (echo with logprobs).
     pub prompt_logprobs: bool,
+    /// Lines after the first must be indented this far (0: no rule; llama.cpp's `n_indent`).
+    pub min_indent: usize,
+    /// Stop at a newline once generating has taken this long (llama.cpp's `t_max_predict_ms`).
+    pub max_predict: Option<std::time::Duration>,
 }
 
 /// Settings common to every choice of a request.
@@ -55,6 +59,10 @@ pub struct Settings {
     pub stop_ids: Vec<u32>,
     /// Token healing on.
     pub token_healing: bool,
+    /// Lines after the first must be indented this far (0: no rule).
+    pub min_indent: usize,
+    /// Stop at a newline once generating has taken this long.
+    pub max_predict: Option<std::time::Duration>,
 }
 
 /// Most choices per request.
@@ -287,6 +295,8 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
         stop,
         stop_ids,
         token_healing: p.token_healing.unwrap_or(true),
+        min_indent: 0,
+        max_predict: None,
     })
 }
 

@@ -292,7 +292,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                     Arc::clone(&self.tables.special),
                     skip,
                 ),
-                stops: StopMatcher::new(req.stop_strings.clone()),
+                stops: StopMatcher::new(req.stop_strings.clone()).with_min_indent(req.min_indent),
                 pending_logprobs: Vec::new(),
                 prompt_logprobs: Vec::new(),
                 joules: 0.0,
@@ -599,6 +599,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             StopOutcome::Emit(t) => (t, false),
             StopOutcome::Stopped(t) => (t, true),
         };
+        let newline = text.contains('\n');
         if (!text.is_empty() || !slot.pending_logprobs.is_empty())
             && slot
                 .job
@@ -612,9 +613,13 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             slot.cancelled = true;
             return;
         }
+        // llama-server's `t_max_predict_ms`: past the time, stop at a newline.
+        let out_of_time = req
+            .max_predict
+            .is_some_and(|limit| newline && slot.prompt_done_at.is_some_and(|t| t.elapsed() > limit));
         if stopped {
             slot.finish = Some(FinishReason::Stop);
-        } else if slot.generated.len() >= req.max_tokens {
+        } else if slot.generated.len() >= req.max_tokens || out_of_time {
             slot.finish = Some(FinishReason::Length);
         }
     }

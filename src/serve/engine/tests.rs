@@ -127,6 +127,8 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
         healing: None,
         logprobs: None,
         prompt_logprobs: false,
+        min_indent: 0,
+        max_predict: None,
     }
 }
 

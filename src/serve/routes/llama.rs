@@ -23,7 +23,8 @@ use crate::serve::sse::{sse_error, sse_json, sse_task, SseStream};
 use crate::serve::validate::{self, Settings};
 
 /// The settings of llama.cpp's generation fields: `n_predict` -1 (or
-/// absent) is up to 256 tokens or half the context, 0 fills the cache only.
+/// absent) is up to 256 tokens or half the context, 0 fills the cache
+/// only; `n_indent` and `t_max_predict_ms` stop as llama-server does.
 fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiError> {
     let n_predict = match p.n_predict {
         None | Some(-1) => 256.min(state.info.context_len as i64 / 2),
@@ -50,6 +51,11 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
     };
     let mut settings = validate::settings(&common, &state.info, 256)?;
     settings.max_tokens = n_predict as usize;
+    settings.min_indent = p.n_indent.unwrap_or(0).max(0) as usize;
+    settings.max_predict = p
+        .t_max_predict_ms
+        .filter(|&ms| ms > 0)
+        .map(|ms| std::time::Duration::from_millis(ms as u64));
     Ok(settings)
 }
 

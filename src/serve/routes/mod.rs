@@ -168,6 +168,8 @@ impl CompletionPlan {
                     healing: p.healing.clone(),
                     logprobs: self.logprobs,
                     prompt_logprobs: self.echo && self.logprobs.is_some(),
+                    min_indent: self.settings.min_indent,
+                    max_predict: self.settings.max_predict,
                 });
             }
         }

@@ -17,9 +17,7 @@ fn client_extras(body: &mut Value) {
     for (k, v) in [
         ("cache_prompt", json!(true)),
         ("samplers", json!(["top_k", "top_p", "infill"])),
-        ("n_indent", json!(4)),
         ("t_max_prompt_ms", json!(500)),
-        ("t_max_predict_ms", json!(1000)),
         (
             "response_fields",
             json!(["content", "timings/prompt_n", "tokens_cached"]),
@@ -94,7 +92,6 @@ fn an_n_predict_0_warm_up_fills_the_cache_for_the_next_request() {
         "t_max_predict_ms": 1,
     });
     client_extras(&mut warm);
-    warm["t_max_predict_ms"] = json!(1);
     let (st, v) = s.post("/infill", &warm);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["content"], "");
@@ -231,4 +228,64 @@ fn n_indent_and_t_max_predict_ms_stop_where_llama_server_would() {
     );
     assert!(got.len() < text.len(), "nothing was cut: {got:?}");
     assert_eq!(v["stop_type"], "limit");
+}
+
+#[test]
+fn n_cmpl_returns_several_candidates_that_share_the_prompts_cache() {
+    let s = Server::start(&[]);
+    let text = std::fs::read_to_string(common::tiny_coder().join("MODEL_CARD.md")).unwrap();
+    let prompt: String = text.chars().take(600).collect();
+    let body = json!({"prompt": prompt, "n_predict": 8, "temperature": 0.9, "seed": 7, "n_cmpl": 3});
+    let (st, v) = s.post("/completion", &body);
+    assert_eq!(st, 200, "{v}");
+    let list = v.as_array().expect("several candidates come as an array");
+    assert_eq!(list.len(), 3);
+    for (i, c) in list.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert!(c["tokens_predicted"].as_u64().unwrap() >= 1, "{c}");
+        check_timings(c);
+    }
+    // The prompt ran once: the other candidates took its full blocks.
+    let n = list[0]["tokens_evaluated"].as_u64().unwrap();
+    let m = s.get("/metrics").1;
+    let computed: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("greencode_prompt_tokens_computed_total{model=\"tiny-coder\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(n > 100, "{n}");
+    let block = greencode::model::KV_BLOCK as u64;
+    assert!(
+        computed < n + 2 * block,
+        "computed {computed} for three candidates of a {n}-token prompt"
+    );
+    // Streamed: every candidate's events carry its index and end with stop.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let events: Vec<Value> = s
+        .stream("/completion", &streamed)
+        .iter()
+        .map(|(_, d)| serde_json::from_str(d).unwrap())
+        .collect();
+    for i in 0..3u64 {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["index"] == i).collect();
+        assert!(
+            mine.len() >= 2 && mine.last().unwrap()["stop"] == true,
+            "candidate {i}: {mine:?}"
+        );
+    }
+    // Seeded: the same candidates again.
+    let (_, again) = s.post("/completion", &body);
+    let contents = |x: &Value| {
+        x.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["content"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(contents(&again), contents(&v));
+    let (st, v) = s.post("/completion", &json!({"prompt": "x", "n_cmpl": 0}));
+    assert_eq!(st, 400);
+    assert_eq!(v["error"]["param"], "n_cmpl");
 }

@@ -421,6 +421,8 @@ pub struct LlamaParams {
     pub n_indent: Option<i64>,
     /// Stop at a newline once generating has taken this many ms (≤ 0: no limit).
     pub t_max_predict_ms: Option<i64>,
+    /// Candidates to generate from the one prompt (default 1).
+    pub n_cmpl: Option<i64>,
 }
 
 /// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).
@@ -467,6 +469,8 @@ pub struct InfillExtra {
 /// llama.cpp's `/infill` and `/completion` response (and stream event).
 #[derive(Debug, Clone, Serialize)]
 pub struct LlamaResponse {
+    /// Which candidate (`n_cmpl`) this is.
+    pub index: usize,
     /// Generated text (a piece of it when streaming).
     pub content: String,
     /// Whether this is the last event.

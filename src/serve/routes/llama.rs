@@ -36,9 +36,16 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
             ))
         }
     };
+    if let Some(n) = p.n_cmpl.filter(|n| !(1..=validate::MAX_N as i64).contains(n)) {
+        return Err(ApiError::param(
+            "n_cmpl",
+            format!("`n_cmpl` must be between 1 and {}, got {n}", validate::MAX_N),
+        ));
+    }
     let common = CommonParams {
         // Validated as one token; zero is set below.
         max_tokens: Some(n_predict.max(1)),
+        n: p.n_cmpl,
         temperature: p.temperature,
         top_k: p.top_k,
         top_p: p.top_p,
@@ -124,15 +131,20 @@ async fn answer(
         Err(refusal) => return *refusal,
     };
     let truncated = plan.truncated();
-    let Some(rx) = receivers.into_iter().next() else {
-        return ApiError::Internal.into_response();
-    };
     let resp = if plan.settings.stream {
-        stream(state, rx).into_response()
+        stream(state, receivers).into_response()
     } else {
-        match collect(rx).await {
-            Ok((content, done)) => Json(last_event(&state, content, &done)).into_response(),
-            Err(e) => e.into_response(),
+        let mut answers = Vec::with_capacity(receivers.len());
+        for (index, rx) in receivers.into_iter().enumerate() {
+            match collect(rx).await {
+                Ok((content, done)) => answers.push(last_event(&state, index, content, &done)),
+                Err(e) => return with_truncation_header(e.into_response(), truncated),
+            }
+        }
+        // One candidate is an object, several an array (as llama-server answers).
+        match answers.len() {
+            1 => Json(answers.remove(0)).into_response(),
+            _ => Json(answers).into_response(),
         }
     };
     with_truncation_header(resp, truncated)
@@ -151,13 +163,15 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, Done
     Err(ApiError::Internal)
 }
 
-/// The final answer (or last stream event): counts, stop type and timings.
-fn last_event(state: &AppState, content: String, d: &Done) -> LlamaResponse {
+/// The final answer (or last stream event) of candidate `index`: counts,
+/// stop type and timings.
+fn last_event(state: &AppState, index: usize, content: String, d: &Done) -> LlamaResponse {
     let prompt_n = d.prompt_tokens - d.cached_tokens;
     let (prompt_ms, predicted_ms) = (d.prompt_seconds * 1e3, d.predicted_seconds * 1e3);
     let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
     let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 / ms * 1e3 } else { 0.0 };
     LlamaResponse {
+        index,
         content,
         stop: true,
         model: state.info.name.clone(),
@@ -183,33 +197,38 @@ fn last_event(state: &AppState, content: String, d: &Done) -> LlamaResponse {
     }
 }
 
-fn stream(state: AppState, mut rx: mpsc::UnboundedReceiver<Event>) -> SseStream {
+/// The candidates' events, one candidate after another (each buffered
+/// while the ones before it stream), each tagged with its `index`.
+fn stream(state: AppState, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
     sse_task(move |tx| {
         Box::pin(async move {
-            let mut predicted = 0;
-            while let Some(ev) = rx.recv().await {
-                let event = match ev {
-                    Event::Text { text, .. } => {
-                        predicted += 1;
-                        LlamaResponse {
-                            content: text,
-                            stop: false,
-                            model: state.info.name.clone(),
-                            tokens_predicted: predicted,
-                            tokens_evaluated: 0,
-                            tokens_cached: 0,
-                            stop_type: None,
-                            timings: None,
+            for (index, mut rx) in receivers.into_iter().enumerate() {
+                let mut predicted = 0;
+                while let Some(ev) = rx.recv().await {
+                    let event = match ev {
+                        Event::Text { text, .. } => {
+                            predicted += 1;
+                            LlamaResponse {
+                                index,
+                                content: text,
+                                stop: false,
+                                model: state.info.name.clone(),
+                                tokens_predicted: predicted,
+                                tokens_evaluated: 0,
+                                tokens_cached: 0,
+                                stop_type: None,
+                                timings: None,
+                            }
                         }
-                    }
-                    Event::Done(d) => last_event(&state, String::new(), &d),
-                    Event::Error(e) => {
-                        let _ = tx.send(Ok(sse_error(&e))).await;
+                        Event::Done(d) => last_event(&state, index, String::new(), &d),
+                        Event::Error(e) => {
+                            let _ = tx.send(Ok(sse_error(&e))).await;
+                            return;
+                        }
+                    };
+                    if tx.send(Ok(sse_json(&event))).await.is_err() {
                         return;
                     }
-                };
-                if tx.send(Ok(sse_json(&event))).await.is_err() {
-                    return;
                 }
             }
         })

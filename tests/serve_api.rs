@@ -485,3 +485,58 @@ fn models_health_and_metrics() {
         "{metrics}"
     );
 }
+
+/// The entries of each `top_logprobs` object in the order the server wrote
+/// them (`serde_json::Value` would sort the keys).
+fn top_logprobs_in_order(body: &str) -> Vec<Vec<(String, f64)>> {
+    #[derive(serde::Deserialize)]
+    struct Ordered(#[serde(deserialize_with = "entries")] Vec<(String, f64)>);
+    fn entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(String, f64)>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Vec<(String, f64)>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of log-probabilities")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(e) = m.next_entry()? {
+                    out.push(e);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+    #[derive(serde::Deserialize)]
+    struct Logprobs {
+        top_logprobs: Vec<Ordered>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Choice {
+        logprobs: Logprobs,
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        choices: Vec<Choice>,
+    }
+    let b: Body = serde_json::from_str(body).unwrap();
+    b.choices[0].logprobs.top_logprobs.iter().map(|o| o.0.clone()).collect()
+}
+
+#[test]
+fn top_logprobs_come_most_likely_first() {
+    let s = Server::start(&[]);
+    let body = json!({"prompt": "def fibonacci(n):\n", "max_tokens": 6, "temperature": 0, "logprobs": 5, "token_healing": false});
+    let (st, _, text) = s.post_raw("/v1/completions", body.to_string().as_bytes(), &[]);
+    assert_eq!(st, 200, "{text}");
+    let positions = top_logprobs_in_order(&text);
+    assert_eq!(positions.len(), 6);
+    for top in positions {
+        assert!(top.len() >= 2, "{top:?}");
+        assert!(
+            top.windows(2).all(|w| w[0].1 >= w[1].1),
+            "not most likely first: {top:?}"
+        );
+    }
+}

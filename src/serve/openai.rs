@@ -273,6 +273,36 @@ impl Usage {
     }
 }
 
+/// One position's alternatives as a JSON object `{text: logprob}` whose
+/// keys come most likely first (OpenAI's order); a text two tokens share
+/// keeps the likelier one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TopLogprobs(Vec<(String, f32)>);
+
+impl FromIterator<(String, f32)> for TopLogprobs {
+    /// Collects alternatives already ordered most likely first.
+    fn from_iter<I: IntoIterator<Item = (String, f32)>>(iter: I) -> Self {
+        let mut out: Vec<(String, f32)> = Vec::new();
+        for (text, lp) in iter {
+            if !out.iter().any(|(t, _)| *t == text) {
+                out.push((text, lp));
+            }
+        }
+        Self(out)
+    }
+}
+
+impl Serialize for TopLogprobs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (text, lp) in &self.0 {
+            map.serialize_entry(text, lp)?;
+        }
+        map.end()
+    }
+}
+
 /// Legacy completions `logprobs` object.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct CompletionLogprobs {
@@ -280,8 +310,8 @@ pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
     /// Log-probability of each token (`null` for the first echoed prompt token).
     pub token_logprobs: Vec<Option<f32>>,
-    /// The most likely alternatives at each position.
-    pub top_logprobs: Vec<Option<HashMap<String, f32>>>,
+    /// The most likely alternatives at each position, most likely first.
+    pub top_logprobs: Vec<Option<TopLogprobs>>,
     /// Character offset of each token in the returned text.
     pub text_offset: Vec<usize>,
 }

@@ -10,7 +10,6 @@ mod completions;
 mod info;
 mod llama;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -25,7 +24,7 @@ use tokio::sync::mpsc;
 use super::chat::ChatTemplate;
 use super::engine::{Done, EngineHandle, Event};
 use super::error::ApiError;
-use super::openai::{CompletionChoice, CompletionLogprobs, CompletionResponse, Usage};
+use super::openai::{CompletionChoice, CompletionLogprobs, CompletionResponse, TopLogprobs, Usage};
 use super::prompt::{BuiltPrompt, ModelInfo};
 use super::validate::{Settings, ValidRequest};
 use crate::generate::TokenLogprob;
@@ -212,12 +211,11 @@ pub(super) fn logprobs_object(
         String::from_utf8_lossy(bytes.get(skip..).unwrap_or_default()).into_owned()
     };
     let text_of = |id: u32| text_from(id, 0);
-    let top = |lp: &TokenLogprob| -> HashMap<String, f32> {
-        lp.top.iter().map(|&(id, l)| (text_from(id, skip(lp)), l)).collect()
-    };
+    let top =
+        |lp: &TokenLogprob| -> TopLogprobs { lp.top.iter().map(|&(id, l)| (text_from(id, skip(lp)), l)).collect() };
     let mut out = CompletionLogprobs::default();
     let mut offset = start_offset;
-    let mut push = |out: &mut CompletionLogprobs, text: String, lp: Option<f32>, tops: Option<HashMap<String, f32>>| {
+    let mut push = |out: &mut CompletionLogprobs, text: String, lp: Option<f32>, tops: Option<TopLogprobs>| {
         out.text_offset.push(offset);
         offset += text.chars().count();
         out.tokens.push(text);

@@ -214,3 +214,18 @@ fn a_q8_0_server_reports_its_quantization_and_costs() {
         1.0
     );
 }
+
+#[test]
+fn a_machine_without_a_gpu_driver_is_told_plainly() {
+    if nvml_wrapper::Nvml::init().is_ok() {
+        return; // an NVIDIA driver is installed: this message is not shown
+    }
+    let s = common::Server::start(&[]);
+    let log = s.log();
+    let line = log
+        .iter()
+        .find(|l| l.contains("energy meter:"))
+        .unwrap_or_else(|| panic!("{log:?}"));
+    assert!(line.contains("no NVIDIA driver on this machine"), "{line}");
+    assert!(!line.contains("libloading"), "{line}");
+}

@@ -64,10 +64,11 @@ pub struct ServeArgs {
     /// Energy meter: the first that works (NVML, RAPL, estimate), or one in particular.
     #[arg(long, value_enum, default_value_t = EnergyArg::Auto)]
     energy: EnergyArg,
-    /// Estimated meter: watts per fully busy core (default: 85 W TDP over the cores).
+    /// Estimated meter: watts per fully busy core (default: 85 W, CodeCarbon's
+    /// TDP fallback, divided by the number of cores; the startup log says the result).
     #[arg(long)]
     cpu_watts: Option<f64>,
-    /// Estimated meter: watts drawn regardless of load.
+    /// Estimated meter: watts drawn regardless of load (default: 8.5).
     #[arg(long)]
     idle_watts: Option<f64>,
     /// Grid carbon intensity, gCO2e per kWh (CodeCarbon's world average).

@@ -103,7 +103,7 @@ pub fn open_meter(choice: MeterChoice, model: PowerModel) -> Result<Box<dyn Mete
             }
             let m = EstimatedMeter::new(model)?;
             eprintln!(
-                "greencode: energy meter: no hardware counter ({}); using the estimate",
+                "greencode: energy meter: the estimate below, as this machine offers no energy counter ({})",
                 why.join("; ")
             );
             Ok(Box::new(m))
@@ -122,7 +122,15 @@ pub struct NvmlMeter {
 impl NvmlMeter {
     /// Loads libnvidia-ml at run time; fails cleanly where no driver exists.
     pub fn open() -> Result<Self, MeterError> {
-        let nvml = nvml_wrapper::Nvml::init().map_err(|e| MeterError(format!("NVML unavailable: {e}")))?;
+        let nvml = nvml_wrapper::Nvml::init().map_err(|e| {
+            MeterError(match e {
+                // The usual case on a machine without an NVIDIA GPU, not a failure.
+                nvml_wrapper::error::NvmlError::LibloadingError(_) => {
+                    "NVML unavailable: no NVIDIA driver on this machine (libnvidia-ml.so.1 not found)".into()
+                }
+                e => format!("NVML unavailable: {e}"),
+            })
+        })?;
         let (start_mj, name) = {
             let dev = nvml
                 .device_by_index(0)

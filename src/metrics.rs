@@ -59,6 +59,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Prompt tokens served from cached prefixes instead of recomputed.
     pub prefix_hit_tokens: IntCounterVec,
+    /// Prompt tokens whose keys and values were moved from where a recent
+    /// sequence cached them at other positions (`--cache-reuse`).
+    pub moved_tokens: IntCounterVec,
     /// Tokens run through the model as prompt (prompt chunks, and a
     /// preempted sequence's recomputation): what prefix sharing saves.
     pub prompt_tokens_computed: IntCounterVec,
@@ -147,6 +150,11 @@ impl Metrics {
             prefix_hit_tokens: counter(
                 "greencode_prefix_cache_hit_tokens_total",
                 "Prompt tokens reused from cached prefixes.",
+                &["model"],
+            ),
+            moved_tokens: counter(
+                "greencode_cache_reuse_tokens_total",
+                "Prompt tokens moved from other positions of cached sequences (keys re-rotated) instead of computed.",
                 &["model"],
             ),
             prompt_tokens_computed: counter(

@@ -47,6 +47,13 @@ pub struct ServeArgs {
     /// Do not share KV blocks between requests with the same prompt prefix.
     #[arg(long)]
     no_prefix_cache: bool,
+    /// Reuse cached runs of at least N prompt tokens that moved to other
+    /// positions (llama-server's --cache-reuse: editors' context chunks
+    /// that shift), turning their keys instead of computing them again;
+    /// close to a cold run, not bit-equal. 0 (the default) turns it off; N
+    /// below 8 counts as 8.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cache_reuse: usize,
     /// Old form of --no-prefix-cache: 0 turns prefix caching off, any other
     /// value leaves it on (what stays cached is now bounded by
     /// --kv-cache-mb, not by a count of requests).
@@ -136,6 +143,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         prefix_caching: !a.no_prefix_cache && a.prefix_cache != Some(0),
         kv_cache_bytes: a.kv_cache_mb.map(|mb| mb << 20),
         kv_dtype: a.kv_dtype,
+        cache_reuse: a.cache_reuse,
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),

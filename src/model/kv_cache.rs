@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::kv_pool::{BlockId, KvDtype, KvPool, KvShape, Part, KV_BLOCK};
+use super::RopeShift;
 
 /// The pool could not give a sequence the blocks it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,6 +265,121 @@ impl KvCache {
         pool.chain_hashes(0, tokens).collect()
     }
 
+    /// The tokens of this sequence's registered (full) blocks and their
+    /// prefix hashes: what a later sequence can find again in the pool
+    /// while the blocks stay cached (None: nothing registered).
+    pub fn registered(&self) -> Option<(Vec<u32>, Vec<u64>)> {
+        match &self.store {
+            Store::Paged(p) if !p.hashes.is_empty() => {
+                Some((p.tokens[..p.hashes.len() * KV_BLOCK].to_vec(), p.hashes.clone()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Appends `tokens` whose keys and values another sequence cached at
+    /// positions `from..` (in the blocks registered under its prefix hashes
+    /// `source`), moved to this sequence's next positions: keys turned by
+    /// `shift` to their new positions, values copied, into this sequence's
+    /// own blocks (a shared block is copied before it is written; the
+    /// source's blocks are only read). The run is cut at the first source
+    /// block no longer cached, and nothing is taken when the pool has no
+    /// room. Returns how many tokens were appended.
+    pub fn append_moved(&mut self, source: &[u64], from: usize, tokens: &[u32], shift: &RopeShift) -> usize {
+        let Store::Paged(p) = &self.store else { return 0 };
+        let pool = Arc::clone(&p.pool);
+        if !pool.sharing() || shift.head_dim() != self.head_dim {
+            return 0;
+        }
+        let end = (from + tokens.len()).min(source.len() * KV_BLOCK);
+        let first = from / KV_BLOCK;
+        let mut held = Vec::new();
+        for &h in source.iter().take(end.div_ceil(KV_BLOCK)).skip(first) {
+            match pool.lookup(h) {
+                Some(b) => held.push(b),
+                None => break,
+            }
+        }
+        let n = end.min((first + held.len()) * KV_BLOCK).saturating_sub(from);
+        let appended = if n > 0 && self.reserve(n).is_ok() {
+            let at = self.len();
+            self.write_moved(&held, from, at, n, shift);
+            self.advance(&tokens[..n]);
+            n
+        } else {
+            0
+        };
+        for b in held {
+            pool.release(b);
+        }
+        appended
+    }
+
+    /// Copies `n` rows from position `from` of the blocks `held` (the first
+    /// holding position `from`) to this sequence's positions `at..`,
+    /// turning the keys; the destination blocks are reserved and writable.
+    fn write_moved(&mut self, held: &[BlockId], from: usize, at: usize, n: usize, shift: &RopeShift) {
+        let Store::Paged(p) = &self.store else { return };
+        let (pool, hd, heads) = (&p.pool, self.head_dim, self.kv_heads);
+        let (dtype, layers) = (pool.dtype(), pool.shape().layers);
+        let bytes = hd * dtype.bytes();
+        let mut key = vec![0f32; hd];
+        for j in 0..n {
+            let (src, dst) = (from + j, at + j);
+            let (sb, sr) = (held[src / KV_BLOCK - from / KV_BLOCK], src % KV_BLOCK);
+            let (db, dr) = (p.table[dst / KV_BLOCK], dst % KV_BLOCK);
+            let turn = shift.turn(src, dst);
+            for layer in 0..layers {
+                for h in 0..heads {
+                    let (s, d) = (
+                        pool.rows_ptr(sb, layer, Part::Values, h),
+                        pool.rows_ptr(db, layer, Part::Values, h),
+                    );
+                    // SAFETY: both rows are inside their blocks; `db` is this
+                    // sequence's own writable block and `sb` a registered one,
+                    // so they differ and nobody writes `sb`.
+                    unsafe { std::ptr::copy_nonoverlapping(s.add(sr * bytes), d.add(dr * bytes), bytes) };
+                    let (s, d) = (
+                        pool.rows_ptr(sb, layer, Part::Keys, h),
+                        pool.rows_ptr(db, layer, Part::Keys, h),
+                    );
+                    // SAFETY: as above.
+                    unsafe {
+                        read_row_at(s, dtype, sr, &mut key);
+                        shift.apply(&mut key, &turn);
+                        write_row_at(d, dtype, dr, &key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keys (`Part::Keys`) or values of position `pos` in `layer`, every
+    /// key/value head, as f32 (None: a device cache or a position not cached).
+    fn row_at(&self, layer: usize, pos: usize, part: Part) -> Option<Vec<f32>> {
+        let Store::Paged(p) = &self.store else { return None };
+        if pos >= p.tokens.len() || layer >= p.pool.shape().layers {
+            return None;
+        }
+        let mut out = vec![0f32; self.kv_heads * self.head_dim];
+        let (b, r) = (p.table[pos / KV_BLOCK], pos % KV_BLOCK);
+        for (h, head) in out.chunks_exact_mut(self.head_dim).enumerate() {
+            // SAFETY: the sequence holds block `b`, which has row `r` of every head.
+            unsafe { read_row_at(p.pool.rows_ptr(b, layer, part, h), p.pool.dtype(), r, head) };
+        }
+        Some(out)
+    }
+
+    /// The (rotated) keys of position `pos` in `layer`, every key/value head, as f32.
+    pub fn keys_at(&self, layer: usize, pos: usize) -> Option<Vec<f32>> {
+        self.row_at(layer, pos, Part::Keys)
+    }
+
+    /// The values of position `pos` in `layer`, every key/value head, as f32.
+    pub fn values_at(&self, layer: usize, pos: usize) -> Option<Vec<f32>> {
+        self.row_at(layer, pos, Part::Values)
+    }
+
     /// Writes one position's keys and values of `layer` (`kv_heads · head_dim`
     /// each) at `pos`, in the pool's dtype; the position's block was reserved.
     pub(crate) fn write_row(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
@@ -278,25 +394,7 @@ impl KvCache {
                 let at = p.pool.rows_ptr(b, layer, part, h);
                 // SAFETY: this sequence holds block `b` unshared (reserve
                 // copied it otherwise), row `r` of `hd` values is inside it.
-                unsafe {
-                    match p.pool.dtype() {
-                        KvDtype::F32 => {
-                            std::slice::from_raw_parts_mut((at as *mut f32).add(r * hd), hd).copy_from_slice(row)
-                        }
-                        KvDtype::F16 => {
-                            let dst = std::slice::from_raw_parts_mut((at as *mut half::f16).add(r * hd), hd);
-                            for (d, s) in dst.iter_mut().zip(row) {
-                                *d = half::f16::from_f32(*s);
-                            }
-                        }
-                        KvDtype::Bf16 => {
-                            let dst = std::slice::from_raw_parts_mut((at as *mut half::bf16).add(r * hd), hd);
-                            for (d, s) in dst.iter_mut().zip(row) {
-                                *d = half::bf16::from_f32(*s);
-                            }
-                        }
-                    }
-                }
+                unsafe { write_row_at(at, p.pool.dtype(), r, row) };
             }
         }
     }
@@ -401,6 +499,60 @@ impl KvCache {
                     p.pool.register(p.table[i], h);
                     p.hashes.push(h);
                 }
+            }
+        }
+    }
+}
+
+/// Reads row `r` (`out.len()` values of `dtype`) of the rows at `at` as f32.
+///
+/// # Safety
+/// `at` must point to at least `r + 1` rows of `out.len()` values of `dtype`.
+unsafe fn read_row_at(at: *const u8, dtype: KvDtype, r: usize, out: &mut [f32]) {
+    let hd = out.len();
+    match dtype {
+        KvDtype::F32 => out.copy_from_slice(std::slice::from_raw_parts((at as *const f32).add(r * hd), hd)),
+        KvDtype::F16 => {
+            for (o, x) in out
+                .iter_mut()
+                .zip(std::slice::from_raw_parts((at as *const half::f16).add(r * hd), hd))
+            {
+                *o = x.to_f32();
+            }
+        }
+        KvDtype::Bf16 => {
+            for (o, x) in out
+                .iter_mut()
+                .zip(std::slice::from_raw_parts((at as *const half::bf16).add(r * hd), hd))
+            {
+                *o = x.to_f32();
+            }
+        }
+    }
+}
+
+/// Writes `row` as row `r` of the rows at `at`, in `dtype`.
+///
+/// # Safety
+/// `at` must point to at least `r + 1` writable rows of `row.len()` values of `dtype`.
+unsafe fn write_row_at(at: *mut u8, dtype: KvDtype, r: usize, row: &[f32]) {
+    let hd = row.len();
+    match dtype {
+        KvDtype::F32 => std::slice::from_raw_parts_mut((at as *mut f32).add(r * hd), hd).copy_from_slice(row),
+        KvDtype::F16 => {
+            for (d, x) in std::slice::from_raw_parts_mut((at as *mut half::f16).add(r * hd), hd)
+                .iter_mut()
+                .zip(row)
+            {
+                *d = half::f16::from_f32(*x);
+            }
+        }
+        KvDtype::Bf16 => {
+            for (d, x) in std::slice::from_raw_parts_mut((at as *mut half::bf16).add(r * hd), hd)
+                .iter_mut()
+                .zip(row)
+            {
+                *d = half::bf16::from_f32(*x);
             }
         }
     }

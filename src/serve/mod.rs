@@ -43,6 +43,8 @@ pub struct ServeConfig {
     pub kv_cache_bytes: Option<usize>,
     /// How the pool stores keys and values.
     pub kv_dtype: crate::model::KvDtype,
+    /// Shortest moved run of cached tokens reused with re-rotated keys (0: off).
+    pub cache_reuse: usize,
     /// Required bearer token.
     pub api_key: Option<String>,
     /// Name clients use; default the folder's name.
@@ -133,6 +135,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             prefix_caching: cfg.prefix_caching,
             kv_cache_bytes: cfg.kv_cache_bytes,
             kv_dtype: cfg.kv_dtype,
+            cache_reuse: cfg.cache_reuse,
         },
         accounting,
     );

@@ -20,7 +20,7 @@ use super::validate::ValidRequest;
 use crate::energy::{Attributor, Carbon, FlopCounter};
 use crate::generate::{FinishReason, TokenLogprob};
 use crate::metrics::{Metrics, ModelFacts};
-use crate::model::{KvCache, KvDtype, KvPool, KvShape, Qwen2, SeqStep};
+use crate::model::{KvCache, KvDtype, KvPool, KvShape, Qwen2, RopeShift, SeqStep};
 
 /// What the engine needs from a model: the shape of its keys and values
 /// (or per-sequence caches), one ragged step, and its cost and description
@@ -41,6 +41,11 @@ pub trait EngineModel {
     fn flops(&self, new: usize, offset: usize, rows: usize) -> u64;
     /// Publishes parameter counts and provenance.
     fn describe(&self, metrics: &Metrics);
+    /// The RoPE frequencies cached keys are turned by when a run of them
+    /// moves to other positions (None: such runs are computed again).
+    fn rope_shift(&self) -> Option<RopeShift> {
+        None
+    }
 }
 
 /// A loaded Qwen2 with its FLOP model: what `greencode serve` runs.
@@ -77,6 +82,10 @@ impl EngineModel for ServedModel {
 
     fn flops(&self, new: usize, offset: usize, rows: usize) -> u64 {
         self.flops.forward(new, offset, rows)
+    }
+
+    fn rope_shift(&self) -> Option<RopeShift> {
+        Some(RopeShift::of(self.model.config()))
     }
 
     fn describe(&self, metrics: &Metrics) {
@@ -263,6 +272,10 @@ pub struct EngineConfig {
     /// half the memory of f32 for a mean KL of about 1e-7 on held-out
     /// code, `tests/kv_pool.rs`).
     pub kv_dtype: KvDtype,
+    /// Shortest run of prompt tokens that is moved from where a recent
+    /// sequence cached it instead of computed (llama-server's
+    /// `--cache-reuse`; 0: off, the default, as there). Needs prefix caching.
+    pub cache_reuse: usize,
 }
 
 impl Default for EngineConfig {
@@ -274,6 +287,7 @@ impl Default for EngineConfig {
             prefix_caching: true,
             kv_cache_bytes: None,
             kv_dtype: KvDtype::F16,
+            cache_reuse: 0,
         }
     }
 }
@@ -357,6 +371,7 @@ pub fn spawn<M: EngineModel>(
 }
 
 mod detok;
+mod reuse;
 mod scheduler;
 #[cfg(test)]
 mod tests;

@@ -16,19 +16,25 @@
 //! prompt and the tokens it generated (reusing whatever of them is still
 //! cached) and goes on from the next token, with its sampler's state
 //! intact.
+//!
+//! Moved runs (`--cache-reuse`, `reuse`): a prompt is matched at admission
+//! against recent sequences whose blocks are still cached; before each
+//! chunk, a run starting where the cache ends is copied in with its keys
+//! turned to their new positions, and chunks stop where the next run starts.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{mpsc as std_mpsc, Arc};
 use std::time::Instant;
 
 use super::detok::Detokenizer;
+use super::reuse::{Run, Sources};
 use super::{Accounting, Cost, Done, EngineConfig, EngineModel, Event, Job, TokenTables};
 use crate::energy::StepShare;
 use crate::generate::sampling::Sampler;
 use crate::generate::stop::{StopMatcher, StopOutcome};
 use crate::generate::{healed_token_logprob, token_logprob, FinishReason, TokenLogprob};
 use crate::metrics::Metrics;
-use crate::model::{KvCache, KvPool, LogitsFor, SeqStep, KV_BLOCK};
+use crate::model::{KvCache, KvPool, LogitsFor, RopeShift, SeqStep, KV_BLOCK};
 use crate::serve::error::ApiError;
 
 /// Prompt tokens a step may take when no sequence is decoding: nobody waits
@@ -54,6 +60,8 @@ struct Slot {
     cached_tokens: usize,
     /// Prefix hashes of the prompt's full blocks (sharing pools).
     block_hashes: Vec<u64>,
+    /// Runs of the prompt cached elsewhere, to move in rather than compute.
+    runs: VecDeque<Run>,
     generated: Vec<u32>,
     detok: Detokenizer,
     stops: StopMatcher,
@@ -121,6 +129,8 @@ pub(super) struct Engine<'a, M> {
     slots: Vec<Slot>,
     last_tick: Instant,
     admitted: u64,
+    /// Recent sequences' cached runs and the turn that moves their keys (`--cache-reuse`).
+    moved: Option<(Sources, RopeShift)>,
 }
 
 impl<'a, M: EngineModel> Engine<'a, M> {
@@ -133,6 +143,11 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         acc: &'a mut Accounting,
         config: EngineConfig,
     ) -> Self {
+        let sharing = pool.as_ref().is_some_and(|p| p.sharing());
+        let moved = model
+            .rope_shift()
+            .filter(|_| sharing && config.cache_reuse > 0)
+            .map(|shift| (Sources::new(config.cache_reuse), shift));
         let engine = Self {
             model,
             pool,
@@ -144,6 +159,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             slots: Vec::new(),
             last_tick: Instant::now(),
             admitted: 0,
+            moved,
         };
         engine.record_pool();
         engine
@@ -275,6 +291,13 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 Some(p) if p.sharing() && !req.prompt_logprobs => KvCache::block_hashes(p, &req.prompt_ids),
                 _ => Vec::new(),
             };
+            let runs = match &self.moved {
+                // The last prompt token is always computed: it gives the logits.
+                Some((sources, _)) if !req.prompt_logprobs => {
+                    sources.plan(&req.prompt_ids, cached, req.prompt_ids.len() - 1).into()
+                }
+                _ => VecDeque::new(),
+            };
             let skip = req.healing.as_ref().map_or(0, |h| h.prefix_len);
             self.metrics.running.with_label_values(&label).inc();
             self.admitted += 1;
@@ -286,6 +309,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 prompt_done: 0,
                 cached_tokens: 0,
                 block_hashes,
+                runs,
                 generated: Vec::new(),
                 detok: Detokenizer::new(
                     Arc::clone(&self.tables.token_bytes),
@@ -321,16 +345,57 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         if slot.cache.adopt(&known, known.len() - 1) == 0 {
             return;
         }
+        let reused = Self::book_reused(slot);
+        self.metrics
+            .prefix_hit_tokens
+            .with_label_values(&[self.metrics.model()])
+            .inc_by(reused as u64);
+    }
+
+    /// Books the prompt tokens slot's cache gained without computing them
+    /// as reused; returns how many.
+    fn book_reused(slot: &mut Slot) -> usize {
         let in_prompt = slot.cache.len().min(slot.job.req.prompt_ids.len());
-        if in_prompt > slot.prompt_done {
-            let reused = in_prompt - slot.prompt_done;
-            slot.cached_tokens += reused;
-            slot.prompt_done = in_prompt;
-            self.metrics
-                .prefix_hit_tokens
-                .with_label_values(&[self.metrics.model()])
-                .inc_by(reused as u64);
+        let reused = in_prompt.saturating_sub(slot.prompt_done);
+        slot.cached_tokens += reused;
+        slot.prompt_done = slot.prompt_done.max(in_prompt);
+        reused
+    }
+
+    /// Moves in the runs of slot `i`'s prompt that start where its cache
+    /// ends (or that the cache already entered), until one is no longer
+    /// cached; returns where the next run starts (chunks stop there).
+    fn move_runs(&mut self, i: usize) -> Option<usize> {
+        let (_, shift) = self.moved.as_ref()?;
+        let slot = &mut self.slots[i];
+        let mut moved = 0;
+        while let Some(run) = slot.runs.front() {
+            let at = slot.cache.len();
+            if run.at + run.len <= at {
+                slot.runs.pop_front();
+                continue;
+            }
+            if run.at > at {
+                break;
+            }
+            let skip = at - run.at;
+            let want = run.len - skip;
+            let tokens = &slot.job.req.prompt_ids[at..at + want];
+            let got = slot
+                .cache
+                .append_moved(&run.source.hashes, run.from + skip, tokens, shift);
+            moved += got;
+            if got < want {
+                slot.runs.pop_front(); // the rest was evicted: computed instead
+                break;
+            }
         }
+        Self::book_reused(slot);
+        self.metrics
+            .moved_tokens
+            .with_label_values(&[self.metrics.model()])
+            .inc_by(moved as u64);
+        slot.runs.front().map(|r| r.at)
     }
 
     /// Gives back every block of slot `i` and parks it until there is room.
@@ -392,6 +457,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 (vec![last], LogitsFor::Last)
             } else {
                 self.adopt_cached(i);
+                let next_run = self.move_runs(i);
                 let slot = &self.slots[i];
                 let at = slot.cache.len();
                 if at.is_multiple_of(KV_BLOCK) {
@@ -404,7 +470,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 if budget == 0 {
                     continue;
                 }
-                let n = (slot.known_len() - at).min(budget);
+                let until = next_run.filter(|&r| r > at).unwrap_or(usize::MAX);
+                let n = (slot.known_len() - at).min(budget).min(until - at);
                 budget -= n;
                 let logits = if slot.scoring() {
                     LogitsFor::All
@@ -642,6 +709,9 @@ impl<'a, M: EngineModel> Engine<'a, M> {
 
     /// Books a slot's cost and metrics; `finish` None means cancelled.
     fn close(&mut self, mut slot: Slot, finish: Option<FinishReason>) {
+        if let (Some((sources, _)), Some((tokens, hashes))) = (&mut self.moved, slot.cache.registered()) {
+            sources.record(tokens, hashes);
+        }
         let metrics = self.metrics;
         let label = [metrics.model()];
         let seconds = slot.start.elapsed().as_secs_f64();

@@ -10,18 +10,15 @@ mod common;
 use common::Server;
 use serde_json::{json, Value};
 
-/// Fields llama.vscode and llama.vim add to their requests (the names the
-/// editors issue, #25, lists; their exact bodies are that issue's
-/// fixtures), which these routes accept without acting on them.
+/// Fields llama.vscode and llama.vim add to their requests that these
+/// routes accept without acting on them (their exact bodies, and
+/// `response_fields`, are `tests/editor_clients.rs`'s).
 fn client_extras(body: &mut Value) {
     for (k, v) in [
         ("cache_prompt", json!(true)),
         ("samplers", json!(["top_k", "top_p", "infill"])),
         ("t_max_prompt_ms", json!(500)),
-        (
-            "response_fields",
-            json!(["content", "timings/prompt_n", "tokens_cached"]),
-        ),
+        ("id_slot", json!(0)),
     ] {
         body[k] = v;
     }
@@ -154,11 +151,10 @@ fn a_raw_fim_prompt_with_special_token_stops_is_served_as_given() {
     streamed["stream"] = json!(true);
     let events = s.stream("/v1/completions", &streamed);
     assert_eq!(events.last().unwrap().1, "[DONE]");
-    // Five text stops are still refused, naming the field.
-    let (st, v) = s.post(
-        "/v1/completions",
-        &json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
-    );
+    // Seventeen text stops are refused, naming the field (Continue sends up
+    // to a dozen; OpenAI's own limit of 4 would refuse it).
+    let many: Vec<String> = (0..17).map(|i| format!("stop{i}")).collect();
+    let (st, v) = s.post("/v1/completions", &json!({"prompt": "x", "stop": many}));
     assert_eq!(st, 400, "{v}");
     assert_eq!(v["error"]["param"], "stop");
 }

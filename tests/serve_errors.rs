@@ -39,8 +39,18 @@ fn each_error_class_maps_to_its_status() {
     let big = vec![b' '; 2_000_001];
     let (st, _, b) = s.post_raw("/v1/completions", &big, &[]);
     assert_error(st, &b, 413, "2000000 bytes");
-    let (st, _, b) = s.post_raw("/v1/completions", br#"{"prompt": "x", "model": "gpt-4"}"#, &[]);
-    assert_error(st, &b, 404, "gpt-4");
+    // One model served: any name reaches it (#25); an editor's default
+    // max_tokens beyond the context is cut to the room the prompt leaves.
+    let (st, _, b) = s.post_raw(
+        "/v1/completions",
+        br#"{"prompt": "x", "model": "gpt-4", "max_tokens": 4096, "temperature": 0, "logit_bias": {"0": -100, "4": -100, "5": -100}}"#,
+        &[],
+    );
+    assert_eq!(st, 200, "{b}");
+    let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(v["model"], "tiny-coder");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["total_tokens"], 1024);
     let (st, _, b) = s.post_raw("/v1/nothing", b"{}", &[]);
     assert_error(st, &b, 404, "/v1/nothing");
     assert_eq!(s.get("/v1/completions").0, 405);

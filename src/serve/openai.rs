@@ -155,6 +155,8 @@ pub struct CompletionFields {
     /// The prompt is used exactly as given, special tokens and all, with
     /// no token healing (Continue builds its own FIM prompt and sends this).
     pub raw: Option<bool>,
+    /// Mistral's name for `seed` (its `/v1/fim/completions`, as Tabby sends it).
+    pub random_seed: Option<i64>,
 }
 
 /// The fields of `/v1/chat/completions` beside [`CommonParams`].
@@ -453,6 +455,9 @@ pub struct LlamaParams {
     pub t_max_predict_ms: Option<i64>,
     /// Candidates to generate from the one prompt (default 1).
     pub n_cmpl: Option<i64>,
+    /// Only these fields of the final answer, named by path (`timings/prompt_n`)
+    /// and returned flat under that name (none: the whole answer).
+    pub response_fields: Option<Vec<String>>,
 }
 
 /// llama.cpp's `/infill` request (unknown fields are ignored, as llama.cpp does).
@@ -519,6 +524,27 @@ pub struct LlamaResponse {
     /// Where the time went (the last event only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
+    /// Whether the prompt was cut to fit the context (the last event only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<bool>,
+    /// The settings the answer was generated with (the last event only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation_settings: Option<GenerationSettings>,
+}
+
+/// llama.cpp's `generation_settings` (what llama.vscode's status bar reads).
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationSettings {
+    /// The model's context length.
+    pub n_ctx: usize,
+    /// Most tokens the request could generate.
+    pub n_predict: usize,
+    /// Served model name.
+    pub model: String,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Seed, when the request gave one.
+    pub seed: Option<u64>,
 }
 
 /// llama.cpp's `timings` object.

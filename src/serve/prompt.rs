@@ -142,9 +142,13 @@ pub struct BuiltPrompt {
     pub text: String,
     /// Stop ids for this prompt.
     pub stop_ids: Vec<u32>,
+    /// Tokens the context has left after it (a larger `max_tokens` is cut to this).
+    pub room: usize,
 }
 
-/// Builds a plain (non-FIM) prompt, refusing one that does not fit.
+/// Builds a plain (non-FIM) prompt, refusing one that leaves no room for a
+/// token (`max_tokens` is only reported in the error; a larger one than the
+/// room is cut to it when the jobs are made).
 pub fn plain_prompt(
     input: &PromptInput,
     info: &ModelInfo,
@@ -165,7 +169,7 @@ pub fn plain_prompt(
             "`prompt` is empty (an empty prompt needs a `suffix`)",
         ));
     }
-    if ids.len() + max_tokens > info.context_len {
+    if ids.len() >= info.context_len {
         return Err(ApiError::ContextLength {
             prompt: ids.len(),
             max_tokens,
@@ -175,6 +179,7 @@ pub fn plain_prompt(
     }
     let healing = if healing && textual { heal(&mut ids, info) } else { None };
     Ok(BuiltPrompt {
+        room: info.context_len - ids.len(),
         ids,
         healing,
         truncated: 0,
@@ -184,8 +189,9 @@ pub fn plain_prompt(
 }
 
 /// Builds a fill-in-the-middle prompt. When prefix, suffix and `extra`
-/// context exceed the room left by `max_tokens`, drops the extra context
-/// first, then keeps the end of the prefix and the start of the suffix.
+/// context exceed the room left by `max_tokens` (at most half the context
+/// is kept for it), drops the extra context first, then keeps the end of
+/// the prefix and the start of the suffix.
 pub fn fim_prompt(
     prefix: &PromptInput,
     suffix: &str,
@@ -213,7 +219,9 @@ pub fn fim_prompt(
         }
     }
     let fixed = 3; // prefix, suffix and middle markers
-    let room = info.context_len.saturating_sub(max_tokens + fixed);
+    let room = info
+        .context_len
+        .saturating_sub(max_tokens.min(info.context_len / 2) + fixed);
     if room == 0 {
         return Err(ApiError::ContextLength {
             prompt: p.len() + s.len() + fixed,
@@ -246,6 +254,7 @@ pub fn fim_prompt(
     let mut stop_ids = info.tokenizer.eos_ids().to_vec();
     stop_ids.extend(fim.stop.iter().copied());
     Ok(BuiltPrompt {
+        room: info.context_len.saturating_sub(ids.len()),
         ids,
         healing,
         truncated,
@@ -307,6 +316,9 @@ pub(crate) mod tests {
     #[test]
     fn plain_prompt_over_context_is_refused_with_numbers() {
         let info = info();
+        // 60 tokens leave 4 of the 64: room, not an error.
+        let fits = plain_prompt(&PromptInput::Text("x = 1\n".repeat(15)), &info, 16, false).unwrap();
+        assert_eq!(fits.room, 64 - fits.ids.len());
         let e = plain_prompt(&PromptInput::Text("x = 1\n".repeat(30)), &info, 16, false).unwrap_err();
         assert!(
             matches!(

@@ -67,8 +67,9 @@ pub struct Settings {
 
 /// Most choices per request.
 pub const MAX_N: usize = 16;
-/// Most stop strings.
-pub const MAX_STOP: usize = 4;
+/// Most stop strings besides special tokens (OpenAI takes 4; Continue
+/// sends up to a dozen to OpenAI-compatible servers, llama-server takes any number).
+pub const MAX_STOP: usize = 16;
 
 /// Parses a body as a JSON object.
 fn parse_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -207,23 +208,18 @@ fn range(param: &str, v: f64, lo: f64, hi: f64, lo_open: bool) -> Result<f64, Ap
 
 /// Resolves defaults and checks ranges.
 pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -> Result<Settings, ApiError> {
-    if let Some(model) = &p.model {
-        if !model.is_empty() && model != &info.name {
-            return Err(ApiError::ModelNotFound(model.clone(), info.name.clone()));
-        }
-    }
+    // One model is served: any `model` names it (as llama-server answers;
+    // editors are configured with names of their own), and the response
+    // says which model answered.
     let max_tokens = match (p.max_completion_tokens, p.max_tokens) {
         (Some(v), _) => ("max_completion_tokens", v),
         (None, Some(v)) => ("max_tokens", v),
         (None, None) => ("max_tokens", default_max_tokens as i64),
     };
-    if max_tokens.1 < 1 || max_tokens.1 as usize > info.context_len {
+    if max_tokens.1 < 1 {
         return Err(ApiError::param(
             max_tokens.0,
-            format!(
-                "`{}` must be between 1 and the context length {}, got {}",
-                max_tokens.0, info.context_len, max_tokens.1
-            ),
+            format!("`{}` must be at least 1, got {}", max_tokens.0, max_tokens.1),
         ));
     }
     let n = p.n.unwrap_or(1);
@@ -287,7 +283,10 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
     }
     let (stop, stop_ids) = stops(p.stop.as_ref(), info)?;
     Ok(Settings {
-        max_tokens: max_tokens.1 as usize,
+        // More than the context can hold is cut to what the prompt leaves
+        // (`BuiltPrompt::room`), as llama-server and Ollama do: editors
+        // send one large default for every model.
+        max_tokens: (max_tokens.1 as u64).min(info.context_len as u64) as usize,
         sampling,
         n: n as usize,
         stream,

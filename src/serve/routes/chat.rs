@@ -27,6 +27,9 @@ struct ChatShape {
     state: AppState,
     id: String,
     created: u64,
+    /// Mistral's FIM stream: every delta has `content` (Tabby's parser
+    /// requires it), the last one too.
+    content_always: bool,
 }
 
 impl ChatShape {
@@ -72,7 +75,11 @@ impl StreamShape for ChatShape {
     }
 
     fn finish(&mut self, index: usize, reason: &'static str) -> SseEvent {
-        self.delta(index, ChatDelta::default(), Some(reason))
+        let last = ChatDelta {
+            role: None,
+            content: self.content_always.then(String::new),
+        };
+        self.delta(index, last, Some(reason))
     }
 
     fn usage(&mut self, usage: Usage) -> SseEvent {
@@ -122,8 +129,19 @@ pub(super) async fn chat(
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };
+    answer_as_chat(state, plan, receivers, false).await
+}
+
+/// Answers a planned request as `chat.completion` (or its chunks): chat,
+/// and Mistral's `/v1/fim/completions`, which answers in the same shape.
+pub(super) async fn answer_as_chat(
+    state: AppState,
+    plan: CompletionPlan,
+    receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+    fim: bool,
+) -> Response {
     if plan.settings.stream {
-        return stream_chat(state, plan, receivers).into_response();
+        return stream_chat(state, plan, receivers, fim).into_response();
     }
     match collect_completion(&state, &plan, receivers).await {
         Ok(r) => Json(ChatResponse {
@@ -151,11 +169,17 @@ pub(super) async fn chat(
     }
 }
 
-fn stream_chat(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
+fn stream_chat(
+    state: AppState,
+    plan: CompletionPlan,
+    receivers: Vec<mpsc::UnboundedReceiver<Event>>,
+    fim: bool,
+) -> SseStream {
     let shape = ChatShape {
         state,
         id: new_id("chatcmpl"),
         created: now_secs(),
+        content_always: fim,
     };
     stream_openai(receivers, plan.settings.n, plan.settings.include_usage, shape)
 }

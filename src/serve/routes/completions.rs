@@ -1,6 +1,9 @@
-//! `POST /v1/completions` and `POST /v1/fim/completions`: text completions
-//! (with `suffix` as fill-in-the-middle, `echo`, legacy `logprobs`), whole
-//! or streamed as `text_completion` chunks.
+//! `POST /v1/completions`: text completions (with `suffix` as
+//! fill-in-the-middle, `echo`, legacy `logprobs`), whole or streamed as
+//! `text_completion` chunks; and `POST /v1/fim/completions`, Mistral's FIM
+//! route (Codestral's API, as Tabby's `mistral/completion` and Continue's
+//! Mistral provider call it): the same request, answered as Mistral does,
+//! in chat's shape (`choices[].message.content`, streamed as `delta.content`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -30,6 +33,7 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
         logprobs,
         best_of,
         raw,
+        random_seed,
     } = fields;
     let echo = echo.unwrap_or(false);
     let logprobs = match logprobs {
@@ -49,6 +53,9 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
         ));
     }
     let mut settings = validate::settings(&common, &state.info, 16)?;
+    if common.seed.is_none() {
+        settings.sampling.seed = random_seed.map(|s| s as u64);
+    }
     if raw == Some(true) {
         settings.token_healing = false;
     }
@@ -78,6 +85,7 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
         settings,
         echo,
         logprobs,
+        response_fields: Vec::new(),
     })
 }
 
@@ -100,6 +108,22 @@ pub(super) async fn completions(
         }
     };
     with_truncation_header(resp, truncated)
+}
+
+pub(super) async fn fim(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let (plan, receivers) = match state.admit(&headers, body, plan_completion) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
+    };
+    let truncated = plan.truncated();
+    with_truncation_header(
+        super::chat::answer_as_chat(state, plan, receivers, true).await,
+        truncated,
+    )
 }
 
 /// `text_completion` chunks (with echo and legacy logprobs).

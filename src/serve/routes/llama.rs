@@ -3,8 +3,10 @@
 //! files as extra context) and `POST /completion` (a plain prompt, text or
 //! token ids). Unknown fields are ignored, as llama-server does.
 //! `n_predict: 0` only fills the cache (warm-up requests). Answers whole or
-//! streamed as llama.cpp's events, the last with `timings` and
-//! `tokens_cached`.
+//! streamed as llama.cpp's events, the last with `timings`,
+//! `tokens_cached`, `truncated` and `generation_settings`, cut to the
+//! `response_fields` asked for (each returned flat under its path, as
+//! llama-server does: llama.vim reads `timings/prompt_n`).
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,12 +14,15 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{with_truncation_header, AppState, CompletionPlan};
 use crate::serve::engine::{Done, Event};
 use crate::serve::error::ApiError;
-use crate::serve::openai::{CommonParams, InfillRequest, LlamaCompletionRequest, LlamaParams, LlamaResponse, Timings};
+use crate::serve::openai::{
+    CommonParams, GenerationSettings, InfillRequest, LlamaCompletionRequest, LlamaParams, LlamaResponse, Timings,
+};
 use crate::serve::prompt::{self, PromptInput};
 use crate::serve::sse::{sse_error, sse_json, sse_task, SseStream};
 use crate::serve::validate::{self, Settings};
@@ -57,7 +62,7 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
         ..CommonParams::default()
     };
     let mut settings = validate::settings(&common, &state.info, 256)?;
-    settings.max_tokens = n_predict as usize;
+    settings.max_tokens = (n_predict as u64).min(state.info.context_len as u64) as usize;
     settings.min_indent = p.n_indent.unwrap_or(0).max(0) as usize;
     settings.max_predict = p
         .t_max_predict_ms
@@ -84,7 +89,9 @@ fn plan_infill(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError
         settings.max_tokens,
         settings.token_healing,
     )?;
-    Ok(CompletionPlan::single(prompt, settings))
+    let mut plan = CompletionPlan::single(prompt, settings);
+    plan.response_fields = req.params.response_fields.unwrap_or_default();
+    Ok(plan)
 }
 
 /// Reads a `/completion` body into the plan of its plain prompt.
@@ -100,7 +107,9 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
     }
     let input = inputs.pop().expect("one prompt");
     let prompt = prompt::plain_prompt(&input, &state.info, settings.max_tokens, settings.token_healing)?;
-    Ok(CompletionPlan::single(prompt, settings))
+    let mut plan = CompletionPlan::single(prompt, settings);
+    plan.response_fields = req.params.response_fields.unwrap_or_default();
+    Ok(plan)
 }
 
 pub(super) async fn infill(
@@ -132,12 +141,12 @@ async fn answer(
     };
     let truncated = plan.truncated();
     let resp = if plan.settings.stream {
-        stream(state, receivers).into_response()
+        stream(state, plan, receivers).into_response()
     } else {
         let mut answers = Vec::with_capacity(receivers.len());
         for (index, rx) in receivers.into_iter().enumerate() {
             match collect(rx).await {
-                Ok((content, done)) => answers.push(last_event(&state, index, content, &done)),
+                Ok((content, done)) => answers.push(last_event(&state, &plan, index, content, &done)),
                 Err(e) => return with_truncation_header(e.into_response(), truncated),
             }
         }
@@ -164,13 +173,14 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Event>) -> Result<(String, Done
 }
 
 /// The final answer (or last stream event) of candidate `index`: counts,
-/// stop type and timings.
-fn last_event(state: &AppState, index: usize, content: String, d: &Done) -> LlamaResponse {
+/// stop type, timings and settings, as the fields the client asked for.
+fn last_event(state: &AppState, plan: &CompletionPlan, index: usize, content: String, d: &Done) -> Value {
     let prompt_n = d.prompt_tokens - d.cached_tokens;
     let (prompt_ms, predicted_ms) = (d.prompt_seconds * 1e3, d.predicted_seconds * 1e3);
     let per = |ms: f64, n: usize| if n > 0 { ms / n as f64 } else { 0.0 };
     let rate = |ms: f64, n: usize| if ms > 0.0 { n as f64 / ms * 1e3 } else { 0.0 };
-    LlamaResponse {
+    let sampling = &plan.settings.sampling;
+    let answer = LlamaResponse {
         index,
         content,
         stop: true,
@@ -194,12 +204,41 @@ fn last_event(state: &AppState, index: usize, content: String, d: &Done) -> Llam
             predicted_per_token_ms: per(predicted_ms, d.completion_tokens),
             predicted_per_second: rate(predicted_ms, d.completion_tokens),
         }),
+        truncated: Some(plan.prompt_of(index).truncated > 0),
+        generation_settings: Some(GenerationSettings {
+            n_ctx: state.info.context_len,
+            n_predict: plan.settings.max_tokens.min(plan.prompt_of(index).room),
+            model: state.info.name.clone(),
+            temperature: f64::from(sampling.temperature),
+            seed: sampling.seed,
+        }),
+    };
+    let whole = serde_json::to_value(answer).unwrap_or_default();
+    select_fields(whole, &plan.response_fields)
+}
+
+/// `answer` cut to `paths` (`a/b` names field `b` of object `a`), each
+/// value returned under its whole path; paths that name nothing are left
+/// out. No paths: the whole answer.
+fn select_fields(answer: Value, paths: &[String]) -> Value {
+    if paths.is_empty() {
+        return answer;
     }
+    let picked = paths
+        .iter()
+        .filter_map(|path| {
+            let value = path
+                .split('/')
+                .try_fold(&answer, |v, key| v.as_object().and_then(|o| o.get(key)))?;
+            Some((path.clone(), value.clone()))
+        })
+        .collect();
+    Value::Object(picked)
 }
 
 /// The candidates' events, one candidate after another (each buffered
 /// while the ones before it stream), each tagged with its `index`.
-fn stream(state: AppState, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
+fn stream(state: AppState, plan: CompletionPlan, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> SseStream {
     sse_task(move |tx| {
         Box::pin(async move {
             for (index, mut rx) in receivers.into_iter().enumerate() {
@@ -208,7 +247,7 @@ fn stream(state: AppState, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Ss
                     let event = match ev {
                         Event::Text { text, .. } => {
                             predicted += 1;
-                            LlamaResponse {
+                            let piece = LlamaResponse {
                                 index,
                                 content: text,
                                 stop: false,
@@ -218,9 +257,12 @@ fn stream(state: AppState, receivers: Vec<mpsc::UnboundedReceiver<Event>>) -> Ss
                                 tokens_cached: 0,
                                 stop_type: None,
                                 timings: None,
-                            }
+                                truncated: None,
+                                generation_settings: None,
+                            };
+                            serde_json::to_value(piece).unwrap_or_default()
                         }
-                        Event::Done(d) => last_event(&state, index, String::new(), &d),
+                        Event::Done(d) => last_event(&state, &plan, index, String::new(), &d),
                         Event::Error(e) => {
                             let _ = tx.send(Ok(sse_error(&e))).await;
                             return;

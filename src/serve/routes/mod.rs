@@ -57,7 +57,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(completions::completions))
-        .route("/v1/fim/completions", post(completions::completions))
+        .route("/v1/fim/completions", post(completions::fim))
         .route("/infill", post(llama::infill))
         .route("/completion", post(llama::completion))
         .route("/v1/chat/completions", post(chat::chat))
@@ -139,6 +139,8 @@ pub(super) struct CompletionPlan {
     pub(super) settings: Settings,
     pub(super) echo: bool,
     pub(super) logprobs: Option<usize>,
+    /// llama.cpp's `response_fields`: the final answer's fields to return (empty: all).
+    pub(super) response_fields: Vec<String>,
 }
 
 impl CompletionPlan {
@@ -149,6 +151,7 @@ impl CompletionPlan {
             settings,
             echo: false,
             logprobs: None,
+            response_fields: Vec::new(),
         }
     }
 
@@ -160,7 +163,7 @@ impl CompletionPlan {
                 sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
                 jobs.push(ValidRequest {
                     prompt_ids: p.ids.clone(),
-                    max_tokens: self.settings.max_tokens,
+                    max_tokens: self.settings.max_tokens.min(p.room),
                     sampling,
                     stop_strings: self.settings.stop.clone(),
                     stop_ids: p.stop_ids.iter().chain(&self.settings.stop_ids).copied().collect(),

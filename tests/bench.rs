@@ -108,35 +108,31 @@ fn generate_and_bench_run_quantized_to_q8_0() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("q8_0"));
 }
 
-#[test]
-fn bench_editor_replays_keystrokes_each_cancelling_the_one_before() {
-    let s = common::Server::start(&[]);
+/// `bench editor --client CLIENT` against `s`, as JSON.
+fn bench_editor(s: &common::Server, client: &str, keystrokes: &str) -> serde_json::Value {
     let out = common::greencode(&[
         "bench",
         "editor",
         "--url",
         &s.base,
+        "--client",
+        client,
         "--keystrokes",
-        "6",
+        keystrokes,
         "--files",
         "2",
+        "--max-tokens",
+        "16",
         "--format",
         "json",
     ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["requests"], 6);
-    assert_eq!(v["errors"], 0);
-    let (p50, p99) = (
-        v["ttft"]["p50_ms"].as_f64().unwrap(),
-        v["ttft"]["p99_ms"].as_f64().unwrap(),
-    );
-    assert!(p50 > 0.0 && p99 >= p50, "{v}");
-    assert!(v["mean_prompt_chars"].as_f64().unwrap() > 1500.0);
-    // Every keystroke reached the server, and each one after the first
-    // found the blocks of the one it cancelled.
-    let log = s.log_with("\"event\":\"request\"", 6);
-    let cached: Vec<u64> = log
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// `cached_tokens` of every request the server logged (at least `n`).
+fn logged_cached(s: &common::Server, n: usize) -> Vec<u64> {
+    s.log_with("\"event\":\"request\"", n)
         .iter()
         .filter(|l| l.contains("\"event\":\"request\""))
         .map(|l| {
@@ -144,7 +140,50 @@ fn bench_editor_replays_keystrokes_each_cancelling_the_one_before() {
                 .as_u64()
                 .unwrap()
         })
-        .collect();
-    assert_eq!(cached.len(), 6, "{log:?}");
-    assert!(cached.iter().filter(|&&c| c > 0).count() >= 4, "{cached:?}");
+        .collect()
+}
+
+#[test]
+fn bench_editor_replays_continue_keystrokes_each_cancelling_the_one_before() {
+    let s = common::Server::start(&[]);
+    let v = bench_editor(&s, "continue", "8");
+    assert_eq!(v["client"], "continue");
+    assert!(v["client_source"].as_str().unwrap().contains("continuedev/continue"));
+    assert_eq!(v["requests"], 8);
+    assert_eq!(v["errors"], 0);
+    for k in ["ttft", "first_line"] {
+        let (p50, p99) = (v[k]["p50_ms"].as_f64().unwrap(), v[k]["p99_ms"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p99 >= p50, "{k}: {v}");
+    }
+    assert!(
+        v["first_line"]["p50_ms"].as_f64() >= v["ttft"]["p50_ms"].as_f64(),
+        "{v}"
+    );
+    // A line's end in each of the two files is read whole, with its energy.
+    assert_eq!(v["accepted"], 2, "{v}");
+    assert!(v["joules_per_accepted"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["cached_share"].as_f64().unwrap() > 0.5, "{v}");
+    // Every keystroke reached the server, and each one after a file's first
+    // found the blocks of the one it cancelled.
+    let cached = logged_cached(&s, 8);
+    assert_eq!(cached.len(), 8, "{cached:?}");
+    assert!(cached.iter().filter(|&&c| c > 0).count() >= 6, "{cached:?}");
+}
+
+#[test]
+fn bench_editor_replays_llama_vscode_with_its_ring_buffer_and_warm_ups() {
+    let s = common::Server::start(&["--cache-reuse", "64"]);
+    let v = bench_editor(&s, "llama-vscode", "6");
+    assert_eq!(v["client"], "llama-vscode");
+    assert_eq!(v["requests"], 6);
+    assert_eq!(v["errors"], 0);
+    // Not streamed: the whole answer is the first line; a warm-up per finished line.
+    assert!(v["ttft"].is_null(), "{v}");
+    assert!(v["first_line"]["p50_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["accepted"], 2, "{v}");
+    assert_eq!(v["warmups"], 2, "{v}");
+    assert!(v["cached_share"].as_f64().unwrap() > 0.5, "{v}");
+    assert!(v["mean_prompt_chars"].as_f64().unwrap() > 1000.0, "{v}");
+    let cached = logged_cached(&s, 8);
+    assert_eq!(cached.len(), 8, "keystrokes and warm-ups: {cached:?}");
 }

@@ -285,3 +285,44 @@ fn n_cmpl_returns_several_candidates_that_share_the_prompts_cache() {
     assert_eq!(st, 400);
     assert_eq!(v["error"]["param"], "n_cmpl");
 }
+
+#[test]
+fn the_infill_sampler_ends_fim_suggestions_sooner_as_llama_server_does() {
+    let s = Server::start(&[]);
+    let dir = greencode::data::corpus::stdlib_dir().unwrap();
+    let files = greencode::data::corpus::eval_files(&dir, 12).unwrap();
+    let mut predicted = [0u64; 2];
+    let mut ended = [0u64; 2];
+    for f in &files {
+        let text = greencode::data::corpus::read_text(f).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() < 80 {
+            continue;
+        }
+        let at = lines.len() / 2;
+        for (i, samplers) in [json!(["top_k", "top_p"]), json!(["top_k", "top_p", "infill"])]
+            .iter()
+            .enumerate()
+        {
+            let body = json!({
+                "input_prefix": lines[at - 30..at].join("\n") + "\n",
+                "input_suffix": lines[at + 1..at + 9].join("\n") + "\n",
+                "prompt": "",
+                "n_predict": 64,
+                "top_k": 40,
+                "top_p": 0.99,
+                "samplers": samplers,
+                "seed": 7,
+            });
+            let (st, v) = s.post("/infill", &body);
+            assert_eq!(st, 200, "{v}");
+            predicted[i] += v["tokens_predicted"].as_u64().unwrap();
+            ended[i] += u64::from(v["stop_type"] == "eos");
+        }
+    }
+    // Same seed and candidates: without the rule's effect the two would agree.
+    assert!(
+        predicted[1] < predicted[0] && ended[1] > ended[0],
+        "tokens without/with infill {predicted:?}, ended early {ended:?}"
+    );
+}

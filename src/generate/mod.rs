@@ -5,6 +5,7 @@
 //! log-probabilities (`logprobs`) and single-sequence generation
 //! (`sequence`).
 
+pub mod infill_sampler;
 pub mod loaded;
 pub mod locate;
 pub mod logprobs;

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use super::infill_sampler::InfillRule;
+
 /// How to pick tokens; the defaults are plain sampling at temperature 1.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
@@ -27,6 +29,8 @@ pub struct SamplingParams {
     pub logit_bias: HashMap<u32, f32>,
     /// Seed of the random generator (random when `None`).
     pub seed: Option<u64>,
+    /// llama.cpp's `infill` sampler after top-k / top-p / min-p (FIM suggestions).
+    pub infill: Option<InfillRule>,
 }
 
 impl Default for SamplingParams {
@@ -41,6 +45,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             logit_bias: HashMap::new(),
             seed: None,
+            infill: None,
         }
     }
 }
@@ -170,6 +175,19 @@ impl Sampler {
                 }
             }
             keep = n.max(1);
+        }
+        if let Some(rule) = &p.infill {
+            let mut kept: Vec<(u32, f32)> = cand[..keep].iter().zip(&probs).map(|(c, &x)| (c.0, x)).collect();
+            super::infill_sampler::normalise(&mut kept);
+            rule.apply(&mut kept);
+            let mut r = self.rng.random::<f32>() * kept.iter().map(|c| c.1).sum::<f32>();
+            for &(id, x) in &kept {
+                if r < x {
+                    return id;
+                }
+                r -= x;
+            }
+            return kept.last().map_or(cand[0].0, |c| c.0);
         }
         let kept_mass: f32 = probs[..keep].iter().sum();
         let mut r = self.rng.random::<f32>() * kept_mass;

@@ -455,6 +455,9 @@ pub struct LlamaParams {
     pub t_max_predict_ms: Option<i64>,
     /// Candidates to generate from the one prompt (default 1).
     pub n_cmpl: Option<i64>,
+    /// The sampler chain: a list of names (`["top_k", "top_p", "infill"]`)
+    /// or their letters (`"kpi"`); samplers left out are off.
+    pub samplers: Option<Value>,
     /// Only these fields of the final answer, named by path (`timings/prompt_n`)
     /// and returned flat under that name (none: the whole answer).
     pub response_fields: Option<Vec<String>>,

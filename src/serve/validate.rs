@@ -272,6 +272,7 @@ pub fn settings(p: &CommonParams, info: &ModelInfo, default_max_tokens: usize) -
         )? as f32,
         logit_bias,
         seed: p.seed.map(|s| s as u64),
+        infill: None,
     };
     let stream = p.stream.unwrap_or(false);
     let include_usage = p.stream_options.as_ref().and_then(|o| o.include_usage).unwrap_or(false);

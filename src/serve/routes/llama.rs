@@ -18,6 +18,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{with_truncation_header, AppState, CompletionPlan};
+use crate::generate::infill_sampler::InfillRule;
 use crate::serve::engine::{Done, Event};
 use crate::serve::error::ApiError;
 use crate::serve::openai::{
@@ -47,14 +48,21 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
             format!("`n_cmpl` must be between 1 and {}, got {n}", validate::MAX_N),
         ));
     }
+    let chain = sampler_chain(p.samplers.as_ref())?;
+    let on = |name: &str| chain.as_ref().is_none_or(|c| c.iter().any(|s| s == name));
     let common = CommonParams {
         // Validated as one token; zero is set below.
         max_tokens: Some(n_predict.max(1)),
         n: p.n_cmpl,
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        min_p: p.min_p,
+        // llama-server's defaults; a sampler left out of the chain is off
+        // (no temperature sampler: the distribution as it is).
+        temperature: match p.temperature.unwrap_or(0.8) {
+            t if t > 0.0 && !on("temperature") => Some(1.0),
+            t => Some(t),
+        },
+        top_k: Some(if on("top_k") { p.top_k.unwrap_or(40) } else { 0 }),
+        top_p: Some(if on("top_p") { p.top_p.unwrap_or(0.95) } else { 1.0 }),
+        min_p: Some(if on("min_p") { p.min_p.unwrap_or(0.05) } else { 0.0 }),
         stream: p.stream,
         stop: p.stop.clone(),
         seed: p.seed,
@@ -62,6 +70,16 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
         ..CommonParams::default()
     };
     let mut settings = validate::settings(&common, &state.info, 256)?;
+    if chain.as_ref().is_some_and(|c| c.iter().any(|s| s == "infill")) {
+        let mut end_ids = state.info.tokenizer.eos_ids().to_vec();
+        if let Some(fim) = state.info.tokenizer.fim() {
+            end_ids.extend(fim.stop.iter().copied());
+        }
+        settings.sampling.infill = Some(InfillRule {
+            token_bytes: std::sync::Arc::clone(&state.info.token_bytes),
+            end_ids,
+        });
+    }
     settings.max_tokens = (n_predict as u64).min(state.info.context_len as u64) as usize;
     settings.min_indent = p.n_indent.unwrap_or(0).max(0) as usize;
     settings.max_predict = p
@@ -69,6 +87,34 @@ fn llama_settings(p: &LlamaParams, state: &AppState) -> Result<Settings, ApiErro
         .filter(|&ms| ms > 0)
         .map(|ms| std::time::Duration::from_millis(ms as u64));
     Ok(settings)
+}
+
+/// llama.cpp's `samplers`: a list of names or a string of their letters
+/// (None: the default chain, everything on).
+fn sampler_chain(v: Option<&Value>) -> Result<Option<Vec<String>>, ApiError> {
+    let letter = |c: char| match c {
+        'k' => Some("top_k"),
+        'p' => Some("top_p"),
+        'm' => Some("min_p"),
+        't' => Some("temperature"),
+        'i' => Some("infill"),
+        'e' => Some("penalties"),
+        _ => None,
+    };
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.chars().filter_map(letter).map(str::to_owned).collect())),
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|x| x.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .map(Some)
+            .ok_or_else(|| ApiError::param("samplers", "`samplers` must be a list of sampler names or a string")),
+        Some(_) => Err(ApiError::param(
+            "samplers",
+            "`samplers` must be a list of sampler names or a string",
+        )),
+    }
 }
 
 /// Reads an `/infill` body into the plan of its FIM prompt.

@@ -186,7 +186,6 @@ impl Session {
             "cache_prompt": true,
             "t_max_prompt_ms": 500,
             "t_max_predict_ms": 1000,
-            "response_fields": ["content", "timings/prompt_n", "timings/predicted_n", "tokens_cached"],
             "temperature": 0,
             "file": self.name,
         })

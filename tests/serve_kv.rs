@@ -226,3 +226,29 @@ fn the_default_f16_cache_gives_the_golden_greedy_text() {
         assert_eq!(v["choices"][0]["text"], want.as_str(), "{}", case["prompt"]);
     }
 }
+
+#[test]
+fn a_prompt_ending_inside_a_cached_block_reuses_its_tokens_exactly() {
+    let text = held_out(2, 1200);
+    // The second prompt shares about 60% of the first's characters, so it
+    // diverges inside one of the first's blocks.
+    let cut = text.char_indices().nth(700).unwrap().0;
+    let second = format!("{}\n# a different ending\ndef other():\n    return 0\n", &text[..cut]);
+    let body = |p: &str| json!({"prompt": p, "max_tokens": 12, "temperature": 0, "logprobs": 5});
+    let warm = Server::start(&[]);
+    let (st, _) = warm.post("/v1/completions", &body(&text));
+    assert_eq!(st, 200);
+    let (st, v) = warm.post("/v1/completions", &body(&second));
+    assert_eq!(st, 200, "{v}");
+    let cached = v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(
+        cached > 0 && cached % KV_BLOCK as u64 != 0,
+        "tokens up to the divergence, not whole blocks only: {cached}"
+    );
+    // Copied rows are the rows computing gives: a cold server answers the same.
+    let cold = Server::start(&["--no-prefix-cache"]);
+    let (_, c) = cold.post("/v1/completions", &body(&second));
+    assert_eq!(c["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(v["choices"][0]["text"], c["choices"][0]["text"]);
+    assert_eq!(v["choices"][0]["logprobs"], c["choices"][0]["logprobs"]);
+}

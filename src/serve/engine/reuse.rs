@@ -28,6 +28,10 @@ pub(super) const WINDOW: usize = 8;
 /// Recent sequences remembered as sources.
 const SOURCES: usize = 8;
 
+/// Positions of one window tried (code repeats itself: the first match
+/// of a window is often not the run).
+const POSITIONS: usize = 8;
+
 /// A finished sequence whose full blocks may still be cached.
 #[derive(Debug)]
 pub(super) struct Source {
@@ -35,8 +39,8 @@ pub(super) struct Source {
     tokens: Vec<u32>,
     /// Prefix hash of each of those blocks (what the pool finds them by).
     pub(super) hashes: Vec<u64>,
-    /// First position of each window of `WINDOW` tokens, by the window's hash.
-    windows: HashMap<u64, usize>,
+    /// Positions (the first few) of each window of `WINDOW` tokens, by the window's hash.
+    windows: HashMap<u64, Vec<usize>>,
 }
 
 /// A run of a prompt whose keys and values a source holds at another position.
@@ -56,17 +60,18 @@ pub(super) struct Run {
 #[derive(Debug)]
 pub(super) struct Sources {
     recent: VecDeque<Arc<Source>>,
-    min_run: usize,
+    /// Shortest moved run (None: only exact continuations).
+    min_run: Option<usize>,
     hasher: std::collections::hash_map::RandomState,
 }
 
 impl Sources {
-    /// Remembers up to [`SOURCES`] sequences; runs shorter than `min_run`
-    /// (at least [`WINDOW`]) are computed instead.
-    pub(super) fn new(min_run: usize) -> Self {
+    /// Remembers up to [`SOURCES`] sequences; moved runs shorter than
+    /// `min_run` (at least [`WINDOW`]; None: no moved runs) are computed instead.
+    pub(super) fn new(min_run: Option<usize>) -> Self {
         Self {
             recent: VecDeque::new(),
-            min_run: min_run.max(WINDOW),
+            min_run: min_run.map(|n| n.max(WINDOW)),
             hasher: Default::default(),
         }
     }
@@ -74,13 +79,15 @@ impl Sources {
     /// Remembers a sequence's registered tokens and block hashes (the newest
     /// first; one holding the same tokens replaces the older).
     pub(super) fn record(&mut self, tokens: Vec<u32>, hashes: Vec<u64>) {
-        if tokens.len() < self.min_run {
-            return;
-        }
         self.recent.retain(|s| s.hashes != hashes);
-        let mut windows = HashMap::new();
-        for (i, w) in tokens.windows(WINDOW).enumerate() {
-            windows.entry(self.hasher.hash_one(w)).or_insert(i);
+        let mut windows: HashMap<u64, Vec<usize>> = HashMap::new();
+        if self.min_run.is_some() {
+            for (i, w) in tokens.windows(WINDOW).enumerate() {
+                let at = windows.entry(self.hasher.hash_one(w)).or_default();
+                if at.len() < POSITIONS {
+                    at.push(i);
+                }
+            }
         }
         self.recent.push_front(Arc::new(Source {
             tokens,
@@ -90,33 +97,48 @@ impl Sources {
         self.recent.truncate(SOURCES);
     }
 
-    /// Runs of `prompt[start..end]` (each at least `min_run` long) found in
-    /// the sources, one after another from `start` (never position 0): at
+    /// Runs of `prompt[start..end]` found in the sources, in prompt order.
+    /// First the exact continuation of the cached prefix `prompt[..start]`:
+    /// a source that holds the same tokens up to `start` holds the next
+    /// ones at the same positions, computed after the same context, so any
+    /// length of it is exactly what computing would give (this is how a
+    /// keystroke reuses the block it ends inside). Then moved runs (each at
+    /// least `min_run` long) one after another, never at position 0: at
     /// each position the longest match any source offers, up to the first
     /// position none offers a run at.
     pub(super) fn plan(&self, prompt: &[u32], start: usize, end: usize) -> Vec<Run> {
         let end = end.min(prompt.len());
         let mut runs = Vec::new();
+        let mut at = start;
+        let exact = self
+            .recent
+            .iter()
+            .filter(|s| s.tokens.len() > at && at < end && s.tokens[..at] == prompt[..at])
+            .map(|s| (common(&s.tokens[at..], &prompt[at..end]), s))
+            .max_by_key(|&(len, _)| len);
+        if let Some((len, s)) = exact.filter(|&(len, _)| len > 0) {
+            runs.push(Run {
+                at,
+                source: Arc::clone(s),
+                from: at,
+                len,
+            });
+            at += len;
+        }
+        let Some(min_run) = self.min_run else { return runs };
         // Position 0 is always computed: it is the attention sink every later
         // token leans on, and a moved token was never one.
-        let mut at = start.max(1);
-        while at + self.min_run <= end {
+        at = at.max(1);
+        while at + min_run <= end {
             let key = self.hasher.hash_one(&prompt[at..at + WINDOW]);
             let best = self
                 .recent
                 .iter()
-                .filter_map(|s| {
-                    let &from = s.windows.get(&key)?;
-                    let len = s.tokens[from..]
-                        .iter()
-                        .zip(&prompt[at..end])
-                        .take_while(|(a, b)| a == b)
-                        .count();
-                    Some((len, s, from))
-                })
+                .flat_map(|s| s.windows.get(&key).into_iter().flatten().map(move |&from| (s, from)))
+                .map(|(s, from)| (common(&s.tokens[from..], &prompt[at..end]), s, from))
                 .max_by_key(|&(len, _, _)| len);
             match best {
-                Some((len, s, from)) if len >= self.min_run => {
+                Some((len, s, from)) if len >= min_run => {
                     runs.push(Run {
                         at,
                         source: Arc::clone(s),
@@ -134,6 +156,11 @@ impl Sources {
     }
 }
 
+/// Length of the common start of `a` and `b`.
+fn common(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,7 +169,7 @@ mod tests {
     fn a_ring_buffer_that_dropped_its_oldest_chunk_moves_up_to_its_new_chunk() {
         let chunk = |c: u32| (0..40).map(|i| c * 1000 + i).collect::<Vec<u32>>();
         let old: Vec<u32> = [chunk(1), chunk(2), chunk(3), vec![7; 3], chunk(9)].concat();
-        let mut sources = Sources::new(16);
+        let mut sources = Sources::new(Some(16));
         sources.record(old.clone(), vec![1, 2, 3, 4]);
         // Chunk 1 left, a shorter chunk 4 came in: chunks 2–3 and the
         // file (9) moved, each by its own distance.
@@ -160,9 +187,43 @@ mod tests {
 
     #[test]
     fn short_matches_are_left_to_compute() {
-        let mut sources = Sources::new(32);
+        let mut sources = Sources::new(Some(32));
         sources.record((0..64).collect(), vec![1, 2]);
         let prompt: Vec<u32> = (100..120).chain(0..20).chain(200..240).collect();
         assert!(sources.plan(&prompt, 0, prompt.len()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod exact_tests {
+    use super::*;
+
+    #[test]
+    fn the_exact_continuation_of_the_cached_prefix_is_found_at_any_length() {
+        let mut sources = Sources::new(None);
+        let old: Vec<u32> = (0..100).collect();
+        sources.record(old.clone(), vec![1, 2, 3]);
+        // Shares 70 tokens with the source; 64 are cached (two blocks).
+        let prompt: Vec<u32> = (0..70).chain(500..520).collect();
+        let runs = sources.plan(&prompt, 64, prompt.len() - 1);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].at, runs[0].from, runs[0].len), (64, 64, 6));
+        // A source with other tokens before `start` offers nothing exact.
+        let other: Vec<u32> = (1000..1064).chain(64..100).collect();
+        let mut sources = Sources::new(None);
+        sources.record(other, vec![9]);
+        assert!(sources.plan(&prompt, 64, prompt.len() - 1).is_empty());
+    }
+
+    #[test]
+    fn a_window_that_repeats_is_tried_at_each_place() {
+        let mut sources = Sources::new(Some(16));
+        // The window [7; 8] first occurs in a short run, then in the long one.
+        let old: Vec<u32> = [vec![7; 8], vec![1], vec![7; 8], (100..140).collect()].concat();
+        sources.record(old, vec![1]);
+        let prompt: Vec<u32> = [vec![5], vec![7; 8], (100..140).collect(), vec![9]].concat();
+        let runs = sources.plan(&prompt, 0, prompt.len() - 1);
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].at, runs[0].from, runs[0].len), (1, 9, 48));
     }
 }

@@ -17,10 +17,13 @@
 //! cached) and goes on from the next token, with its sampler's state
 //! intact.
 //!
-//! Moved runs (`--cache-reuse`, `reuse`): a prompt is matched at admission
-//! against recent sequences whose blocks are still cached; before each
-//! chunk, a run starting where the cache ends is copied in with its keys
-//! turned to their new positions, and chunks stop where the next run starts.
+//! Runs (`reuse`): a prompt is matched at admission against recent
+//! sequences whose blocks are still cached: the exact continuation of its
+//! cached prefix inside a block (a keystroke's prompt shares part of a
+//! block with the one before), and with `--cache-reuse` runs that moved;
+//! before each chunk, a run starting where the cache ends is copied in
+//! (keys turned to their new positions), and chunks stop where the next
+//! run starts.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{mpsc as std_mpsc, Arc};
@@ -129,7 +132,8 @@ pub(super) struct Engine<'a, M> {
     slots: Vec<Slot>,
     last_tick: Instant,
     admitted: u64,
-    /// Recent sequences' cached runs and the turn that moves their keys (`--cache-reuse`).
+    /// Recent sequences' cached runs (exact continuations of a prompt's
+    /// cached prefix; moved runs with `--cache-reuse`) and the turn that moves keys.
     moved: Option<(Sources, RopeShift)>,
 }
 
@@ -144,10 +148,12 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         config: EngineConfig,
     ) -> Self {
         let sharing = pool.as_ref().is_some_and(|p| p.sharing());
-        let moved = model
-            .rope_shift()
-            .filter(|_| sharing && config.cache_reuse > 0)
-            .map(|shift| (Sources::new(config.cache_reuse), shift));
+        let moved = model.rope_shift().filter(|_| sharing).map(|shift| {
+            (
+                Sources::new((config.cache_reuse > 0).then_some(config.cache_reuse)),
+                shift,
+            )
+        });
         let engine = Self {
             model,
             pool,
@@ -368,7 +374,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
     fn move_runs(&mut self, i: usize) -> Option<usize> {
         let (_, shift) = self.moved.as_ref()?;
         let slot = &mut self.slots[i];
-        let mut moved = 0;
+        let (mut moved, mut exact) = (0, 0);
         while let Some(run) = slot.runs.front() {
             let at = slot.cache.len();
             if run.at + run.len <= at {
@@ -384,17 +390,23 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             let got = slot
                 .cache
                 .append_moved(&run.source.hashes, run.from + skip, tokens, shift);
-            moved += got;
+            if run.from == run.at {
+                exact += got;
+            } else {
+                moved += got;
+            }
             if got < want {
                 slot.runs.pop_front(); // the rest was evicted: computed instead
                 break;
             }
         }
         Self::book_reused(slot);
+        let model = [self.metrics.model()];
         self.metrics
-            .moved_tokens
-            .with_label_values(&[self.metrics.model()])
-            .inc_by(moved as u64);
+            .prefix_hit_tokens
+            .with_label_values(&model)
+            .inc_by(exact as u64);
+        self.metrics.moved_tokens.with_label_values(&model).inc_by(moved as u64);
         slot.runs.front().map(|r| r.at)
     }
 

@@ -132,6 +132,9 @@ pub struct EditorReport {
     pub first_line: Percentiles,
     /// Prompt tokens served from the cache over the answers read whole.
     pub cached_share: Option<f64>,
+    /// Mean prompt tokens of those answers, as the server counted them
+    /// (servers cut context differently to fit).
+    pub mean_prompt_tokens: Option<f64>,
     /// Completions read whole (accepted).
     pub accepted: usize,
     /// Energy the server booked to requests during the replay, per accepted
@@ -439,12 +442,13 @@ pub fn bench_editor(cfg: &EditorBenchConfig) -> EditorReport {
     let mut next_chunk = ring.len();
     let joules_before = request_joules(&agent, &cfg.url);
     let (mut ttfts, mut lines, mut errors, mut warmups, mut accepted) = (Vec::new(), Vec::new(), 0, 0, 0);
-    let (mut cached, mut computed, mut prompt_chars) = (0u64, 0u64, 0usize);
+    let (mut cached, mut computed, mut prompt_chars, mut answers) = (0u64, 0u64, 0usize, 0u64);
     let mut open: Option<Box<dyn BufRead>> = None;
     let mut tally = |counts: Option<(u64, u64)>| {
         if let Some((c, p)) = counts {
             cached += c;
             computed += p;
+            answers += 1;
         }
     };
     for k in &keys {
@@ -507,6 +511,7 @@ pub fn bench_editor(cfg: &EditorBenchConfig) -> EditorReport {
         ttft: (!ttfts.is_empty()).then(|| Percentiles::of(ttfts)),
         first_line: Percentiles::of(lines),
         cached_share: (cached + computed > 0).then(|| cached as f64 / (cached + computed) as f64),
+        mean_prompt_tokens: (answers > 0).then(|| (cached + computed) as f64 / answers as f64),
         accepted,
         joules_per_accepted: joules,
         mean_prompt_chars: prompt_chars as f64 / keys.len().max(1) as f64,

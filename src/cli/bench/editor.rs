@@ -125,8 +125,11 @@ pub fn run(a: BenchEditorArgs, threads: usize) -> Result<()> {
                 println!("time to first token: {}", ms(t));
             }
             println!("time to first line: {}", ms(&report.first_line));
-            if let Some(s) = report.cached_share {
-                println!("cached share of prompt tokens: {:.1}%", s * 100.0);
+            if let (Some(s), Some(n)) = (report.cached_share, report.mean_prompt_tokens) {
+                println!(
+                    "cached share of prompt tokens: {:.1}% (of {n:.0} on average)",
+                    s * 100.0
+                );
             }
             match report.joules_per_accepted {
                 Some(j) => println!("{} accepted completions, {j:.2} J each", report.accepted),

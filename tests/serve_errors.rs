@@ -295,3 +295,40 @@ fn serve_refuses_a_missing_model_and_a_busy_port() {
     let out = common::greencode(&["serve", "--port", &port]);
     common::assert_fails_with(&out, &["cannot listen on 127.0.0.1:"]);
 }
+
+#[test]
+fn megabyte_prompts_are_cut_or_refused_before_tokenizing_and_any_content_type_is_read_as_json() {
+    let s = Server::start(&[]);
+    let line = "value = compute(alpha, beta)  # a line of held-out-looking code\n";
+    let huge = line.repeat(1_900_000 / line.len());
+    // A plain prompt that long cannot fit whatever it tokenizes to.
+    let (st, _, b) = s.post_raw(
+        "/v1/completions",
+        json!({"prompt": huge, "max_tokens": 4}).to_string().as_bytes(),
+        &[],
+    );
+    let v = assert_error(st, &b, 400, "cannot fit");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    assert_eq!(v["error"]["param"], "prompt");
+    // As a FIM prefix only its end can matter: the answer is the one its
+    // last lines give.
+    let tail = line.repeat(200);
+    let body =
+        |prefix: &str| json!({"prompt": prefix, "suffix": "\nprint(value)\n", "max_tokens": 8, "temperature": 0});
+    let (st, headers, b) = s.post_raw("/v1/completions", body(&huge).to_string().as_bytes(), &[]);
+    assert_eq!(st, 200, "{b}");
+    assert!(headers.contains_key("x-greencode-truncated-tokens"));
+    let (_, _, short) = s.post_raw("/v1/completions", body(&tail).to_string().as_bytes(), &[]);
+    let text = |b: &str| serde_json::from_str::<Value>(b).unwrap()["choices"][0]["text"].clone();
+    assert_eq!(text(&b), text(&short));
+    // `curl -d` sends form-urlencoded: the body is read as JSON all the same
+    // (as llama-server reads it), a choice README.md states.
+    for content_type in [Some("application/x-www-form-urlencoded"), None] {
+        let mut req = common::agent().post(format!("{}/v1/completions", s.base));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        let r = req.send(&br#"{"prompt": "x", "max_tokens": 1}"#[..]).unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{content_type:?}");
+    }
+}

@@ -32,6 +32,16 @@ pub enum ApiError {
         /// `prompt` or `messages`.
         param: &'static str,
     },
+    /// The prompt's text is longer than any tokenization of it could fit.
+    #[error("this model's maximum context length is {context} tokens; the prompt's {bytes} bytes cannot fit in it (no token holds more than {max_token_bytes} bytes)")]
+    PromptTooLong {
+        /// Bytes of the prompt.
+        bytes: usize,
+        /// The model's context.
+        context: usize,
+        /// Bytes of the model's longest token.
+        max_token_bytes: usize,
+    },
     /// The prompt plus `max_tokens` needs more KV cache than the whole pool holds.
     #[error("the prompt ({prompt} tokens) plus max_tokens ({max_tokens}) needs more KV cache than this server's pool holds ({positions} positions; the server sets it with --kv-cache-mb)")]
     KvBudget {
@@ -94,6 +104,7 @@ impl ApiError {
             Self::InvalidJson(_)
             | Self::InvalidParam { .. }
             | Self::ContextLength { .. }
+            | Self::PromptTooLong { .. }
             | Self::KvBudget { .. }
             | Self::NoFim => StatusCode::BAD_REQUEST,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -114,6 +125,11 @@ impl ApiError {
             Self::ContextLength { param, .. } => (
                 "invalid_request_error",
                 Some((*param).to_owned()),
+                Some("context_length_exceeded"),
+            ),
+            Self::PromptTooLong { .. } => (
+                "invalid_request_error",
+                Some("prompt".into()),
                 Some("context_length_exceeded"),
             ),
             Self::KvBudget { .. } => (

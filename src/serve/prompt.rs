@@ -24,6 +24,9 @@ pub struct ModelInfo {
     pub context_len: usize,
     /// Rows of the model's vocabulary.
     pub vocab_size: usize,
+    /// Bytes of the longest token: text longer than the context times this
+    /// cannot fit, whatever it tokenizes to.
+    pub max_token_bytes: usize,
 }
 
 impl ModelInfo {
@@ -51,9 +54,11 @@ impl ModelInfo {
                 *s = true;
             }
         }
+        let max_token_bytes = token_bytes.iter().map(Vec::len).max().unwrap_or(1).max(1);
         Self {
             name,
             tokenizer,
+            max_token_bytes,
             token_bytes: Arc::new(token_bytes),
             special: Arc::new(special),
             context_len,
@@ -79,6 +84,40 @@ pub struct Healing {
     pub prefix_len: usize,
     /// Ids the first token may take.
     pub allowed: Vec<u32>,
+}
+
+/// Most bytes of text that can matter to a prompt: past this, the
+/// context is full whatever the text tokenizes to.
+fn text_limit(info: &ModelInfo) -> usize {
+    info.context_len.saturating_mul(info.max_token_bytes)
+}
+
+/// The last `limit` bytes of `text` (from a line start when there is one),
+/// so a huge prefix is not tokenized only to be cut.
+fn tail(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut at = text.len() - limit;
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    match text[at..].find('\n') {
+        Some(i) if at + i + 1 < text.len() => &text[at + i + 1..],
+        _ => &text[at..],
+    }
+}
+
+/// The first `limit` bytes of `text` (on a char boundary).
+fn head(text: &str, limit: usize) -> &str {
+    if text.len() <= limit {
+        return text;
+    }
+    let mut at = limit;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    &text[..at]
 }
 
 fn encode(info: &ModelInfo, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -155,6 +194,16 @@ pub fn plain_prompt(
     max_tokens: usize,
     healing: bool,
 ) -> Result<BuiltPrompt, ApiError> {
+    if let PromptInput::Text(t) = input {
+        if t.len() > text_limit(info) {
+            // Refused before tokenizing: no tokenization of it can fit.
+            return Err(ApiError::PromptTooLong {
+                bytes: t.len(),
+                context: info.context_len,
+                max_token_bytes: info.max_token_bytes,
+            });
+        }
+    }
     let (mut ids, text, textual) = match input {
         PromptInput::Text(t) => (encode(info, t)?, t.clone(), true),
         PromptInput::Ids(ids) => (
@@ -201,8 +250,25 @@ pub fn fim_prompt(
     healing: bool,
 ) -> Result<BuiltPrompt, ApiError> {
     let fim = info.tokenizer.fim().ok_or(ApiError::NoFim)?.clone();
+    // Only the end of a prefix, the start of a suffix and the last extra
+    // context can fit: text past what the context can hold is cut before
+    // tokenizing (a megabyte prefix is not tokenized to keep its last lines).
+    let limit = text_limit(info);
+    let suffix = head(suffix, limit);
+    let mut extra_bytes = 0;
+    let extra: Vec<&(String, String)> = extra
+        .iter()
+        .rev()
+        .take_while(|(n, b)| {
+            extra_bytes += n.len() + b.len();
+            extra_bytes <= limit
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
     let (mut p, text, textual) = match prefix {
-        PromptInput::Text(t) => (encode(info, t)?, t.clone(), true),
+        PromptInput::Text(t) => (encode(info, tail(t, limit))?, t.clone(), true),
         PromptInput::Ids(ids) => (
             ids.clone(),
             info.tokenizer.decode(ids, false).unwrap_or_default(),

@@ -118,8 +118,18 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
 /// Deserializes `value` as `T`, naming the field at fault.
 fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
+        let mut path = e.path().to_string();
         let inner = e.into_inner().to_string();
+        if path == "." {
+            // A flattened struct loses the path: the field that fails alone is it.
+            if let Some(k) = value.as_object().and_then(|o| {
+                o.iter()
+                    .find(|(k, v)| serde_json::from_value::<T>(serde_json::json!({ k.as_str(): v })).is_err())
+                    .map(|(k, _)| k.clone())
+            }) {
+                path = k;
+            }
+        }
         if let Some(field) = inner
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
@@ -133,13 +143,22 @@ fn typed<T: DeserializeOwned>(value: &Value) -> Result<T, ApiError> {
             .and_then(|t| t.split_once(", expected "))
         {
             // serde's "invalid type: string \"x\", expected a boolean".
-            Some((got, expected)) => format!("`{param}` must be {}, got {got}", plain_type(expected)),
+            Some((got, expected)) => format!("`{param}` must be {}, got {}", plain_type(expected), plain_value(got)),
             // A union's own message ("must be a string or a list of strings").
             None if inner.starts_with("must ") || inner.starts_with("only ") => format!("`{param}` {inner}"),
             None => format!("`{param}`: {inner}"),
         };
         ApiError::param(param, message)
     })
+}
+
+/// A value as serde describes it (`floating point \`1.5\``, `string "x"`)
+/// in the words of a JSON client.
+fn plain_value(got: &str) -> String {
+    match got.strip_prefix("floating point ") {
+        Some(n) => format!("the number {}", n.trim_matches('`')),
+        None => got.replace("integer `", "the integer `"),
+    }
 }
 
 /// A type as serde names it (`i64`, `a sequence`, `struct X`) in the words
@@ -447,10 +466,12 @@ mod tests {
         let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "echo": "yes"}"#).unwrap_err();
         assert_eq!(e.to_string(), "`echo` must be a boolean, got string \"yes\"");
         let e = parse_request::<CompletionFields>(br#"{"prompt": "x", "max_tokens": 1.5}"#).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "`max_tokens` must be an integer, got floating point `1.5`"
-        );
+        assert_eq!(e.to_string(), "`max_tokens` must be an integer, got the number 1.5");
+        // llama.cpp's bodies flatten their generation fields: still named.
+        let e = parse_body::<crate::serve::openai::InfillRequest>(br#"{"input_prefix": "x", "n_predict": "a"}"#)
+            .unwrap_err();
+        assert_eq!(param_of(&e), "n_predict");
+        assert_eq!(e.to_string(), "`n_predict` must be an integer, got string \"a\"");
         let e = parse_request::<CompletionFields>(br#"{"prompt": []}"#).unwrap_err();
         assert_eq!(e.to_string(), "`prompt` must not be an empty list");
         // Every typed body lists its fields to the unknown-field check.

@@ -125,7 +125,7 @@ pub(super) async fn chat(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (plan, receivers) = match state.admit(&headers, body, plan_chat) {
+    let (plan, receivers) = match state.admit_off_thread(headers, body, plan_chat).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };

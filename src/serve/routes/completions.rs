@@ -94,7 +94,7 @@ pub(super) async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (plan, receivers) = match state.admit(&headers, body, plan_completion) {
+    let (plan, receivers) = match state.admit_off_thread(headers, body, plan_completion).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };
@@ -115,7 +115,7 @@ pub(super) async fn fim(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (plan, receivers) = match state.admit(&headers, body, plan_completion) {
+    let (plan, receivers) = match state.admit_off_thread(headers, body, plan_completion).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };

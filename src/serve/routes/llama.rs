@@ -181,7 +181,7 @@ async fn answer(
     body: Result<Bytes, BytesRejection>,
     plan: fn(&AppState, &[u8]) -> Result<CompletionPlan, ApiError>,
 ) -> Response {
-    let (plan, receivers) = match state.admit(&headers, body, plan) {
+    let (plan, receivers) = match state.admit_off_thread(headers, body, plan).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
     };

@@ -114,6 +114,21 @@ impl AppState {
         run().map_err(|e| Box::new(self.reject(e)))
     }
 
+    /// [`admit`](Self::admit) on the blocking pool: reading and tokenizing a
+    /// large body takes the CPU for a while, and the one I/O thread must
+    /// keep answering the other requests meanwhile.
+    pub(super) async fn admit_off_thread(
+        &self,
+        headers: HeaderMap,
+        body: Result<Bytes, BytesRejection>,
+        plan: fn(&AppState, &[u8]) -> Result<CompletionPlan, ApiError>,
+    ) -> Result<(CompletionPlan, Vec<mpsc::UnboundedReceiver<Event>>), Box<Response>> {
+        let state = self.clone();
+        tokio::task::spawn_blocking(move || state.admit(&headers, body, plan))
+            .await
+            .unwrap_or_else(|_| Err(Box::new(self.reject(ApiError::Internal))))
+    }
+
     pub(super) fn reject(&self, e: ApiError) -> Response {
         self.metrics
             .rejected

@@ -278,6 +278,11 @@ fn target_mode_reaches_the_ratio_and_reports_held_out_quality() {
         "2",
     ]);
     ok(&run);
+    // The held-out evaluation shows its three passes as it goes.
+    let log = String::from_utf8_lossy(&run.stderr);
+    for pass in ["original", "pruned", "KL"] {
+        assert!(log.contains(&format!("held-out evaluation: {pass}:")), "{log}");
+    }
     let r = report(&dest);
     assert!(
         r["removed_fraction"].as_f64().unwrap() >= 0.22,

@@ -174,7 +174,15 @@ fn run_kl(a: KlArgs) -> Result<()> {
         map.as_deref(),
         &files,
         a.held_out.window,
+        |i, n| {
+            if a.format == Format::Text {
+                eprint!("\rcomparing file {i}/{n}");
+            }
+        },
     )?;
+    if a.format == Format::Text {
+        eprintln!();
+    }
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&r)?),
         Format::Text => {

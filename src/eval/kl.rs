@@ -58,13 +58,15 @@ pub fn kl_on_files(
     to_reference: Option<&[u32]>,
     files: &[PathBuf],
     window: usize,
+    mut progress: impl FnMut(usize, usize),
 ) -> Result<KlReport, EvalError> {
     let index = to_reference
         .map(|ids| Tensor::new(ids, reference.device()))
         .transpose()?;
     let (mut kl, mut agree, mut n) = (0.0f64, 0usize, 0usize);
     let (mut nll, mut predicted, mut bytes) = (0.0f64, 0usize, 0usize);
-    for path in files {
+    for (i, path) in files.iter().enumerate() {
+        progress(i, files.len());
         let mut ids = tok.encode(&corpus::read_text(path)?)?;
         ids.truncate(window.min(model.context_len()));
         if ids.is_empty() {

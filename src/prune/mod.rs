@@ -22,6 +22,7 @@ use crate::generate::loaded::{LoadError, LoadedModel};
 use crate::model::{LayerMask, ModelError, Qwen2};
 use crate::output::hf_folder::{self, ModelFiles};
 use crate::output::out_dir::{self, OutDirError};
+use crate::output::progress::Progress;
 use crate::tokenizer::{CodeTokenizer, TokenizerError};
 use apply::{build, count_params, pruned_tensors, ParamCount, PrunePlan};
 use ffn::FfnScore;
@@ -376,9 +377,26 @@ pub fn run(cfg: &PruneConfig) -> Result<PruneReport, PruneError> {
         let dir = corpus::stdlib_dir()?;
         let files = corpus::eval_files(&dir, cfg.eval_files)?;
         let window = 1024.min(source.model.context_len());
-        let b = perplexity(&source.model, &source.tokenizer, &files, window, |_, _| {})?;
-        let a = perplexity(&pruned, &work_tok, &files, window, |_, _| {})?;
-        let kl = kl_on_files(&source.model, &pruned, &work_tok, plan.vocab.as_deref(), &files, window)?;
+        // Three passes over the files: minutes on a large model, so shown.
+        let stage = |label: &str| Progress::new(format!("held-out evaluation: {label}"), files.len());
+        let p = stage("original");
+        let b = perplexity(&source.model, &source.tokenizer, &files, window, |i, _| p.set(i, ""))?;
+        p.finish(&format!("bits/byte {:.4}", b.bits_per_byte));
+        let p = stage("pruned");
+        let a = perplexity(&pruned, &work_tok, &files, window, |i, _| p.set(i, ""))?;
+        p.finish(&format!("bits/byte {:.4}", a.bits_per_byte));
+        let p = stage("KL");
+        let to_reference = plan.vocab.as_deref();
+        let kl = kl_on_files(
+            &source.model,
+            &pruned,
+            &work_tok,
+            to_reference,
+            &files,
+            window,
+            |i, _| p.set(i, ""),
+        )?;
+        p.finish(&format!("KL {:.4}", kl.kl));
         eprintln!(
             "held-out ({} files): bits/byte {:.4} → {:.4}, KL(original ‖ pruned) {:.4}, top-1 agreement {:.1}%",
             files.len(),

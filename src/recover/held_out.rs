@@ -68,7 +68,7 @@ impl<'a> HeldOut<'a> {
         if self.files.is_empty() {
             return Ok(None);
         }
-        let r = kl_on_files(teacher, student, tok, to_teacher, self.files, self.window)?;
+        let r = kl_on_files(teacher, student, tok, to_teacher, self.files, self.window, |_, _| {})?;
         Ok(Some(HeldOutScores {
             kl: r.kl,
             top1_agreement: r.top1_agreement,

@@ -34,7 +34,7 @@ fn main() {
     let set = CalibSet::new(m, &windows.calib, 4).unwrap();
     let files = corpus::eval_files(&corpus::stdlib_dir().unwrap(), env("EVAL_FILES", 20)).unwrap();
     let total = count_params(m).total as f64;
-    let base = kl_on_files(m, m, &src.tokenizer, None, &files, 1024).unwrap();
+    let base = kl_on_files(m, m, &src.tokenizer, None, &files, 1024, |_, _| {}).unwrap();
     println!(
         "held-out: first {} stdlib files, {} tokens; calibration {} × 512 tokens",
         files.len(),
@@ -50,7 +50,7 @@ fn main() {
     );
     let row = |name: String, plan: PrunePlan, calib_kl: f64| {
         let v = build(m, &plan).unwrap();
-        let r = kl_on_files(m, &v, &src.tokenizer, None, &files, 1024).unwrap();
+        let r = kl_on_files(m, &v, &src.tokenizer, None, &files, 1024, |_, _| {}).unwrap();
         println!(
             "| {name} | {:.1}% | {:.4} | {:.1}% | {:.4} | {:.2} | {calib_kl:.4} |",
             (1.0 - count_params(&v).total as f64 / total) * 100.0,

@@ -326,3 +326,25 @@ fn the_infill_sampler_ends_fim_suggestions_sooner_as_llama_server_does() {
         "tokens without/with infill {predicted:?}, ended early {ended:?}"
     );
 }
+
+#[test]
+fn stop_type_says_how_generation_ended() {
+    let s = Server::start(&[]);
+    let g = common::golden();
+    let case = &g["cases"][0];
+    let text = case["greedy32_text"].as_str().unwrap();
+    // A stop string from the middle of the greedy text: llama.cpp's `word`.
+    let word: String = text.chars().skip(10).take(4).collect();
+    let (st, v) = s.post(
+        "/completion",
+        &json!({"prompt": case["ids"], "n_predict": 32, "temperature": 0, "stop": [word]}),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["stop_type"], "word", "{v}");
+    assert!(text.starts_with(v["content"].as_str().unwrap()));
+    let (_, v) = s.post(
+        "/completion",
+        &json!({"prompt": case["ids"], "n_predict": 4, "temperature": 0}),
+    );
+    assert_eq!(v["stop_type"], "limit");
+}

@@ -152,6 +152,8 @@ pub struct Cost {
 pub struct Done {
     /// `stop` or `length`.
     pub finish_reason: FinishReason,
+    /// Stopped by a stop string (not an end token): llama.cpp's `word`.
+    pub stop_word: bool,
     /// Prompt tokens of the request.
     pub prompt_tokens: usize,
     /// Of those, tokens reused from a cached prefix (not recomputed).

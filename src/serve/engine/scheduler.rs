@@ -77,6 +77,8 @@ struct Slot {
     prompt_done_at: Option<Instant>,
     last_token_at: Option<Instant>,
     finish: Option<FinishReason>,
+    /// `finish` came from a stop string.
+    stop_word: bool,
     cancelled: bool,
 }
 
@@ -331,6 +333,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 prompt_done_at: None,
                 last_token_at: None,
                 finish: None,
+                stop_word: false,
                 cancelled: false,
                 job,
             });
@@ -698,6 +701,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             .is_some_and(|limit| newline && slot.prompt_done_at.is_some_and(|t| t.elapsed() > limit));
         if stopped {
             slot.finish = Some(FinishReason::Stop);
+            slot.stop_word = true;
         } else if slot.generated.len() >= req.max_tokens || out_of_time {
             slot.finish = Some(FinishReason::Length);
         }
@@ -792,6 +796,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             StopOutcome::Emit(t) => t + &slot.stops.flush(),
             StopOutcome::Stopped(t) => {
                 finish_reason = FinishReason::Stop;
+                slot.stop_word = true;
                 t
             }
         };
@@ -803,6 +808,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         }
         let _ = slot.job.events.send(Event::Done(Done {
             finish_reason,
+            stop_word: slot.stop_word,
             prompt_tokens,
             cached_tokens,
             completion_tokens: generated,

@@ -234,10 +234,10 @@ fn last_event(state: &AppState, plan: &CompletionPlan, index: usize, content: St
         tokens_predicted: d.completion_tokens,
         tokens_evaluated: d.prompt_tokens,
         tokens_cached: d.cached_tokens,
-        stop_type: Some(if d.finish_reason.as_str() == "length" {
-            "limit"
-        } else {
-            "eos"
+        stop_type: Some(match (d.finish_reason.as_str(), d.stop_word) {
+            ("length", _) => "limit",
+            (_, true) => "word",
+            _ => "eos",
         }),
         timings: Some(Timings {
             cache_n: d.cached_tokens,

@@ -167,8 +167,9 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
         ("echo string", br#"{"prompt": "x", "echo": "yes"}"#.to_vec()),
         ("stream number", br#"{"prompt": "x", "stream": 1}"#.to_vec()),
         (
-            "stop five",
-            br#"{"prompt": "x", "stop": ["a","b","c","d","e"]}"#.to_vec(),
+            "stop seventeen",
+            br#"{"prompt": "x", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}"#
+                .to_vec(),
         ),
         ("stop empty", br#"{"prompt": "x", "stop": [""]}"#.to_vec()),
         ("stop number", br#"{"prompt": "x", "stop": 3}"#.to_vec()),
@@ -204,7 +205,7 @@ fn hostile_and_malformed_requests_get_4xx_json_and_the_server_survives() {
             "stream_options unknown",
             br#"{"prompt": "x", "stream": true, "stream_options": {"x": 1}}"#.to_vec(),
         ),
-        ("model wrong", br#"{"prompt": "x", "model": "other"}"#.to_vec()),
+        ("model number", br#"{"prompt": "x", "model": 5}"#.to_vec()),
         ("user number", br#"{"prompt": "x", "user": 5}"#.to_vec()),
     ];
     assert!(cases.len() >= 30);

@@ -59,6 +59,10 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Prompt tokens served from cached prefixes instead of recomputed.
     pub prefix_hit_tokens: IntCounterVec,
+    /// Draft tokens proposed by speculative decoding, by drafter.
+    pub spec_drafted: IntCounterVec,
+    /// Draft tokens the model agreed with, by drafter.
+    pub spec_accepted: IntCounterVec,
     /// Prompt tokens whose keys and values were moved from where a recent
     /// sequence cached them at other positions (`--cache-reuse`).
     pub moved_tokens: IntCounterVec,
@@ -151,6 +155,16 @@ impl Metrics {
                 "greencode_prefix_cache_hit_tokens_total",
                 "Prompt tokens reused from cached prefixes.",
                 &["model"],
+            ),
+            spec_drafted: counter(
+                "greencode_spec_decode_draft_tokens_total",
+                "Draft tokens proposed by speculative decoding.",
+                &["model", "drafter"],
+            ),
+            spec_accepted: counter(
+                "greencode_spec_decode_accepted_tokens_total",
+                "Draft tokens the model agreed with (each saved a decode step).",
+                &["model", "drafter"],
             ),
             moved_tokens: counter(
                 "greencode_cache_reuse_tokens_total",

@@ -10,6 +10,15 @@ use greencode::serve::engine::EngineConfig;
 
 use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg};
 
+/// `--speculate`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SpeculateArg {
+    /// No speculation.
+    Off,
+    /// Draft from earlier occurrences in the request's own text.
+    Lookup,
+}
+
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -54,6 +63,16 @@ pub struct ServeArgs {
     /// below 8 counts as 8.
     #[arg(long, value_name = "N", default_value_t = 0)]
     cache_reuse: usize,
+    /// Speculative decoding: `lookup` drafts the tokens that followed the
+    /// latest earlier occurrence of the last few tokens (prompt, suffix and
+    /// generated text) and checks them in one step; greedy requests get
+    /// exactly the tokens they get without it.
+    #[arg(long, value_enum, default_value_t = SpeculateArg::Off)]
+    speculate: SpeculateArg,
+    /// Most draft tokens checked per step (the draft length adapts per
+    /// request between 1 and this).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
+    draft_max: usize,
     /// Old form of --no-prefix-cache: 0 turns prefix caching off, any other
     /// value leaves it on (what stays cached is now bounded by
     /// --kv-cache-mb, not by a count of requests).
@@ -144,6 +163,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         kv_cache_bytes: a.kv_cache_mb.map(|mb| mb << 20),
         kv_dtype: a.kv_dtype,
         cache_reuse: a.cache_reuse,
+        speculate_k: match a.speculate {
+            SpeculateArg::Off => 0,
+            SpeculateArg::Lookup => a.draft_max,
+        },
         api_key: a.api_key,
         served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),

@@ -45,6 +45,8 @@ pub struct ServeConfig {
     pub kv_dtype: crate::model::KvDtype,
     /// Shortest moved run of cached tokens reused with re-rotated keys (0: off).
     pub cache_reuse: usize,
+    /// Most draft tokens per step with the lookup drafter (0: no speculation).
+    pub speculate_k: usize,
     /// Required bearer token.
     pub api_key: Option<String>,
     /// Name clients use; default the folder's name.
@@ -136,6 +138,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             kv_cache_bytes: cfg.kv_cache_bytes,
             kv_dtype: cfg.kv_dtype,
             cache_reuse: cfg.cache_reuse,
+            speculate_k: cfg.speculate_k,
         },
         accounting,
     );

@@ -235,6 +235,10 @@ pub struct Usage {
     pub total_tokens: usize,
     /// `cached_tokens`: prompt tokens served from a cached prefix.
     pub prompt_tokens_details: PromptTokensDetails,
+    /// Speculative decoding's draft tokens, accepted and rejected (OpenAI's
+    /// names for predicted tokens); absent when nothing was drafted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
     /// Energy attributed to this request (J).
     pub energy_joules: f64,
     /// Floating-point operations executed for it (analytic, from the real shapes).
@@ -254,6 +258,15 @@ pub struct PromptTokensDetails {
     pub cached_tokens: usize,
 }
 
+/// OpenAI's `usage.completion_tokens_details`, as speculative decoding fills it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct CompletionTokensDetails {
+    /// Draft tokens the model agreed with.
+    pub accepted_prediction_tokens: usize,
+    /// Draft tokens it did not.
+    pub rejected_prediction_tokens: usize,
+}
+
 impl Usage {
     /// Adds one finished job's counts and costs (`count_prompt`: whether its
     /// prompt is new to this response, not another choice of the same prompt).
@@ -264,6 +277,11 @@ impl Usage {
         self.prompt_tokens_details.cached_tokens += done.cached_tokens;
         self.completion_tokens += done.completion_tokens;
         self.total_tokens = self.prompt_tokens + self.completion_tokens;
+        if done.drafted > 0 {
+            let d = self.completion_tokens_details.get_or_insert_with(Default::default);
+            d.accepted_prediction_tokens += done.accepted;
+            d.rejected_prediction_tokens += done.drafted - done.accepted;
+        }
         self.energy_joules += done.cost.energy_joules;
         self.flops += done.cost.flops;
         self.co2_grams += done.cost.co2_grams;

@@ -154,6 +154,10 @@ pub struct Done {
     pub finish_reason: FinishReason,
     /// Stopped by a stop string (not an end token): llama.cpp's `word`.
     pub stop_word: bool,
+    /// Draft tokens proposed for it (speculative decoding).
+    pub drafted: usize,
+    /// Of those, tokens the model agreed with.
+    pub accepted: usize,
     /// Prompt tokens of the request.
     pub prompt_tokens: usize,
     /// Of those, tokens reused from a cached prefix (not recomputed).
@@ -278,6 +282,9 @@ pub struct EngineConfig {
     /// sequence cached it instead of computed (llama-server's
     /// `--cache-reuse`; 0: off, the default, as there). Needs prefix caching.
     pub cache_reuse: usize,
+    /// Most draft tokens a sequence checks per step with the lookup
+    /// drafter (`--speculate lookup`; 0: no speculation, the default).
+    pub speculate_k: usize,
 }
 
 impl Default for EngineConfig {
@@ -290,6 +297,7 @@ impl Default for EngineConfig {
             kv_cache_bytes: None,
             kv_dtype: KvDtype::F16,
             cache_reuse: 0,
+            speculate_k: 0,
         }
     }
 }
@@ -375,6 +383,7 @@ pub fn spawn<M: EngineModel>(
 mod detok;
 mod reuse;
 mod scheduler;
+mod speculate;
 #[cfg(test)]
 mod tests;
 

@@ -79,6 +79,11 @@ struct Slot {
     finish: Option<FinishReason>,
     /// `finish` came from a stop string.
     stop_word: bool,
+    /// Draft length for the next speculative step.
+    spec_k: usize,
+    /// Draft tokens proposed and accepted so far.
+    drafted: usize,
+    accepted: usize,
     cancelled: bool,
 }
 
@@ -118,6 +123,8 @@ struct Input {
     slot: usize,
     tokens: Vec<u32>,
     logits: LogitsFor,
+    /// Draft tokens after the decode token, to check (speculative decoding).
+    draft: Vec<u32>,
 }
 
 /// The engine thread's state: the model, the KV pool, the waiting jobs and
@@ -334,6 +341,9 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 last_token_at: None,
                 finish: None,
                 stop_word: false,
+                spec_k: super::speculate::START_K.min(self.config.speculate_k),
+                drafted: 0,
+                accepted: 0,
                 cancelled: false,
                 job,
             });
@@ -447,12 +457,35 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         }
     }
 
+    /// The lookup drafter's proposal for decoding slot `i` (empty when it
+    /// does not speculate: see `speculate`'s policy).
+    fn draft(&self, i: usize) -> Vec<u32> {
+        let slot = &self.slots[i];
+        let req = &slot.job.req;
+        let p = slot.sampler.params();
+        let exact = p.temperature <= 0.0
+            && p.repetition_penalty == 1.0
+            && p.presence_penalty == 0.0
+            && p.frequency_penalty == 0.0
+            && p.logit_bias.is_empty()
+            && req.logprobs.is_none();
+        if self.config.speculate_k == 0 || !exact {
+            return Vec::new();
+        }
+        // Room left: tokens still to generate after the next one, and cache positions.
+        let room = (req.max_tokens.saturating_sub(slot.generated.len() + 1))
+            .min(slot.cache.capacity().saturating_sub(slot.cache.len() + 1));
+        let known = slot.known(0, slot.known_len());
+        super::speculate::lookup(&known, slot.spec_k.min(room))
+    }
+
     /// This step's inputs, oldest slot first: a decode token, or the next
     /// prompt chunk within the budget (small while someone decodes, so
     /// their next token is not held up by a whole prompt), each with its
     /// blocks reserved.
     fn plan(&mut self) -> Vec<Input> {
-        let decoding = self.slots.iter().any(|s| !s.parked && s.decoding());
+        let decoders = self.slots.iter().filter(|s| !s.parked && s.decoding()).count();
+        let decoding = decoders > 0;
         let chunk = self.config.prefill_chunk.max(1);
         let mut budget = if decoding { chunk } else { chunk.max(SOLO_PREFILL) };
         let mut order: Vec<usize> = (0..self.slots.len()).filter(|&i| !self.slots[i].parked).collect();
@@ -469,7 +502,17 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                     .generated
                     .last()
                     .expect("decoding slots have generated a token");
-                (vec![last], LogitsFor::Last)
+                let draft = if decoders <= super::speculate::MAX_DECODING {
+                    self.draft(i)
+                } else {
+                    Vec::new()
+                };
+                let logits = if draft.is_empty() {
+                    LogitsFor::Last
+                } else {
+                    LogitsFor::All
+                };
+                (std::iter::once(last).chain(draft).collect(), logits)
             } else {
                 self.adopt_cached(i);
                 let next_run = self.move_runs(i);
@@ -495,11 +538,17 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 };
                 (slot.known(at, at + n), logits)
             };
+            let draft = tokens
+                .get(1..)
+                .filter(|_| self.slots[i].decoding())
+                .unwrap_or_default()
+                .to_vec();
             if self.reserve(i, tokens.len()) {
                 inputs.push(Input {
                     slot: i,
                     tokens,
                     logits,
+                    draft,
                 });
             }
         }
@@ -604,8 +653,39 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 slot.finish = Some(FinishReason::Length);
                 continue;
             }
-            let raw = rows.last().expect("at least one logits row");
-            Self::accept_token(self.metrics, slot, raw);
+            if input.draft.is_empty() {
+                let raw = rows.last().expect("at least one logits row");
+                Self::accept_token(self.metrics, slot, raw);
+                continue;
+            }
+            // Row r follows the decode token and r draft tokens: its token
+            // is the model's own; the next row counts only while the
+            // model's tokens equal the draft.
+            let mut accepted = 0;
+            for (r, row) in rows.iter().enumerate() {
+                Self::accept_token(self.metrics, slot, row);
+                if slot.finish.is_some() || slot.cancelled {
+                    break;
+                }
+                if input.draft.get(r) != slot.generated.last() {
+                    break;
+                }
+                accepted += 1;
+            }
+            // The cache keeps the decode token and the accepted drafts.
+            slot.cache.truncate(start + 1 + accepted);
+            slot.drafted += input.draft.len();
+            slot.accepted += accepted;
+            slot.spec_k = super::speculate::next_k(input.draft.len(), accepted, self.config.speculate_k);
+            let label = [self.metrics.model(), "lookup"];
+            self.metrics
+                .spec_drafted
+                .with_label_values(&label)
+                .inc_by(input.draft.len() as u64);
+            self.metrics
+                .spec_accepted
+                .with_label_values(&label)
+                .inc_by(accepted as u64);
         }
         self.finish_done();
     }
@@ -809,6 +889,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         let _ = slot.job.events.send(Event::Done(Done {
             finish_reason,
             stop_word: slot.stop_word,
+            drafted: slot.drafted,
+            accepted: slot.accepted,
             prompt_tokens,
             cached_tokens,
             completion_tokens: generated,

@@ -115,6 +115,7 @@ fn config(max_batch: usize, max_queue: usize, kv_blocks: usize) -> EngineConfig 
         kv_cache_bytes: Some(kv_blocks * KV_BLOCK * FAKE_SHAPE.bytes_per_token(KvDtype::F32)),
         kv_dtype: KvDtype::F32,
         cache_reuse: 0,
+        speculate_k: 0,
     }
 }
 

@@ -1,0 +1,93 @@
+//! Speculative decoding's drafter and policy (`serve --speculate lookup`).
+//! Code repeats itself: identifiers, lines and whole blocks of the prompt
+//! (and of the suffix, for a fill-in-the-middle prompt) come back in the
+//! completion. The lookup drafter (vLLM's n-gram speculator, llama.cpp's
+//! lookup decoding) finds the latest earlier place where the sequence's
+//! last few tokens occurred and proposes the tokens that followed there.
+//! The engine checks the proposal in one step, as extra rows of the
+//! sequence, and keeps the longest run the model agrees with plus one
+//! token of its own, so a greedy request gives exactly the tokens it gives
+//! without speculation.
+//!
+//! Policy: only greedy requests without penalties, biases or logprobs
+//! speculate (their next token is the row's argmax, checked exactly);
+//! the draft length starts at [`START_K`], grows by one after a fully
+//! accepted draft and halves after a fully rejected one (per sequence,
+//! between 1 and the configured maximum); and no sequence speculates in a
+//! step that decodes more than [`MAX_DECODING`] sequences, where the step
+//! is no longer bound by reading the weights and extra rows cost time.
+
+/// Longest n-gram the drafter matches; shorter ones are tried after it.
+const MAX_NGRAM: usize = 4;
+
+/// Shortest n-gram the drafter matches (a single token matches too often).
+const MIN_NGRAM: usize = 2;
+
+/// Draft length a sequence starts with.
+pub(super) const START_K: usize = 4;
+
+/// Decoding sequences in a step above which nobody speculates.
+pub(super) const MAX_DECODING: usize = 4;
+
+/// Up to `k` tokens that followed the latest earlier occurrence of the
+/// last 4, 3 or 2 tokens of `context` (the longest n-gram that occurs).
+pub(super) fn lookup(context: &[u32], k: usize) -> Vec<u32> {
+    if k == 0 {
+        return Vec::new();
+    }
+    for n in (MIN_NGRAM..=MAX_NGRAM).rev() {
+        if context.len() <= n {
+            continue;
+        }
+        let key = &context[context.len() - n..];
+        // Latest occurrence that ends before the context does.
+        let found = (0..context.len() - n).rev().find(|&i| &context[i..i + n] == key);
+        if let Some(i) = found {
+            let from = i + n;
+            let to = (from + k).min(context.len());
+            return context[from..to].to_vec();
+        }
+    }
+    Vec::new()
+}
+
+/// The next draft length after a draft of `k` tokens of which `accepted` held.
+pub(super) fn next_k(k: usize, accepted: usize, max: usize) -> usize {
+    if accepted == k {
+        (k + 1).min(max)
+    } else if accepted == 0 {
+        (k / 2).max(1)
+    } else {
+        k
+    }
+    .min(max)
+    .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latest_longest_match_proposes_what_followed_it() {
+        // "a b c d" occurred twice; the context ends in "b c": the latest
+        // earlier "b c" was followed by "d x".
+        let ctx = [1, 2, 3, 4, 9, 1, 2, 3, 4, 5, 2, 3];
+        assert_eq!(lookup(&ctx, 2), vec![4, 5]);
+        // The 4-gram "1 2 3 4" beats the later 2-gram.
+        let ctx = [1, 2, 3, 4, 7, 8, 3, 4, 6, 1, 2, 3, 4];
+        assert_eq!(lookup(&ctx, 3), vec![7, 8, 3]);
+        // Nothing repeats: no draft; k caps the proposal and the context end.
+        assert!(lookup(&[1, 2, 3, 4, 5], 4).is_empty());
+        assert_eq!(lookup(&[5, 6, 7, 5, 6], 8), vec![7, 5, 6]);
+    }
+
+    #[test]
+    fn the_draft_length_follows_acceptance() {
+        assert_eq!(next_k(4, 4, 8), 5);
+        assert_eq!(next_k(8, 8, 8), 8);
+        assert_eq!(next_k(4, 0, 8), 2);
+        assert_eq!(next_k(1, 0, 8), 1);
+        assert_eq!(next_k(4, 2, 8), 4);
+    }
+}

@@ -1,0 +1,160 @@
+//! Speculative decoding with the lookup drafter (`serve --speculate
+//! lookup`): greedy text equals the text without speculation, on the golden
+//! prompts and on 50 held-out fill-in-the-middle prompts, alone and in
+//! concurrent batches; drafted and accepted tokens are reported per request
+//! and in `/metrics`; a stream cancelled while it speculates frees its slot.
+
+mod common;
+
+use std::io::BufRead;
+
+use common::Server;
+use greencode::data::corpus;
+use serde_json::{json, Value};
+
+/// 50 held-out FIM requests: 30 lines before a line in the middle of a
+/// standard-library file, 10 after it.
+fn held_out_fim() -> Vec<Value> {
+    let dir = corpus::stdlib_dir().unwrap();
+    corpus::eval_files(&dir, 120)
+        .unwrap()
+        .iter()
+        .map(|f| corpus::read_text(f).unwrap())
+        .filter(|t| t.lines().count() >= 120)
+        .take(50)
+        .map(|t| {
+            let lines: Vec<&str> = t.lines().collect();
+            let at = lines.len() / 2;
+            json!({
+                "prompt": lines[at - 30..at].join("\n") + "\n",
+                "suffix": lines[at..at + 10].join("\n") + "\n",
+                "max_tokens": 32,
+                "temperature": 0,
+            })
+        })
+        .collect()
+}
+
+fn text(v: &Value) -> String {
+    v["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_owned()
+}
+
+fn counter(s: &Server, name: &str) -> u64 {
+    let (_, m) = s.get("/metrics");
+    m.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn greedy_text_is_unchanged_by_lookup_speculation_alone_and_in_batches() {
+    let plain = Server::start(&["--kv-dtype", "f32"]);
+    let spec = Server::start(&["--kv-dtype", "f32", "--speculate", "lookup"]);
+    let g = common::golden();
+    for case in g["cases"].as_array().unwrap() {
+        let body = json!({"prompt": case["ids"], "n_predict": 32, "temperature": 0});
+        let (st, v) = spec.post("/completion", &body);
+        assert_eq!(st, 200, "{v}");
+        // The golden text up to the end token the server stops at.
+        let golden = case["greedy32_text"].as_str().unwrap();
+        let want = golden.split("<|endoftext|>").next().unwrap();
+        assert_eq!(v["content"], want, "golden prompt");
+        assert_eq!(v["content"], plain.post("/completion", &body).1["content"]);
+    }
+    let requests = held_out_fim();
+    assert_eq!(requests.len(), 50);
+    let want: Vec<String> = requests
+        .iter()
+        .map(|b| text(&plain.post("/v1/completions", b).1))
+        .collect();
+    let mut drafted_requests = 0;
+    for (b, w) in requests.iter().zip(&want) {
+        let (st, v) = spec.post("/v1/completions", b);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(&text(&v), w, "alone: {b}");
+        let details = &v["usage"]["completion_tokens_details"];
+        if details.is_object() {
+            drafted_requests += 1;
+            assert!(details["accepted_prediction_tokens"].is_u64());
+            assert!(details["rejected_prediction_tokens"].is_u64());
+        }
+    }
+    assert!(
+        drafted_requests > 10,
+        "only {drafted_requests} of 50 requests speculated"
+    );
+    // Batches of 4 (every sequence may speculate) and 16 (the policy turns
+    // speculation off while more than 4 decode, on again as they finish).
+    for batch in [4, 16] {
+        for (chunk, wants) in requests.chunks(batch).zip(want.chunks(batch)) {
+            let got: Vec<String> = std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|b| scope.spawn(|| text(&spec.post("/v1/completions", b).1)))
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            assert_eq!(&got, wants, "batch of {batch}");
+        }
+    }
+    let drafted = counter(&spec, "greencode_spec_decode_draft_tokens_total");
+    let accepted = counter(&spec, "greencode_spec_decode_accepted_tokens_total");
+    assert!(
+        drafted > 0 && accepted > 0 && accepted <= drafted,
+        "{accepted} of {drafted}"
+    );
+    assert_eq!(counter(&plain, "greencode_spec_decode_draft_tokens_total"), 0);
+}
+
+#[test]
+fn a_repetitive_completion_is_mostly_drafted_and_a_cancelled_one_frees_its_slot() {
+    let s = Server::start(&["--speculate", "lookup"]);
+    // A list that continues the same way: most tokens come from the prompt.
+    let prompt: String = (0..40)
+        .map(|i| format!("    value_{i} = config.get(\"value_{i}\")\n"))
+        .collect();
+    let (st, v) = s.post(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 48, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let d = &v["usage"]["completion_tokens_details"];
+    let accepted = d["accepted_prediction_tokens"].as_u64().unwrap();
+    assert!(accepted * 2 > 48, "{v}");
+    // Cancel a speculating stream after its first tokens.
+    let r = common::agent()
+        .post(format!("{}/v1/completions", s.base))
+        .header("content-type", "application/json")
+        .send(
+            json!({"prompt": prompt, "max_tokens": 400, "temperature": 0, "stream": true,
+                   "logit_bias": {"0": -100, "4": -100, "5": -100}})
+            .to_string()
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut reader = std::io::BufReader::new(r.into_body().into_reader());
+    let mut line = String::new();
+    for _ in 0..6 {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+    }
+    drop(reader);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, m) = s.get("/metrics");
+        if m.contains("greencode_num_requests_running{model=\"tiny-coder\"} 0") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled request kept its slot"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (st, v) = s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
+    assert_eq!(st, 200, "{v}");
+}

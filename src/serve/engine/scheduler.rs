@@ -469,7 +469,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             && p.frequency_penalty == 0.0
             && p.logit_bias.is_empty()
             && req.logprobs.is_none();
-        if self.config.speculate_k == 0 || !exact {
+        // Host caches only: the GPU's decode kernels take one token per sequence.
+        if self.config.speculate_k == 0 || !exact || self.pool.is_none() {
             return Vec::new();
         }
         // Room left: tokens still to generate after the next one, and cache positions.

@@ -101,6 +101,19 @@ fn greedy_text_is_unchanged_by_lookup_speculation_alone_and_in_batches() {
             assert_eq!(&got, wants, "batch of {batch}");
         }
     }
+    // The default f16 cache too: draft rows are written and read back the
+    // way one-token steps write and read them.
+    let (plain16, spec16) = (
+        Server::start_as_is(&[], &[]),
+        Server::start_as_is(&["--speculate", "lookup"], &[]),
+    );
+    for b in &requests[..20] {
+        assert_eq!(
+            text(&spec16.post("/v1/completions", b).1),
+            text(&plain16.post("/v1/completions", b).1),
+            "f16 cache: {b}"
+        );
+    }
     let drafted = counter(&spec, "greencode_spec_decode_draft_tokens_total");
     let accepted = counter(&spec, "greencode_spec_decode_accepted_tokens_total");
     assert!(

@@ -171,3 +171,53 @@ fn a_repetitive_completion_is_mostly_drafted_and_a_cancelled_one_frees_its_slot(
     let (st, v) = s.post("/v1/completions", &json!({"prompt": "x", "max_tokens": 2}));
     assert_eq!(st, 200, "{v}");
 }
+
+#[test]
+fn sampled_requests_draw_the_same_tokens_with_or_without_speculation() {
+    // Each emitted token is the target's own draw from its row, with the
+    // request's next random number: for a seed, the same text and the same
+    // log-probabilities (the distribution is the target's, exactly). A
+    // rule that kept a draft token without drawing it would differ here.
+    let plain = Server::start(&["--kv-dtype", "f32"]);
+    let spec = Server::start(&["--kv-dtype", "f32", "--speculate", "lookup"]);
+    let requests: Vec<Value> = held_out_fim()
+        .into_iter()
+        .take(30)
+        .enumerate()
+        .map(|(i, mut b)| {
+            b["temperature"] = json!(0.7);
+            b["top_p"] = json!(0.95);
+            b["seed"] = json!(i);
+            b["logprobs"] = json!(2);
+            b["frequency_penalty"] = json!(0.3);
+            b
+        })
+        .collect();
+    let answer = |s: &Server, b: &Value| {
+        let (st, v) = s.post("/v1/completions", b);
+        assert_eq!(st, 200, "{v}");
+        (
+            text(&v),
+            v["choices"][0]["logprobs"].clone(),
+            v["usage"]["completion_tokens_details"].clone(),
+        )
+    };
+    let mut accepted = 0;
+    for b in &requests {
+        let (want, want_lp, _) = answer(&plain, b);
+        let (got, got_lp, details) = answer(&spec, b);
+        assert_eq!(got, want, "{b}");
+        assert_eq!(got_lp, want_lp, "{b}");
+        accepted += details["accepted_prediction_tokens"].as_u64().unwrap_or(0);
+    }
+    assert!(accepted > 20, "sampled requests accepted only {accepted} draft tokens");
+    // In batches of 4 as well.
+    for chunk in requests.chunks(4) {
+        let got: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = chunk.iter().map(|b| scope.spawn(|| answer(&spec, b).0)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want: Vec<String> = chunk.iter().map(|b| answer(&plain, b).0).collect();
+        assert_eq!(got, want);
+    }
+}

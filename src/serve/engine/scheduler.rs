@@ -462,15 +462,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
     fn draft(&self, i: usize) -> Vec<u32> {
         let slot = &self.slots[i];
         let req = &slot.job.req;
-        let p = slot.sampler.params();
-        let exact = p.temperature <= 0.0
-            && p.repetition_penalty == 1.0
-            && p.presence_penalty == 0.0
-            && p.frequency_penalty == 0.0
-            && p.logit_bias.is_empty()
-            && req.logprobs.is_none();
         // Host caches only: the GPU's decode kernels take one token per sequence.
-        if self.config.speculate_k == 0 || !exact || self.pool.is_none() {
+        if self.config.speculate_k == 0 || self.pool.is_none() {
             return Vec::new();
         }
         // Room left: tokens still to generate after the next one, and cache positions.
@@ -660,8 +653,12 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 continue;
             }
             // Row r follows the decode token and r draft tokens: its token
-            // is the model's own; the next row counts only while the
-            // model's tokens equal the draft.
+            // is picked from it exactly as a step of one token would pick it
+            // (penalties over the tokens so far, the next random number of
+            // the request's stream), and the next row counts only while the
+            // picked tokens equal the draft. So a request gets the same
+            // tokens, and draws the same random numbers, with or without
+            // speculation.
             let mut accepted = 0;
             for (r, row) in rows.iter().enumerate() {
                 Self::accept_token(self.metrics, slot, row);

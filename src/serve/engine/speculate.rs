@@ -5,13 +5,15 @@
 //! lookup decoding) finds the latest earlier place where the sequence's
 //! last few tokens occurred and proposes the tokens that followed there.
 //! The engine checks the proposal in one step, as extra rows of the
-//! sequence, and keeps the longest run the model agrees with plus one
-//! token of its own, so a greedy request gives exactly the tokens it gives
-//! without speculation.
+//! sequence: each row's token is picked as a one-token step would pick it
+//! (greedy or sampled, with penalties, biases and logprobs, drawing the
+//! request's next random number), and the rows count while the picked
+//! tokens equal the draft. A draft is a single proposal, not a
+//! distribution, so this is the accept/reject rule in its exact form: the
+//! emitted tokens are the target's own draws, and a request gives the same
+//! tokens (for a `seed`, the same text) with or without speculation.
 //!
-//! Policy: only greedy requests without penalties, biases or logprobs
-//! speculate (their next token is the row's argmax, checked exactly);
-//! the draft length starts at [`START_K`], grows by one after a fully
+//! Policy: the draft length starts at [`START_K`], grows by one after a fully
 //! accepted draft and halves after a fully rejected one (per sequence,
 //! between 1 and the configured maximum); and no sequence speculates in a
 //! step that decodes more than [`MAX_DECODING`] sequences, where the step

@@ -29,7 +29,7 @@ const MIN_NGRAM: usize = 2;
 pub(super) const START_K: usize = 4;
 
 /// Decoding sequences in a step above which nobody speculates.
-pub(super) const MAX_DECODING: usize = 4;
+pub(super) const MAX_DECODING: usize = 2;
 
 /// Up to `k` tokens that followed the latest earlier occurrence of the
 /// last 4, 3 or 2 tokens of `context` (the longest n-gram that occurs).

@@ -33,7 +33,7 @@ use std::time::Instant;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::serve::Percentiles;
+use super::serve::{post_json, Percentiles};
 
 /// Which editor's requests to replay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,25 +318,13 @@ struct Answer {
     cache: Option<(u64, u64)>,
 }
 
-fn post(agent: &ureq::Agent, url: &str, route: &str, body: &Value) -> Result<ureq::http::Response<ureq::Body>, String> {
-    let resp = agent
-        .post(format!("{}{route}", url.trim_end_matches('/')))
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 200 {
-        return Err(format!("HTTP {}", resp.status()));
-    }
-    Ok(resp)
-}
-
 /// Sends one keystroke's request; once the server has taken it, `cancel`
 /// drops the keystroke before. A streamed answer is read to its first line.
 fn send(agent: &ureq::Agent, cfg: &EditorBenchConfig, body: &Value, cancel: impl FnOnce()) -> Result<Answer, String> {
     let start = Instant::now();
     match cfg.client {
         EditorClient::LlamaVscode => {
-            let resp = post(agent, &cfg.url, "/infill", body);
+            let resp = post_json(agent, &cfg.url, "/infill", body);
             cancel();
             let text = resp?.into_body().read_to_string().map_err(|e| e.to_string())?;
             let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
@@ -348,7 +336,7 @@ fn send(agent: &ureq::Agent, cfg: &EditorBenchConfig, body: &Value, cancel: impl
             })
         }
         EditorClient::Continue => {
-            let resp = post(agent, &cfg.url, "/v1/completions", body);
+            let resp = post_json(agent, &cfg.url, "/v1/completions", body);
             cancel();
             let mut reader: Box<dyn BufRead> = Box::new(std::io::BufReader::new(resp?.into_body().into_reader()));
             let (mut ttft, mut text, mut line) = (None, String::new(), String::new());
@@ -489,7 +477,7 @@ pub fn bench_editor(cfg: &EditorBenchConfig) -> EditorReport {
                 ring.remove(0);
             }
             warmups += 1;
-            if let Err(e) = post(&agent, &cfg.url, "/infill", &vscode_warmup(&ring))
+            if let Err(e) = post_json(&agent, &cfg.url, "/infill", &vscode_warmup(&ring))
                 .and_then(|r| r.into_body().read_to_string().map(drop).map_err(|e| e.to_string()))
             {
                 eprintln!("greencode: warm-up failed: {e}");

@@ -82,6 +82,25 @@ struct One {
     tokens: usize,
 }
 
+/// POSTs the JSON `body` to `route` of the server at `url`; an error for
+/// anything but 200.
+pub(crate) fn post_json(
+    agent: &ureq::Agent,
+    url: &str,
+    route: &str,
+    body: &serde_json::Value,
+) -> Result<ureq::http::Response<ureq::Body>, String> {
+    let resp = agent
+        .post(format!("{}{route}", url.trim_end_matches('/')))
+        .header("content-type", "application/json")
+        .send(body.to_string().as_bytes())
+        .map_err(|e| e.to_string())?;
+    if resp.status().as_u16() != 200 {
+        return Err(format!("HTTP {}", resp.status()));
+    }
+    Ok(resp)
+}
+
 /// POSTs a completion `body` (with `model` when given) to the server at
 /// `url` and returns the answer's body, read as it arrives; an error for
 /// anything but 200.
@@ -94,14 +113,7 @@ pub(crate) fn post_completion(
     if let Some(m) = model {
         body["model"] = m.into();
     }
-    let resp = agent
-        .post(format!("{}/v1/completions", url.trim_end_matches('/')))
-        .header("content-type", "application/json")
-        .send(body.to_string().as_bytes())
-        .map_err(|e| e.to_string())?;
-    if resp.status().as_u16() != 200 {
-        return Err(format!("HTTP {}", resp.status()));
-    }
+    let resp = post_json(agent, url, "/v1/completions", &body)?;
     Ok(std::io::BufReader::new(resp.into_body().into_reader()))
 }
 

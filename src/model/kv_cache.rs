@@ -404,22 +404,11 @@ impl KvCache {
         for (i, &b) in p.table.iter().enumerate().take(len.div_ceil(KV_BLOCK)) {
             let rows = (len - i * KV_BLOCK).min(KV_BLOCK);
             let at = p.pool.rows_ptr(b, layer, part, head);
-            // SAFETY: the block holds `KV_BLOCK` rows of `hd` values of the pool's dtype.
-            unsafe {
-                match p.pool.dtype() {
-                    KvDtype::F32 => out.extend_from_slice(std::slice::from_raw_parts(at as *const f32, rows * hd)),
-                    KvDtype::F16 => out.extend(
-                        std::slice::from_raw_parts(at as *const half::f16, rows * hd)
-                            .iter()
-                            .map(|x| x.to_f32()),
-                    ),
-                    KvDtype::Bf16 => out.extend(
-                        std::slice::from_raw_parts(at as *const half::bf16, rows * hd)
-                            .iter()
-                            .map(|x| x.to_f32()),
-                    ),
-                }
-            }
+            let from = out.len();
+            out.resize(from + rows * hd, 0.0);
+            // SAFETY: the block holds `KV_BLOCK` ≥ `rows` rows of `hd` values
+            // of the pool's dtype: read as one row of `rows · hd`.
+            unsafe { read_row_at(at, p.pool.dtype(), 0, &mut out[from..]) };
         }
     }
 

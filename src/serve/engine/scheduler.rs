@@ -491,7 +491,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             if self.slots[i].parked {
                 continue; // preempted for an older slot in this plan
             }
-            let (tokens, logits) = if self.slots[i].decoding() {
+            let (tokens, logits, draft) = if self.slots[i].decoding() {
                 let last = *self.slots[i]
                     .generated
                     .last()
@@ -506,7 +506,11 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 } else {
                     LogitsFor::All
                 };
-                (std::iter::once(last).chain(draft).collect(), logits)
+                (
+                    std::iter::once(last).chain(draft.iter().copied()).collect(),
+                    logits,
+                    draft,
+                )
             } else {
                 self.adopt_cached(i);
                 let next_run = self.move_runs(i);
@@ -530,13 +534,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 } else {
                     LogitsFor::Last
                 };
-                (slot.known(at, at + n), logits)
+                (slot.known(at, at + n), logits, Vec::new())
             };
-            let draft = tokens
-                .get(1..)
-                .filter(|_| self.slots[i].decoding())
-                .unwrap_or_default()
-                .to_vec();
             if self.reserve(i, tokens.len()) {
                 inputs.push(Input {
                     slot: i,

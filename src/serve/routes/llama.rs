@@ -101,20 +101,15 @@ fn sampler_chain(v: Option<&Value>) -> Result<Option<Vec<String>>, ApiError> {
         'e' => Some("penalties"),
         _ => None,
     };
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.chars().filter_map(letter).map(str::to_owned).collect())),
-        Some(Value::Array(list)) => list
-            .iter()
-            .map(|x| x.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .map(Some)
-            .ok_or_else(|| ApiError::param("samplers", "`samplers` must be a list of sampler names or a string")),
-        Some(_) => Err(ApiError::param(
-            "samplers",
-            "`samplers` must be a list of sampler names or a string",
-        )),
-    }
+    let names = match v {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => Some(s.chars().filter_map(letter).map(str::to_owned).collect()),
+        Some(Value::Array(list)) => list.iter().map(|x| x.as_str().map(str::to_owned)).collect(),
+        Some(_) => None,
+    };
+    names
+        .map(Some)
+        .ok_or_else(|| ApiError::param("samplers", "`samplers` must be a list of sampler names or a string"))
 }
 
 /// Reads an `/infill` body into the plan of its FIM prompt.

@@ -1,6 +1,8 @@
 //! Every Prometheus metric greencode exports, defined in one place: names,
 //! help texts and buckets live here and nowhere else. All series carry a
-//! `model` label.
+//! `model` label: the served model's name, or, with several models served,
+//! an empty one (no label) on the series that belong to the process rather
+//! than to one model (idle energy, power, GPU memory, the shared KV pool).
 
 use prometheus::{
     CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -258,6 +260,27 @@ impl Metrics {
         m.running.with_label_values(&[&m.model]).set(0);
         m.waiting.with_label_values(&[&m.model]).set(0);
         m
+    }
+
+    /// The same registry and series for another served model (registered
+    /// with [`new`](Self::new) for the first).
+    pub fn for_model(&self, model: &str) -> Self {
+        let m = Self {
+            model: model.to_owned(),
+            ..self.clone()
+        };
+        m.running.with_label_values(&[&m.model]).set(0);
+        m.waiting.with_label_values(&[&m.model]).set(0);
+        m
+    }
+
+    /// The same registry with the label of what belongs to the whole
+    /// process: empty (no `model` label), for a server of several models.
+    pub fn process(&self) -> Self {
+        Self {
+            model: String::new(),
+            ..self.clone()
+        }
     }
 
     /// Adds measured energy (and its CO2); `idle` also books it as idle.

@@ -13,6 +13,13 @@
 //!
 //! The arena is allocated zeroed and untouched, so the process's resident
 //! memory grows only as blocks are first written, and never past the budget.
+//!
+//! Several models served side by side share one pool ([`KvPool::shared`]):
+//! each gets a view with its own shape and its own hash salt (a prefix
+//! cached by one model is never found by another), over one arena, one
+//! book and one eviction order. A block is sized for the largest model's
+//! positions; a model with fewer layers or heads leaves the rest of its
+//! blocks unused.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, HashMap};
@@ -137,11 +144,12 @@ struct Book {
     clock: u64,
 }
 
-/// Keys and values of many sequences in blocks (see the module docs).
-pub struct KvPool {
-    shape: KvShape,
+/// What every view of a pool shares: the arena and its bookkeeping.
+struct Shared {
     dtype: KvDtype,
     blocks: usize,
+    /// Bytes of one block (the largest model's block).
+    block_bytes: usize,
     /// Whether full blocks are registered for other sequences to share.
     sharing: bool,
     arena: Arena,
@@ -149,13 +157,23 @@ pub struct KvPool {
     hasher: RandomState,
 }
 
+/// Keys and values of many sequences in blocks (see the module docs): one
+/// model's view of the pool.
+pub struct KvPool {
+    /// This model's dimensions.
+    shape: KvShape,
+    /// Mixed into every prefix hash: the model's own namespace.
+    salt: u64,
+    shared: Arc<Shared>,
+}
+
 impl std::fmt::Debug for KvPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KvPool")
             .field("shape", &self.shape)
-            .field("dtype", &self.dtype)
-            .field("blocks", &self.blocks)
-            .field("sharing", &self.sharing)
+            .field("dtype", &self.shared.dtype)
+            .field("blocks", &self.shared.blocks)
+            .field("sharing", &self.shared.sharing)
             .finish()
     }
 }
@@ -164,13 +182,38 @@ impl KvPool {
     /// A pool of `blocks` blocks; with `sharing`, full blocks are
     /// registered under their prefix hash for other sequences to take.
     pub fn new(shape: KvShape, dtype: KvDtype, blocks: usize, sharing: bool) -> Arc<Self> {
-        let bytes = blocks * Self::block_bytes_of(shape, dtype);
-        let mut buf = vec![0u64; bytes.div_ceil(8)];
+        Self::views(&[shape], dtype, blocks, sharing).remove(0)
+    }
+
+    /// A pool of as many blocks as `bytes` holds.
+    pub fn with_budget(shape: KvShape, dtype: KvDtype, bytes: usize, sharing: bool) -> Arc<Self> {
+        Self::new(shape, dtype, bytes / Self::block_bytes_of(shape, dtype), sharing)
+    }
+
+    /// One pool of as many blocks as `bytes` holds, a block sized for the
+    /// largest of `shapes`, and one view of it per shape (in order), each
+    /// with its own prefix namespace.
+    pub fn shared(shapes: &[KvShape], dtype: KvDtype, bytes: usize, sharing: bool) -> Vec<Arc<Self>> {
+        let block = shapes
+            .iter()
+            .map(|&s| Self::block_bytes_of(s, dtype))
+            .max()
+            .unwrap_or(1);
+        Self::views(shapes, dtype, bytes / block.max(1), sharing)
+    }
+
+    fn views(shapes: &[KvShape], dtype: KvDtype, blocks: usize, sharing: bool) -> Vec<Arc<Self>> {
+        let block_bytes = shapes
+            .iter()
+            .map(|&s| Self::block_bytes_of(s, dtype))
+            .max()
+            .unwrap_or(0);
+        let mut buf = vec![0u64; (blocks * block_bytes).div_ceil(8)];
         let ptr = buf.as_mut_ptr() as *mut u8;
-        Arc::new(Self {
-            shape,
+        let shared = Arc::new(Shared {
             dtype,
             blocks,
+            block_bytes,
             sharing,
             arena: Arena { ptr, _buf: buf },
             book: Mutex::new(Book {
@@ -183,59 +226,66 @@ impl KvPool {
                 clock: 0,
             }),
             hasher: RandomState::new(),
-        })
-    }
-
-    /// A pool of as many blocks as `bytes` holds.
-    pub fn with_budget(shape: KvShape, dtype: KvDtype, bytes: usize, sharing: bool) -> Arc<Self> {
-        Self::new(shape, dtype, bytes / Self::block_bytes_of(shape, dtype), sharing)
+        });
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &shape)| {
+                Arc::new(Self {
+                    shape,
+                    salt: i as u64,
+                    shared: Arc::clone(&shared),
+                })
+            })
+            .collect()
     }
 
     fn block_bytes_of(shape: KvShape, dtype: KvDtype) -> usize {
         KV_BLOCK * shape.bytes_per_token(dtype)
     }
 
-    /// Bytes of one block (every layer's keys and values of [`KV_BLOCK`] positions).
+    /// Bytes of one block (every layer's keys and values of [`KV_BLOCK`]
+    /// positions of the largest model sharing the pool).
     pub fn block_bytes(&self) -> usize {
-        Self::block_bytes_of(self.shape, self.dtype)
+        self.shared.block_bytes
     }
 
     /// Blocks in the pool.
     pub fn blocks(&self) -> usize {
-        self.blocks
+        self.shared.blocks
     }
 
     /// Positions the whole pool holds.
     pub fn positions(&self) -> usize {
-        self.blocks * KV_BLOCK
+        self.shared.blocks * KV_BLOCK
     }
 
     /// How values are stored.
     pub fn dtype(&self) -> KvDtype {
-        self.dtype
+        self.shared.dtype
     }
 
-    /// The dimensions it stores.
+    /// The dimensions this view's model stores.
     pub fn shape(&self) -> KvShape {
         self.shape
     }
 
     /// Whether full blocks are shared by prefix.
     pub fn sharing(&self) -> bool {
-        self.sharing
+        self.shared.sharing
     }
 
     fn book(&self) -> MutexGuard<'_, Book> {
         // The book stays consistent between statements: a panic elsewhere
         // while it was held leaves nothing half-done.
-        self.book.lock().unwrap_or_else(|e| e.into_inner())
+        self.shared.book.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Blocks in use, cached and free.
     pub fn usage(&self) -> PoolUsage {
         let b = self.book();
         PoolUsage {
-            total: self.blocks,
+            total: self.shared.blocks,
             in_use: b.refs.iter().filter(|&&r| r > 0).count(),
             cached: b.lru.len(),
             free: b.free.len(),
@@ -320,9 +370,10 @@ impl KvPool {
         b.refs[id as usize] == 1 && b.hash[id as usize].is_none()
     }
 
-    /// The hash of a block of `tokens` that follows the prefix hashed `prev`.
+    /// The hash of a block of `tokens` that follows the prefix hashed `prev`
+    /// (in this model's namespace).
     pub(crate) fn chain_hash(&self, prev: u64, tokens: &[u32]) -> u64 {
-        self.hasher.hash_one((prev, tokens))
+        self.shared.hasher.hash_one((self.salt, prev, tokens))
     }
 
     /// Prefix hashes of the successive full blocks of `tokens`, which
@@ -338,17 +389,25 @@ impl KvPool {
     /// each row is `head_dim` values of the pool's dtype.
     pub(crate) fn rows_ptr(&self, id: BlockId, layer: usize, part: Part, head: usize) -> *mut u8 {
         let s = self.shape;
-        assert!((id as usize) < self.blocks && layer < s.layers && head < s.kv_heads);
-        let rows = (((id as usize * s.layers + layer) * 2 + part as usize) * s.kv_heads + head) * KV_BLOCK;
-        // SAFETY: the index is inside the arena (checked above).
-        unsafe { self.arena.ptr.add(rows * s.head_dim * self.dtype.bytes()) }
+        assert!((id as usize) < self.shared.blocks && layer < s.layers && head < s.kv_heads);
+        let rows = ((layer * 2 + part as usize) * s.kv_heads + head) * KV_BLOCK;
+        let inside = rows * s.head_dim * self.shared.dtype.bytes();
+        // SAFETY: the block is inside the arena (checked above) and this
+        // model's rows inside the block (`block_bytes` is the largest
+        // model's block).
+        unsafe {
+            self.shared
+                .arena
+                .ptr
+                .add(id as usize * self.shared.block_bytes + inside)
+        }
     }
 
     /// Copies the first `rows` positions of block `from` into block `to`
     /// (every layer, keys and values).
     pub(crate) fn copy_rows(&self, from: BlockId, to: BlockId, rows: usize) {
         let s = self.shape;
-        let bytes = rows * s.head_dim * self.dtype.bytes();
+        let bytes = rows * s.head_dim * self.shared.dtype.bytes();
         for layer in 0..s.layers {
             for part in [Part::Keys, Part::Values] {
                 for head in 0..s.kv_heads {
@@ -409,5 +468,49 @@ mod tests {
         p.release(a); // a is now the most recent
         assert_eq!(p.alloc(), Some(b));
         assert!(p.contains(ha) && !p.contains(hb));
+    }
+
+    #[test]
+    fn models_sharing_a_pool_share_its_blocks_but_not_their_prefixes() {
+        let (big, small) = (
+            KvShape {
+                layers: 3,
+                kv_heads: 2,
+                head_dim: 4,
+            },
+            KvShape {
+                layers: 2,
+                kv_heads: 2,
+                head_dim: 4,
+            },
+        );
+        let views = KvPool::shared(
+            &[big, small],
+            KvDtype::F32,
+            2 * KV_BLOCK * big.bytes_per_token(KvDtype::F32),
+            true,
+        );
+        let (a, b) = (&views[0], &views[1]);
+        assert_eq!(
+            (a.blocks(), b.blocks()),
+            (2, 2),
+            "blocks are sized for the larger model"
+        );
+        assert_eq!(b.shape(), small);
+        let h = a.chain_hash(0, &[1, 2, 3]);
+        assert_ne!(h, b.chain_hash(0, &[1, 2, 3]), "each model hashes in its own namespace");
+        let x = a.alloc().unwrap();
+        a.register(x, h);
+        a.release(x);
+        assert!(a.contains(h) && !b.contains(b.chain_hash(0, &[1, 2, 3])));
+        // The other model takes the rest, then evicts the first model's cached block.
+        let y = b.alloc().unwrap();
+        assert_eq!(b.alloc(), Some(x), "one eviction order for both models");
+        assert!(!a.contains(h));
+        assert_eq!(a.usage().in_use, 2);
+        // The small model's last row of its last block ends inside its block.
+        let end = b.rows_ptr(y, 1, Part::Values, 1) as usize + KV_BLOCK * 4 * 4;
+        let start = a.rows_ptr(y, 0, Part::Keys, 0) as usize;
+        assert!(end <= start + a.block_bytes());
     }
 }

@@ -1,13 +1,16 @@
-//! The engine: one thread that owns the model and runs continuous batching,
-//! talking to handlers only through channels. Each loop turn admits waiting
+//! The engine: one thread that owns the model (or the models served side by
+//! side, each with its own engine state, taking turns: `driver`) and runs
+//! continuous batching, talking to handlers only through channels. Each loop turn admits waiting
 //! jobs into free slots (up to `max_batch`, and while the KV pool has room),
 //! runs one ragged step over every active slot (decode tokens and bounded
 //! prompt chunks together), and sends each slot's new text. Keys and values
 //! live in one [`KvPool`] per process, bounded in bytes (`--kv-cache-mb`),
-//! whose full blocks are shared by prefix between requests. A job whose
+//! whose full blocks are shared by prefix between requests (of the same
+//! model: each model has its own view of the pool). A job whose
 //! client went away (its event receiver is dropped) is reaped before the
 //! next step; sends are best-effort and a failed send ends that job only.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc};
 
@@ -194,7 +197,9 @@ struct Job {
 /// The handlers' side of the engine.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: std_mpsc::Sender<Job>,
+    tx: std_mpsc::Sender<(usize, Job)>,
+    /// Which of the engine thread's models this handle submits to.
+    model: usize,
     permits: Arc<Semaphore>,
     max_queue: usize,
     ready: Arc<AtomicBool>,
@@ -243,13 +248,14 @@ impl EngineHandle {
                 all.split(1).expect("one permit per job")
             };
             self.metrics.waiting.with_label_values(&[self.metrics.model()]).inc();
+            let job = Job {
+                req,
+                events,
+                arrived: std::time::Instant::now(),
+                _permit: permit,
+            };
             self.tx
-                .send(Job {
-                    req,
-                    events,
-                    arrived: std::time::Instant::now(),
-                    _permit: permit,
-                })
+                .send((self.model, job))
                 .map_err(|_| ApiError::Unavailable("the engine has stopped"))?;
             receivers.push(rx);
         }
@@ -317,75 +323,158 @@ pub fn default_kv_bytes(bytes_per_token: usize, context: usize, max_batch: usize
         .max(full)
 }
 
-/// Makes the process's KV pool for `model` (None when its caches live on a
-/// device) and logs its size.
-fn make_pool<M: EngineModel>(model: &M, config: &EngineConfig) -> Option<Arc<KvPool>> {
-    let shape = model.kv_shape()?;
-    let per_token = shape.bytes_per_token(config.kv_dtype);
+/// Makes the process's KV pool, one view per model whose keys and values
+/// live on the host (None for a model with device caches), and logs its
+/// size. The pool's options (size, dtype, prefix caching) are the first
+/// model's configuration: they are the process's.
+fn make_pools<M: EngineModel>(models: &[M], configs: &[EngineConfig]) -> Vec<Option<Arc<KvPool>>> {
+    let config = &configs[0];
+    let hosted: Vec<(usize, KvShape)> = models
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| m.kv_shape().map(|s| (i, s)))
+        .collect();
+    let mut pools = vec![None; models.len()];
+    if hosted.is_empty() {
+        return pools;
+    }
+    let per_token = hosted
+        .iter()
+        .map(|(_, s)| s.bytes_per_token(config.kv_dtype))
+        .max()
+        .unwrap_or(0);
+    let context = hosted.iter().map(|&(i, _)| models[i].context_len()).max().unwrap_or(0);
+    let batch: usize = hosted.iter().map(|&(i, _)| configs[i].max_batch).sum();
     let bytes = config
         .kv_cache_bytes
-        .unwrap_or_else(|| default_kv_bytes(per_token, model.context_len(), config.max_batch));
-    let pool = KvPool::with_budget(shape, config.kv_dtype, bytes, config.prefix_caching);
+        .unwrap_or_else(|| default_kv_bytes(per_token, context, batch));
+    let shapes: Vec<KvShape> = hosted.iter().map(|(_, s)| *s).collect();
+    let views = KvPool::shared(&shapes, config.kv_dtype, bytes, config.prefix_caching);
+    let pool = &views[0];
     let (blocks, positions) = (pool.blocks(), pool.positions());
     eprintln!(
-        "greencode: KV cache {:.1} MiB ({}, {} blocks of {} positions, {} KB a position): {} positions, {:.1} full-context sequences of {}; prefix caching {}",
+        "greencode: KV cache {:.1} MiB ({}, {} blocks of {} positions, {} KB a position{}): {} positions, {:.1} full-context sequences of {}; prefix caching {}",
         (blocks * pool.block_bytes()) as f64 / (1 << 20) as f64,
         config.kv_dtype.name(),
         blocks,
         crate::model::KV_BLOCK,
         per_token as f64 / 1000.0,
+        if shapes.len() > 1 { ", shared by every model" } else { "" },
         positions,
-        positions as f64 / model.context_len().max(1) as f64,
-        model.context_len(),
+        positions as f64 / context.max(1) as f64,
+        context,
         if config.prefix_caching { "on" } else { "off" },
     );
-    Some(pool)
+    for ((i, _), view) in hosted.into_iter().zip(views) {
+        pools[i] = Some(view);
+    }
+    pools
 }
 
-/// Starts the engine thread; `load` builds the model on that thread (so the
-/// server can answer `/health` with 503 meanwhile).
-pub fn spawn<M: EngineModel>(
+/// One model for the engine thread: how to load it (on that thread), its
+/// token tables, its metrics and its limits.
+pub struct EngineSpec<M> {
+    /// Builds the model.
+    pub load: Box<dyn FnOnce() -> anyhow::Result<M> + Send>,
+    /// The detokenizer's tables of its tokenizer.
+    pub tables: TokenTables,
+    /// Its series (its `model` label).
+    pub metrics: Metrics,
+    /// Its batching limits; the KV pool's options are taken from the first model's.
+    pub config: EngineConfig,
+}
+
+/// Starts the engine thread for one model; `load` builds the model on that
+/// thread (so the server can answer `/health` with 503 meanwhile).
+pub fn spawn<M: EngineModel + 'static>(
     load: impl FnOnce() -> anyhow::Result<M> + Send + 'static,
     tables: TokenTables,
     metrics: Metrics,
     config: EngineConfig,
-    mut accounting: Accounting,
+    accounting: Accounting,
 ) -> (EngineHandle, std::thread::JoinHandle<anyhow::Result<()>>) {
-    let (tx, rx) = std_mpsc::channel::<Job>();
+    let process = metrics.clone();
+    let spec = EngineSpec {
+        load: Box::new(load),
+        tables,
+        metrics,
+        config,
+    };
+    let (mut handles, thread) = spawn_many(vec![spec], process, accounting);
+    (handles.remove(0), thread)
+}
+
+/// Starts one engine thread for several models served side by side: they
+/// load in order, share the KV pool, the meter and the compute team, and
+/// take turns step by step. `process` labels what belongs to no one model.
+/// The handles are ready once every model has loaded.
+pub fn spawn_many<M: EngineModel + 'static>(
+    specs: Vec<EngineSpec<M>>,
+    process: Metrics,
+    accounting: Accounting,
+) -> (Vec<EngineHandle>, std::thread::JoinHandle<anyhow::Result<()>>) {
+    let (tx, rx) = std_mpsc::channel::<(usize, Job)>();
     let ready = Arc::new(AtomicBool::new(false));
     let kv_positions = Arc::new(AtomicUsize::new(0));
-    let handle = EngineHandle {
-        tx,
-        permits: Arc::new(Semaphore::new(config.max_queue)),
-        max_queue: config.max_queue,
-        ready: Arc::clone(&ready),
-        kv_positions: Arc::clone(&kv_positions),
-        metrics: metrics.clone(),
-    };
+    let handles = specs
+        .iter()
+        .enumerate()
+        .map(|(model, spec)| EngineHandle {
+            tx: tx.clone(),
+            model,
+            permits: Arc::new(Semaphore::new(spec.config.max_queue)),
+            max_queue: spec.config.max_queue,
+            ready: Arc::clone(&ready),
+            kv_positions: Arc::clone(&kv_positions),
+            metrics: spec.metrics.clone(),
+        })
+        .collect();
+    drop(tx);
     let thread = std::thread::Builder::new()
         .name("greencode-engine".into())
         .spawn(move || {
-            let model = load()?;
-            model.describe(&metrics);
-            let pool = make_pool(&model, &config);
-            if let Some(p) = &pool {
+            let mut models = Vec::with_capacity(specs.len());
+            let mut rest = Vec::with_capacity(specs.len());
+            for spec in specs {
+                let model = (spec.load)()?;
+                model.describe(&spec.metrics);
+                models.push(model);
+                rest.push((spec.tables, spec.metrics, spec.config));
+            }
+            let configs: Vec<EngineConfig> = rest.iter().map(|r| r.2).collect();
+            let pools = make_pools(&models, &configs);
+            if let Some(p) = pools.iter().flatten().next() {
                 kv_positions.store(p.positions(), Ordering::Release);
             }
             ready.store(true, Ordering::Release);
-            eprintln!("greencode: model loaded, ready");
-            Engine::new(&model, pool, tables, &metrics, &mut accounting, config).run(&rx);
+            eprintln!(
+                "greencode: model{} loaded, ready",
+                if models.len() > 1 { "s" } else { "" }
+            );
+            let acc = RefCell::new(accounting);
+            let engines = models
+                .iter()
+                .zip(pools)
+                .zip(&rest)
+                .map(|((model, pool), (tables, metrics, config))| {
+                    Engine::new(model, pool, tables.clone(), metrics, &process, &acc, *config)
+                })
+                .collect();
+            Driver::new(engines, &acc, &process).run(&rx);
             Ok(())
         })
         .expect("spawning a thread");
-    (handle, thread)
+    (handles, thread)
 }
 
 mod detok;
+mod driver;
 mod reuse;
 mod scheduler;
 mod speculate;
 #[cfg(test)]
 mod tests;
 
+use driver::Driver;
 use scheduler::Engine;
 pub use scheduler::SOLO_PREFILL;

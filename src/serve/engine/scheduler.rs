@@ -25,8 +25,9 @@
 //! (keys turned to their new positions), and chunks stop where the next
 //! run starts.
 
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::detok::Detokenizer;
@@ -44,9 +45,6 @@ use crate::serve::error::ApiError;
 /// on the step, and one long step computes a prompt faster than several
 /// short ones (each reads all the weights).
 pub const SOLO_PREFILL: usize = 512;
-
-/// How often an idle engine reads the meter (idle energy, power gauge).
-const IDLE_TICK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One admitted sequence.
 struct Slot {
@@ -135,11 +133,13 @@ pub(super) struct Engine<'a, M> {
     pool: Option<Arc<KvPool>>,
     tables: TokenTables,
     metrics: &'a Metrics,
-    acc: &'a mut Accounting,
+    /// The series of the whole process (the pool's gauges).
+    process: &'a Metrics,
+    /// The process's meter and carbon conversion, shared by every model's engine.
+    acc: &'a RefCell<Accounting>,
     config: EngineConfig,
     waiting: std::collections::VecDeque<Job>,
     slots: Vec<Slot>,
-    last_tick: Instant,
     admitted: u64,
     /// Recent sequences' cached runs (exact continuations of a prompt's
     /// cached prefix; moved runs with `--cache-reuse`) and the turn that moves keys.
@@ -153,7 +153,8 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         pool: Option<Arc<KvPool>>,
         tables: TokenTables,
         metrics: &'a Metrics,
-        acc: &'a mut Accounting,
+        process: &'a Metrics,
+        acc: &'a RefCell<Accounting>,
         config: EngineConfig,
     ) -> Self {
         let sharing = pool.as_ref().is_some_and(|p| p.sharing());
@@ -168,11 +169,11 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             pool,
             tables,
             metrics,
+            process,
             acc,
             config,
             waiting: std::collections::VecDeque::new(),
             slots: Vec::new(),
-            last_tick: Instant::now(),
             admitted: 0,
             moved,
         };
@@ -180,30 +181,25 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         engine
     }
 
-    pub(super) fn run(&mut self, rx: &std_mpsc::Receiver<Job>) {
-        loop {
-            if self.slots.is_empty() && self.waiting.is_empty() {
-                match rx.recv_timeout(IDLE_TICK) {
-                    Ok(job) => self.waiting.push_back(job),
-                    Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                        self.record_idle();
-                        continue;
-                    }
-                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-                // Energy up to now was idle; from here it belongs to steps.
-                self.record_idle();
-            }
-            while let Ok(job) = rx.try_recv() {
-                self.waiting.push_back(job);
-            }
-            self.reap();
-            self.admit();
-            if self.slots.iter().any(|s| !s.parked) {
-                self.step();
-            }
-            self.record_pool();
+    /// Whether nothing waits or runs.
+    pub(super) fn is_idle(&self) -> bool {
+        self.slots.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Queues a job that arrived.
+    pub(super) fn push(&mut self, job: Job) {
+        self.waiting.push_back(job);
+    }
+
+    /// One turn: reaps, admits, runs one step when any slot is active, and
+    /// publishes the pool's state.
+    pub(super) fn turn(&mut self) {
+        self.reap();
+        self.admit();
+        if self.slots.iter().any(|s| !s.parked) {
+            self.step();
         }
+        self.record_pool();
     }
 
     /// Closes the slots whose client left, before they cost another step
@@ -225,13 +221,14 @@ impl<'a, M: EngineModel> Engine<'a, M> {
 
     /// Whether a sequence needing `need` more blocks fits beside the
     /// active slots' remaining prompts and one block of growth for each
-    /// decoding slot (always, when nothing else runs: `submit` refused
-    /// what the whole pool cannot hold).
+    /// decoding slot (when none of this model runs, whether the blocks
+    /// other models hold leave room; with the whole pool free, always:
+    /// `submit` refused what the whole pool cannot hold).
     fn fits(&self, need: usize) -> bool {
         let Some(pool) = &self.pool else { return true };
         let active: Vec<&Slot> = self.slots.iter().filter(|s| !s.parked).collect();
         if active.is_empty() {
-            return true;
+            return pool.available() >= need.min(pool.blocks());
         }
         let promised: usize = active
             .iter()
@@ -588,7 +585,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             }
             self.model.step(&mut batch)
         };
-        let joules = self.acc.attributor.step(&shares);
+        let joules = self.acc.borrow_mut().attributor.step(&shares);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -687,40 +684,18 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         self.finish_done();
     }
 
-    /// Publishes the pool's block counts.
+    /// Publishes the pool's block counts (the process's: one pool for every model).
     fn record_pool(&self) {
         let Some(pool) = &self.pool else { return };
         let u = pool.usage();
-        let model = self.metrics.model();
+        let label = self.process.model();
         for (state, n) in [("in_use", u.in_use), ("cached", u.cached), ("free", u.free)] {
-            self.metrics.kv_blocks.with_label_values(&[model, state]).set(n as i64);
+            self.process.kv_blocks.with_label_values(&[label, state]).set(n as i64);
         }
-        self.metrics
+        self.process
             .kv_usage
-            .with_label_values(&[model])
+            .with_label_values(&[label])
             .set(u.in_use as f64 / u.total.max(1) as f64);
-    }
-
-    /// Books the energy since the last reading as idle and updates the gauges.
-    fn record_idle(&mut self) {
-        let joules = self.acc.attributor.idle();
-        let secs = self.last_tick.elapsed().as_secs_f64();
-        self.last_tick = Instant::now();
-        let source = self.acc.attributor.meter().source().as_str();
-        self.metrics
-            .add_energy(source, joules, true, self.acc.carbon.grams(joules));
-        if secs > 0.0 && self.slots.is_empty() {
-            self.metrics
-                .power_watts
-                .with_label_values(&[self.metrics.model()])
-                .set(joules / secs);
-        }
-        if let Some(mem) = self.acc.attributor.meter().gpu_memory_bytes() {
-            self.metrics
-                .gpu_memory
-                .with_label_values(&[self.metrics.model()])
-                .set(mem as f64);
-        }
     }
 
     /// Picks and emits the next token of a slot whose logits are ready.
@@ -821,14 +796,17 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             .generation_tokens
             .with_label_values(&label)
             .inc_by(generated as u64);
-        let source = self.acc.attributor.meter().source().as_str();
-        let cost = Cost {
-            energy_joules: slot.joules,
-            flops: slot.flops,
-            co2_grams: self.acc.carbon.grams(slot.joules),
-            gpu_memory_bytes: self.acc.attributor.meter().gpu_memory_bytes(),
-            energy_source: source,
+        let cost = {
+            let mut acc = self.acc.borrow_mut();
+            Cost {
+                energy_joules: slot.joules,
+                flops: slot.flops,
+                co2_grams: acc.carbon.grams(slot.joules),
+                gpu_memory_bytes: acc.attributor.meter().gpu_memory_bytes(),
+                energy_source: acc.attributor.meter().source().as_str(),
+            }
         };
+        let source = cost.energy_source;
         metrics.add_energy(source, slot.joules, false, cost.co2_grams);
         metrics.flops.with_label_values(&label).inc_by(cost.flops as f64);
         if generated > 0 {

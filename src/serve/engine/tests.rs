@@ -1,6 +1,7 @@
 //! The engine on a fake model (no weights): admission order, batch limits,
 //! cancellation, queue overflow, prefix sharing and eviction from the KV
-//! pool, queueing and preemption when the pool is full.
+//! pool, queueing and preemption when the pool is full; two models side by
+//! side (turns, one pool, the meter split between them).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -23,11 +24,17 @@ const FAKE_SHAPE: KvShape = KvShape {
 /// One sequence's part of one step: its first input token and how many tokens it ran.
 type StepLog = Arc<Mutex<Vec<Vec<(u32, usize)>>>>;
 
-/// A model whose greedy next token is always the last input token + 1.
+/// A model whose greedy next token is always the last input token +
+/// `stride` (1 unless set).
 struct FakeModel {
     vocab: usize,
     delay: Duration,
     log: StepLog,
+    stride: usize,
+    shape: KvShape,
+    /// Joules each step adds to this meter per token it runs, and the log
+    /// of which model ran each step.
+    metered: Option<(FakeMeter, f64, usize, Arc<Mutex<Vec<usize>>>)>,
 }
 
 impl EngineModel for FakeModel {
@@ -36,7 +43,7 @@ impl EngineModel for FakeModel {
     }
 
     fn kv_shape(&self) -> Option<KvShape> {
-        Some(FAKE_SHAPE)
+        Some(self.shape)
     }
 
     fn new_cache(&self, capacity: usize) -> crate::model::error::Result<KvCache> {
@@ -49,6 +56,11 @@ impl EngineModel for FakeModel {
             .lock()
             .unwrap()
             .push(seqs.iter().map(|s| (s.tokens[0], s.tokens.len())).collect());
+        if let Some((meter, per_token, id, order)) = &self.metered {
+            let tokens: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+            *meter.joules.lock().unwrap() += per_token * tokens as f64;
+            order.lock().unwrap().push(*id);
+        }
         let mut out = Vec::new();
         for s in seqs.iter_mut() {
             assert!(s.cache.len() + s.tokens.len() <= s.cache.capacity(), "cache overflow");
@@ -59,7 +71,7 @@ impl EngineModel for FakeModel {
             };
             let mut logits = vec![0f32; rows.len() * self.vocab];
             for (r, &t) in rows.iter().enumerate() {
-                logits[r * self.vocab + (t as usize + 1) % self.vocab] = 10.0;
+                logits[r * self.vocab + (t as usize + self.stride) % self.vocab] = 10.0;
             }
             out.push(Tensor::from_vec(logits, (rows.len(), self.vocab), &Device::Cpu)?);
         }
@@ -86,11 +98,11 @@ fn start(config: EngineConfig, delay: Duration) -> Fixture {
         vocab,
         delay,
         log: Arc::clone(&log),
+        stride: 1,
+        shape: FAKE_SHAPE,
+        metered: None,
     };
-    let tables = TokenTables {
-        token_bytes: Arc::new((0..vocab).map(|i| format!("<{i}>").into_bytes()).collect()),
-        special: Arc::new(vec![false; vocab]),
-    };
+    let tables = tables(vocab);
     let metrics = Metrics::new("fake");
     let accounting = Accounting {
         attributor: Attributor::new(Box::new(FakeMeter::default())).unwrap(),
@@ -103,6 +115,13 @@ fn start(config: EngineConfig, delay: Duration) -> Fixture {
         std::thread::sleep(Duration::from_millis(1));
     }
     Fixture { handle, log, metrics }
+}
+
+fn tables(vocab: usize) -> TokenTables {
+    TokenTables {
+        token_bytes: Arc::new((0..vocab).map(|i| format!("<{i}>").into_bytes()).collect()),
+        special: Arc::new(vec![false; vocab]),
+    }
 }
 
 /// Limits, with a KV pool of `kv_blocks` blocks.
@@ -352,4 +371,75 @@ fn a_prompt_arriving_during_another_with_its_prefix_waits_for_its_blocks() {
     eprintln!("computed {computed}: {:?}", f.log.lock().unwrap());
     assert_eq!(da.cached_tokens + db.cached_tokens, 600 / KV_BLOCK * KV_BLOCK);
     assert_eq!(computed, 601 + 601 - (600 / KV_BLOCK * KV_BLOCK) as u64);
+}
+
+#[test]
+fn two_models_take_turns_share_one_pool_and_split_the_meter() {
+    let vocab = 256;
+    let meter = FakeMeter::default();
+    *meter.joules.lock().unwrap() = 1000.0; // before start: not counted
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let process = Metrics::new("a").process();
+    let small = KvShape {
+        layers: 2,
+        ..FAKE_SHAPE
+    };
+    let specs: Vec<EngineSpec<FakeModel>> = [(1, FAKE_SHAPE, 0.01), (2, small, 0.03)]
+        .into_iter()
+        .enumerate()
+        .map(|(id, (stride, shape, per_token))| {
+            let model = FakeModel {
+                vocab,
+                delay: Duration::from_millis(1),
+                log: StepLog::default(),
+                stride,
+                shape,
+                metered: Some((meter.clone(), per_token, id, Arc::clone(&order))),
+            };
+            EngineSpec {
+                load: Box::new(move || Ok(model)),
+                tables: tables(vocab),
+                metrics: if id == 0 {
+                    Metrics::new("a")
+                } else {
+                    process.for_model("b")
+                },
+                config: config(4, 16, 16),
+            }
+        })
+        .collect();
+    let metrics: Vec<Metrics> = specs.iter().map(|s| s.metrics.clone()).collect();
+    let accounting = Accounting {
+        attributor: Attributor::new(Box::new(meter.clone())).unwrap(),
+        carbon: Carbon::new(475.0, 1.0).unwrap(),
+    };
+    let (handles, _thread) = spawn_many(specs, process.clone(), accounting);
+    wait_until("both models are loaded", || handles.iter().all(|h| h.is_ready()));
+    *meter.joules.lock().unwrap() += 5.0; // idle
+    let rxs: Vec<_> = handles
+        .iter()
+        .map(|h| h.submit(vec![request(vec![10, 11], 40)]).unwrap().pop().unwrap())
+        .collect();
+    let done: Vec<(String, Done)> = rxs.into_iter().map(collect).collect();
+    assert!(done[0].0.starts_with("<12><13><14>"), "model a: {}", done[0].0);
+    assert!(done[1].0.starts_with("<13><15><17>"), "model b: {}", done[1].0);
+    // Once both run, they alternate step by step.
+    let order = order.lock().unwrap().clone();
+    let first_b = order.iter().position(|&m| m == 1).unwrap();
+    let window = &order[first_b..first_b + 30];
+    assert!(
+        window.windows(2).all(|w| w[0] != w[1]),
+        "the models did not take turns: {window:?}"
+    );
+    // The meter's every joule is in one model's requests or idle.
+    let energy = |m: &Metrics| m.energy.with_label_values(&[m.model(), "fake"]).get();
+    let idle = process.idle_energy.with_label_values(&["", "fake"]).get();
+    let total = energy(&metrics[0]) + energy(&metrics[1]) + energy(&process);
+    let metered = *meter.joules.lock().unwrap() - 1000.0;
+    assert!((total - metered).abs() < 1e-9, "booked {total} J of {metered} J");
+    assert!((idle - 5.0).abs() < 1e-9, "idle {idle}");
+    // Each model's steps were its own: b's tokens cost 3× a's.
+    let (a, b) = (energy(&metrics[0]), energy(&metrics[1]));
+    assert!((b / a - 3.0).abs() < 1e-6, "a {a} J, b {b} J");
+    assert_eq!(done[0].1.cost.energy_joules + done[1].1.cost.energy_joules, a + b);
 }

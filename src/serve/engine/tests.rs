@@ -34,8 +34,11 @@ struct FakeModel {
     shape: KvShape,
     /// Joules each step adds to this meter per token it runs, and the log
     /// of which model ran each step.
-    metered: Option<(FakeMeter, f64, usize, Arc<Mutex<Vec<usize>>>)>,
+    metered: Option<Metered>,
 }
+
+/// A fake model's meter, joules per token, its id and the log of which model ran each step.
+type Metered = (FakeMeter, f64, usize, Arc<Mutex<Vec<usize>>>);
 
 impl EngineModel for FakeModel {
     fn context_len(&self) -> usize {

@@ -9,6 +9,7 @@ use greencode::model::KvDtype;
 use greencode::serve::engine::EngineConfig;
 
 use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg};
+use greencode::serve::ModelEntry;
 
 /// `--speculate`.
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -21,8 +22,14 @@ enum SpeculateArg {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArg,
+    /// A model to serve: a folder or GGUF file (default: $GREENCODE_MODEL,
+    /// else the embedded models/tiny-coder). Repeat it to serve several
+    /// side by side as `NAME=PATH` (the request's `model` picks one; the
+    /// first answers requests that name none), each optionally followed by
+    /// its own options, comma-separated: `quantize=q8_0`,
+    /// `speculate=off|lookup`, `draft-max=N` (default: the flags below).
+    #[arg(long = "model", value_name = "[NAME=]PATH[,OPTION...]")]
+    models: Vec<String>,
     #[command(flatten)]
     gpu: ServeDeviceArgs,
     #[command(flatten)]
@@ -81,7 +88,8 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on API routes.
     #[arg(long, env = "GREENCODE_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Model name clients send (default: the model folder's name).
+    /// Model name clients send (default: the model folder's name); one
+    /// model only (name several with --model NAME=PATH).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Seconds in-flight requests get to finish after SIGTERM.
@@ -152,8 +160,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         power_model.idle_watts = w;
     }
+    let defaults = ModelEntry {
+        name: a.served_model_name.clone(),
+        dir: std::path::PathBuf::new(),
+        quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
+        speculate_k: match a.speculate {
+            SpeculateArg::Off => 0,
+            SpeculateArg::Lookup => a.draft_max,
+        },
+        synth: a.gpu.synth()?,
+    };
+    let models = model_entries(&a.models, &defaults, a.draft_max)?;
+    if models.len() > 1 && (a.served_model_name.is_some() || defaults.synth.is_some()) {
+        bail!("--served-model-name and --synth take one model; with several, name each as --model NAME=PATH");
+    }
     greencode::serve::run(greencode::serve::ServeConfig {
-        model_dir: model_dir(&a.model)?,
+        models,
         host: a.host,
         port: a.port,
         max_queue: a.max_queue,
@@ -163,12 +185,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         kv_cache_bytes: a.kv_cache_mb.map(|mb| mb << 20),
         kv_dtype: a.kv_dtype,
         cache_reuse: a.cache_reuse,
-        speculate_k: match a.speculate {
-            SpeculateArg::Off => 0,
-            SpeculateArg::Lookup => a.draft_max,
-        },
         api_key: a.api_key,
-        served_model_name: a.served_model_name,
         shutdown_grace: std::time::Duration::from_secs(a.shutdown_grace),
         energy: match a.energy {
             EnergyArg::Auto => MeterChoice::Auto,
@@ -178,13 +195,119 @@ pub fn run(a: ServeArgs) -> Result<()> {
         },
         power_model,
         carbon,
-        quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
         device: a.gpu.device.device,
-        synth: a.gpu.synth()?,
     })
+}
+
+/// The models of the `--model` values (the default model when none), each
+/// starting from `defaults` (the global flags).
+fn model_entries(values: &[String], defaults: &ModelEntry, draft_max: usize) -> Result<Vec<ModelEntry>> {
+    if values.is_empty() {
+        return Ok(vec![ModelEntry {
+            dir: model_dir(&ModelArg { model: None })?,
+            ..defaults.clone()
+        }]);
+    }
+    values.iter().map(|v| model_entry(v, defaults, draft_max)).collect()
+}
+
+/// One `--model` value: `[NAME=]PATH[,OPTION...]`. A value that is an
+/// existing path as a whole is that path (commas or `=` in it included).
+fn model_entry(value: &str, defaults: &ModelEntry, draft_max: usize) -> Result<ModelEntry> {
+    let mut entry = defaults.clone();
+    if std::path::Path::new(value).exists() {
+        entry.dir = model_dir(&ModelArg {
+            model: Some(value.into()),
+        })?;
+        return Ok(entry);
+    }
+    let mut parts = value.split(',');
+    let head = parts.next().unwrap_or_default();
+    let path = match head.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') && !std::path::Path::new(head).exists() => {
+            entry.name = Some(name.to_owned());
+            path
+        }
+        _ => head,
+    };
+    if path.is_empty() {
+        bail!("--model {value:?}: no path (the form is [NAME=]PATH[,OPTION...])");
+    }
+    if !std::path::Path::new(path).exists() {
+        bail!("--model {value:?}: no model folder or GGUF file at {path}");
+    }
+    entry.dir = model_dir(&ModelArg {
+        model: Some(path.into()),
+    })?;
+    let mut speculate = None;
+    let mut k = None;
+    for option in parts {
+        match option.split_once('=').unwrap_or((option, "")) {
+            ("quantize", "q8_0") | ("q8_0", "") => entry.quantize_q8 = true,
+            ("quantize", "none") => entry.quantize_q8 = false,
+            ("speculate", "off") => speculate = Some(false),
+            ("speculate", "lookup") => speculate = Some(true),
+            ("draft-max", n) => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => k = Some(n),
+                _ => bail!("--model {value:?}: `draft-max` must be a whole number ≥ 1, got {n:?}"),
+            },
+            _ => bail!(
+                "--model {value:?}: unknown option {option:?} (options: quantize=q8_0|none, speculate=off|lookup, draft-max=N)"
+            ),
+        }
+    }
+    let on = speculate.unwrap_or(defaults.speculate_k > 0 || k.is_some());
+    entry.speculate_k = if on { k.unwrap_or(draft_max) } else { 0 };
+    Ok(entry)
 }
 
 /// `--kv-dtype`: f32, f16 or bf16.
 fn parse_kv_dtype(s: &str) -> Result<KvDtype, String> {
     s.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> ModelEntry {
+        ModelEntry {
+            name: None,
+            dir: Default::default(),
+            quantize_q8: false,
+            speculate_k: 0,
+            synth: None,
+        }
+    }
+
+    #[test]
+    fn a_model_value_gives_its_name_path_and_options() {
+        let dir = env!("CARGO_MANIFEST_DIR").to_owned() + "/models/tiny-coder";
+        let e = model_entry(
+            &format!("small={dir},q8_0,speculate=lookup,draft-max=4"),
+            &defaults(),
+            8,
+        )
+        .unwrap();
+        assert_eq!(e.name.as_deref(), Some("small"));
+        assert!(e.dir.ends_with("tiny-coder") && e.quantize_q8);
+        assert_eq!(e.speculate_k, 4);
+        let e = model_entry(&dir, &defaults(), 8).unwrap();
+        assert_eq!((e.name, e.speculate_k), (None, 0));
+        let lookup = ModelEntry {
+            speculate_k: 8,
+            ..defaults()
+        };
+        assert_eq!(
+            model_entry(&format!("a={dir},speculate=off"), &lookup, 8)
+                .unwrap()
+                .speculate_k,
+            0
+        );
+        let err = model_entry(&format!("a={dir},fast"), &defaults(), 8)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown option \"fast\""), "{err}");
+        assert!(model_entry("a=/no/such/dir", &defaults(), 8).is_err());
+    }
 }

@@ -73,7 +73,7 @@ pub enum ApiError {
     #[error("invalid or missing API key; send `Authorization: Bearer <key>`")]
     Unauthorized,
     /// The request names another model.
-    #[error("the model `{0}` does not exist; this server serves `{1}`")]
+    #[error("the model `{0}` does not exist; this server serves {1}")]
     ModelNotFound(String, String),
     /// No such route.
     #[error("no route for {0}")]

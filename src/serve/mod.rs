@@ -22,16 +22,42 @@ use crate::energy::{open_meter, Attributor, Carbon, MeterChoice};
 use crate::generate::loaded::OpenedModel;
 use crate::metrics::Metrics;
 
+/// One model to serve: where it comes from and the options that go with it.
+#[derive(Debug, Clone)]
+pub struct ModelEntry {
+    /// Name clients send in `model` (None: the folder's name, or the
+    /// synthetic shape's).
+    pub name: Option<String>,
+    /// Model folder or GGUF file (with `synth`, only its tokenizer is read).
+    pub dir: PathBuf,
+    /// Quantize the weights to Q8_0 at load.
+    pub quantize_q8: bool,
+    /// Most draft tokens per step with the lookup drafter (0: no speculation).
+    pub speculate_k: usize,
+    /// Serve random weights of this shape and seed, built on the device.
+    pub synth: Option<(crate::model::synth::SynthShape, u64)>,
+}
+
+impl ModelEntry {
+    /// The name clients use.
+    pub fn served_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| match self.synth {
+            Some((shape, _)) => shape.name().to_owned(),
+            None => crate::generate::locate::model_name(&self.dir),
+        })
+    }
+}
+
 /// Everything `serve` needs, resolved from the command line.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Model folder.
-    pub model_dir: PathBuf,
+    /// The models, the first being the default for requests that name none.
+    pub models: Vec<ModelEntry>,
     /// Address to bind.
     pub host: String,
     /// Port to bind (0: any free port, printed at start).
     pub port: u16,
-    /// Most requests queued or running at once; more get 429.
+    /// Most requests queued or running at once, per model; more get 429.
     pub max_queue: usize,
     /// Most sequences per engine step.
     pub max_batch: usize,
@@ -39,18 +65,14 @@ pub struct ServeConfig {
     pub prefill_chunk: usize,
     /// Share KV blocks between requests with the same prompt prefix.
     pub prefix_caching: bool,
-    /// The KV pool's size in bytes (None: the default share of free memory).
+    /// The KV pool's size in bytes, for all models (None: the default share of free memory).
     pub kv_cache_bytes: Option<usize>,
     /// How the pool stores keys and values.
     pub kv_dtype: crate::model::KvDtype,
     /// Shortest moved run of cached tokens reused with re-rotated keys (0: off).
     pub cache_reuse: usize,
-    /// Most draft tokens per step with the lookup drafter (0: no speculation).
-    pub speculate_k: usize,
     /// Required bearer token.
     pub api_key: Option<String>,
-    /// Name clients use; default the folder's name.
-    pub served_model_name: Option<String>,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
     /// Which energy meter (`--energy`).
@@ -59,42 +81,67 @@ pub struct ServeConfig {
     pub power_model: PowerModel,
     /// Grid intensity and PUE.
     pub carbon: Carbon,
-    /// Quantize the weights to Q8_0 at load.
-    pub quantize_q8: bool,
-    /// Device the model computes on (f32 on the CPU, bf16 on a GPU).
+    /// Device the models compute on (f32 on the CPU, bf16 on a GPU).
     pub device: crate::model::device::DeviceSpec,
-    /// Serve random weights of this shape and seed, built on the device
-    /// (`model_dir` then only supplies the tokenizer).
-    pub synth: Option<(crate::model::synth::SynthShape, u64)>,
+}
+
+/// A model opened (configuration and tokenizer read), its weights still to load.
+struct Opened {
+    info: Arc<prompt::ModelInfo>,
+    chat: Arc<chat::ChatTemplate>,
+    weights: crate::generate::loaded::PendingWeights,
+    path: PathBuf,
+    entry: ModelEntry,
 }
 
 /// Runs the server until SIGTERM or Ctrl-C.
 pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(!cfg.models.is_empty(), "no model to serve");
     // Configuration and tokenizer are read now; the weights load on the
     // engine thread while `/health` answers 503.
     let device = cfg.device.open()?;
     let dtype = cfg.device.dtype();
-    let opened = match cfg.synth {
-        Some((shape, seed)) => OpenedModel::synth(shape, seed, &cfg.model_dir, &device, dtype, cfg.quantize_q8)?,
-        None => OpenedModel::open(&cfg.model_dir, &device, dtype, cfg.quantize_q8)?,
+    let mut opened: Vec<Opened> = Vec::with_capacity(cfg.models.len());
+    for entry in &cfg.models {
+        let name = entry.served_name();
+        if let Some(other) = opened.iter().find(|o| o.info.name == name) {
+            anyhow::bail!(
+                "two models are served as `{name}` ({} and {}); name them apart with --model NAME=PATH",
+                other.entry.dir.display(),
+                entry.dir.display()
+            );
+        }
+        let model = match entry.synth {
+            Some((shape, seed)) => OpenedModel::synth(shape, seed, &entry.dir, &device, dtype, entry.quantize_q8)?,
+            None => OpenedModel::open(&entry.dir, &device, dtype, entry.quantize_q8)?,
+        };
+        let OpenedModel {
+            config,
+            tokenizer,
+            path,
+            weights,
+        } = model;
+        let info = Arc::new(prompt::ModelInfo::new(
+            name,
+            Arc::new(tokenizer),
+            config.max_position_embeddings,
+            config.vocab_size,
+        ));
+        opened.push(Opened {
+            info,
+            chat: Arc::new(chat::ChatTemplate::from_folder(&entry.dir)),
+            weights,
+            path,
+            entry: entry.clone(),
+        });
+    }
+    let names: Vec<String> = opened.iter().map(|o| o.info.name.clone()).collect();
+    let first = Metrics::new(&names[0]);
+    let process = if names.len() > 1 {
+        first.process()
+    } else {
+        first.clone()
     };
-    let OpenedModel {
-        config,
-        tokenizer,
-        path,
-        weights,
-    } = opened;
-    let name = cfg.served_model_name.clone().unwrap_or_else(|| match cfg.synth {
-        Some((shape, _)) => shape.name().to_owned(),
-        None => crate::generate::locate::model_name(&cfg.model_dir),
-    });
-    let info = Arc::new(prompt::ModelInfo::new(
-        name.clone(),
-        Arc::new(tokenizer),
-        config.max_position_embeddings,
-        config.vocab_size,
-    ));
-    let metrics = Metrics::new(&name);
     let meter = open_meter(cfg.energy, cfg.power_model)?;
     eprintln!(
         "greencode: energy source `{}`: {}; CO2 at {} g/kWh × PUE {}",
@@ -107,10 +154,18 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         attributor: Attributor::new(meter)?,
         carbon: cfg.carbon,
     };
-    let chat = Arc::new(chat::ChatTemplate::from_folder(&cfg.model_dir));
     let (load_tx, load_rx) = tokio::sync::oneshot::channel::<String>();
-    let (engine, _thread) = engine::spawn(
-        move || {
+    let load_tx = Arc::new(std::sync::Mutex::new(Some(load_tx)));
+    let mut specs = Vec::with_capacity(opened.len());
+    let mut served = Vec::with_capacity(opened.len());
+    for (i, o) in opened.into_iter().enumerate() {
+        let metrics = if i == 0 {
+            first.clone()
+        } else {
+            first.for_model(&o.info.name)
+        };
+        let (weights, path, load_tx) = (o.weights, o.path, Arc::clone(&load_tx));
+        let load = move || {
             weights
                 .load()
                 .inspect(|m| {
@@ -124,34 +179,47 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
                 })
                 .map(engine::ServedModel::new)
                 .map_err(|e| {
-                    let _ = load_tx.send(e.to_string());
-                    anyhow::anyhow!("{e}")
+                    let message = format!("{}: {e}", path.display());
+                    if let Some(tx) = load_tx.lock().ok().and_then(|mut t| t.take()) {
+                        let _ = tx.send(message.clone());
+                    }
+                    anyhow::anyhow!(message)
                 })
-        },
-        info.tables(),
-        metrics.clone(),
-        engine::EngineConfig {
-            max_queue: cfg.max_queue.max(1),
-            max_batch: cfg.max_batch.max(1),
-            prefill_chunk: cfg.prefill_chunk.max(1),
-            prefix_caching: cfg.prefix_caching,
-            kv_cache_bytes: cfg.kv_cache_bytes,
-            kv_dtype: cfg.kv_dtype,
-            cache_reuse: cfg.cache_reuse,
-            speculate_k: cfg.speculate_k,
-        },
-        accounting,
-    );
-    let state = routes::AppState {
-        info,
-        engine,
-        metrics,
-        api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
-        chat,
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-    };
+        };
+        specs.push(engine::EngineSpec {
+            load: Box::new(load),
+            tables: o.info.tables(),
+            metrics: metrics.clone(),
+            config: engine::EngineConfig {
+                max_queue: cfg.max_queue.max(1),
+                max_batch: cfg.max_batch.max(1),
+                prefill_chunk: cfg.prefill_chunk.max(1),
+                prefix_caching: cfg.prefix_caching,
+                kv_cache_bytes: cfg.kv_cache_bytes,
+                kv_dtype: cfg.kv_dtype,
+                cache_reuse: cfg.cache_reuse,
+                speculate_k: o.entry.speculate_k,
+            },
+        });
+        served.push((o.info, metrics, o.chat, o.entry));
+    }
+    let (handles, _thread) = engine::spawn_many(specs, process, accounting);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let states: Vec<routes::AppState> = served
+        .into_iter()
+        .zip(handles)
+        .map(|((info, metrics, chat, entry), engine)| routes::AppState {
+            info,
+            engine,
+            metrics,
+            api_key: cfg.api_key.clone().filter(|k| !k.is_empty()),
+            chat,
+            created,
+            source: entry.dir.display().to_string(),
+        })
+        .collect();
     // One I/O thread: the cores belong to the model's compute.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -163,10 +231,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}:{}", cfg.host, cfg.port))?;
         let addr = listener.local_addr()?;
-        eprintln!("greencode: serving `{name}` on http://{addr} (OpenAI API under /v1)");
+        let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        eprintln!("greencode: serving {list} on http://{addr} (OpenAI API under /v1)");
         let stopping = Arc::new(tokio::sync::Notify::new());
         let notify = Arc::clone(&stopping);
-        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+        let server = axum::serve(listener, routes::router(states)).with_graceful_shutdown(async move {
             shutdown_signal().await;
             eprintln!("greencode: shutting down, finishing in-flight requests");
             notify.notify_one();

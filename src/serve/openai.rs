@@ -604,6 +604,20 @@ pub struct ModelCard {
     pub owned_by: &'static str,
     /// Context length.
     pub max_model_len: usize,
+    /// Where it was loaded from (vLLM's `root`).
+    pub root: String,
+    /// Parameters (unique tensors; None while loading).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<u64>,
+    /// The model it was pruned from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pruned_from: Option<String>,
+    /// Parameters of that model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters_before_pruning: Option<u64>,
+    /// The weight format decode runs on (`none` for full precision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<&'static str>,
 }
 
 /// `/v1/models` response.
@@ -611,7 +625,7 @@ pub struct ModelCard {
 pub struct ModelList {
     /// `list`.
     pub object: &'static str,
-    /// The served model.
+    /// The served models.
     pub data: Vec<ModelCard>,
 }
 

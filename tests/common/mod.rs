@@ -188,22 +188,18 @@ impl Server {
         Self::start_as_is(&args, env)
     }
 
-    /// As [`Server::start_env`], with the server's own defaults (f16 KV cache).
+    /// As [`Server::start_env`], with the server's own defaults (f16 KV
+    /// cache). The model is tiny-coder unless `extra` names models.
     pub fn start_as_is(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let model = tiny_coder();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_greencode"));
-        cmd.args([
-            "--threads",
-            "1",
-            "serve",
-            "--model",
-            model.to_str().unwrap(),
-            "--port",
-            "0",
-        ])
-        .args(extra)
-        .env_remove("GREENCODE_MODEL")
-        .env_remove("GREENCODE_API_KEY");
+        cmd.args(["--threads", "1", "serve", "--port", "0"]);
+        if !extra.contains(&"--model") {
+            cmd.args(["--model", model.to_str().unwrap()]);
+        }
+        cmd.args(extra)
+            .env_remove("GREENCODE_MODEL")
+            .env_remove("GREENCODE_API_KEY");
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -42,8 +42,8 @@ pub trait EngineModel {
     fn step(&self, seqs: &mut [SeqStep<'_>]) -> crate::model::error::Result<Vec<Tensor>>;
     /// FLOPs of a forward over `new` tokens after `offset` cached ones with `rows` logits rows.
     fn flops(&self, new: usize, offset: usize, rows: usize) -> u64;
-    /// Publishes parameter counts and provenance.
-    fn describe(&self, metrics: &Metrics);
+    /// Parameter counts and provenance (published as metrics and on `/v1/models`).
+    fn facts(&self) -> ModelFacts;
     /// The RoPE frequencies cached keys are turned by when a run of them
     /// moves to other positions (None: such runs are computed again).
     fn rope_shift(&self) -> Option<RopeShift> {
@@ -91,10 +91,10 @@ impl EngineModel for ServedModel {
         Some(RopeShift::of(self.model.config()))
     }
 
-    fn describe(&self, metrics: &Metrics) {
+    fn facts(&self) -> ModelFacts {
         let c = crate::model::params::count_params(&self.model);
         let config = self.model.config();
-        metrics.set_model_facts(&ModelFacts {
+        ModelFacts {
             parameters: [
                 ("embeddings", c.embeddings),
                 ("attention", c.attention),
@@ -106,7 +106,7 @@ impl EngineModel for ServedModel {
             pruned_from: config.pruned_from.clone().unwrap_or_default(),
             quantization: self.model.quantization(),
             params_before_pruning: config.params_before_pruning,
-        });
+        }
     }
 }
 
@@ -205,6 +205,8 @@ pub struct EngineHandle {
     ready: Arc<AtomicBool>,
     /// Positions the KV pool holds (0: no pool, no bound beyond the context).
     kv_positions: Arc<AtomicUsize>,
+    /// What the model is, once loaded.
+    facts: Arc<std::sync::OnceLock<ModelFacts>>,
     metrics: Metrics,
 }
 
@@ -212,6 +214,11 @@ impl EngineHandle {
     /// Whether the model is loaded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// The model's parameter counts and provenance (None while loading).
+    pub fn facts(&self) -> Option<&ModelFacts> {
+        self.facts.get()
     }
 
     /// Queues the jobs of one request (all or none); each gets its event stream.
@@ -416,7 +423,7 @@ pub fn spawn_many<M: EngineModel + 'static>(
     let (tx, rx) = std_mpsc::channel::<(usize, Job)>();
     let ready = Arc::new(AtomicBool::new(false));
     let kv_positions = Arc::new(AtomicUsize::new(0));
-    let handles = specs
+    let handles: Vec<EngineHandle> = specs
         .iter()
         .enumerate()
         .map(|(model, spec)| EngineHandle {
@@ -426,18 +433,22 @@ pub fn spawn_many<M: EngineModel + 'static>(
             max_queue: spec.config.max_queue,
             ready: Arc::clone(&ready),
             kv_positions: Arc::clone(&kv_positions),
+            facts: Arc::default(),
             metrics: spec.metrics.clone(),
         })
         .collect();
     drop(tx);
+    let facts: Vec<_> = handles.iter().map(|h| Arc::clone(&h.facts)).collect();
     let thread = std::thread::Builder::new()
         .name("greencode-engine".into())
         .spawn(move || {
             let mut models = Vec::with_capacity(specs.len());
             let mut rest = Vec::with_capacity(specs.len());
-            for spec in specs {
+            for (spec, facts) in specs.into_iter().zip(facts) {
                 let model = (spec.load)()?;
-                model.describe(&spec.metrics);
+                let described = model.facts();
+                spec.metrics.set_model_facts(&described);
+                let _ = facts.set(described);
                 models.push(model);
                 rest.push((spec.tables, spec.metrics, spec.config));
             }

@@ -85,7 +85,14 @@ impl EngineModel for FakeModel {
         new as u64 * 1000
     }
 
-    fn describe(&self, _metrics: &Metrics) {}
+    fn facts(&self) -> ModelFacts {
+        ModelFacts {
+            parameters: [("total", 0); 6],
+            pruned_from: String::new(),
+            quantization: "none",
+            params_before_pruning: None,
+        }
+    }
 }
 
 struct Fixture {

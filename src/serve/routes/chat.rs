@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tokio::sync::mpsc;
 
-use super::{collect_completion, new_id, now_secs, AppState, CompletionPlan};
+use super::{collect_completion, new_id, now_secs, AppState, CompletionPlan, Served};
 use crate::generate::TokenLogprob;
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
@@ -121,10 +121,14 @@ fn plan_chat(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiError> 
 }
 
 pub(super) async fn chat(
-    State(state): State<AppState>,
+    State(served): State<Served>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = match served.pick(&body) {
+        Ok(state) => state,
+        Err(refused) => return *refused,
+    };
     let (plan, receivers) = match state.admit_off_thread(headers, body, plan_chat).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,

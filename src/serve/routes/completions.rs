@@ -15,7 +15,7 @@ use axum::Json;
 use tokio::sync::mpsc;
 
 use super::{collect_completion, logprobs_object, new_id, now_secs, with_truncation_header};
-use super::{AppState, CompletionPlan};
+use super::{AppState, CompletionPlan, Served};
 use crate::generate::TokenLogprob;
 use crate::serve::engine::Event;
 use crate::serve::error::ApiError;
@@ -90,10 +90,14 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
 }
 
 pub(super) async fn completions(
-    State(state): State<AppState>,
+    State(served): State<Served>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = match served.pick(&body) {
+        Ok(state) => state,
+        Err(refused) => return *refused,
+    };
     let (plan, receivers) = match state.admit_off_thread(headers, body, plan_completion).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,
@@ -111,10 +115,14 @@ pub(super) async fn completions(
 }
 
 pub(super) async fn fim(
-    State(state): State<AppState>,
+    State(served): State<Served>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = match served.pick(&body) {
+        Ok(state) => state,
+        Err(refused) => return *refused,
+    };
     let (plan, receivers) = match state.admit_off_thread(headers, body, plan_completion).await {
         Ok(admitted) => admitted,
         Err(refusal) => return *refusal,

@@ -5,39 +5,50 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::AppState;
+use super::Served;
 use crate::serve::error::ApiError;
 use crate::serve::openai::{ModelCard, ModelList};
 
-pub(super) async fn models(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(e) = state.authorize(&headers) {
-        return state.reject(e);
+pub(super) async fn models(State(served): State<Served>, headers: HeaderMap) -> Response {
+    let first = served.first();
+    if let Err(e) = first.authorize(&headers) {
+        return first.reject(e);
     }
-    Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: state.info.name.clone(),
-            object: "model",
-            created: state.created,
-            owned_by: "greencode",
-            max_model_len: state.info.context_len,
-        }],
-    })
-    .into_response()
+    let data = served
+        .0
+        .iter()
+        .map(|state| {
+            let facts = state.engine.facts();
+            let total = facts.and_then(|f| f.parameters.iter().find(|(c, _)| *c == "total"));
+            ModelCard {
+                id: state.info.name.clone(),
+                object: "model",
+                created: state.created,
+                owned_by: "greencode",
+                max_model_len: state.info.context_len,
+                root: state.source.clone(),
+                parameters: total.map(|&(_, n)| n as u64),
+                pruned_from: facts.map(|f| f.pruned_from.clone()).filter(|p| !p.is_empty()),
+                parameters_before_pruning: facts.and_then(|f| f.params_before_pruning),
+                quantization: facts.map(|f| f.quantization),
+            }
+        })
+        .collect();
+    Json(ModelList { object: "list", data }).into_response()
 }
 
-pub(super) async fn health(State(state): State<AppState>) -> Response {
-    if state.engine.is_ready() {
+pub(super) async fn health(State(served): State<Served>) -> Response {
+    if served.first().engine.is_ready() {
         (StatusCode::OK, Json(serde_json::json!({"status": "ok"}))).into_response()
     } else {
         ApiError::Unavailable("the model is still loading").into_response()
     }
 }
 
-pub(super) async fn metrics(State(state): State<AppState>) -> Response {
+pub(super) async fn metrics(State(served): State<Served>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        state.metrics.render(),
+        served.first().metrics.render(),
     )
         .into_response()
 }

@@ -17,7 +17,7 @@ use axum::Json;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{with_truncation_header, AppState, CompletionPlan};
+use super::{with_truncation_header, AppState, CompletionPlan, Served};
 use crate::generate::infill_sampler::InfillRule;
 use crate::serve::engine::{Done, Event};
 use crate::serve::error::ApiError;
@@ -154,18 +154,26 @@ fn plan_completion(state: &AppState, body: &[u8]) -> Result<CompletionPlan, ApiE
 }
 
 pub(super) async fn infill(
-    State(state): State<AppState>,
+    State(served): State<Served>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = match served.pick(&body) {
+        Ok(state) => state,
+        Err(refused) => return *refused,
+    };
     answer(state, headers, body, plan_infill).await
 }
 
 pub(super) async fn completion(
-    State(state): State<AppState>,
+    State(served): State<Served>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let state = match served.pick(&body) {
+        Ok(state) => state,
+        Err(refused) => return *refused,
+    };
     answer(state, headers, body, plan_completion).await
 }
 

@@ -36,7 +36,7 @@ pub const TRUNCATED_HEADER: &str = "x-greencode-truncated-tokens";
 /// Largest request body accepted (TGI's limit).
 pub const BODY_LIMIT: usize = 2_000_000;
 
-/// What every handler shares.
+/// One served model's state: what a handler answering for it uses.
 #[derive(Clone)]
 pub struct AppState {
     /// The served model's tokenizer and tables.
@@ -51,10 +51,57 @@ pub struct AppState {
     pub chat: Arc<ChatTemplate>,
     /// Unix seconds when the server started.
     pub created: u64,
+    /// Where the model was loaded from.
+    pub source: String,
 }
 
-/// The router with every route.
-pub fn router(state: AppState) -> Router {
+/// Every served model's state, the first answering requests that name no model.
+#[derive(Clone)]
+pub struct Served(Arc<Vec<AppState>>);
+
+/// The part of a request body that picks the model.
+#[derive(serde::Deserialize)]
+struct ModelField {
+    model: Option<serde_json::Value>,
+}
+
+impl Served {
+    /// The default model (the first served).
+    fn first(&self) -> &AppState {
+        &self.0[0]
+    }
+
+    /// The model a request body names. With one model served any name is
+    /// that model (as llama-server answers: editors are configured with
+    /// names of their own); with several, an unknown name is refused (404)
+    /// and a body without one (or one that is not JSON, refused later with
+    /// the reason) goes to the first.
+    fn pick(&self, body: &Result<Bytes, BytesRejection>) -> Result<AppState, Box<Response>> {
+        if self.0.len() == 1 {
+            return Ok(self.first().clone());
+        }
+        let name = match body {
+            Ok(bytes) => serde_json::from_slice::<ModelField>(bytes).ok().and_then(|f| f.model),
+            Err(_) => None,
+        };
+        match name {
+            Some(serde_json::Value::String(name)) => match self.0.iter().find(|s| s.info.name == name) {
+                Some(state) => Ok(state.clone()),
+                None => {
+                    let served = self.0.iter().map(|s| format!("`{}`", s.info.name)).collect::<Vec<_>>();
+                    let first = self.first();
+                    Err(Box::new(first.reject(ApiError::ModelNotFound(name, served.join(", ")))))
+                }
+            },
+            _ => Ok(self.first().clone()),
+        }
+    }
+}
+
+/// The router with every route, for the served models (at least one).
+pub fn router(states: Vec<AppState>) -> Router {
+    assert!(!states.is_empty(), "a router needs a model");
+    let state = Served(Arc::new(states));
     Router::new()
         .route("/v1/completions", post(completions::completions))
         .route("/v1/fim/completions", post(completions::fim))

@@ -34,6 +34,8 @@ pub struct ModelFacts {
     pub quantization: &'static str,
     /// Parameters before pruning, when pruned.
     pub params_before_pruning: Option<u64>,
+    /// Bytes its weights hold in memory, as loaded.
+    pub weight_bytes: u64,
 }
 
 /// The server's metrics and the registry that renders them.
@@ -99,6 +101,8 @@ pub struct Metrics {
     pub model_info: GaugeVec,
     /// Parameters of the model a pruned model was made from (absent if not pruned).
     pub pruned_from_parameters: GaugeVec,
+    /// Bytes the served model's weights hold in memory.
+    pub weight_bytes: GaugeVec,
 }
 
 impl Metrics {
@@ -254,6 +258,11 @@ impl Metrics {
                 "Parameters of the model the served model was pruned from.",
                 &["model", "pruned_from"],
             ),
+            weight_bytes: fgauge(
+                "greencode_model_weight_bytes",
+                "Bytes the served model's weights hold in memory, as loaded.",
+                &["model"],
+            ),
             registry,
             model: model.to_owned(),
         };
@@ -304,6 +313,9 @@ impl Metrics {
         self.model_info
             .with_label_values(&[&self.model, &facts.pruned_from, facts.quantization])
             .set(1.0);
+        self.weight_bytes
+            .with_label_values(&[&self.model])
+            .set(facts.weight_bytes as f64);
         if let Some(before) = facts.params_before_pruning {
             self.pruned_from_parameters
                 .with_label_values(&[&self.model, &facts.pruned_from])

@@ -1,6 +1,7 @@
-//! The Grafana dashboard against a real Prometheus scraping a real greencode:
-//! every PromQL expression evaluates, and the energy, token and latency
-//! panels return data.
+//! The Grafana dashboard against a real Prometheus scraping a real greencode
+//! serving two models side by side: every PromQL expression evaluates,
+//! queries only metrics the server exports, the energy, token and latency
+//! panels return data, and the comparison row one value per model.
 
 mod common;
 
@@ -41,7 +42,14 @@ fn every_dashboard_expression_evaluates_against_real_prometheus() {
             "no `prometheus` binary (apt-get install prometheus; .ci/run does)",
         );
     };
-    let s = Server::start(&[]);
+    let tiny = common::tiny_coder();
+    let (_pruned_dir, pruned) = common::fast_pruned_copy();
+    let s = Server::start(&[
+        "--model",
+        &format!("orig={}", tiny.display()),
+        "--model",
+        &format!("small={},q8_0", pruned.display()),
+    ]);
     let target = s.base.trim_start_matches("http://").to_owned();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");
@@ -68,7 +76,7 @@ fn every_dashboard_expression_evaluates_against_real_prometheus() {
     while Instant::now() < deadline {
         let (st, _) = s.post(
             "/v1/completions",
-            &json!({"prompt": "def add(a, b):\n", "max_tokens": 8, "seed": sent}),
+            &json!({"model": if sent % 2 == 0 { "orig" } else { "small" }, "prompt": "def add(a, b):\n", "max_tokens": 8, "seed": sent}),
         );
         assert_eq!(st, 200);
         sent += 1;
@@ -97,6 +105,8 @@ fn every_dashboard_expression_evaluates_against_real_prometheus() {
         std::thread::sleep(Duration::from_millis(500));
     }
 
+    // Every series exists once traffic has run.
+    let (_, exported) = s.get("/metrics");
     let dash: Value = serde_json::from_str(
         &std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/greencode-dashboard.json"),
@@ -113,21 +123,56 @@ fn every_dashboard_expression_evaluates_against_real_prometheus() {
     assert!(vars.contains(&"model") && vars.contains(&"instance"));
     let mut with_data = Vec::new();
     let mut count = 0;
+    let mut comparison = Vec::new();
+    let mut in_comparison = false;
     for panel in dash["panels"].as_array().unwrap() {
         let title = panel["title"].as_str().unwrap();
+        if panel["type"] == "row" {
+            in_comparison = title.starts_with("Model comparison");
+            continue;
+        }
         for t in panel["targets"].as_array().unwrap() {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap()
+            let raw = t["expr"].as_str().unwrap();
+            for name in metric_names(raw) {
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| {
+                        name.strip_suffix(s)
+                            .filter(|b| exported.contains(&format!("# TYPE {b} histogram")))
+                    })
+                    .unwrap_or(&name);
+                // GPU memory is exported where there is a GPU (NVML).
+                assert!(
+                    exported.contains(&format!("# TYPE {base} ")) || base == "greencode_gpu_memory_used_bytes",
+                    "{title}: {name} is not a metric the server exports"
+                );
+            }
+            let expr = raw
                 .replace("$__rate_interval", "1m")
+                .replace("$__range", "1m")
                 .replace("$__interval", "15s")
                 .replace("$model", ".*")
                 .replace("$instance", ".*");
             let v = query(&prom, &expr);
             assert_eq!(v["status"], "success", "{title}: {expr}: {v}");
             count += 1;
-            if !v["data"]["result"].as_array().unwrap().is_empty() {
+            let result = v["data"]["result"].as_array().unwrap();
+            if !result.is_empty() {
                 with_data.push(title.to_owned());
+            }
+            if in_comparison {
+                let mut models: Vec<String> = result
+                    .iter()
+                    .filter(|r| {
+                        r["value"][1]
+                            .as_str()
+                            .and_then(|x| x.parse::<f64>().ok())
+                            .is_some_and(|x| x.is_finite() && x > 0.0)
+                    })
+                    .map(|r| r["metric"]["model"].as_str().unwrap_or("").to_owned())
+                    .collect();
+                models.sort();
+                comparison.push((title.to_owned(), models));
             }
         }
     }
@@ -140,12 +185,33 @@ fn every_dashboard_expression_evaluates_against_real_prometheus() {
         "Inter-token latency",
         "Power",
         "CO2 rate",
+        "Parameters saved by pruning",
     ] {
         assert!(
             with_data.iter().any(|t| t == must),
             "panel {must:?} returned no data; with data: {with_data:?}"
         );
     }
+    // The comparison row: one positive value per model on each panel.
+    assert_eq!(comparison.len(), 5, "{comparison:?}");
+    for (title, models) in &comparison {
+        assert_eq!(models, &["orig", "small"], "{title}");
+    }
+}
+
+/// The `greencode_*` metric names an expression reads.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("greencode_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_owned());
+        rest = &tail[end..];
+    }
+    out
 }
 
 fn which(name: &str) -> Result<String, ()> {

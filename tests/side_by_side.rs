@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use common::{stream_text, tiny_coder, Server};
-use greencode::data::corpus;
 use serde_json::{json, Value};
 
 struct Fixture {
@@ -19,21 +18,10 @@ struct Fixture {
     pruned: PathBuf,
 }
 
-/// tiny-coder pruned by two layers and to 512 FFN neurons (vocabulary
-/// pruned on four calibration files): a model of its own shape and tokenizer.
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let data = dir.path().join("data");
-        std::fs::create_dir(&data).unwrap();
-        let stdlib = corpus::stdlib_dir().unwrap();
-        for f in corpus::calibration_files(&stdlib).unwrap().iter().take(4) {
-            std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
-        }
-        let pruned = dir.path().join("tiny-pruned");
-        let out = common::prune_tiny(&data, &pruned, &["--drop-layers", "2", "--ffn-keep", "512"]);
-        assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+        let (dir, pruned) = common::fast_pruned_copy();
         Fixture { _dir: dir, pruned }
     })
 }

@@ -234,7 +234,7 @@ fn model_entry(value: &str, defaults: &ModelEntry, draft_max: usize) -> Result<M
         bail!("--model {value:?}: no path (the form is [NAME=]PATH[,OPTION...])");
     }
     if !std::path::Path::new(path).exists() {
-        bail!("--model {value:?}: no model folder or GGUF file at {path}");
+        bail!("--model {value:?}: model folder {path} does not exist");
     }
     entry.dir = model_dir(&ModelArg {
         model: Some(path.into()),

@@ -113,6 +113,28 @@ pub fn prune_tiny(calib: &Path, out: &Path, extra: &[&str]) -> Output {
     greencode(&args)
 }
 
+/// tiny-coder pruned by two layers and to 512 FFN neurons, its vocabulary
+/// pruned on four calibration files (a model of its own shape and
+/// tokenizer, made in seconds), in a temporary folder: (folder, model).
+#[allow(dead_code)]
+pub fn fast_pruned_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let stdlib = greencode::data::corpus::stdlib_dir().unwrap();
+    for f in greencode::data::corpus::calibration_files(&stdlib)
+        .unwrap()
+        .iter()
+        .take(4)
+    {
+        std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
+    }
+    let pruned = dir.path().join("tiny-pruned");
+    let out = prune_tiny(&data, &pruned, &["--drop-layers", "2", "--ffn-keep", "512"]);
+    assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    (dir, pruned)
+}
+
 /// Runs the greencode binary with `args`.
 pub fn greencode(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_greencode"))

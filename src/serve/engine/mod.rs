@@ -106,6 +106,7 @@ impl EngineModel for ServedModel {
             pruned_from: config.pruned_from.clone().unwrap_or_default(),
             quantization: self.model.quantization(),
             params_before_pruning: config.params_before_pruning,
+            weight_bytes: self.model.weight_bytes() as u64,
         }
     }
 }

@@ -91,6 +91,7 @@ impl EngineModel for FakeModel {
             pruned_from: String::new(),
             quantization: "none",
             params_before_pruning: None,
+            weight_bytes: 0,
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Each module is one layer and uses only the layers below it (see
 //! ARCHITECTURE.md; `tests/layering.rs` checks it): the command line (in the
-//! binary) calls `bench`, `serve`, `prune`, `recover`; they use `eval` and
+//! binary) calls `bench`, `compare`, `serve`, `prune`, `recover`; they use `eval` and
 //! `output`, which use the generation layer (`generate`) and the corpora
 //! (`data`), which use the model runtime (`model`, `tokenizer`), which uses
 //! the kernels (`cpu`, `cuda`) and candle. `energy` reads model shapes only;
@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod compare;
 pub mod cpu;
 pub mod cuda;
 pub mod data;

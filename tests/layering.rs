@@ -61,7 +61,7 @@ fn each_part_uses_only_the_parts_below_it() {
         "energy",
         "metrics",
     ];
-    let rules: [(&str, &[&str]); 14] = [
+    let rules: [(&str, &[&str]); 15] = [
         ("cpu", &[]),
         ("cuda", &[]),
         ("metrics.rs", &[]),
@@ -77,6 +77,19 @@ fn each_part_uses_only_the_parts_below_it() {
         (
             "serve",
             &["eval", "generate", "data", "model", "tokenizer", "energy", "metrics"],
+        ),
+        (
+            "compare",
+            &[
+                "eval",
+                "output",
+                "generate",
+                "data",
+                "model",
+                "tokenizer",
+                "energy",
+                "cpu",
+            ],
         ),
         (
             "bench",

@@ -105,6 +105,14 @@ pub struct BenchReport {
     /// Weight bytes a decoded token reads (every matrix once; the
     /// embedding only as the tied output matrix).
     pub weight_bytes_per_token: usize,
+    /// FLOPs of one pass (the prompt's forward and each decode step, by
+    /// the model's analytic count) per token of the pass (prompt and
+    /// generated: the basis of `joules_per_token`).
+    pub flops_per_token: f64,
+    /// The process's peak resident memory when the passes ended, bytes
+    /// (Linux's high-water mark: weights, caches and the loader's buffers).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_resident_bytes: Option<u64>,
     /// The machine's read bandwidth measured in this run on the same
     /// threads, GB/s (`None` where not measured: on a GPU).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -179,6 +187,13 @@ pub fn bench_generate(
         progress(i, &pass);
         passes.push(pass);
     }
+    let peak_resident_bytes = super::soak::peak_rss_bytes();
+    let flops = crate::energy::FlopCounter::new(&model.shapes());
+    let (p, n) = (cfg.prompt_tokens, cfg.new_tokens);
+    let pass_flops = flops.forward(p, 0, 1)
+        + (0..n.saturating_sub(1))
+            .map(|i| flops.forward(1, p + i, 1))
+            .sum::<u64>();
     let bytes = super::batch::weight_bytes_per_step(model);
     let bandwidth = cfg
         .measure_bandwidth
@@ -187,6 +202,8 @@ pub fn bench_generate(
     let decode = Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect());
     Ok(BenchReport {
         weight_bytes_per_token: bytes,
+        flops_per_token: pass_flops as f64 / (p + n) as f64,
+        peak_resident_bytes,
         bandwidth_gbs: bandwidth.map(|b| b / 1e9),
         floor_tokens_per_second: floor,
         share_of_floor: floor.map(|f| decode.median / f),

@@ -169,8 +169,19 @@ fn one(cfg: &SoakConfig, i: usize, rng: &mut impl Rng) -> Outcome {
 
 /// Resident memory of process `pid` in bytes (Linux), if readable.
 pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(&pid.to_string(), "VmRSS:")
+}
+
+/// The most resident memory this process has had, in bytes (Linux's
+/// high-water mark), if readable.
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_bytes("self", "VmHWM:")
+}
+
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn status_bytes(pid: &str, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }

@@ -10,6 +10,7 @@ use greencode::cpu::threads;
 
 mod args;
 mod bench;
+mod compare;
 mod eval;
 mod generate;
 pub mod interrupt;
@@ -50,6 +51,9 @@ pub enum Command {
     Bench(bench::BenchCommand),
     /// Write a Hugging Face folder of random weights with a real model's shape.
     Synth(synth::SynthArgs),
+    /// Compare models side by side: quality on held-out code against energy,
+    /// FLOPs, CO2 and memory (compare.json, compare.md, compare.svg).
+    Compare(compare::CompareArgs),
 }
 
 /// Parses the command line, runs the command, and reports an error as one line.
@@ -66,6 +70,7 @@ pub fn run() -> ExitCode {
         Command::Serve(a) => serve::run(a),
         Command::Bench(c) => bench::run(c, threads),
         Command::Synth(a) => synth::run(a),
+        Command::Compare(a) => compare::run(a, threads),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -221,3 +221,70 @@ fn sampled_requests_draw_the_same_tokens_with_or_without_speculation() {
         assert_eq!(got, want);
     }
 }
+
+#[test]
+fn generate_gives_the_same_tokens_with_lookup_speculation() {
+    use greencode::generate::sampling::SamplingParams;
+    use greencode::generate::{generate, Flow, GenerationRequest, LoadedModel};
+
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let fim_stops = p.tokenizer.fim().unwrap().stop.clone();
+    let mut prompts: Vec<(Vec<u32>, Vec<u32>)> = common::golden()["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (serde_json::from_value(c["ids"].clone()).unwrap(), Vec::new()))
+        .collect();
+    for body in held_out_fim() {
+        let ids = p
+            .tokenizer
+            .fim_prompt(body["prompt"].as_str().unwrap(), body["suffix"].as_str().unwrap())
+            .unwrap();
+        prompts.push((ids, fim_stops.clone()));
+    }
+    let sampled = SamplingParams {
+        temperature: 0.8,
+        top_p: 0.95,
+        seed: Some(11),
+        ..SamplingParams::default()
+    };
+    let (mut drafted, mut accepted) = (0, 0);
+    for (i, (ids, stops)) in prompts.iter().enumerate() {
+        // Every prompt greedy; every fifth also sampled with a seed.
+        let samplings = if i % 5 == 0 {
+            vec![SamplingParams::greedy(), sampled.clone()]
+        } else {
+            vec![SamplingParams::greedy()]
+        };
+        for sampling in samplings {
+            let mut req = GenerationRequest::new(ids.clone(), 32, sampling);
+            req.stop_ids = stops.clone();
+            let plain = generate(&p.model, &req, |_, _| Flow::Continue).unwrap();
+            req.speculate_k = 8;
+            let spec = generate(&p.model, &req, |_, _| Flow::Continue).unwrap();
+            assert_eq!(plain.token_ids, spec.token_ids, "prompt {i}");
+            assert_eq!(plain.finish_reason, spec.finish_reason, "prompt {i}");
+            assert_eq!((plain.drafted, plain.accepted), (0, 0));
+            drafted += spec.drafted;
+            accepted += spec.accepted;
+        }
+    }
+    assert!(
+        accepted > 100 && accepted <= drafted,
+        "drafted {drafted}, accepted {accepted}"
+    );
+
+    // The command line reports it.
+    let out = common::generate_json(
+        &common::tiny_coder(),
+        &[
+            "--prompt",
+            "x = [1, 2, 3]\ny = [1, 2, 3]\nz = [1, 2",
+            "--max-tokens",
+            "24",
+            "--speculate",
+            "lookup",
+        ],
+    );
+    assert!(out["drafted_tokens"].as_u64().unwrap() > 0, "{out}");
+}

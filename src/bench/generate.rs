@@ -28,6 +28,8 @@ pub struct BenchConfig {
     pub passes: usize,
     /// Measure the memory read bandwidth after the passes (for the floor).
     pub measure_bandwidth: bool,
+    /// Most draft tokens per step with the lookup drafter (0: no speculation).
+    pub speculate_k: usize,
 }
 
 /// One measured pass.
@@ -123,6 +125,14 @@ pub struct BenchReport {
     /// Median decode speed over that floor.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub share_of_floor: Option<f64>,
+    /// Most draft tokens per step (0: speculation off).
+    pub speculate_k: usize,
+    /// Draft tokens proposed per pass (speculation on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drafted_per_pass: Option<f64>,
+    /// Share of draft tokens the model agreed with (speculation on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_acceptance: Option<f64>,
 }
 
 /// The first `n` tokens of the benchmark text (repeated if it is shorter).
@@ -169,13 +179,17 @@ pub fn bench_generate(
         SamplingParams::greedy(),
     );
     req.ignore_stop_ids = true;
+    req.speculate_k = cfg.speculate_k;
     generate(model, &req, |_, _| Flow::Continue)?; // warm-up
     let mut passes = Vec::with_capacity(cfg.passes);
+    let (mut drafted, mut accepted) = (0usize, 0usize);
     let read = |m: &mut Option<&mut dyn Meter>| m.as_mut().and_then(|m| m.joules().ok());
     for i in 0..cfg.passes {
         let before = read(&mut meter);
         let out = generate(model, &req, |_, _| Flow::Continue)?;
         let after = read(&mut meter);
+        drafted += out.drafted;
+        accepted += out.accepted;
         let ttft = out.time_to_first_token.as_secs_f64();
         let tokens = (cfg.prompt_tokens + out.token_ids.len()) as f64;
         let pass = BenchPass {
@@ -200,7 +214,11 @@ pub fn bench_generate(
         .then(|| super::bandwidth::read_bandwidth(threads, 3));
     let floor = bandwidth.map(|bw| bw / bytes as f64);
     let decode = Spread::of(passes.iter().map(|p| p.decode_tokens_per_second).collect());
+    let speculating = cfg.speculate_k > 0;
     Ok(BenchReport {
+        speculate_k: cfg.speculate_k,
+        drafted_per_pass: speculating.then(|| drafted as f64 / cfg.passes as f64),
+        draft_acceptance: speculating.then(|| accepted as f64 / drafted.max(1) as f64),
         weight_bytes_per_token: bytes,
         flops_per_token: pass_flops as f64 / (p + n) as f64,
         peak_resident_bytes,

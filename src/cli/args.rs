@@ -50,6 +50,39 @@ impl RunQuantArg {
     }
 }
 
+/// `--speculate` and `--draft-max`: speculative decoding with the lookup drafter.
+#[derive(Args, Clone, Copy)]
+pub struct SpeculateArgs {
+    /// Speculative decoding: `lookup` drafts the tokens that followed the
+    /// latest earlier occurrence of the last few tokens (prompt, suffix and
+    /// generated text) and checks them in one step; the tokens are exactly
+    /// those generated without it (greedy, or sampled with a seed).
+    #[arg(long, value_enum, default_value_t = Speculate::Off)]
+    pub speculate: Speculate,
+    /// Most draft tokens checked per step (the draft length adapts between 1 and this).
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
+    pub draft_max: usize,
+}
+
+/// `--speculate`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Speculate {
+    /// No speculation.
+    Off,
+    /// Draft from earlier occurrences in the request's own text.
+    Lookup,
+}
+
+impl SpeculateArgs {
+    /// Most draft tokens per step (0: no speculation).
+    pub fn k(&self) -> usize {
+        match self.speculate {
+            Speculate::Off => 0,
+            Speculate::Lookup => self.draft_max,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Format {
     Text,

@@ -10,7 +10,7 @@ use greencode::generate::sampling::SamplingParams;
 use greencode::generate::{generate, Flow, GenerationRequest};
 use greencode::tokenizer::TextStream;
 
-use super::args::{open_model_on, DeviceArg, Format, ModelArg, RunQuantArg};
+use super::args::{open_model_on, DeviceArg, Format, ModelArg, RunQuantArg, SpeculateArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -20,6 +20,8 @@ pub struct GenerateArgs {
     device: DeviceArg,
     #[command(flatten)]
     run_quant: RunQuantArg,
+    #[command(flatten)]
+    speculate: SpeculateArgs,
     /// Prompt text.
     #[arg(long, conflicts_with = "prompt_file")]
     prompt: Option<String>,
@@ -102,6 +104,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
     );
     req.stop_ids = stop_ids;
+    req.speculate_k = a.speculate.k();
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
@@ -136,6 +139,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 "completion_tokens": out.token_ids.len(),
                 "tokens_per_second": out.decode_tokens_per_second(),
                 "time_to_first_token_ms": out.time_to_first_token.as_secs_f64() * 1e3,
+                "drafted_tokens": out.drafted,
+                "accepted_draft_tokens": out.accepted,
             });
             writeln!(stdout, "{obj}")?;
         }

@@ -8,17 +8,8 @@ use greencode::model::synth::SynthShape;
 use greencode::model::KvDtype;
 use greencode::serve::engine::EngineConfig;
 
-use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg};
+use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg, SpeculateArgs};
 use greencode::serve::ModelEntry;
-
-/// `--speculate`.
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum SpeculateArg {
-    /// No speculation.
-    Off,
-    /// Draft from earlier occurrences in the request's own text.
-    Lookup,
-}
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -70,16 +61,8 @@ pub struct ServeArgs {
     /// below 8 counts as 8.
     #[arg(long, value_name = "N", default_value_t = 0)]
     cache_reuse: usize,
-    /// Speculative decoding: `lookup` drafts the tokens that followed the
-    /// latest earlier occurrence of the last few tokens (prompt, suffix and
-    /// generated text) and checks them in one step; greedy requests get
-    /// exactly the tokens they get without it.
-    #[arg(long, value_enum, default_value_t = SpeculateArg::Off)]
-    speculate: SpeculateArg,
-    /// Most draft tokens checked per step (the draft length adapts per
-    /// request between 1 and this).
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
-    draft_max: usize,
+    #[command(flatten)]
+    speculate: SpeculateArgs,
     /// Old form of --no-prefix-cache: 0 turns prefix caching off, any other
     /// value leaves it on (what stays cached is now bounded by
     /// --kv-cache-mb, not by a count of requests).
@@ -164,13 +147,10 @@ pub fn run(a: ServeArgs) -> Result<()> {
         name: a.served_model_name.clone(),
         dir: std::path::PathBuf::new(),
         quantize_q8: a.run_quant.quantize == Some(RunQuant::Q8_0),
-        speculate_k: match a.speculate {
-            SpeculateArg::Off => 0,
-            SpeculateArg::Lookup => a.draft_max,
-        },
+        speculate_k: a.speculate.k(),
         synth: a.gpu.synth()?,
     };
-    let models = model_entries(&a.models, &defaults, a.draft_max)?;
+    let models = model_entries(&a.models, &defaults, a.speculate.draft_max)?;
     if models.len() > 1 && (a.served_model_name.is_some() || defaults.synth.is_some()) {
         bail!("--served-model-name and --synth take one model; with several, name each as --model NAME=PATH");
     }

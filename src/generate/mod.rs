@@ -11,6 +11,7 @@ pub mod locate;
 pub mod logprobs;
 pub mod sampling;
 pub mod sequence;
+pub mod speculate;
 pub mod stop;
 
 pub use loaded::{LoadError, LoadedModel};

@@ -1,7 +1,10 @@
 //! Single-sequence generation: prefill the prompt into a KV cache, then pick
 //! and feed one token at a time until EOS, a stop token, `max_tokens`, the
-//! context end, or the caller asks to stop. Timing is measured here so
-//! `generate` and `bench generate` report the same quantities.
+//! context end, or the caller asks to stop; with speculation on, feed the
+//! last token and the lookup drafter's guesses in one step and keep the
+//! guesses the picks agree with (the tokens are the same as without it).
+//! Timing is measured here so `generate` and `bench generate` report the
+//! same quantities.
 
 use std::time::{Duration, Instant};
 
@@ -9,6 +12,7 @@ use candle_core::DType;
 
 use super::logprobs::{token_logprob, TokenLogprob};
 use super::sampling::{Sampler, SamplingParams};
+use super::speculate;
 use crate::model::error::{ModelError, Result};
 use crate::model::LogitsFor;
 use crate::model::Qwen2;
@@ -30,6 +34,9 @@ pub struct GenerationRequest {
     pub first_token_allowed: Option<Vec<u32>>,
     /// Also return the log-probability of every prompt token (with this many alternatives).
     pub prompt_logprobs: Option<usize>,
+    /// Most draft tokens the lookup drafter proposes per step (0: no
+    /// speculation). The tokens are those generated without it.
+    pub speculate_k: usize,
 }
 
 impl GenerationRequest {
@@ -43,6 +50,7 @@ impl GenerationRequest {
             ignore_stop_ids: false,
             first_token_allowed: None,
             prompt_logprobs: None,
+            speculate_k: 0,
         }
     }
 }
@@ -81,6 +89,10 @@ pub struct GenerationOutput {
     pub decode_time: Duration,
     /// Log-probabilities of prompt tokens 1.. (when asked for).
     pub prompt_logprobs: Vec<TokenLogprob>,
+    /// Draft tokens proposed (speculative decoding).
+    pub drafted: usize,
+    /// Of those, tokens the model agreed with (each saved a step).
+    pub accepted: usize,
 }
 
 impl GenerationOutput {
@@ -128,7 +140,7 @@ pub fn generate(
     let mut first_token_at = None;
     let mut finish = FinishReason::Length;
     let mut prompt_logprobs = Vec::new();
-    let mut logits = match req.prompt_logprobs {
+    let logits = match req.prompt_logprobs {
         None => model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::Last)?,
         Some(k) => {
             let all = model.forward_cached(&req.prompt_ids, &mut cache, LogitsFor::All)?;
@@ -139,24 +151,60 @@ pub fn generate(
             all.narrow(0, n_prompt - 1, 1)?
         }
     };
-    while out.len() < budget {
-        let raw: Vec<f32> = logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?;
-        let allowed = req.first_token_allowed.as_deref().filter(|_| out.is_empty());
-        let id = sampler.next(&raw, &req.prompt_ids, &out, allowed);
-        out.push(id);
-        first_token_at.get_or_insert_with(Instant::now);
-        if !req.ignore_stop_ids && req.stop_ids.contains(&id) {
-            finish = FinishReason::Stop;
-            break;
+    // Rows of logits to pick from, in order; `draft[r]` is the token row
+    // r + 1 was computed after (speculation: row r's pick must equal it for
+    // the next row to count).
+    let mut rows: Vec<Vec<f32>> = vec![logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?];
+    let mut draft: Vec<u32> = Vec::new();
+    let mut k = speculate::START_K.min(req.speculate_k);
+    let (mut drafted, mut accepted) = (0usize, 0usize);
+    'generation: while out.len() < budget {
+        let mut held = 0;
+        for (r, raw) in rows.iter().enumerate() {
+            let allowed = req.first_token_allowed.as_deref().filter(|_| out.is_empty());
+            let id = sampler.next(raw, &req.prompt_ids, &out, allowed);
+            out.push(id);
+            first_token_at.get_or_insert_with(Instant::now);
+            if !req.ignore_stop_ids && req.stop_ids.contains(&id) {
+                finish = FinishReason::Stop;
+                break 'generation;
+            }
+            if on_token(id, raw) == Flow::Stop {
+                finish = FinishReason::Stop;
+                break 'generation;
+            }
+            if out.len() == budget {
+                break 'generation;
+            }
+            match draft.get(r) {
+                Some(&d) if d == id => held += 1,
+                _ => break,
+            }
         }
-        if on_token(id, &raw) == Flow::Stop {
-            finish = FinishReason::Stop;
-            break;
+        if !draft.is_empty() {
+            drafted += draft.len();
+            accepted += held;
+            k = speculate::next_k(draft.len(), held, req.speculate_k);
         }
-        if out.len() == budget {
-            break;
-        }
-        logits = model.forward_cached(&[id], &mut cache, LogitsFor::Last)?;
+        // The cache keeps every token but the last picked (rejected draft rows go).
+        cache.truncate(n_prompt + out.len() - 1);
+        let last = *out.last().expect("a token was picked");
+        draft = if req.speculate_k > 0 {
+            let known: Vec<u32> = req.prompt_ids.iter().chain(&out).copied().collect();
+            speculate::lookup(&known, k.min(budget - out.len() - 1))
+        } else {
+            Vec::new()
+        };
+        let tokens: Vec<u32> = std::iter::once(last).chain(draft.iter().copied()).collect();
+        let which = if draft.is_empty() {
+            LogitsFor::Last
+        } else {
+            LogitsFor::All
+        };
+        rows = model
+            .forward_cached(&tokens, &mut cache, which)?
+            .to_dtype(DType::F32)?
+            .to_vec2()?;
     }
     let end = Instant::now();
     let first = first_token_at.unwrap_or(end);
@@ -167,5 +215,7 @@ pub fn generate(
         time_to_first_token: first - start,
         decode_time: end - first,
         prompt_logprobs,
+        drafted,
+        accepted,
     })
 }

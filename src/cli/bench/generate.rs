@@ -12,7 +12,7 @@ use greencode::energy::MeterChoice;
 use greencode::model::device::DeviceSpec;
 use greencode::model::synth::{synth_model, SynthShape};
 
-use crate::cli::args::{open_model_on, DeviceArg, Format, ModelArg, RunQuant, RunQuantArg};
+use crate::cli::args::{open_model_on, DeviceArg, Format, ModelArg, RunQuant, RunQuantArg, SpeculateArgs};
 
 #[derive(Args)]
 pub struct BenchGenerateArgs {
@@ -20,6 +20,9 @@ pub struct BenchGenerateArgs {
     model: ModelArg,
     #[command(flatten)]
     run_quant: RunQuantArg,
+    /// Speculative decoding for the single-sequence benchmark.
+    #[command(flatten)]
+    speculate: SpeculateArgs,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 256)]
     prompt_tokens: usize,
@@ -43,6 +46,9 @@ pub struct BenchGenerateArgs {
 
 pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
     if a.batch.selected() {
+        if a.speculate.k() > 0 {
+            bail!("--speculate runs in the single-sequence benchmark (without --synth, --batch or a GPU --device)");
+        }
         let shape = BenchShape {
             prompt_tokens: a.prompt_tokens,
             new_tokens: a.new_tokens,
@@ -58,6 +64,7 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
         new_tokens: a.new_tokens,
         passes: a.passes,
         measure_bandwidth: a.measure_bandwidth,
+        speculate_k: a.speculate.k(),
     };
     let show = a.format == Format::Text;
     let power = PowerModel::default_for(threads::default_threads());
@@ -98,6 +105,13 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             ) {
                 println!("memory bandwidth:         {bw:.1} GB/s (read, {threads} threads, this run)");
                 println!("bandwidth floor:          {f:.1} tok/s ({:.0}% reached)", share * 100.0);
+            }
+            if let (Some(d), Some(acc)) = (report.drafted_per_pass, report.draft_acceptance) {
+                println!(
+                    "speculation (lookup):     {d:.1} draft tokens a pass, {:.0}% accepted (at most {} a step)",
+                    acc * 100.0,
+                    report.speculate_k
+                );
             }
             if let (Some(j), Some(src)) = (&report.joules_per_token, report.energy_source) {
                 let mj = |x: f64| x * 1e3;

@@ -483,7 +483,6 @@ mod detok;
 mod driver;
 mod reuse;
 mod scheduler;
-mod speculate;
 #[cfg(test)]
 mod tests;
 

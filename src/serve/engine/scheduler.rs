@@ -338,7 +338,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                 last_token_at: None,
                 finish: None,
                 stop_word: false,
-                spec_k: super::speculate::START_K.min(self.config.speculate_k),
+                spec_k: crate::generate::speculate::START_K.min(self.config.speculate_k),
                 drafted: 0,
                 accepted: 0,
                 cancelled: false,
@@ -467,7 +467,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
         let room = (req.max_tokens.saturating_sub(slot.generated.len() + 1))
             .min(slot.cache.capacity().saturating_sub(slot.cache.len() + 1));
         let known = slot.known(0, slot.known_len());
-        super::speculate::lookup(&known, slot.spec_k.min(room))
+        crate::generate::speculate::lookup(&known, slot.spec_k.min(room))
     }
 
     /// This step's inputs, oldest slot first: a decode token, or the next
@@ -493,7 +493,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
                     .generated
                     .last()
                     .expect("decoding slots have generated a token");
-                let draft = if decoders <= super::speculate::MAX_DECODING {
+                let draft = if decoders <= crate::generate::speculate::MAX_DECODING {
                     self.draft(i)
                 } else {
                     Vec::new()
@@ -670,7 +670,7 @@ impl<'a, M: EngineModel> Engine<'a, M> {
             slot.cache.truncate(start + 1 + accepted);
             slot.drafted += input.draft.len();
             slot.accepted += accepted;
-            slot.spec_k = super::speculate::next_k(input.draft.len(), accepted, self.config.speculate_k);
+            slot.spec_k = crate::generate::speculate::next_k(input.draft.len(), accepted, self.config.speculate_k);
             let label = [self.metrics.model(), "lookup"];
             self.metrics
                 .spec_drafted

@@ -1,4 +1,5 @@
-//! Speculative decoding's drafter and policy (`serve --speculate lookup`).
+//! Speculative decoding's lookup drafter and its draft-length rule
+//! (`serve`, `generate` and `bench generate` with `--speculate lookup`).
 //! Code repeats itself: identifiers, lines and whole blocks of the prompt
 //! (and of the suffix, for a fill-in-the-middle prompt) come back in the
 //! completion. The lookup drafter (vLLM's n-gram speculator, llama.cpp's
@@ -15,9 +16,10 @@
 //!
 //! Policy: the draft length starts at [`START_K`], grows by one after a fully
 //! accepted draft and halves after a fully rejected one (per sequence,
-//! between 1 and the configured maximum); and no sequence speculates in a
-//! step that decodes more than [`MAX_DECODING`] sequences, where the step
-//! is no longer bound by reading the weights and extra rows cost time.
+//! between 1 and the configured maximum); and the serving engine lets no
+//! sequence speculate in a step that decodes more than
+//! [`MAX_DECODING`] sequences, where the step is no longer bound by
+//! reading the weights and extra rows cost time.
 
 /// Longest n-gram the drafter matches; shorter ones are tried after it.
 const MAX_NGRAM: usize = 4;
@@ -26,14 +28,14 @@ const MAX_NGRAM: usize = 4;
 const MIN_NGRAM: usize = 2;
 
 /// Draft length a sequence starts with.
-pub(super) const START_K: usize = 4;
+pub const START_K: usize = 4;
 
 /// Decoding sequences in a step above which nobody speculates.
-pub(super) const MAX_DECODING: usize = 2;
+pub const MAX_DECODING: usize = 2;
 
 /// Up to `k` tokens that followed the latest earlier occurrence of the
 /// last 4, 3 or 2 tokens of `context` (the longest n-gram that occurs).
-pub(super) fn lookup(context: &[u32], k: usize) -> Vec<u32> {
+pub fn lookup(context: &[u32], k: usize) -> Vec<u32> {
     if k == 0 {
         return Vec::new();
     }
@@ -54,7 +56,7 @@ pub(super) fn lookup(context: &[u32], k: usize) -> Vec<u32> {
 }
 
 /// The next draft length after a draft of `k` tokens of which `accepted` held.
-pub(super) fn next_k(k: usize, accepted: usize, max: usize) -> usize {
+pub fn next_k(k: usize, accepted: usize, max: usize) -> usize {
     if accepted == k {
         (k + 1).min(max)
     } else if accepted == 0 {

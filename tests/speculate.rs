@@ -223,11 +223,18 @@ fn sampled_requests_draw_the_same_tokens_with_or_without_speculation() {
 }
 
 #[test]
-fn generate_gives_the_same_tokens_with_lookup_speculation() {
+fn generate_gives_the_same_tokens_with_lookup_or_a_pruned_draft_model() {
+    use greencode::generate::draft::DraftModel;
     use greencode::generate::sampling::SamplingParams;
-    use greencode::generate::{generate, Flow, GenerationRequest, LoadedModel};
+    use greencode::generate::{generate, generate_with, Flow, GenerationRequest, LoadedModel};
 
     let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    // The draft: tiny-coder pruned here (two layers, FFN 512, vocabulary
+    // pruned: its ids map back through the token text).
+    let (_dir, pruned) = common::fast_pruned_copy();
+    let d = LoadedModel::load_cpu(&pruned).unwrap();
+    assert!(d.tokenizer.vocab_size() < p.tokenizer.vocab_size());
+    let draft = DraftModel::new(d.model, &d.tokenizer, &p.tokenizer).unwrap();
     let fim_stops = p.tokenizer.fim().unwrap().stop.clone();
     let mut prompts: Vec<(Vec<u32>, Vec<u32>)> = common::golden()["cases"]
         .as_array()
@@ -249,6 +256,7 @@ fn generate_gives_the_same_tokens_with_lookup_speculation() {
         ..SamplingParams::default()
     };
     let (mut drafted, mut accepted) = (0, 0);
+    let (mut by_draft, mut held_by_draft) = (0, 0);
     for (i, (ids, stops)) in prompts.iter().enumerate() {
         // Every prompt greedy; every fifth also sampled with a seed.
         let samplings = if i % 5 == 0 {
@@ -267,8 +275,17 @@ fn generate_gives_the_same_tokens_with_lookup_speculation() {
             assert_eq!((plain.drafted, plain.accepted), (0, 0));
             drafted += spec.drafted;
             accepted += spec.accepted;
+            let with_draft = generate_with(&p.model, Some(&draft), &req, |_, _| Flow::Continue).unwrap();
+            assert_eq!(plain.token_ids, with_draft.token_ids, "prompt {i}, draft model");
+            assert_eq!(plain.finish_reason, with_draft.finish_reason, "prompt {i}, draft model");
+            by_draft += with_draft.drafted;
+            held_by_draft += with_draft.accepted;
         }
     }
+    assert!(
+        held_by_draft > 100 && held_by_draft <= by_draft,
+        "draft model: drafted {by_draft}, accepted {held_by_draft}"
+    );
     assert!(
         accepted > 100 && accepted <= drafted,
         "drafted {drafted}, accepted {accepted}"

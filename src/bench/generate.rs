@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::energy::meter::Meter;
 use crate::generate::sampling::SamplingParams;
-use crate::generate::{generate, Flow, GenerationRequest};
+use crate::generate::{generate_with, Flow, GenerationRequest};
 use crate::model::error::{ModelError, Result};
 use crate::model::Qwen2;
 use crate::tokenizer::CodeTokenizer;
@@ -157,10 +157,12 @@ pub fn check_fits(model: &Qwen2, prompt: usize, new: usize) -> Result<()> {
     Ok(())
 }
 
-/// Runs the benchmark, reading `meter` (when given) around each pass and
-/// calling `progress` after each pass.
+/// Runs the benchmark (drafting with `draft` when given and speculation is
+/// on), reading `meter` (when given) around each pass and calling
+/// `progress` after each pass.
 pub fn bench_generate(
     model: &Qwen2,
+    draft: Option<&crate::generate::draft::DraftModel>,
     tok: &CodeTokenizer,
     cfg: &BenchConfig,
     threads: usize,
@@ -180,13 +182,13 @@ pub fn bench_generate(
     );
     req.ignore_stop_ids = true;
     req.speculate_k = cfg.speculate_k;
-    generate(model, &req, |_, _| Flow::Continue)?; // warm-up
+    generate_with(model, draft, &req, |_, _| Flow::Continue)?; // warm-up
     let mut passes = Vec::with_capacity(cfg.passes);
     let (mut drafted, mut accepted) = (0usize, 0usize);
     let read = |m: &mut Option<&mut dyn Meter>| m.as_mut().and_then(|m| m.joules().ok());
     for i in 0..cfg.passes {
         let before = read(&mut meter);
-        let out = generate(model, &req, |_, _| Flow::Continue)?;
+        let out = generate_with(model, draft, &req, |_, _| Flow::Continue)?;
         let after = read(&mut meter);
         drafted += out.drafted;
         accepted += out.accepted;

@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use greencode::data::corpus;
+use greencode::generate::draft::DraftModel;
 use greencode::generate::locate;
 use greencode::generate::LoadedModel;
 use greencode::model::device::DeviceSpec;
@@ -51,7 +52,7 @@ impl RunQuantArg {
 }
 
 /// `--speculate` and `--draft-max`: speculative decoding with the lookup drafter.
-#[derive(Args, Clone, Copy)]
+#[derive(Args, Clone)]
 pub struct SpeculateArgs {
     /// Speculative decoding: `lookup` drafts the tokens that followed the
     /// latest earlier occurrence of the last few tokens (prompt, suffix and
@@ -62,6 +63,11 @@ pub struct SpeculateArgs {
     /// Most draft tokens checked per step (the draft length adapts between 1 and this).
     #[arg(long, value_name = "N", default_value_t = 8, value_parser = at_least_one)]
     pub draft_max: usize,
+    /// The draft model of `--speculate draft`: a smaller model sharing the
+    /// target's tokenizer (a pruned copy; a vocabulary-pruned one maps its
+    /// ids back through the token text).
+    #[arg(long, value_name = "DIR")]
+    pub draft: Option<PathBuf>,
 }
 
 /// `--speculate`.
@@ -71,6 +77,8 @@ pub enum Speculate {
     Off,
     /// Draft from earlier occurrences in the request's own text.
     Lookup,
+    /// Draft with a smaller model (`--draft DIR`).
+    Draft,
 }
 
 impl SpeculateArgs {
@@ -78,7 +86,24 @@ impl SpeculateArgs {
     pub fn k(&self) -> usize {
         match self.speculate {
             Speculate::Off => 0,
-            Speculate::Lookup => self.draft_max,
+            Speculate::Lookup | Speculate::Draft => self.draft_max,
+        }
+    }
+
+    /// The draft model for a target with tokenizer `target` (None unless
+    /// `--speculate draft`), loaded on the CPU.
+    pub fn draft_model(&self, target: &greencode::tokenizer::CodeTokenizer) -> Result<Option<DraftModel>> {
+        match (self.speculate, &self.draft) {
+            (Speculate::Draft, Some(dir)) => {
+                let d = LoadedModel::load_with(dir, &Device::Cpu, DType::F32, false)?;
+                Ok(Some(
+                    DraftModel::new(d.model, &d.tokenizer, target)
+                        .map_err(|e| anyhow::anyhow!("--draft {}: {e}", dir.display()))?,
+                ))
+            }
+            (Speculate::Draft, None) => bail!("--speculate draft needs --draft DIR (a pruned copy of the model)"),
+            (_, Some(_)) => bail!("--draft is the model of --speculate draft"),
+            _ => Ok(None),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use greencode::generate::sampling::SamplingParams;
-use greencode::generate::{generate, Flow, GenerationRequest};
+use greencode::generate::{generate_with, Flow, GenerationRequest};
 use greencode::tokenizer::TextStream;
 
 use super::args::{open_model_on, DeviceArg, Format, ModelArg, RunQuantArg, SpeculateArgs};
@@ -108,7 +108,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut stream = TextStream::new();
     let mut stdout = std::io::stdout().lock();
     let mut write_err = None;
-    let out = generate(&p.model, &req, |id, _| {
+    let draft = a.speculate.draft_model(tok)?;
+    let out = generate_with(&p.model, draft.as_ref(), &req, |id, _| {
         if a.format == Format::Text {
             if let Ok(Some(piece)) = stream.push(tok, id) {
                 if let Err(e) = stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()) {

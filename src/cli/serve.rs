@@ -143,6 +143,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         power_model.idle_watts = w;
     }
+    if a.speculate.speculate == super::args::Speculate::Draft || a.speculate.draft.is_some() {
+        bail!("serve speculates with --speculate lookup; a draft model (--speculate draft --draft DIR) runs in `generate` and `bench generate` for now");
+    }
     let defaults = ModelEntry {
         name: a.served_model_name.clone(),
         dir: std::path::PathBuf::new(),

@@ -5,6 +5,7 @@
 //! log-probabilities (`logprobs`) and single-sequence generation
 //! (`sequence`).
 
+pub mod draft;
 pub mod infill_sampler;
 pub mod loaded;
 pub mod locate;
@@ -16,4 +17,4 @@ pub mod stop;
 
 pub use loaded::{LoadError, LoadedModel};
 pub use logprobs::{healed_token_logprob, token_logprob, TokenLogprob};
-pub use sequence::{generate, FinishReason, Flow, GenerationOutput, GenerationRequest};
+pub use sequence::{generate, generate_with, FinishReason, Flow, GenerationOutput, GenerationRequest};

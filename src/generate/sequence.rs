@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DType;
 
+use super::draft::{DraftModel, DraftState};
 use super::logprobs::{token_logprob, TokenLogprob};
 use super::sampling::{Sampler, SamplingParams};
 use super::speculate;
@@ -120,6 +121,17 @@ pub enum Flow {
 pub fn generate(
     model: &Qwen2,
     req: &GenerationRequest,
+    on_token: impl FnMut(u32, &[f32]) -> Flow,
+) -> Result<GenerationOutput> {
+    generate_with(model, None, req, on_token)
+}
+
+/// [`generate`], drafting with `draft` instead of the lookup drafter when
+/// one is given and `req.speculate_k` > 0.
+pub fn generate_with(
+    model: &Qwen2,
+    draft_model: Option<&DraftModel>,
+    req: &GenerationRequest,
     mut on_token: impl FnMut(u32, &[f32]) -> Flow,
 ) -> Result<GenerationOutput> {
     let n_prompt = req.prompt_ids.len();
@@ -157,6 +169,10 @@ pub fn generate(
     let mut rows: Vec<Vec<f32>> = vec![logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec1()?];
     let mut draft: Vec<u32> = Vec::new();
     let mut k = speculate::START_K.min(req.speculate_k);
+    let mut drafter = match draft_model {
+        Some(d) if req.speculate_k > 0 => Some(DraftState::new(d, n_prompt + budget)?),
+        _ => None,
+    };
     let (mut drafted, mut accepted) = (0usize, 0usize);
     'generation: while out.len() < budget {
         let mut held = 0;
@@ -191,7 +207,11 @@ pub fn generate(
         let last = *out.last().expect("a token was picked");
         draft = if req.speculate_k > 0 {
             let known: Vec<u32> = req.prompt_ids.iter().chain(&out).copied().collect();
-            speculate::lookup(&known, k.min(budget - out.len() - 1))
+            let k = k.min(budget - out.len() - 1);
+            match drafter.as_mut() {
+                Some(d) => d.propose(&known, k)?,
+                None => speculate::lookup(&known, k),
+            }
         } else {
             Vec::new()
         };

@@ -70,17 +70,26 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
     let power = PowerModel::default_for(threads::default_threads());
     let mut meter = open_meter(MeterChoice::Auto, power).ok();
     let meter_ref = meter.as_deref_mut().map(|m| m as &mut dyn Meter);
-    let report = bench_generate(&p.model, &p.tokenizer, &cfg, threads, meter_ref, |i, pass| {
-        if show {
-            println!(
-                "pass {}: ttft {:.1} ms ({:.0} prompt tok/s), decode {:.1} tok/s",
-                i + 1,
-                pass.ttft_ms,
-                pass.prompt_tokens_per_second,
-                pass.decode_tokens_per_second
-            );
-        }
-    })?;
+    let draft = a.speculate.draft_model(&p.tokenizer)?;
+    let report = bench_generate(
+        &p.model,
+        draft.as_ref(),
+        &p.tokenizer,
+        &cfg,
+        threads,
+        meter_ref,
+        |i, pass| {
+            if show {
+                println!(
+                    "pass {}: ttft {:.1} ms ({:.0} prompt tok/s), decode {:.1} tok/s",
+                    i + 1,
+                    pass.ttft_ms,
+                    pass.prompt_tokens_per_second,
+                    pass.decode_tokens_per_second
+                );
+            }
+        },
+    )?;
     match a.format {
         Format::Json => println!("{}", serde_json::to_string(&report)?),
         Format::Text => {
@@ -108,7 +117,9 @@ pub fn run(a: BenchGenerateArgs, threads: usize) -> Result<()> {
             }
             if let (Some(d), Some(acc)) = (report.drafted_per_pass, report.draft_acceptance) {
                 println!(
-                    "speculation (lookup):     {d:.1} draft tokens a pass, {:.0}% accepted (at most {} a step)",
+                    "speculation ({}):{}{d:.1} draft tokens a pass, {:.0}% accepted (at most {} a step)",
+                    if a.speculate.draft.is_some() { "draft" } else { "lookup" },
+                    if a.speculate.draft.is_some() { "      " } else { "     " },
                     acc * 100.0,
                     report.speculate_k
                 );

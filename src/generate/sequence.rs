@@ -173,6 +173,8 @@ pub fn generate_with(
         Some(d) if req.speculate_k > 0 => Some(DraftState::new(d, n_prompt + budget)?),
         _ => None,
     };
+    let mut speculating = req.speculate_k > 0;
+    let mut pays = speculate::Payoff::default();
     let (mut drafted, mut accepted) = (0usize, 0usize);
     'generation: while out.len() < budget {
         let mut held = 0;
@@ -201,17 +203,28 @@ pub fn generate_with(
             drafted += draft.len();
             accepted += held;
             k = speculate::next_k(draft.len(), held, req.speculate_k);
+            pays.round(held + 1);
+            if !pays.pays() {
+                speculating = false;
+            }
         }
         // The cache keeps every token but the last picked (rejected draft rows go).
         cache.truncate(n_prompt + out.len() - 1);
         let last = *out.last().expect("a token was picked");
-        draft = if req.speculate_k > 0 {
+        draft = if speculating {
             let known: Vec<u32> = req.prompt_ids.iter().chain(&out).copied().collect();
             let k = k.min(budget - out.len() - 1);
-            match drafter.as_mut() {
+            let started = Instant::now();
+            let proposed = match drafter.as_mut() {
                 Some(d) => d.propose(&known, k)?,
                 None => speculate::lookup(&known, k),
+            };
+            // A draft model's first proposal also reads the prompt: a
+            // one-off cost, not what each round costs.
+            if drafted > 0 || drafter.is_none() {
+                pays.drafted_in(started.elapsed());
             }
+            proposed
         } else {
             Vec::new()
         };
@@ -221,10 +234,14 @@ pub fn generate_with(
         } else {
             LogitsFor::All
         };
+        let started = Instant::now();
         rows = model
             .forward_cached(&tokens, &mut cache, which)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
+        if !draft.is_empty() {
+            pays.verified_in(started.elapsed());
+        }
     }
     let end = Instant::now();
     let first = first_token_at.unwrap_or(end);

@@ -21,6 +21,55 @@
 //! [`MAX_DECODING`] sequences, where the step is no longer bound by
 //! reading the weights and extra rows cost time.
 
+/// Speculative rounds measured before [`Payoff::pays`] judges.
+const PAYOFF_ROUNDS: u32 = 4;
+
+/// Share of the plain decode speed below which speculation stops.
+const PAYOFF_FLOOR: f64 = 0.95;
+
+/// Whether drafting pays in one sequence, by measurement: tokens emitted
+/// per second of drafting and verifying, against one token per verify
+/// step (a verify step costs at least what a plain one-token step does,
+/// so the comparison leans toward speculating). A draft model whose
+/// proposals cost more than they save is switched off after
+/// [`PAYOFF_ROUNDS`] rounds; the lookup drafter costs next to nothing and
+/// always pays by this rule.
+#[derive(Debug, Default, Clone)]
+pub struct Payoff {
+    rounds: u32,
+    emitted: usize,
+    draft_secs: f64,
+    verify_secs: f64,
+}
+
+impl Payoff {
+    /// Time spent proposing a draft.
+    pub fn drafted_in(&mut self, t: std::time::Duration) {
+        self.draft_secs += t.as_secs_f64();
+    }
+
+    /// Time of a verify step.
+    pub fn verified_in(&mut self, t: std::time::Duration) {
+        self.verify_secs += t.as_secs_f64();
+    }
+
+    /// A speculative round emitted `tokens` (accepted drafts + the model's own).
+    pub fn round(&mut self, tokens: usize) {
+        self.rounds += 1;
+        self.emitted += tokens;
+    }
+
+    /// False once measured speculation runs below [`PAYOFF_FLOOR`] of plain decoding.
+    pub fn pays(&self) -> bool {
+        if self.rounds < PAYOFF_ROUNDS || self.verify_secs <= 0.0 {
+            return true;
+        }
+        let speculative = self.emitted as f64 / (self.verify_secs + self.draft_secs);
+        let plain = self.rounds as f64 / self.verify_secs;
+        speculative >= PAYOFF_FLOOR * plain
+    }
+}
+
 /// Longest n-gram the drafter matches; shorter ones are tried after it.
 const MAX_NGRAM: usize = 4;
 
@@ -84,6 +133,29 @@ mod tests {
         // Nothing repeats: no draft; k caps the proposal and the context end.
         assert!(lookup(&[1, 2, 3, 4, 5], 4).is_empty());
         assert_eq!(lookup(&[5, 6, 7, 5, 6], 8), vec![7, 5, 6]);
+    }
+
+    #[test]
+    fn a_draft_that_costs_more_than_it_saves_is_switched_off() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        // Lookup-like: drafting is free, 2 tokens a round: pays.
+        let mut p = Payoff::default();
+        for _ in 0..8 {
+            p.drafted_in(ms(0));
+            p.verified_in(ms(2));
+            p.round(2);
+        }
+        assert!(p.pays());
+        // A draft costing 6 ms a round for 3 tokens against a 2 ms step: 3/8 < 1/2.
+        let mut p = Payoff::default();
+        for i in 0..4 {
+            assert!(p.pays(), "judged after {i} rounds");
+            p.drafted_in(ms(6));
+            p.verified_in(ms(2));
+            p.round(3);
+        }
+        assert!(!p.pays());
     }
 
     #[test]

@@ -211,7 +211,7 @@ pub fn generate_with(
         // The cache keeps every token but the last picked (rejected draft rows go).
         cache.truncate(n_prompt + out.len() - 1);
         let last = *out.last().expect("a token was picked");
-        draft = if speculating {
+        draft = if speculating && out.len() > speculate::PLAIN_FIRST && !pays.wants_plain() {
             let known: Vec<u32> = req.prompt_ids.iter().chain(&out).copied().collect();
             let k = k.min(budget - out.len() - 1);
             let started = Instant::now();
@@ -239,7 +239,12 @@ pub fn generate_with(
             .forward_cached(&tokens, &mut cache, which)?
             .to_dtype(DType::F32)?
             .to_vec2()?;
-        if !draft.is_empty() {
+        if draft.is_empty() {
+            // The first decode step is cold (caches, first pages): not timed.
+            if out.len() > 1 {
+                pays.plain_in(started.elapsed());
+            }
+        } else {
             pays.verified_in(started.elapsed());
         }
     }

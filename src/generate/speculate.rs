@@ -27,19 +27,32 @@ const PAYOFF_ROUNDS: u32 = 4;
 /// Share of the plain decode speed below which speculation stops.
 const PAYOFF_FLOOR: f64 = 0.95;
 
+/// Plain one-token steps a sequence takes before it speculates: their
+/// time (the first one's excepted: a cold step) is what speculation must
+/// beat.
+pub const PLAIN_FIRST: usize = 3;
+
+/// One plain step is taken again every this many speculative rounds, so
+/// the comparison follows the machine's current speed.
+pub const PLAIN_EVERY: u32 = 8;
+
 /// Whether drafting pays in one sequence, by measurement: tokens emitted
-/// per second of drafting and verifying, against one token per verify
-/// step (a verify step costs at least what a plain one-token step does,
-/// so the comparison leans toward speculating). A draft model whose
-/// proposals cost more than they save is switched off after
-/// [`PAYOFF_ROUNDS`] rounds; the lookup drafter costs next to nothing and
-/// always pays by this rule.
+/// per second of drafting and verifying, against tokens per second of
+/// plain one-token steps (the sequence's first [`PLAIN_FIRST`] steps, and
+/// any later step that had no draft). A drafter whose proposals cost more
+/// than they save is switched off after [`PAYOFF_ROUNDS`] rounds; the
+/// lookup drafter costs next to nothing, so only verify steps much slower
+/// than plain ones switch it off.
 #[derive(Debug, Default, Clone)]
 pub struct Payoff {
     rounds: u32,
     emitted: usize,
     draft_secs: f64,
     verify_secs: f64,
+    plain_steps: u32,
+    plain_secs: f64,
+    /// A plain step is due at the next multiple of [`PLAIN_EVERY`] rounds.
+    plain_due: bool,
 }
 
 impl Payoff {
@@ -53,10 +66,23 @@ impl Payoff {
         self.verify_secs += t.as_secs_f64();
     }
 
+    /// Time of a plain one-token step.
+    pub fn plain_in(&mut self, t: std::time::Duration) {
+        self.plain_steps += 1;
+        self.plain_secs += t.as_secs_f64();
+        self.plain_due = false;
+    }
+
+    /// Whether the next step should be a plain one (to time it).
+    pub fn wants_plain(&self) -> bool {
+        self.rounds > 0 && self.rounds % PLAIN_EVERY == 0 && self.plain_due
+    }
+
     /// A speculative round emitted `tokens` (accepted drafts + the model's own).
     pub fn round(&mut self, tokens: usize) {
         self.rounds += 1;
         self.emitted += tokens;
+        self.plain_due = true;
     }
 
     /// False once measured speculation runs below [`PAYOFF_FLOOR`] of plain decoding.
@@ -65,7 +91,13 @@ impl Payoff {
             return true;
         }
         let speculative = self.emitted as f64 / (self.verify_secs + self.draft_secs);
-        let plain = self.rounds as f64 / self.verify_secs;
+        // Without a timed plain step, a verify step stands in for one (it
+        // costs at least as much: the comparison then leans toward speculating).
+        let plain = if self.plain_steps > 0 && self.plain_secs > 0.0 {
+            self.plain_steps as f64 / self.plain_secs
+        } else {
+            self.rounds as f64 / self.verify_secs
+        };
         speculative >= PAYOFF_FLOOR * plain
     }
 }
@@ -154,6 +186,16 @@ mod tests {
             p.drafted_in(ms(6));
             p.verified_in(ms(2));
             p.round(3);
+        }
+        assert!(!p.pays());
+        // 4 tokens for 8 ms would pay against the 2 ms verify step, but not
+        // against the 1.25 ms plain step measured.
+        let mut p = Payoff::default();
+        p.plain_in(ms(1) + ms(1) / 4);
+        for _ in 0..4 {
+            p.drafted_in(ms(6));
+            p.verified_in(ms(2));
+            p.round(4);
         }
         assert!(!p.pays());
     }

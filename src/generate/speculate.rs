@@ -75,7 +75,7 @@ impl Payoff {
 
     /// Whether the next step should be a plain one (to time it).
     pub fn wants_plain(&self) -> bool {
-        self.rounds > 0 && self.rounds % PLAIN_EVERY == 0 && self.plain_due
+        self.rounds > 0 && self.rounds.is_multiple_of(PLAIN_EVERY) && self.plain_due
     }
 
     /// A speculative round emitted `tokens` (accepted drafts + the model's own).

@@ -27,20 +27,7 @@ fn rel(a: f64, b: f64) -> f64 {
 
 #[test]
 fn compare_writes_the_table_and_chart_with_the_numbers_eval_and_bench_give_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir(&data).unwrap();
-    let stdlib = greencode::data::corpus::stdlib_dir().unwrap();
-    for f in greencode::data::corpus::calibration_files(&stdlib)
-        .unwrap()
-        .iter()
-        .take(4)
-    {
-        std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
-    }
-    let pruned = dir.path().join("tiny-coder-22");
-    let out = common::prune_tiny(&data, &pruned, &["--target", "0.22"]);
-    assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
+    let (dir, pruned) = common::pruned_copy("tiny-coder-22", &["--target", "0.22"]);
     let (tiny, pruned) = (tiny_coder(), pruned.to_str().unwrap().to_owned());
     let tiny = tiny.to_str().unwrap();
     let quality = ["--files", "2", "--window", "128"];

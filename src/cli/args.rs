@@ -173,6 +173,55 @@ pub fn model_dir(arg: &ModelArg) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A `--model` value of the commands that take several models (`serve`,
+/// `compare`): `[NAME=]PATH[,OPTION...]`.
+pub struct ModelValue {
+    /// The name given before `=`.
+    pub name: Option<String>,
+    /// The model folder or GGUF file.
+    pub dir: PathBuf,
+    /// The options after the path, in order (`quantize=q8_0`, `q8_0`, …).
+    pub options: Vec<String>,
+}
+
+/// Splits a `[NAME=]PATH[,OPTION...]` value. A value that is an existing
+/// path as a whole is that path (commas and `=` in it included); a path
+/// that does not exist is an error naming the value.
+pub fn model_value(value: &str) -> Result<ModelValue> {
+    if std::path::Path::new(value).exists() {
+        let dir = model_dir(&ModelArg {
+            model: Some(value.into()),
+        })?;
+        return Ok(ModelValue {
+            name: None,
+            dir,
+            options: Vec::new(),
+        });
+    }
+    let mut parts = value.split(',');
+    let head = parts.next().unwrap_or_default();
+    let (name, path) = match head.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !name.contains('/') && !std::path::Path::new(head).exists() => {
+            (Some(name.to_owned()), path)
+        }
+        _ => (None, head),
+    };
+    if path.is_empty() {
+        bail!("--model {value:?}: no path (the form is [NAME=]PATH[,OPTION...])");
+    }
+    if !std::path::Path::new(path).exists() {
+        bail!("--model {value:?}: model folder {path} does not exist");
+    }
+    let dir = model_dir(&ModelArg {
+        model: Some(path.into()),
+    })?;
+    Ok(ModelValue {
+        name,
+        dir,
+        options: parts.map(str::to_owned).collect(),
+    })
+}
+
 /// Loads the model folder of `arg` on `device` in that device's dtype.
 pub fn open_model_on(arg: &ModelArg, device: DeviceSpec, quantize_q8: bool) -> Result<LoadedModel> {
     let dir = model_dir(arg)?;

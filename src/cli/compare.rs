@@ -14,7 +14,7 @@ use greencode::eval::infill;
 use greencode::eval::sandbox::{Limits, Sandbox};
 use greencode::generate::locate;
 
-use super::args::{at_least_one, model_dir, Format, HeldOutArgs, ModelArg};
+use super::args::{at_least_one, model_value, Format, HeldOutArgs, ModelValue};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -127,25 +127,22 @@ pub fn run(a: CompareArgs, threads: usize) -> Result<()> {
     Ok(())
 }
 
-/// One `--model` value: `[NAME=]PATH[,q8_0]`; the name defaults to the
-/// folder's (with `-q8_0` when quantized at load).
+/// One `--model` value: `[NAME=]PATH[,q8_0]` (see [`model_value`]); the
+/// name defaults to the folder's (with `-q8_0` when quantized at load).
 fn model_spec(value: &str) -> Result<ModelSpec> {
-    let (head, q8) = match value.strip_suffix(",q8_0") {
-        Some(head) if !std::path::Path::new(value).exists() => (head, true),
-        _ => (value, false),
-    };
-    let (name, path) = match head.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !name.contains('/') && !std::path::Path::new(head).exists() => {
-            (Some(name.to_owned()), path)
+    let ModelValue {
+        name,
+        dir: path,
+        options,
+    } = model_value(value)?;
+    let mut q8 = false;
+    for option in &options {
+        match option.as_str() {
+            "q8_0" | "quantize=q8_0" => q8 = true,
+            "quantize=none" => q8 = false,
+            _ => bail!("--model {value:?}: unknown option {option:?} (options: q8_0)"),
         }
-        _ => (None, head),
-    };
-    if !std::path::Path::new(path).exists() {
-        bail!("--model {value:?}: model folder {path} does not exist");
     }
-    let path = model_dir(&ModelArg {
-        model: Some(path.into()),
-    })?;
     let name = name.unwrap_or_else(|| {
         let base = locate::model_name(&path);
         if q8 {

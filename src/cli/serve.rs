@@ -8,7 +8,9 @@ use greencode::model::synth::SynthShape;
 use greencode::model::KvDtype;
 use greencode::serve::engine::EngineConfig;
 
-use super::args::{at_least_one, model_dir, DeviceArg, ModelArg, RunQuant, RunQuantArg, SpeculateArgs};
+use super::args::{
+    at_least_one, model_dir, model_value, DeviceArg, ModelArg, ModelValue, RunQuant, RunQuantArg, SpeculateArgs,
+};
 use greencode::serve::ModelEntry;
 
 #[derive(Args)]
@@ -194,37 +196,17 @@ fn model_entries(values: &[String], defaults: &ModelEntry, draft_max: usize) -> 
     values.iter().map(|v| model_entry(v, defaults, draft_max)).collect()
 }
 
-/// One `--model` value: `[NAME=]PATH[,OPTION...]`. A value that is an
-/// existing path as a whole is that path (commas or `=` in it included).
+/// One `--model` value: `[NAME=]PATH[,OPTION...]` (see [`model_value`]).
 fn model_entry(value: &str, defaults: &ModelEntry, draft_max: usize) -> Result<ModelEntry> {
-    let mut entry = defaults.clone();
-    if std::path::Path::new(value).exists() {
-        entry.dir = model_dir(&ModelArg {
-            model: Some(value.into()),
-        })?;
-        return Ok(entry);
-    }
-    let mut parts = value.split(',');
-    let head = parts.next().unwrap_or_default();
-    let path = match head.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !name.contains('/') && !std::path::Path::new(head).exists() => {
-            entry.name = Some(name.to_owned());
-            path
-        }
-        _ => head,
+    let ModelValue { name, dir, options } = model_value(value)?;
+    let mut entry = ModelEntry {
+        name: name.or_else(|| defaults.name.clone()),
+        dir,
+        ..defaults.clone()
     };
-    if path.is_empty() {
-        bail!("--model {value:?}: no path (the form is [NAME=]PATH[,OPTION...])");
-    }
-    if !std::path::Path::new(path).exists() {
-        bail!("--model {value:?}: model folder {path} does not exist");
-    }
-    entry.dir = model_dir(&ModelArg {
-        model: Some(path.into()),
-    })?;
     let mut speculate = None;
     let mut k = None;
-    for option in parts {
+    for option in &options {
         match option.split_once('=').unwrap_or((option, "")) {
             ("quantize", "q8_0") | ("q8_0", "") => entry.quantize_q8 = true,
             ("quantize", "none") => entry.quantize_q8 = false,

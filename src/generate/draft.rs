@@ -9,6 +9,7 @@
 
 use candle_core::DType;
 
+use super::sampling::argmax;
 use crate::model::error::{ModelError, Result};
 use crate::model::{KvCache, LogitsFor, Qwen2};
 use crate::tokenizer::CodeTokenizer;
@@ -133,15 +134,4 @@ impl<'a> DraftState<'a> {
         }
         Ok(out)
     }
-}
-
-/// Index of the largest value (the first of equals).
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

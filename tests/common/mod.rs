@@ -118,6 +118,13 @@ pub fn prune_tiny(calib: &Path, out: &Path, extra: &[&str]) -> Output {
 /// tokenizer, made in seconds), in a temporary folder: (folder, model).
 #[allow(dead_code)]
 pub fn fast_pruned_copy() -> (tempfile::TempDir, std::path::PathBuf) {
+    pruned_copy("tiny-pruned", &["--drop-layers", "2", "--ffn-keep", "512"])
+}
+
+/// tiny-coder pruned with `extra` options on four calibration files into
+/// `name` inside a temporary folder: (folder, model).
+#[allow(dead_code)]
+pub fn pruned_copy(name: &str, extra: &[&str]) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir(&data).unwrap();
@@ -129,8 +136,8 @@ pub fn fast_pruned_copy() -> (tempfile::TempDir, std::path::PathBuf) {
     {
         std::fs::copy(f, data.join(f.file_name().unwrap())).unwrap();
     }
-    let pruned = dir.path().join("tiny-pruned");
-    let out = prune_tiny(&data, &pruned, &["--drop-layers", "2", "--ffn-keep", "512"]);
+    let pruned = dir.path().join(name);
+    let out = prune_tiny(&data, &pruned, extra);
     assert!(out.status.success(), "prune: {}", String::from_utf8_lossy(&out.stderr));
     (dir, pruned)
 }

@@ -3,8 +3,10 @@
 //! AVX-512): each decoded row within a stated tolerance of exact
 //! arithmetic on the values the kernels hold, and bit-identical whatever
 //! the batch and the threads; prompt-sized products for the block types
-//! the tiled f32 kernel on the dequantized rows, bit for bit, and for f32,
-//! bf16 and f16 the bits of each row decoded alone. Rows 1, 2, 3,
+//! the tiled f32 kernel on the dequantized rows, bit for bit (Q4_K on
+//! AVX-512 VNNI: 8-bit integer products, within f32 rounding of the rows
+//! decoded alone), and for f32, bf16 and f16 the bits of each row decoded
+//! alone. Rows 1, 2, 3,
 //! 8, 16 (matrix × vector) and 3, 17, 100 (tiled), odd block counts a row.
 //!
 //! One test in its own binary: the cap is process-wide, and no other test
@@ -52,6 +54,21 @@ fn worst_error(got: &[Vec<f32>], held: &[f32], x: &[f32], cols: usize) -> f64 {
             let exact: f64 = terms.clone().sum();
             let scale: f64 = terms.map(f64::abs).sum();
             worst = worst.max((g as f64 - exact).abs() / scale);
+        }
+    }
+    worst
+}
+
+/// The largest difference between `got` (`[rows, out]`) and the rows
+/// `want`, relative to Σ|w·x| over the values `held`.
+fn worst_difference(got: &[f32], want: &[Vec<f32>], held: &[f32], x: &[f32], cols: usize) -> f64 {
+    let mut worst = 0f64;
+    for (r, want) in want.iter().enumerate() {
+        for (o, &w) in want.iter().enumerate() {
+            let scale: f64 = (0..cols)
+                .map(|i| (held[o * cols + i] as f64 * x[r * cols + i] as f64).abs())
+                .sum();
+            worst = worst.max((got[r * want.len() + o] as f64 - w as f64).abs() / scale);
         }
     }
     worst
@@ -174,7 +191,16 @@ fn every_form_on_every_instruction_set_path() {
                 let want = matvec(&x[..rows * cols], &held, rows, cols, out, 1);
                 for threads in [1, 2] {
                     let y = product(w, out, cols, &x[..rows * cols], rows, threads, true);
-                    if matches!(form, Form::Blocks(_)) {
+                    if matches!(&form, Form::Blocks(m) if m.block_type() == BlockType::Q4K)
+                        && rows > greencode::cpu::matvec::MAX_ROWS
+                        && features::avx512vnni()
+                    {
+                        // 8-bit integer products on VNNI: the decode path's
+                        // integer sums, scaled in another order.
+                        let alone: Vec<Vec<f32>> = alone.iter().take(rows).cloned().collect();
+                        let worst = worst_difference(&y, &alone, &held, &x, cols);
+                        assert!(worst < 1e-5, "{what}: VNNI product of {rows} rows: {worst:.2e}");
+                    } else if matches!(form, Form::Blocks(_)) {
                         assert!(y == want, "{what}: tiled product of {rows} rows ({threads} threads)");
                     } else if matches!(form, Form::F32(_) | Form::Bf16(_) | Form::F16(_)) {
                         // Widened exactly, these run the decode path's

@@ -13,9 +13,11 @@
 //! here after ggml's, and Q4_K × Q8_K and Q6_K × Q8_K on AVX-512BW (ggml's
 //! AVX2 algorithms on 512-bit registers: +11–14% and another +11–18%
 //! Q4_K_M decode on the 1.5B shape).
-//! Prompt-sized products widen a task's weight rows to f32 for the tiled
-//! kernel instead (as for Q8_0), so a prompt's rows and a decoded row may
-//! differ in the last bits, as in llama.cpp.
+//! Prompt-sized products of Q4_K on AVX-512 VNNI run in 8-bit integers
+//! (`gemm_vnni`, the decode path's Q8_K activations); the other block
+//! types, and Q4_K without VNNI, widen a task's weight rows to f32 for the
+//! tiled kernel instead (as for Q8_0), so a prompt's rows and a decoded row
+//! may differ in the last bits, as in llama.cpp.
 //!
 //! A matrix holds only its blocks: a 4.5-bit Q4_K matrix occupies its file
 //! size, not the 32 bits a value of f32.
@@ -243,6 +245,14 @@ impl BlockMatrix {
     /// The blocks' bytes, as the GGUF file stores them.
     pub fn as_bytes(&self) -> &[u8] {
         with_blocks!(&self.blocks, b => to_bytes(b))
+    }
+
+    /// The Q4_K blocks, row after row, when the matrix is Q4_K.
+    pub(crate) fn q4k_blocks(&self) -> Option<&[BlockQ4K]> {
+        match &self.blocks {
+            Blocks::Q4K(b) => Some(b),
+            _ => None,
+        }
     }
 
     fn blocks_per_row(&self) -> usize {
@@ -591,6 +601,8 @@ mod avx512 {
 
     use candle_core::quantized::k_quants::{BlockQ4K, BlockQ6K, BlockQ8K};
 
+    use super::scales_and_mins;
+
     const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144 && std::mem::size_of::<BlockQ8K>() == 292);
     const _: () = assert!(std::mem::size_of::<BlockQ6K>() == 210);
 
@@ -662,7 +674,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
     unsafe fn q4k_header(xp: *const u8) -> (f32, f32, __m128i) {
         let dd = _mm_cvtph_ps(_mm_cvtsi32_si128((xp as *const i32).read_unaligned()));
-        let sm = scales_and_mins(xp.add(4));
+        let sm = scales_and_mins(&*(xp.add(4) as *const [u8; 12]));
         (
             _mm_cvtss_f32(dd),
             _mm_cvtss_f32(_mm_movehdup_ps(dd)),
@@ -779,26 +791,6 @@ mod avx512 {
             out[i] = _mm512_reduce_add_ps(acc[i]);
         }
         out
-    }
-
-    /// A Q4_K block's 12 bytes of 6-bit scales and minimums as 16 bytes:
-    /// the eight scales, then the eight minimums (ggml's word arithmetic).
-    #[inline]
-    fn scales_and_mins(s: *const u8) -> [u32; 4] {
-        const K1: u32 = 0x3f3f_3f3f;
-        const K2: u32 = 0x0f0f_0f0f;
-        const K3: u32 = 0x0303_0303;
-        // SAFETY (caller): `s` points at a block's 12 scale bytes.
-        let w = |i: usize| {
-            u32::from_le_bytes(unsafe { [*s.add(4 * i), *s.add(4 * i + 1), *s.add(4 * i + 2), *s.add(4 * i + 3)] })
-        };
-        let (w0, w1, w2) = (w(0), w(1), w(2));
-        [
-            w0 & K1,
-            (w2 & K2) | (((w0 >> 6) & K3) << 4),
-            w1 & K1,
-            ((w2 >> 4) & K2) | (((w1 >> 6) & K3) << 4),
-        ]
     }
 
     /// Lane indices that spread eight i16 scales over 32 lanes: `a` for
@@ -1027,6 +1019,23 @@ mod avx512 {
         let b = _mm256_loadu_si256(hi as *const __m256i);
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b)
     }
+}
+
+/// A Q4_K block's 12 bytes of 6-bit scales and minimums as 16 bytes:
+/// the eight scales, then the eight minimums (ggml's word arithmetic).
+#[inline]
+pub(crate) fn scales_and_mins(s: &[u8; 12]) -> [u32; 4] {
+    const K1: u32 = 0x3f3f_3f3f;
+    const K2: u32 = 0x0f0f_0f0f;
+    const K3: u32 = 0x0303_0303;
+    let w = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (w0, w1, w2) = (w(0), w(1), w(2));
+    [
+        w0 & K1,
+        (w2 & K2) | (((w0 >> 6) & K3) << 4),
+        w1 & K1,
+        ((w2 >> 4) & K2) | (((w1 >> 6) & K3) << 4),
+    ]
 }
 
 /// Row `r` of quantized input blocks for rows of `cols` values.

@@ -99,11 +99,19 @@ pub fn avx512bw() -> bool {
     avx512() && has!("avx512bw")
 }
 
+/// Whether the AVX-512 VNNI kernels run (prompt-sized Q4_K products in
+/// 8-bit integers): on top of AVX-512BW.
+pub fn avx512vnni() -> bool {
+    avx512bw() && has!("avx512vnni")
+}
+
 /// The kernel family that runs: `avx2+fma` (with AVX-512 for the Q8_0,
 /// Q4_K and Q6_K dot products and for prompt-sized products where
 /// present) or `portable`.
 pub fn kernels() -> &'static str {
-    if avx512bw() {
+    if avx512vnni() {
+        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f, q4_K prompts avx512vnni"
+    } else if avx512bw() {
         "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f"
     } else if avx512() {
         "avx2+fma, q8_0 avx512f, prompts avx512f"

@@ -13,6 +13,7 @@ pub mod f16;
 pub mod features;
 pub mod gemm;
 pub mod gemm_avx512;
+pub mod gemm_vnni;
 pub mod host_ops;
 pub mod matvec;
 pub mod quant;

@@ -3,7 +3,7 @@
 //! AVX-512): each decoded row within a stated tolerance of exact
 //! arithmetic on the values the kernels hold, and bit-identical whatever
 //! the batch and the threads; prompt-sized products for the block types
-//! the tiled f32 kernel on the dequantized rows, bit for bit (Q4_K on
+//! the tiled f32 kernel on the dequantized rows, bit for bit (Q4_K, Q6_K on
 //! AVX-512 VNNI: 8-bit integer products, within f32 rounding of the rows
 //! decoded alone), and for f32, bf16 and f16 the bits of each row decoded
 //! alone. Rows 1, 2, 3,
@@ -191,7 +191,7 @@ fn every_form_on_every_instruction_set_path() {
                 let want = matvec(&x[..rows * cols], &held, rows, cols, out, 1);
                 for threads in [1, 2] {
                     let y = product(w, out, cols, &x[..rows * cols], rows, threads, true);
-                    if matches!(&form, Form::Blocks(m) if m.block_type() == BlockType::Q4K)
+                    if matches!(&form, Form::Blocks(m) if matches!(m.block_type(), BlockType::Q4K | BlockType::Q6K))
                         && rows > greencode::cpu::matvec::MAX_ROWS
                         && features::avx512vnni()
                     {

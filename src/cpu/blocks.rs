@@ -13,9 +13,9 @@
 //! here after ggml's, and Q4_K × Q8_K and Q6_K × Q8_K on AVX-512BW (ggml's
 //! AVX2 algorithms on 512-bit registers: +11–14% and another +11–18%
 //! Q4_K_M decode on the 1.5B shape).
-//! Prompt-sized products of Q4_K on AVX-512 VNNI run in 8-bit integers
-//! (`gemm_vnni`, the decode path's Q8_K activations); the other block
-//! types, and Q4_K without VNNI, widen a task's weight rows to f32 for the
+//! Prompt-sized products of Q4_K and Q6_K on AVX-512 VNNI run in 8-bit
+//! integers (`gemm_vnni`, the decode path's Q8_K activations); the other
+//! block types, and these without VNNI, widen a task's weight rows to f32 for the
 //! tiled kernel instead (as for Q8_0), so a prompt's rows and a decoded row
 //! may differ in the last bits, as in llama.cpp.
 //!
@@ -245,14 +245,6 @@ impl BlockMatrix {
     /// The blocks' bytes, as the GGUF file stores them.
     pub fn as_bytes(&self) -> &[u8] {
         with_blocks!(&self.blocks, b => to_bytes(b))
-    }
-
-    /// The Q4_K blocks, row after row, when the matrix is Q4_K.
-    pub(crate) fn q4k_blocks(&self) -> Option<&[BlockQ4K]> {
-        match &self.blocks {
-            Blocks::Q4K(b) => Some(b),
-            _ => None,
-        }
     }
 
     fn blocks_per_row(&self) -> usize {

@@ -99,8 +99,8 @@ pub fn avx512bw() -> bool {
     avx512() && has!("avx512bw")
 }
 
-/// Whether the AVX-512 VNNI kernels run (prompt-sized Q4_K products in
-/// 8-bit integers): on top of AVX-512BW.
+/// Whether the AVX-512 VNNI kernels run (prompt-sized Q4_K and Q6_K
+/// products in 8-bit integers): on top of AVX-512BW.
 pub fn avx512vnni() -> bool {
     avx512bw() && has!("avx512vnni")
 }
@@ -110,7 +110,7 @@ pub fn avx512vnni() -> bool {
 /// present) or `portable`.
 pub fn kernels() -> &'static str {
     if avx512vnni() {
-        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f, q4_K prompts avx512vnni"
+        "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f, q4_K q6_K prompts avx512vnni"
     } else if avx512bw() {
         "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f"
     } else if avx512() {

@@ -18,7 +18,6 @@
 //! (`WeightElem`, `Operands`, the widening buffers) that splitting would
 //! have to make crate-visible.
 
-use super::blocks::BlockType;
 use super::matvec::{Projection, Weights, MAX_ROWS};
 
 /// Input rows per register tile.
@@ -30,7 +29,7 @@ const TILE_COLS: usize = 3;
 /// others, large enough that each of a prompt's input tiles is reused
 /// against many weight rows.
 const TASK_COLS: usize = 48;
-/// Output features a task of the VNNI Q4_K path computes: two register
+/// Output features a task of the VNNI k-quant path computes: two register
 /// tiles of 32 weight rows.
 const VNNI_TASK_COLS: usize = 64;
 
@@ -147,9 +146,10 @@ pub(crate) fn gemm_nt_elem<W: WeightElem>(
 /// Q8_0, bf16, f16 and block-format weights are turned into f32 a task's
 /// rows at a time.
 pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Projection<'_>], threads: usize) {
-    // Q4_K prompts on VNNI: the activations in Q8_K once for every task.
-    let q4k = |w: &Weights<'_>| matches!(w, Weights::Blocks(m) if m.block_type() == BlockType::Q4K);
-    let q8k = (rows > MAX_ROWS && super::gemm_vnni::available() && projections.iter().any(|p| q4k(&p.w)))
+    // Q4_K and Q6_K prompts on VNNI: the activations in Q8_K once for
+    // every task.
+    let integer = |w: &Weights<'_>| matches!(w, Weights::Blocks(m) if super::gemm_vnni::takes(m.block_type()));
+    let q8k = (rows > MAX_ROWS && super::gemm_vnni::available() && projections.iter().any(|p| integer(&p.w)))
         .then(|| super::gemm_vnni::Q8kRows::quantize(x, rows, inp, threads > 1));
     split_columns(
         x,
@@ -159,10 +159,10 @@ pub fn gemm_multi(x: &[f32], rows: usize, inp: usize, projections: &mut [Project
         if q8k.is_some() { VNNI_TASK_COLS } else { TASK_COLS },
         threads > 1,
         |w, cols, y| match w {
-            Weights::Blocks(m) if q8k.is_some() && m.block_type() == BlockType::Q4K => {
+            Weights::Blocks(m) if q8k.is_some() && integer(&w) => {
                 let q8k = q8k.as_ref().expect("quantized above");
                 // SAFETY: this task alone writes these columns.
-                super::gemm_vnni::q4k_columns(m, q8k, cols, |r, c, v| unsafe { y.store(r, c, v) })
+                super::gemm_vnni::columns(m, q8k, cols, |r, c, v| unsafe { y.store(r, c, v) })
             }
             // Prompts on AVX-512: the task's rows in f32, pair-interleaved,
             // through the paired tiles (the same bits as the AVX2 tiles).

@@ -308,3 +308,89 @@ fn generate_gives_the_same_tokens_with_lookup_or_a_pruned_draft_model() {
     );
     assert!(out["drafted_tokens"].as_u64().unwrap() > 0, "{out}");
 }
+
+#[test]
+fn sampled_tokens_with_speculation_follow_the_targets_distribution() {
+    // Many seeds of a lookup-speculated continuation of repetitive code
+    // (most tokens come from verify rows), sampled at temperature 0.6. For
+    // each emitted token, the target's distribution for its prefix (one
+    // forward pass over the whole text) gives the chance of each rank:
+    // the most likely token, the second, the 3rd–5th, the rest. Observed
+    // counts of those ranks against the summed chances: a chi-square test
+    // (3 degrees of freedom). A rule that keeps a likely draft token without
+    // drawing it fails it (checked by breaking `generate::sequence` on
+    // purpose: a draft token of probability above 0.2 kept undrawn).
+    use candle_core::{Tensor, D};
+    use greencode::generate::sampling::SamplingParams;
+    use greencode::generate::{generate, Flow, GenerationRequest, LoadedModel};
+
+    let p = LoadedModel::load_cpu(&common::tiny_coder()).unwrap();
+    let source: String = (0..8)
+        .map(|i| format!("def add_{i}(x):\n    return x + {i}\n\n\n"))
+        .collect();
+    let ids = p.tokenizer.encode(&source).unwrap();
+    let (mut observed, mut expected) = ([0f64; 4], [0f64; 4]);
+    let class = |rank: usize| match rank {
+        0 => 0,
+        1 => 1,
+        2..=4 => 2,
+        _ => 3,
+    };
+    let (mut drafted, mut accepted, mut n) = (0, 0, 0);
+    let temperature = 0.6;
+    for seed in 0..160 {
+        // No stop ids: every sequence draws all its tokens.
+        let sampling = SamplingParams {
+            temperature,
+            seed: Some(seed),
+            ..SamplingParams::default()
+        };
+        let mut req = GenerationRequest::new(ids.clone(), 16, sampling);
+        req.speculate_k = 8;
+        let out = generate(&p.model, &req, |_, _| Flow::Continue).unwrap();
+        drafted += out.drafted;
+        accepted += out.accepted;
+        let all: Vec<u32> = ids.iter().chain(&out.token_ids).copied().collect();
+        let logits = p
+            .model
+            .logits(
+                &Tensor::new(all.as_slice(), p.model.device())
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+                None,
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
+        let probs = candle_nn::ops::softmax(&(logits / f64::from(temperature)).unwrap(), D::Minus1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (i, &x) in out.token_ids.iter().enumerate() {
+            let row = &probs[ids.len() + i - 1];
+            let mut ranked: Vec<usize> = (0..row.len()).collect();
+            ranked.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+            for (rank, &t) in ranked.iter().enumerate() {
+                expected[class(rank)] += row[t] as f64;
+                if t == x as usize {
+                    observed[class(rank)] += 1.0;
+                }
+            }
+            n += 1;
+        }
+    }
+    let chi2: f64 = observed.iter().zip(&expected).map(|(o, e)| (o - e).powi(2) / e).sum();
+    eprintln!(
+        "ranks 1, 2, 3–5, rest: observed {observed:?}, expected {expected:.1?}; χ² {chi2:.1}; drafted {drafted}, accepted {accepted} of {n}"
+    );
+    assert!(
+        accepted > n / 4,
+        "too few drafted tokens kept to test: {accepted} of {n}"
+    );
+    // 16.27: the 0.1% critical value of χ² with 3 degrees of freedom.
+    assert!(
+        chi2 < 16.27,
+        "token frequencies differ from the target's distribution: χ² {chi2:.1}"
+    );
+}

@@ -1,5 +1,6 @@
 //! `greencode bench generate --format json` on tiny-coder: every pass timed
-//! and metered, and the memory-bandwidth floor.
+//! and metered, and the memory-bandwidth floor; `bench verify`'s step costs
+//! and the speed-ups they imply; `bench editor`.
 
 mod common;
 
@@ -106,6 +107,65 @@ fn generate_and_bench_run_quantized_to_q8_0() {
     let out = common::greencode(&["generate", "--quantize", "q4_0", "--prompt", "x"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("q8_0"));
+}
+
+#[test]
+fn bench_verify_times_steps_by_row_count_and_derives_the_speed_up() {
+    let model = common::tiny_coder();
+    let args = |acceptance: &str| {
+        common::greencode(&[
+            "bench",
+            "verify",
+            "--model",
+            model.to_str().unwrap(),
+            "--depth",
+            "40",
+            "--max-rows",
+            "4",
+            "--passes",
+            "2",
+            "--acceptance",
+            acceptance,
+            "--format",
+            "json",
+        ])
+    };
+    let out = args("0.5,0.9");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["depth"], 40);
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 4, "{r}");
+    let relative: Vec<f64> = steps.iter().map(|s| s["relative"].as_f64().unwrap()).collect();
+    assert_eq!(relative[0], 1.0);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["rows"], i + 1);
+        let ms = &s["ms"];
+        assert!(
+            ms["min"].as_f64().unwrap() > 0.0 && ms["min"].as_f64() <= ms["max"].as_f64(),
+            "{r}"
+        );
+    }
+    // The speed-up at each draft length k: (1 + a + … + a^k) / t(k + 1) · t(1).
+    for (implied, a) in r["implied"].as_array().unwrap().iter().zip([0.5f64, 0.9]) {
+        let by_draft: Vec<f64> = implied["by_draft"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(by_draft.len(), 3);
+        for (k, &v) in by_draft.iter().enumerate().map(|(i, v)| (i + 1, v)) {
+            let tokens: f64 = (0..=k).map(|i| a.powi(i as i32)).sum();
+            assert!((v - tokens / relative[k]).abs() < 1e-9 * v, "{r}");
+        }
+        let best = implied["best_draft"].as_u64().unwrap() as usize;
+        assert_eq!(implied["speed_up"].as_f64().unwrap(), by_draft[best - 1], "{r}");
+        assert!(by_draft.iter().all(|&v| v <= by_draft[best - 1]));
+    }
+    let out = args("1.5");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--acceptance 1.5"));
 }
 
 /// `bench editor --client CLIENT` against `s`, as JSON.

@@ -1,5 +1,6 @@
 //! `greencode bench`: one file per benchmark (`generate`, with its batched
-//! mode; `serve`, `editor` and `soak` against a server; `kernels`).
+//! mode; `serve`, `editor` and `soak` against a server; `kernels`;
+//! `verify`, a speculative verify step's cost).
 
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ mod generate;
 mod kernels;
 mod serve;
 mod soak;
+mod verify;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -27,6 +29,8 @@ pub enum BenchCommand {
     Soak(soak::SoakArgs),
     /// Check greencode's GPU kernels against the candle path and time both.
     Kernels(kernels::BenchKernelsArgs),
+    /// A speculative verify step's cost by row count, and the speed-up it allows.
+    Verify(verify::BenchVerifyArgs),
 }
 
 /// Runs one `bench` subcommand with `threads` compute threads.
@@ -37,6 +41,7 @@ pub fn run(command: BenchCommand, threads: usize) -> Result<()> {
         BenchCommand::Editor(a) => editor::run(a, threads),
         BenchCommand::Soak(a) => soak::run(a, threads),
         BenchCommand::Kernels(a) => kernels::run(a),
+        BenchCommand::Verify(a) => verify::run(a, threads),
     }
 }
 

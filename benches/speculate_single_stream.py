@@ -1,31 +1,79 @@
 """Single-stream greedy completions against a running server, for
 speculative decoding's before/after (#26): 50 held-out files of the
-standard library (python3's, the eval corpus), each as a FIM request (30
-lines before the middle line, 10 after) and as a left-to-right completion
-of its first 40 lines; 64 tokens each, one request at a time. Prints
-completion tokens per second of wall time (prompt included), joules per
-token from `usage.energy_joules`, and accepted/rejected draft tokens.
+standard library (python3's, the eval corpus), one request at a time, 64
+tokens each, in three sets:
 
-usage: python3 benches/speculate_single_stream.py http://127.0.0.1:8080
+- `fim`: a FIM request (30 lines before the middle line, 10 after);
+- `ltr`: a left-to-right completion of the file's first 40 lines;
+- `edit`: the file re-sent with one line changed: its first 60 lines, then
+  the same file again up to its 30th line with that line edited (a
+  trailing comment), to be continued (the next lines are in the prompt,
+  as when an editor or a chat sends a file again after an edit).
+
+Prints, per set, completion tokens per second of wall time (prompt
+included), joules per token (greencode's `usage.energy_joules`) and the
+draft tokens accepted and rejected.
+
+usage: python3 benches/speculate_single_stream.py URL [--llama] [--sets fim,ltr,edit]
+  --llama: the server is llama-server (FIM through `/infill`, the rest
+  through `/completion`; draft counts from its `timings`).
 """
-import json, sys, time, urllib.request, glob, os, sysconfig
-base = sys.argv[1]
+import argparse, glob, json, os, sysconfig, time, urllib.request
+
+ap = argparse.ArgumentParser()
+ap.add_argument("url")
+ap.add_argument("--llama", action="store_true")
+ap.add_argument("--sets", default="fim,ltr,edit")
+args = ap.parse_args()
 files = sorted(glob.glob(os.path.join(sysconfig.get_paths()['stdlib'], '*.py')))
 texts = [open(f, encoding='utf-8', errors='replace').read() for f in files]
 texts = [t for t in texts if len(t.split('\n')) >= 120][:50]
-def post(body):
-    r = urllib.request.urlopen(urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(), headers={"content-type": "application/json"}))
-    return json.loads(r.read())
-for kind in ["fim", "ltr"]:
+
+
+def post(path, body):
+    req = urllib.request.Request(args.url + path, data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    return json.loads(urllib.request.urlopen(req).read())
+
+
+def request(kind, lines):
+    """(prompt, suffix or None) of one request."""
+    at = len(lines) // 2
+    if kind == "fim":
+        return "\n".join(lines[at - 30:at]) + "\n", "\n".join(lines[at:at + 10]) + "\n"
+    if kind == "ltr":
+        return "\n".join(lines[:40]) + "\n", None
+    edited = lines[:30]
+    edited[29] = edited[29] + "  # edited"
+    return "\n".join(lines[:60]) + "\n\n" + "\n".join(edited) + "\n", None
+
+
+def complete(prompt, suffix):
+    """(tokens, joules, accepted, rejected) of one greedy completion."""
+    if args.llama:
+        common = {"n_predict": 64, "temperature": 0, "top_k": 1, "cache_prompt": False}
+        if suffix is None:
+            v = post("/completion", dict(common, prompt=prompt))
+        else:
+            v = post("/infill", dict(common, input_prefix=prompt, input_suffix=suffix))
+        t = v.get("timings", {})
+        drafted, kept = t.get("draft_n", 0), t.get("draft_n_accepted", 0)
+        return v["tokens_predicted"], 0.0, kept, drafted - kept
+    body = {"prompt": prompt, "max_tokens": 64, "temperature": 0}
+    if suffix is not None:
+        body["suffix"] = suffix
+    u = post("/v1/completions", body)["usage"]
+    d = u.get("completion_tokens_details") or {}
+    return (u["completion_tokens"], u.get("energy_joules", 0.0),
+            d.get("accepted_prediction_tokens", 0), d.get("rejected_prediction_tokens", 0))
+
+
+for kind in args.sets.split(","):
     secs = toks = 0; joules = 0.0; acc = rej = 0
     for t in texts:
-        lines = t.split('\n'); at = len(lines) // 2
-        if kind == "fim":
-            body = {"prompt": "\n".join(lines[at-30:at]) + "\n", "suffix": "\n".join(lines[at:at+10]) + "\n", "max_tokens": 64, "temperature": 0}
-        else:
-            body = {"prompt": "\n".join(lines[:40]) + "\n", "max_tokens": 64, "temperature": 0, "logit_bias": {}}
-        t0 = time.time(); v = post(body); secs += time.time() - t0
-        u = v["usage"]; toks += u["completion_tokens"]; joules += u["energy_joules"]
-        d = u.get("completion_tokens_details") or {}
-        acc += d.get("accepted_prediction_tokens", 0); rej += d.get("rejected_prediction_tokens", 0)
-    print(json.dumps({"set": kind, "requests": len(texts), "tokens": toks, "seconds": round(secs, 3), "tokens_per_second": round(toks / secs, 1), "joules_per_token": round(joules / max(toks, 1), 4), "accepted": acc, "rejected": rej}))
+        prompt, suffix = request(kind, t.split('\n'))
+        t0 = time.time(); n, j, a, r = complete(prompt, suffix); secs += time.time() - t0
+        toks += n; joules += j; acc += a; rej += r
+    print(json.dumps({"set": kind, "requests": len(texts), "tokens": toks, "seconds": round(secs, 3),
+                      "tokens_per_second": round(toks / secs, 1), "joules_per_token": round(joules / max(toks, 1), 4),
+                      "accepted": acc, "rejected": rej}), flush=True)

@@ -60,6 +60,7 @@ fn bench_generate_reports_speed_and_energy_per_pass() {
             "avx2+fma",
             "avx2+fma, q8_0 avx512f, prompts avx512f",
             "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f",
+            "avx2+fma, q8_0 avx512f, q4_K q6_K avx512bw, prompts avx512f, q4_K q6_K prompts avx512vnni",
             "portable"
         ]
         .contains(&r["kernels"].as_str().unwrap()),

@@ -5,10 +5,11 @@ tokens each, in three sets:
 
 - `fim`: a FIM request (30 lines before the middle line, 10 after);
 - `ltr`: a left-to-right completion of the file's first 40 lines;
-- `edit`: the file re-sent with one line changed: its first 60 lines, then
-  the same file again up to its 30th line with that line edited (a
+- `edit`: the file re-sent with one line changed: its first 32 lines, then
+  the same file again up to its 16th line with that line edited (a
   trailing comment), to be continued (the next lines are in the prompt,
-  as when an editor or a chat sends a file again after an edit).
+  as when an editor or a chat sends a file again after an edit; sized for
+  tiny-coder's 1,024-token context).
 
 Prints, per set, completion tokens per second of wall time (prompt
 included), joules per token (greencode's `usage.energy_joules`) and the
@@ -43,9 +44,9 @@ def request(kind, lines):
         return "\n".join(lines[at - 30:at]) + "\n", "\n".join(lines[at:at + 10]) + "\n"
     if kind == "ltr":
         return "\n".join(lines[:40]) + "\n", None
-    edited = lines[:30]
-    edited[29] = edited[29] + "  # edited"
-    return "\n".join(lines[:60]) + "\n\n" + "\n".join(edited) + "\n", None
+    edited = lines[:16]
+    edited[15] = edited[15] + "  # edited"
+    return "\n".join(lines[:32]) + "\n\n" + "\n".join(edited) + "\n", None
 
 
 def complete(prompt, suffix):

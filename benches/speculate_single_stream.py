@@ -12,8 +12,11 @@ tokens each, in three sets:
   tiny-coder's 1,024-token context).
 
 Prints, per set, completion tokens per second of wall time (prompt
-included), joules per token (greencode's `usage.energy_joules`) and the
-draft tokens accepted and rejected.
+included), decode tokens per second (from the first token on: greencode
+streamed, the time from the first chunk to the last over the tokens after
+the first; llama-server its own `timings.predicted_n / predicted_ms`),
+joules per token (greencode's `usage.energy_joules`) and the draft tokens
+accepted and rejected.
 
 usage: python3 benches/speculate_single_stream.py URL [--llama] [--sets fim,ltr,edit]
   --llama: the server is llama-server (FIM through `/infill`, the rest
@@ -49,8 +52,28 @@ def request(kind, lines):
     return "\n".join(lines[:32]) + "\n\n" + "\n".join(edited) + "\n", None
 
 
+def stream(body):
+    """(usage, seconds from the first content chunk to the last) of a streamed completion."""
+    req = urllib.request.Request(args.url + "/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"})
+    first = last = None; usage = None
+    with urllib.request.urlopen(req) as r:
+        for raw in r:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                now = time.time()
+                first = first or now
+                last = now
+    return usage, (last - first) if first else 0.0
+
+
 def complete(prompt, suffix):
-    """(tokens, joules, accepted, rejected) of one greedy completion."""
+    """(tokens, decode tokens, decode seconds, joules, accepted, rejected) of one greedy completion."""
     if args.llama:
         common = {"n_predict": 64, "temperature": 0, "top_k": 1, "cache_prompt": False}
         if suffix is None:
@@ -59,22 +82,27 @@ def complete(prompt, suffix):
             v = post("/infill", dict(common, input_prefix=prompt, input_suffix=suffix))
         t = v.get("timings", {})
         drafted, kept = t.get("draft_n", 0), t.get("draft_n_accepted", 0)
-        return v["tokens_predicted"], 0.0, kept, drafted - kept
-    body = {"prompt": prompt, "max_tokens": 64, "temperature": 0}
+        return (v["tokens_predicted"], t.get("predicted_n", 0), t.get("predicted_ms", 0.0) / 1e3,
+                0.0, kept, drafted - kept)
+    body = {"prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
     if suffix is not None:
         body["suffix"] = suffix
-    u = post("/v1/completions", body)["usage"]
+    u, secs = stream(body)
     d = u.get("completion_tokens_details") or {}
-    return (u["completion_tokens"], u.get("energy_joules", 0.0),
+    n = u["completion_tokens"]
+    return (n, max(n - 1, 0), secs, u.get("energy_joules", 0.0),
             d.get("accepted_prediction_tokens", 0), d.get("rejected_prediction_tokens", 0))
 
 
 for kind in args.sets.split(","):
-    secs = toks = 0; joules = 0.0; acc = rej = 0
+    secs = toks = 0; dtoks = 0; dsecs = 0.0; joules = 0.0; acc = rej = 0
     for t in texts:
         prompt, suffix = request(kind, t.split('\n'))
-        t0 = time.time(); n, j, a, r = complete(prompt, suffix); secs += time.time() - t0
-        toks += n; joules += j; acc += a; rej += r
+        t0 = time.time(); n, dn, ds, j, a, r = complete(prompt, suffix); secs += time.time() - t0
+        toks += n; dtoks += dn; dsecs += ds; joules += j; acc += a; rej += r
     print(json.dumps({"set": kind, "requests": len(texts), "tokens": toks, "seconds": round(secs, 3),
-                      "tokens_per_second": round(toks / secs, 1), "joules_per_token": round(joules / max(toks, 1), 4),
+                      "tokens_per_second": round(toks / secs, 1),
+                      "decode_tokens_per_second": round(dtoks / dsecs, 1) if dsecs else None,
+                      "joules_per_token": round(joules / max(toks, 1), 4),
                       "accepted": acc, "rejected": rej}), flush=True)

@@ -282,7 +282,7 @@ impl BlockMatrix {
         match self.ty {
             BlockType::Q4K | BlockType::Q5K | BlockType::Q6K => {
                 let mut q = vec![BlockQ8K::zeros(); x.len() / BlockQ8K::BLCK_SIZE];
-                BlockQ8K::from_float(x, &mut q);
+                super::q8k::quantize(x, &mut q);
                 QuantizedInput::Q8K(q)
             }
             BlockType::Q4_0 | BlockType::Q5_0 => {

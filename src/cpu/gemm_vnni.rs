@@ -1,7 +1,7 @@
 //! Prompt-sized Q4_K and Q6_K products in 8-bit integers on AVX-512 VNNI,
 //! as llama.cpp's CPU backend runs its k-quant prompts: the activation
-//! rows are quantized once to Q8_K (the decode path's own partner blocks,
-//! the same bits), each task's weight rows are unpacked into a
+//! rows are quantized once to Q8_K (through `q8k`, as the decode path's
+//! rows are: the same bits), each task's weight rows are unpacked into a
 //! VNNI-friendly layout (16 weight rows side by side, four values of each
 //! in a 32-bit lane, as unsigned bytes: Q4_K's nibbles, Q6_K's `q + 32`),
 //! and `vpdpbusd` multiplies 64 weight values by 64 activation bytes a
@@ -80,7 +80,7 @@ impl Q8kRows {
                     // both buffers hold `rows · nb` of them.
                     unsafe {
                         let dst = &mut *(blocks.0 as *mut BlockQ8K).add(i);
-                        quantize_block(src, dst);
+                        super::q8k::quantize_block(src, dst);
                         let words = std::slice::from_raw_parts_mut((sums.0 as *mut i32).add(4 * i), 4);
                         words.copy_from_slice(&pair_words(dst));
                     }
@@ -115,20 +115,6 @@ struct SharedBytes(*mut u8);
 // buffers outlive the parallel loop.
 unsafe impl Send for SharedBytes {}
 unsafe impl Sync for SharedBytes {}
-
-/// One 256-value block quantized to Q8_K exactly as candle's
-/// `BlockQ8K::from_float` does (scale `−127 / max`, rounding half away
-/// from zero, the sums of 16), vectorized where the machine allows.
-fn quantize_block(x: &[f32], out: &mut BlockQ8K) {
-    #[cfg(target_arch = "x86_64")]
-    if super::features::avx512() {
-        // SAFETY: the CPU has AVX-512F (checked just above); `x` holds 256
-        // values and `out` is one block.
-        unsafe { avx512::quantize_block(x, out) };
-        return;
-    }
-    BlockQ8K::from_float(x, std::slice::from_mut(out));
-}
 
 /// A Q8_K block's eight 32-value sums as four words of i16 pairs.
 fn pair_words(block: &BlockQ8K) -> [i32; 4] {
@@ -310,7 +296,7 @@ impl Unpacked {
         self.scales.resize(groups * nb * subs * GROUP, 0.0);
         self.fix.resize(groups * nb * GROUP, 0.0);
         self.fix_pairs.resize(groups * nb * pairs * GROUP, 0);
-        let mut unpacked: Vec<RowBlock> = (0..GROUP).map(|_| RowBlock::ZERO).collect();
+        let mut unpacked: [RowBlock; GROUP] = std::array::from_fn(|_| RowBlock::ZERO);
         for g in 0..groups {
             for b in 0..nb {
                 let at = g * nb + b;
@@ -513,9 +499,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use candle_core::quantized::k_quants::BlockQ8K;
-
-    use super::{Line, Operands, RowBlock, GROUP, Q8K_BYTES, QK};
+    use super::{Line, Operands, RowBlock, GROUP, Q8K_BYTES};
 
     /// `M` activation rows against `V` groups of 16 weight rows over every
     /// block: per sub-block (`S` a block), `vpdpbusd` sums in i32 (exact),
@@ -610,53 +594,6 @@ mod avx512 {
             let words = _mm512_i32gather_epi32::<1>(index, base.add(4 * g) as *const _);
             _mm512_store_si512(line.0.as_mut_ptr() as *mut _, words);
         }
-    }
-
-    /// [`super::quantize_block`] on AVX-512F: the same arithmetic as
-    /// candle's scalar loop (the first value of the largest magnitude sets
-    /// the scale; `round` is emulated exactly, half away from zero).
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn quantize_block(x: &[f32], out: &mut BlockQ8K) {
-        assert!(x.len() >= QK);
-        let xp = x.as_ptr();
-        let dst = out as *mut BlockQ8K as *mut u8;
-        let mut vmax = _mm512_setzero_ps();
-        for i in 0..16 {
-            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xp.add(16 * i))));
-        }
-        let amax = _mm512_reduce_max_ps(vmax);
-        if amax == 0.0 {
-            std::ptr::write_bytes(dst, 0, Q8K_BYTES);
-            return;
-        }
-        let mut max = 0f32;
-        for i in 0..16 {
-            let hit =
-                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(_mm512_loadu_ps(xp.add(16 * i))), _mm512_set1_ps(amax));
-            if hit != 0 {
-                max = *xp.add(16 * i + hit.trailing_zeros() as usize);
-                break;
-            }
-        }
-        let iscale = -127f32 / max;
-        let (scale, half, one) = (_mm512_set1_ps(iscale), _mm512_set1_ps(0.5), _mm512_set1_ps(1.0));
-        let sign = _mm512_set1_epi32(i32::MIN);
-        for i in 0..16 {
-            let v = _mm512_mul_ps(scale, _mm512_loadu_ps(xp.add(16 * i)));
-            let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-            // v − t is exact; a fraction of at least one half rounds away.
-            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(_mm512_abs_ps(_mm512_sub_ps(v, t)), half);
-            let step = _mm512_castsi512_ps(_mm512_or_si512(
-                _mm512_and_si512(_mm512_castps_si512(v), sign),
-                _mm512_castps_si512(one),
-            ));
-            let r = _mm512_mask_add_ps(t, away, t, step);
-            let r = _mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-128.0)), _mm512_set1_ps(127.0));
-            let q = _mm512_cvttps_epi32(r);
-            _mm_storeu_si128(dst.add(4 + 16 * i) as *mut __m128i, _mm512_cvtepi32_epi8(q));
-            (dst.add(260 + 2 * i) as *mut i16).write_unaligned(_mm512_reduce_add_epi32(q) as i16);
-        }
-        (dst as *mut f32).write_unaligned(1.0 / iscale);
     }
 }
 

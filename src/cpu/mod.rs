@@ -16,6 +16,7 @@ pub mod gemm_avx512;
 pub mod gemm_vnni;
 pub mod host_ops;
 pub mod matvec;
+pub(crate) mod q8k;
 pub mod quant;
 pub mod team;
 pub mod threads;
